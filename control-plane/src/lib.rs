@@ -1,0 +1,2 @@
+//! placeholder
+use etcd_client as _;
