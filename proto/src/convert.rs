@@ -1,0 +1,119 @@
+//! Conversions between the domain model and the generated protobuf types.
+//! This module is the only place where the two meet.
+
+use crate::model::{Profile, ProfileKind, Region, RouteDestination, RouteTable};
+use crate::pb;
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl From<pb::Region> for Region {
+    fn from(r: pb::Region) -> Self {
+        Region {
+            name: r.name,
+            geography: r.geography,
+            description: r.description,
+            revision: r.revision,
+        }
+    }
+}
+
+impl From<Region> for pb::Region {
+    fn from(r: Region) -> Self {
+        pb::Region {
+            name: r.name,
+            geography: r.geography,
+            description: r.description,
+            revision: r.revision,
+        }
+    }
+}
+
+impl From<pb::InferenceProfile> for Profile {
+    /// An unspecified kind is taken from the id's shape, so that clients may
+    /// leave it out.
+    fn from(p: pb::InferenceProfile) -> Self {
+        let kind = match pb::ProfileKind::try_from(p.kind).unwrap_or_default() {
+            pb::ProfileKind::Geographic => ProfileKind::Geographic,
+            pb::ProfileKind::Global => ProfileKind::Global,
+            pb::ProfileKind::Application => ProfileKind::Application,
+            pb::ProfileKind::Unspecified => ProfileKind::from_id(&p.id),
+        };
+        Profile {
+            id: p.id,
+            kind,
+            model: p.model,
+            destinations: p.destinations,
+            base_profile: non_empty(p.base_profile),
+            base_region: non_empty(p.base_region),
+            tags: p.tags.into_iter().collect(),
+            description: p.description,
+            revision: p.revision,
+        }
+    }
+}
+
+impl From<ProfileKind> for pb::ProfileKind {
+    fn from(k: ProfileKind) -> Self {
+        match k {
+            ProfileKind::Geographic => pb::ProfileKind::Geographic,
+            ProfileKind::Global => pb::ProfileKind::Global,
+            ProfileKind::Application => pb::ProfileKind::Application,
+        }
+    }
+}
+
+impl From<Profile> for pb::InferenceProfile {
+    fn from(p: Profile) -> Self {
+        pb::InferenceProfile {
+            id: p.id,
+            kind: pb::ProfileKind::from(p.kind).into(),
+            model: p.model,
+            destinations: p.destinations,
+            base_profile: p.base_profile.unwrap_or_default(),
+            base_region: p.base_region.unwrap_or_default(),
+            tags: p.tags.into_iter().collect(),
+            description: p.description,
+            revision: p.revision,
+        }
+    }
+}
+
+impl From<pb::RouteTable> for RouteTable {
+    fn from(t: pb::RouteTable) -> Self {
+        RouteTable {
+            profile: t.profile,
+            source_region: t.source_region,
+            destinations: t
+                .destinations
+                .into_iter()
+                .map(|d| RouteDestination {
+                    region: d.region,
+                    weight: d.weight,
+                    priority: d.priority,
+                })
+                .collect(),
+            revision: t.revision,
+        }
+    }
+}
+
+impl From<RouteTable> for pb::RouteTable {
+    fn from(t: RouteTable) -> Self {
+        pb::RouteTable {
+            profile: t.profile,
+            source_region: t.source_region,
+            destinations: t
+                .destinations
+                .into_iter()
+                .map(|d| pb::RouteDestination {
+                    region: d.region,
+                    weight: d.weight,
+                    priority: d.priority,
+                })
+                .collect(),
+            revision: t.revision,
+        }
+    }
+}
