@@ -1,0 +1,205 @@
+//! `AdminService`: validated create/get/list/update/delete of regions,
+//! profiles and route tables, and the list of connected agents.
+
+use spillway_proto::model::{Catalog, Profile, Region, RouteTable};
+use spillway_proto::pb::{self, admin_service_server::AdminService};
+use tonic::{Request, Response, Status};
+
+use crate::catalog_store;
+use crate::error::{missing, model_status, store_status};
+use crate::keys::{self, Object};
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct Admin {
+    store: Store,
+}
+
+impl Admin {
+    pub fn new(store: Store) -> Self {
+        Admin { store }
+    }
+
+    async fn read(&self) -> Result<Catalog, Status> {
+        Ok(catalog_store::load(&self.store).await?.0)
+    }
+}
+
+type Reply<T> = Result<Response<T>, Status>;
+
+#[tonic::async_trait]
+impl AdminService for Admin {
+    async fn create_region(&self, req: Request<pb::CreateRegionRequest>) -> Reply<pb::Region> {
+        let region: Region = req.into_inner().region.ok_or_else(|| missing("region"))?.into();
+        let name = region.name.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_region(region.clone())).await?;
+        tracing::info!(region = %name, "region created");
+        Ok(Response::new(after.regions[&name].clone().into()))
+    }
+
+    async fn get_region(&self, req: Request<pb::GetRegionRequest>) -> Reply<pb::Region> {
+        let name = req.into_inner().name;
+        let catalog = self.read().await?;
+        Ok(Response::new(catalog.region(&name).map_err(model_status)?.clone().into()))
+    }
+
+    async fn list_regions(&self, _: Request<pb::ListRegionsRequest>) -> Reply<pb::ListRegionsResponse> {
+        let (kvs, revision) = self.store.list(keys::REGIONS).await.map_err(store_status)?;
+        let regions = decode_all(&kvs, |o| match o {
+            Object::Region(r) => Some(r.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListRegionsResponse { regions, revision }))
+    }
+
+    async fn update_region(&self, req: Request<pb::UpdateRegionRequest>) -> Reply<pb::Region> {
+        let region: Region = req.into_inner().region.ok_or_else(|| missing("region"))?.into();
+        let name = region.name.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.update_region(region.clone())).await?;
+        tracing::info!(region = %name, "region updated");
+        Ok(Response::new(after.regions[&name].clone().into()))
+    }
+
+    async fn delete_region(&self, req: Request<pb::DeleteRegionRequest>) -> Reply<pb::DeleteResponse> {
+        let req = req.into_inner();
+        let (_, _, revision) =
+            catalog_store::write(&self.store, |c| c.delete_region(&req.name, req.revision)).await?;
+        tracing::info!(region = %req.name, "region deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_profile(&self, req: Request<pb::CreateProfileRequest>) -> Reply<pb::InferenceProfile> {
+        let profile: Profile = req.into_inner().profile.ok_or_else(|| missing("profile"))?.into();
+        let id = profile.id.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_profile(profile.clone())).await?;
+        tracing::info!(profile = %id, "profile created");
+        Ok(Response::new(after.profiles[&id].clone().into()))
+    }
+
+    async fn get_profile(&self, req: Request<pb::GetProfileRequest>) -> Reply<pb::InferenceProfile> {
+        let id = req.into_inner().id;
+        let catalog = self.read().await?;
+        Ok(Response::new(catalog.profile(&id).map_err(model_status)?.clone().into()))
+    }
+
+    async fn list_profiles(&self, _: Request<pb::ListProfilesRequest>) -> Reply<pb::ListProfilesResponse> {
+        let (kvs, revision) = self.store.list(keys::PROFILES).await.map_err(store_status)?;
+        let profiles = decode_all(&kvs, |o| match o {
+            Object::Profile(p) => Some(p.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListProfilesResponse { profiles, revision }))
+    }
+
+    async fn update_profile(&self, req: Request<pb::UpdateProfileRequest>) -> Reply<pb::InferenceProfile> {
+        let profile: Profile = req.into_inner().profile.ok_or_else(|| missing("profile"))?.into();
+        let id = profile.id.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.update_profile(profile.clone())).await?;
+        tracing::info!(profile = %id, "profile updated");
+        Ok(Response::new(after.profiles[&id].clone().into()))
+    }
+
+    async fn delete_profile(&self, req: Request<pb::DeleteProfileRequest>) -> Reply<pb::DeleteResponse> {
+        let req = req.into_inner();
+        let (_, _, revision) =
+            catalog_store::write(&self.store, |c| c.delete_profile(&req.id, req.revision)).await?;
+        tracing::info!(profile = %req.id, "profile deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_route_table(&self, req: Request<pb::CreateRouteTableRequest>) -> Reply<pb::RouteTable> {
+        let table: RouteTable = req.into_inner().route_table.ok_or_else(|| missing("route_table"))?.into();
+        let key = table.key();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_route(table.clone())).await?;
+        tracing::info!(profile = %key.0, source = %key.1, "route table created");
+        Ok(Response::new(after.routes[&key].clone().into()))
+    }
+
+    async fn get_route_table(&self, req: Request<pb::GetRouteTableRequest>) -> Reply<pb::RouteTable> {
+        let req = req.into_inner();
+        let catalog = self.read().await?;
+        let table = catalog.route(&req.profile, &req.source_region).map_err(model_status)?;
+        Ok(Response::new(table.clone().into()))
+    }
+
+    async fn list_route_tables(
+        &self,
+        req: Request<pb::ListRouteTablesRequest>,
+    ) -> Reply<pb::ListRouteTablesResponse> {
+        let profile = req.into_inner().profile;
+        let prefix = if profile.is_empty() {
+            keys::ROUTES.to_string()
+        } else {
+            format!("{}{profile}/", keys::ROUTES)
+        };
+        let (kvs, revision) = self.store.list(&prefix).await.map_err(store_status)?;
+        let route_tables = decode_all(&kvs, |o| match o {
+            // A profile id may itself contain '/', so filter exactly.
+            Object::Route(t) if profile.is_empty() || t.profile == profile => Some(t.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListRouteTablesResponse { route_tables, revision }))
+    }
+
+    async fn update_route_table(&self, req: Request<pb::UpdateRouteTableRequest>) -> Reply<pb::RouteTable> {
+        let table: RouteTable = req.into_inner().route_table.ok_or_else(|| missing("route_table"))?.into();
+        let key = table.key();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.update_route(table.clone())).await?;
+        tracing::info!(profile = %key.0, source = %key.1, "route table updated");
+        Ok(Response::new(after.routes[&key].clone().into()))
+    }
+
+    async fn delete_route_table(
+        &self,
+        req: Request<pb::DeleteRouteTableRequest>,
+    ) -> Reply<pb::DeleteResponse> {
+        let req = req.into_inner();
+        let (_, _, revision) = catalog_store::write(&self.store, |c| {
+            c.delete_route(&req.profile, &req.source_region, req.revision)
+        })
+        .await?;
+        tracing::info!(profile = %req.profile, source = %req.source_region, "route table deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Reply<pb::ListAgentsResponse> {
+        let region = req.into_inner().region;
+        let prefix = if region.is_empty() {
+            keys::AGENTS.to_string()
+        } else {
+            format!("{}{region}/", keys::AGENTS)
+        };
+        let (kvs, _) = self.store.list(&prefix).await.map_err(store_status)?;
+        let agents = decode_all(&kvs, |o| match o {
+            Object::Agent(a) => Some(pb::AgentStatus {
+                agent_id: a.agent_id,
+                region: a.region,
+                relay_address: a.relay_address,
+                control_plane: a.control_plane,
+                connected_at_unix: a.connected_at_unix,
+                sent_version: a.sent_version,
+                acked_version: a.acked_version,
+                nacked_version: a.nacked_version,
+                nack_reason: a.nack_reason,
+            }),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+}
+
+fn decode_all<T>(kvs: &[crate::store::KeyValue], pick: impl Fn(Object) -> Option<T>) -> Result<Vec<T>, Status> {
+    let mut out = Vec::with_capacity(kvs.len());
+    for kv in kvs {
+        let object = keys::decode(kv).map_err(Status::data_loss)?;
+        out.extend(pick(object));
+    }
+    Ok(out)
+}
+

@@ -1,0 +1,563 @@
+//! spillctl: the command line for Spillway's admin API.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use spillway_proto::pb::{self, admin_service_client::AdminServiceClient};
+use tonic::transport::Channel;
+
+/// Manage a Spillway control plane: regions, inference profiles, route
+/// tables, and the agents connected to it.
+///
+/// Every change is validated by the control plane; a refused change prints
+/// one line naming the field that is wrong and exits non-zero. Updates are
+/// safe against concurrent edits: spillctl sends the revision it read, and
+/// the control plane refuses the write if someone changed the object since.
+#[derive(Parser, Debug)]
+#[command(name = "spillctl", version, about, long_about, after_help = EXAMPLES)]
+struct Cli {
+    /// Control-plane gRPC address.
+    #[arg(long, short = 'c', global = true, env = "SPILLWAY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070")]
+    control_plane: String,
+    /// Output format.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXAMPLES: &str = "\
+Examples:
+  spillctl regions create us-east --geography us
+  spillctl profiles create us.llama-3.1-8b --destinations us-east,us-west
+  spillctl profiles create team-search --base-profile us.llama-3.1-8b --tag cost-center=search
+  spillctl routes set us.llama-3.1-8b --source us-east --dest us-east=3 --dest us-west=1
+  spillctl agents list -o json";
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Regions: named places with their own agents and model servers.
+    #[command(subcommand)]
+    Regions(RegionCmd),
+    /// Inference profiles: what clients name as their model.
+    #[command(subcommand)]
+    Profiles(ProfileCmd),
+    /// Route tables: per profile and source region, the destination regions
+    /// with their weights and priorities.
+    #[command(subcommand)]
+    Routes(RouteCmd),
+    /// Agents connected to the control plane.
+    #[command(subcommand)]
+    Agents(AgentCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum RegionCmd {
+    /// Create a region.
+    Create {
+        name: String,
+        /// The geography it belongs to, e.g. `us`, `eu`.
+        #[arg(long, short = 'g')]
+        geography: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Show one region.
+    Get { name: String },
+    /// List every region.
+    List,
+    /// Change a region's geography or description.
+    Update {
+        name: String,
+        #[arg(long, short = 'g')]
+        geography: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+    /// Delete a region no profile or route table uses.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+struct RevisionArg {
+    /// Write only if the object is still at this revision (default: the
+    /// revision spillctl reads just before writing).
+    #[arg(long)]
+    revision: Option<i64>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileCmd {
+    /// Create a profile. The id says its kind: `<geography>.<model>` is
+    /// geographic, `global.<model>` is global, a name without '.' is an
+    /// application profile that copies --base-profile, or --model in
+    /// --base-region.
+    Create {
+        id: String,
+        #[command(flatten)]
+        fields: ProfileFields,
+    },
+    /// Show one profile.
+    Get { id: String },
+    /// List every profile.
+    List,
+    /// Change a profile's destinations, tags or description.
+    Update {
+        id: String,
+        #[command(flatten)]
+        fields: ProfileFields,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+    /// Delete a profile (and its route tables). Refused while an
+    /// application profile copies it.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+struct ProfileFields {
+    /// Destination regions, comma-separated (geographic and global profiles).
+    #[arg(long, short = 'd', value_delimiter = ',')]
+    destinations: Option<Vec<String>>,
+    /// The geographic or global profile an application profile copies.
+    #[arg(long)]
+    base_profile: Option<String>,
+    /// The region whose model an application profile copies (with --model).
+    #[arg(long)]
+    base_region: Option<String>,
+    /// The model, for an application profile with --base-region.
+    #[arg(long)]
+    model: Option<String>,
+    /// A tag for cost attribution, key=value; repeatable.
+    #[arg(long = "tag", value_parser = parse_tag)]
+    tags: Vec<(String, String)>,
+    #[arg(long)]
+    description: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum RouteCmd {
+    /// Create or replace the route table of a profile for one source region.
+    Set {
+        profile: String,
+        /// The source region whose calls this table routes.
+        #[arg(long, short = 's')]
+        source: String,
+        /// A destination: region=weight or region=weight:priority (lower
+        /// priorities are tried first); repeatable.
+        #[arg(long = "dest", required = true, value_parser = parse_dest)]
+        destinations: Vec<pb::RouteDestination>,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+    /// Show the route table of a profile for one source region.
+    Get {
+        profile: String,
+        #[arg(long, short = 's')]
+        source: String,
+    },
+    /// List route tables, of one profile or of all.
+    List {
+        #[arg(long)]
+        profile: Option<String>,
+    },
+    /// Delete a route table; calls then follow the default (source first).
+    Delete {
+        profile: String,
+        #[arg(long, short = 's')]
+        source: String,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCmd {
+    /// List connected agents with the config version each last ACKed and
+    /// the last update each refused.
+    List {
+        #[arg(long)]
+        region: Option<String>,
+    },
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}` is not key=value"))
+}
+
+fn parse_dest(s: &str) -> Result<pb::RouteDestination, String> {
+    let (region, rest) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not region=weight[:priority]"))?;
+    let (weight, priority) = match rest.split_once(':') {
+        Some((w, p)) => (w, p.parse::<u32>().map_err(|_| format!("priority `{p}` is not a whole number"))?),
+        None => (rest, 0),
+    };
+    let weight = weight
+        .parse::<f64>()
+        .map_err(|_| format!("weight `{weight}` is not a number"))?;
+    Ok(pb::RouteDestination {
+        region: region.to_string(),
+        weight,
+        priority,
+    })
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(text) => {
+            if !text.is_empty() {
+                println!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A gRPC status as one line: the control plane's message says what is wrong.
+fn status_line(s: tonic::Status) -> anyhow::Error {
+    let code = format!("{:?}", s.code());
+    anyhow::anyhow!("{} ({})", s.message(), to_snake(&code))
+}
+
+fn to_snake(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_lowercase());
+    }
+    out
+}
+
+async fn connect(addr: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
+    let endpoint = Channel::from_shared(addr.to_string())
+        .map_err(|_| anyhow::anyhow!("--control-plane `{addr}` is not a URL like http://127.0.0.1:7070"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(30));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {addr}: {}", source_chain(&e)))?;
+    Ok(AdminServiceClient::new(channel))
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+async fn run(cli: Cli) -> anyhow::Result<String> {
+    let mut c = connect(&cli.control_plane).await?;
+    let out = cli.output;
+    match cli.command {
+        Command::Regions(cmd) => regions(&mut c, cmd, out).await,
+        Command::Profiles(cmd) => profiles(&mut c, cmd, out).await,
+        Command::Routes(cmd) => routes(&mut c, cmd, out).await,
+        Command::Agents(AgentCmd::List { region }) => {
+            let req = pb::ListAgentsRequest { region: region.unwrap_or_default() };
+            let agents = c.list_agents(req).await.map_err(status_line)?.into_inner().agents;
+            Ok(render(out, agents.iter().map(agent_json).collect(), &[
+                ("REGION", "region"),
+                ("AGENT", "agent_id"),
+                ("RELAY", "relay_address"),
+                ("CONTROL PLANE", "control_plane"),
+                ("SENT", "sent_version"),
+                ("ACKED", "acked_version"),
+                ("NACKED", "nacked_version"),
+                ("NACK REASON", "nack_reason"),
+            ]))
+        }
+    }
+}
+
+const REGION_COLS: &[(&str, &str)] = &[
+    ("NAME", "name"),
+    ("GEOGRAPHY", "geography"),
+    ("DESCRIPTION", "description"),
+    ("REVISION", "revision"),
+];
+
+async fn regions(c: &mut AdminServiceClient<Channel>, cmd: RegionCmd, out: Output) -> anyhow::Result<String> {
+    let one = |r: pb::Region| render(out, vec![region_json(&r)], REGION_COLS);
+    Ok(match cmd {
+        RegionCmd::Create { name, geography, description } => {
+            let region = pb::Region { name, geography, description, revision: 0 };
+            let r = c.create_region(pb::CreateRegionRequest { region: Some(region) }).await.map_err(status_line)?;
+            one(r.into_inner())
+        }
+        RegionCmd::Get { name } => one(c.get_region(pb::GetRegionRequest { name }).await.map_err(status_line)?.into_inner()),
+        RegionCmd::List => {
+            let list = c.list_regions(pb::ListRegionsRequest {}).await.map_err(status_line)?.into_inner();
+            render(out, list.regions.iter().map(region_json).collect(), REGION_COLS)
+        }
+        RegionCmd::Update { name, geography, description, revision } => {
+            let mut r = c.get_region(pb::GetRegionRequest { name }).await.map_err(status_line)?.into_inner();
+            if let Some(g) = geography {
+                r.geography = g;
+            }
+            if let Some(d) = description {
+                r.description = d;
+            }
+            if let Some(rev) = revision.revision {
+                r.revision = rev;
+            }
+            let r = c.update_region(pb::UpdateRegionRequest { region: Some(r) }).await.map_err(status_line)?;
+            one(r.into_inner())
+        }
+        RegionCmd::Delete { name, revision } => {
+            let req = pb::DeleteRegionRequest { name: name.clone(), revision: revision.revision.unwrap_or(0) };
+            let rev = c.delete_region(req).await.map_err(status_line)?.into_inner().revision;
+            deleted(out, "region", &name, rev)
+        }
+    })
+}
+
+const PROFILE_COLS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("KIND", "kind"),
+    ("MODEL", "model"),
+    ("DESTINATIONS", "destinations"),
+    ("COPIES", "copies"),
+    ("TAGS", "tags"),
+    ("REVISION", "revision"),
+];
+
+fn apply_fields(p: &mut pb::InferenceProfile, f: ProfileFields) {
+    if let Some(d) = f.destinations {
+        p.destinations = d;
+    }
+    if let Some(b) = f.base_profile {
+        p.base_profile = b;
+    }
+    if let Some(r) = f.base_region {
+        p.base_region = r;
+    }
+    if let Some(m) = f.model {
+        p.model = m;
+    }
+    for (k, v) in f.tags {
+        p.tags.insert(k, v);
+    }
+    if let Some(d) = f.description {
+        p.description = d;
+    }
+}
+
+async fn profiles(c: &mut AdminServiceClient<Channel>, cmd: ProfileCmd, out: Output) -> anyhow::Result<String> {
+    let one = |p: pb::InferenceProfile| render(out, vec![profile_json(&p)], PROFILE_COLS);
+    Ok(match cmd {
+        ProfileCmd::Create { id, fields } => {
+            let mut p = pb::InferenceProfile { id, ..Default::default() };
+            apply_fields(&mut p, fields);
+            one(c.create_profile(pb::CreateProfileRequest { profile: Some(p) }).await.map_err(status_line)?.into_inner())
+        }
+        ProfileCmd::Get { id } => one(c.get_profile(pb::GetProfileRequest { id }).await.map_err(status_line)?.into_inner()),
+        ProfileCmd::List => {
+            let list = c.list_profiles(pb::ListProfilesRequest {}).await.map_err(status_line)?.into_inner();
+            render(out, list.profiles.iter().map(profile_json).collect(), PROFILE_COLS)
+        }
+        ProfileCmd::Update { id, fields, revision } => {
+            let mut p = c.get_profile(pb::GetProfileRequest { id }).await.map_err(status_line)?.into_inner();
+            apply_fields(&mut p, fields);
+            if let Some(rev) = revision.revision {
+                p.revision = rev;
+            }
+            one(c.update_profile(pb::UpdateProfileRequest { profile: Some(p) }).await.map_err(status_line)?.into_inner())
+        }
+        ProfileCmd::Delete { id, revision } => {
+            let req = pb::DeleteProfileRequest { id: id.clone(), revision: revision.revision.unwrap_or(0) };
+            let rev = c.delete_profile(req).await.map_err(status_line)?.into_inner().revision;
+            deleted(out, "profile", &id, rev)
+        }
+    })
+}
+
+const ROUTE_COLS: &[(&str, &str)] = &[
+    ("PROFILE", "profile"),
+    ("SOURCE", "source_region"),
+    ("DESTINATIONS", "destinations"),
+    ("REVISION", "revision"),
+];
+
+async fn routes(c: &mut AdminServiceClient<Channel>, cmd: RouteCmd, out: Output) -> anyhow::Result<String> {
+    let one = |t: pb::RouteTable| render(out, vec![route_json(&t)], ROUTE_COLS);
+    Ok(match cmd {
+        RouteCmd::Set { profile, source, destinations, revision } => {
+            let get = pb::GetRouteTableRequest { profile: profile.clone(), source_region: source.clone() };
+            let existing = match c.get_route_table(get).await {
+                Ok(t) => Some(t.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => None,
+                Err(s) => return Err(status_line(s)),
+            };
+            let mut table = pb::RouteTable { profile, source_region: source, destinations, revision: 0 };
+            let written = match existing {
+                Some(current) => {
+                    table.revision = revision.revision.unwrap_or(current.revision);
+                    c.update_route_table(pb::UpdateRouteTableRequest { route_table: Some(table) }).await
+                }
+                None => c.create_route_table(pb::CreateRouteTableRequest { route_table: Some(table) }).await,
+            };
+            one(written.map_err(status_line)?.into_inner())
+        }
+        RouteCmd::Get { profile, source } => {
+            let req = pb::GetRouteTableRequest { profile, source_region: source };
+            one(c.get_route_table(req).await.map_err(status_line)?.into_inner())
+        }
+        RouteCmd::List { profile } => {
+            let req = pb::ListRouteTablesRequest { profile: profile.unwrap_or_default() };
+            let list = c.list_route_tables(req).await.map_err(status_line)?.into_inner();
+            render(out, list.route_tables.iter().map(route_json).collect(), ROUTE_COLS)
+        }
+        RouteCmd::Delete { profile, source, revision } => {
+            let name = format!("{profile}/{source}");
+            let req = pb::DeleteRouteTableRequest {
+                profile,
+                source_region: source,
+                revision: revision.revision.unwrap_or(0),
+            };
+            let rev = c.delete_route_table(req).await.map_err(status_line)?.into_inner().revision;
+            deleted(out, "route table", &name, rev)
+        }
+    })
+}
+
+fn deleted(out: Output, kind: &str, name: &str, revision: i64) -> String {
+    match out {
+        Output::Json => json!({"deleted": kind, "name": name, "revision": revision}).to_string(),
+        Output::Table => format!("deleted {kind} {name} (revision {revision})"),
+    }
+}
+
+fn region_json(r: &pb::Region) -> Value {
+    json!({"name": r.name, "geography": r.geography, "description": r.description, "revision": r.revision})
+}
+
+fn profile_json(p: &pb::InferenceProfile) -> Value {
+    let kind = pb::ProfileKind::try_from(p.kind)
+        .map(|k| k.as_str_name().trim_start_matches("PROFILE_KIND_").to_lowercase())
+        .unwrap_or_default();
+    let copies = if !p.base_profile.is_empty() {
+        p.base_profile.clone()
+    } else if !p.base_region.is_empty() {
+        format!("{} in {}", p.model, p.base_region)
+    } else {
+        String::new()
+    };
+    let tags: BTreeMap<_, _> = p.tags.iter().collect();
+    json!({
+        "id": p.id, "kind": kind, "model": p.model, "destinations": p.destinations,
+        "copies": copies, "base_profile": p.base_profile, "base_region": p.base_region,
+        "tags": tags, "description": p.description, "revision": p.revision,
+    })
+}
+
+fn route_json(t: &pb::RouteTable) -> Value {
+    let dests: Vec<Value> = t
+        .destinations
+        .iter()
+        .map(|d| json!({"region": d.region, "weight": d.weight, "priority": d.priority}))
+        .collect();
+    json!({"profile": t.profile, "source_region": t.source_region, "destinations": dests, "revision": t.revision})
+}
+
+fn agent_json(a: &pb::AgentStatus) -> Value {
+    json!({
+        "agent_id": a.agent_id, "region": a.region, "relay_address": a.relay_address,
+        "control_plane": a.control_plane, "connected_at_unix": a.connected_at_unix,
+        "sent_version": a.sent_version, "acked_version": a.acked_version,
+        "nacked_version": a.nacked_version, "nack_reason": a.nack_reason,
+    })
+}
+
+/// Renders rows as JSON (one object, or an array for lists) or as an
+/// aligned table of the given columns.
+fn render(out: Output, rows: Vec<Value>, cols: &[(&str, &str)]) -> String {
+    if out == Output::Json {
+        let v = if rows.len() == 1 { rows[0].clone() } else { Value::Array(rows) };
+        return serde_json::to_string_pretty(&v).expect("json values serialize");
+    }
+    let cell = |v: &Value, key: &str| -> String {
+        match &v[key] {
+            Value::String(s) => s.clone(),
+            Value::Array(items) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => s.clone(),
+                    Value::Object(o) if o.contains_key("region") => format!(
+                        "{}={}:{}",
+                        o["region"].as_str().unwrap_or(""),
+                        o["weight"],
+                        o["priority"]
+                    ),
+                    other => other.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(","),
+            Value::Object(o) => o
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(","),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| cols.iter().map(|(_, k)| cell(r, k)).collect())
+        .collect();
+    let mut widths: Vec<usize> = cols.iter().map(|(h, _)| h.len()).collect();
+    for row in &table {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut lines = vec![line(cols.iter().map(|(h, _)| *h).collect())];
+    for row in &table {
+        lines.push(line(row.iter().map(String::as_str).collect()));
+    }
+    lines.join("\n")
+}

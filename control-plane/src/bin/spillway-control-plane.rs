@@ -1,0 +1,91 @@
+//! The control-plane replica binary: parse flags, set up logging, run.
+
+use std::time::Duration;
+
+use clap::Parser;
+use spillway_control_plane::server::{self, Settings};
+use spillway_control_plane::store::DEFAULT_PREFIX;
+
+/// Spillway control plane: stores inference profiles, route tables and
+/// regions (in etcd, or in memory when no endpoint is given) and streams
+/// each region's agents their configuration.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address for the gRPC API (admin, agent sync, health, reflection).
+    #[arg(long, env = "SPILLWAY_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// etcd endpoints, comma-separated (e.g. http://127.0.0.1:2379). Without
+    /// any, an embedded in-memory store is used: fine for trials, lost on exit.
+    #[arg(long, env = "SPILLWAY_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix in etcd.
+    #[arg(long, env = "SPILLWAY_ETCD_PREFIX", default_value = DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// Name of this replica (default: hostname-pid).
+    #[arg(long, env = "SPILLWAY_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Seconds an agent stays listed after its replica dies.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    lease_ttl_secs: u64,
+    /// Milliseconds that changes are gathered before one update goes out.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    debounce_ms: u64,
+    /// Serve plaintext gRPC. For development only: every hop is meant to be
+    /// TLS, which this build does not configure yet, so the flag is required.
+    #[arg(long)]
+    insecure_dev: bool,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging();
+    if let Err(e) = run(args).await {
+        eprintln!("spillway-control-plane: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    if !args.insecure_dev {
+        anyhow::bail!(
+            "TLS is not configured in this build; pass --insecure-dev to serve plaintext for development"
+        );
+    }
+    tracing::warn!("--insecure-dev: serving plaintext gRPC; never do this outside development");
+    if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
+        anyhow::bail!("--etcd-prefix `{}` must start and end with '/'", args.etcd_prefix);
+    }
+    let settings = Settings {
+        etcd_endpoints: args.etcd_endpoints,
+        prefix: args.etcd_prefix,
+        replica_id: args.replica_id.unwrap_or_else(server::default_replica_id),
+        lease_ttl: Duration::from_secs(args.lease_ttl_secs),
+        debounce: Duration::from_millis(args.debounce_ms),
+    };
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let store = server::open_store(&settings).await?;
+    // One line on stdout that scripts and the test harness wait for.
+    println!("spillway-control-plane listening on {}", listener.local_addr()?);
+    server::run(settings, store, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}

@@ -1,0 +1,116 @@
+//! Store keys of each object, relative to the store prefix, and the JSON
+//! values stored under them.
+
+use serde::{Deserialize, Serialize};
+use spillway_proto::model::{Catalog, Profile, Region, RouteTable};
+
+use crate::store::KeyValue;
+
+pub const REGIONS: &str = "regions/";
+pub const PROFILES: &str = "profiles/";
+pub const ROUTES: &str = "routes/";
+pub const AGENTS: &str = "agents/";
+/// Written with every catalog change; a catalog write is guarded by this
+/// key's revision, so that writes checked against one version of the whole
+/// catalog cannot interleave (see `catalog_store`).
+pub const CATALOG_GUARD: &str = "catalog-guard";
+
+pub fn region(name: &str) -> String {
+    format!("{REGIONS}{name}")
+}
+
+pub fn profile(id: &str) -> String {
+    format!("{PROFILES}{id}")
+}
+
+pub fn route(profile: &str, source: &str) -> String {
+    format!("{ROUTES}{profile}/{source}")
+}
+
+pub fn agent(region: &str, agent_id: &str) -> String {
+    format!("{AGENTS}{region}/{agent_id}")
+}
+
+/// An agent as its control-plane replica records it, under a lease of that
+/// replica, so that every replica can list it and it disappears when the
+/// replica does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub agent_id: String,
+    pub region: String,
+    pub relay_address: String,
+    pub control_plane: String,
+    pub connected_at_unix: i64,
+    #[serde(default)]
+    pub sent_version: u64,
+    #[serde(default)]
+    pub acked_version: u64,
+    #[serde(default)]
+    pub nacked_version: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nack_reason: String,
+}
+
+/// What a stored key holds.
+pub enum Object {
+    Region(Region),
+    Profile(Profile),
+    Route(RouteTable),
+    Agent(AgentRecord),
+    Other,
+}
+
+/// Decodes one stored key; `Err` names the key and what is wrong with it.
+pub fn decode(kv: &KeyValue) -> Result<Object, String> {
+    let bad = |e: serde_json::Error| format!("key `{}` does not hold a valid object: {e}", kv.key);
+    let key = kv.key.as_str();
+    Ok(if key.starts_with(REGIONS) {
+        let mut r: Region = serde_json::from_slice(&kv.value).map_err(bad)?;
+        r.revision = kv.mod_revision;
+        Object::Region(r)
+    } else if key.starts_with(PROFILES) {
+        let mut p: Profile = serde_json::from_slice(&kv.value).map_err(bad)?;
+        p.revision = kv.mod_revision;
+        Object::Profile(p)
+    } else if key.starts_with(ROUTES) {
+        let mut t: RouteTable = serde_json::from_slice(&kv.value).map_err(bad)?;
+        t.revision = kv.mod_revision;
+        Object::Route(t)
+    } else if key.starts_with(AGENTS) {
+        Object::Agent(serde_json::from_slice(&kv.value).map_err(bad)?)
+    } else {
+        Object::Other
+    })
+}
+
+/// Adds one decoded object to a catalog.
+pub fn insert(catalog: &mut Catalog, object: Object) {
+    match object {
+        Object::Region(r) => {
+            catalog.regions.insert(r.name.clone(), r);
+        }
+        Object::Profile(p) => {
+            catalog.profiles.insert(p.id.clone(), p);
+        }
+        Object::Route(t) => {
+            catalog.routes.insert(t.key(), t);
+        }
+        Object::Agent(_) | Object::Other => {}
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("domain types serialize")
+}
+
+/// Every (key, value) of a catalog, in store form.
+pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
+    let regions = catalog.regions.values().map(|r| (region(&r.name), json(r)));
+    let profiles = catalog.profiles.values().map(|p| (profile(&p.id), json(p)));
+    let routes = catalog.routes.values().map(|t| (route(&t.profile, &t.source_region), json(t)));
+    regions.chain(profiles).chain(routes).collect()
+}
+
+pub fn encode_agent(record: &AgentRecord) -> Vec<u8> {
+    json(record)
+}

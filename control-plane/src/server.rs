@@ -1,0 +1,176 @@
+//! Starting a control-plane replica: connect the store, hold the replica's
+//! lease, follow the store, and serve the admin, sync, health and
+//! reflection services until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_proto::pb;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::admin::Admin;
+use crate::shutdown::{self, Shutdown};
+use crate::state::{self, Backoff};
+use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
+use crate::sync::{Replica, Sync};
+
+/// Everything a replica needs to start; the binary fills it from flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// etcd endpoints; empty means the embedded in-memory store.
+    pub etcd_endpoints: Vec<String>,
+    pub prefix: String,
+    /// Unique per replica; shown as the holder of each agent's stream.
+    pub replica_id: String,
+    /// TTL of the replica's store lease: how long its agents stay listed
+    /// after it dies.
+    pub lease_ttl: Duration,
+    pub debounce: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            etcd_endpoints: Vec::new(),
+            prefix: DEFAULT_PREFIX.to_string(),
+            replica_id: default_replica_id(),
+            lease_ttl: Duration::from_secs(10),
+            debounce: Duration::from_millis(20),
+        }
+    }
+}
+
+pub fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}-{}", std::process::id())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot reach etcd at {endpoints}: {source}")]
+    Etcd { endpoints: String, source: StoreError },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("serving gRPC: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Opens the store the settings name.
+pub async fn open_store(settings: &Settings) -> Result<Store, RunError> {
+    if settings.etcd_endpoints.is_empty() {
+        return Ok(Store::memory());
+    }
+    let opts = EtcdOptions {
+        endpoints: settings.etcd_endpoints.clone(),
+        prefix: settings.prefix.clone(),
+        request_timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(5),
+    };
+    Store::etcd(opts).await.map_err(|source| RunError::Etcd {
+        endpoints: settings.etcd_endpoints.join(","),
+        source,
+    })
+}
+
+/// Serves a replica on `listener` until `shutdown` resolves, then ends the
+/// agent streams, revokes the replica's lease (so its agents' records go at
+/// once) and returns.
+pub async fn run(
+    settings: Settings,
+    store: Store,
+    listener: TcpListener,
+    shutdown_signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let addr: Option<SocketAddr> = listener.local_addr().ok();
+    let (trigger, shutdown) = shutdown::channel();
+    let lease = store.grant_lease(settings.lease_ttl).await?;
+    let (lease_tx, lease_rx) = watch::channel(lease);
+    let keeper = tokio::spawn(keep_lease(store.clone(), settings.lease_ttl, lease_tx, shutdown.clone()));
+    let state = state::spawn(store.clone());
+    let replica = Arc::new(Replica::new(
+        settings.replica_id.clone(),
+        store.clone(),
+        state,
+        lease_rx.clone(),
+        settings.debounce,
+        shutdown.clone(),
+    ));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<pb::admin_service_server::AdminServiceServer<Admin>>()
+        .await;
+    health_reporter
+        .set_serving::<pb::control_service_server::ControlServiceServer<Sync>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    tracing::info!(
+        replica = %settings.replica_id,
+        store = %store.describe(),
+        addr = ?addr,
+        "control plane serving"
+    );
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal.await;
+        trigger.trigger();
+    });
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::admin_service_server::AdminServiceServer::new(Admin::new(store.clone())))
+        .add_service(pb::control_service_server::ControlServiceServer::new(Sync::new(replica)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.wait().await })
+        .await?;
+    keeper.abort();
+    let lease = *lease_rx.borrow();
+    if let Err(e) = store.revoke_lease(lease).await {
+        tracing::warn!(error = %e, "could not revoke the replica's lease; it will expire");
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+/// Renews the replica's lease at a third of its TTL; when it is lost (the
+/// store was unreachable for longer than the TTL), grants a new one and
+/// publishes it so that the streams register their agents again.
+async fn keep_lease(store: Store, ttl: Duration, tx: watch::Sender<LeaseId>, mut shutdown: Shutdown) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), ttl / 3);
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(ttl / 3) => {}
+        }
+        let lease = *tx.borrow();
+        match store.keep_alive(lease).await {
+            Ok(()) => backoff.reset(),
+            Err(StoreError::LeaseGone(_)) => {
+                tracing::warn!(lease, "the replica's store lease expired; taking a new one");
+                loop {
+                    match store.grant_lease(ttl).await {
+                        Ok(new) => {
+                            let _ = tx.send(new);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not take a new store lease");
+                            backoff.wait().await;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not renew the replica's store lease"),
+        }
+    }
+}

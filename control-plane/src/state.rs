@@ -1,0 +1,239 @@
+//! The replica's view of the store: lists everything under the prefix,
+//! then follows a watch from the list revision + 1, and publishes each new
+//! state on a `tokio::sync::watch`. When the watch breaks it resumes from
+//! the last revision it applied; when that revision was compacted away it
+//! lists again. It never skips an event silently.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_proto::model::Catalog;
+use tokio::sync::watch;
+
+use crate::keys::{self, AgentRecord, Object};
+use crate::store::{Store, StoreError, WatchEvent, WatchMessage};
+
+/// Everything the sync streams need, at one store revision.
+#[derive(Debug, Clone, Default)]
+pub struct State {
+    /// False until the first list has been applied.
+    pub loaded: bool,
+    /// The store revision this state reflects.
+    pub revision: i64,
+    pub catalog: Catalog,
+    /// The revision at which the catalog last changed.
+    pub catalog_version: i64,
+    /// Connected agents by store key.
+    pub agents: BTreeMap<String, AgentRecord>,
+    /// The revision at which an agent's relay endpoint last appeared,
+    /// changed or went away (acks alone do not count).
+    pub endpoints_version: i64,
+    /// How many times the replica had to list again after compaction.
+    pub relists: u64,
+}
+
+impl State {
+    /// The version of the configuration agents receive: it changes exactly
+    /// when the catalog or the set of relay endpoints changes.
+    pub fn config_version(&self) -> u64 {
+        self.catalog_version.max(self.endpoints_version).max(0) as u64
+    }
+
+    fn endpoints(&self) -> Vec<(&str, &str, &str)> {
+        self.agents
+            .values()
+            .map(|a| (a.region.as_str(), a.agent_id.as_str(), a.relay_address.as_str()))
+            .collect()
+    }
+}
+
+/// Starts following the store; the task ends when every receiver is gone.
+pub fn spawn(store: Store) -> watch::Receiver<Arc<State>> {
+    let (tx, rx) = watch::channel(Arc::new(State::default()));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = follow(store, &tx) => {}
+            _ = tx.closed() => {}
+        }
+    });
+    rx
+}
+
+async fn follow(store: Store, tx: &watch::Sender<Arc<State>>) {
+    let mut backoff = Backoff::default();
+    // The revision the state reflects, when the next watch may resume from
+    // it; `None` means list first.
+    let mut resume: Option<i64> = None;
+    loop {
+        let last = match resume.take() {
+            Some(revision) => revision,
+            None => match list(&store, tx).await {
+                Ok(revision) => revision,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the store failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            },
+        };
+        match watch_from(&store, tx, last + 1).await {
+            Ok(WatchEnd::Compacted(compact_revision)) => {
+                tracing::warn!(
+                    start_revision = last + 1,
+                    compact_revision,
+                    "watch start revision was compacted; relisting"
+                );
+                tx.send_modify(|s| Arc::make_mut(s).relists += 1);
+            }
+            Err(e) => {
+                let revision = tx.borrow().revision;
+                tracing::warn!(error = %e, resume_revision = revision + 1, "store watch broke; resuming");
+                resume = Some(revision);
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    Compacted(i64),
+}
+
+/// Lists everything and publishes it; returns the list revision.
+async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, StoreError> {
+    let (kvs, revision) = store.list("").await?;
+    let mut fresh = State {
+        loaded: true,
+        revision,
+        ..State::default()
+    };
+    for kv in &kvs {
+        match keys::decode(kv) {
+            Ok(Object::Agent(a)) => {
+                fresh.agents.insert(kv.key.clone(), a);
+            }
+            Ok(object) => keys::insert(&mut fresh.catalog, object),
+            Err(e) => tracing::warn!("{e}; skipped"),
+        }
+    }
+    let old = tx.borrow().clone();
+    // Versions move only when content moved, so that a relist of the same
+    // data does not push anything to agents.
+    fresh.catalog_version = if old.loaded && old.catalog == fresh.catalog {
+        old.catalog_version
+    } else {
+        revision
+    };
+    fresh.endpoints_version = if old.loaded && old.endpoints() == fresh.endpoints() {
+        old.endpoints_version
+    } else {
+        revision
+    };
+    fresh.relists = old.relists;
+    tx.send_replace(Arc::new(fresh));
+    Ok(revision)
+}
+
+async fn watch_from(
+    store: &Store,
+    tx: &watch::Sender<Arc<State>>,
+    start: i64,
+) -> Result<WatchEnd, StoreError> {
+    let mut rx = store.watch("", start).await?;
+    while let Some(msg) = rx.recv().await {
+        match msg? {
+            WatchMessage::Compacted { compact_revision } => {
+                return Ok(WatchEnd::Compacted(compact_revision));
+            }
+            WatchMessage::Events { revision, events } => {
+                tx.send_modify(|s| apply(Arc::make_mut(s), revision, &events));
+            }
+        }
+    }
+    Err(StoreError::Unavailable("the watch ended".into()))
+}
+
+fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) {
+    let endpoints_before: Vec<(String, String, String)> = state
+        .endpoints()
+        .into_iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect();
+    let mut catalog_changed = false;
+    for ev in events {
+        match ev {
+            WatchEvent::Put(kv) => match keys::decode(kv) {
+                Ok(Object::Agent(a)) => {
+                    state.agents.insert(kv.key.clone(), a);
+                }
+                Ok(Object::Other) => {}
+                Ok(object) => {
+                    keys::insert(&mut state.catalog, object);
+                    catalog_changed = true;
+                }
+                Err(e) => tracing::warn!("{e}; skipped"),
+            },
+            WatchEvent::Delete { key, .. } => {
+                if key.starts_with(keys::AGENTS) {
+                    state.agents.remove(key);
+                } else if let Some(name) = key.strip_prefix(keys::REGIONS) {
+                    catalog_changed |= state.catalog.regions.remove(name).is_some();
+                } else if let Some(id) = key.strip_prefix(keys::PROFILES) {
+                    catalog_changed |= state.catalog.profiles.remove(id).is_some();
+                } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
+                    && let Some((p, s)) = rest.rsplit_once('/')
+                {
+                    catalog_changed |= state
+                        .catalog
+                        .routes
+                        .remove(&(p.to_string(), s.to_string()))
+                        .is_some();
+                }
+            }
+        }
+    }
+    state.revision = state.revision.max(revision);
+    if catalog_changed {
+        state.catalog_version = revision;
+    }
+    let endpoints_after = state.endpoints();
+    let same = endpoints_after.len() == endpoints_before.len()
+        && endpoints_after
+            .iter()
+            .zip(&endpoints_before)
+            .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2);
+    if !same {
+        state.endpoints_version = revision;
+    }
+}
+
+/// Exponential backoff with full jitter, capped.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    base: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff { next: base, base, max }
+    }
+
+    pub async fn wait(&mut self) {
+        let jittered = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
+        tokio::time::sleep(jittered).await;
+        self.next = (self.next * 2).min(self.max);
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.base;
+    }
+}

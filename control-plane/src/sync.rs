@@ -1,0 +1,320 @@
+//! `ControlService.Sync`: one stream per agent. The replica registers the
+//! agent in the store under its lease, sends a full snapshot of what the
+//! agent's region needs, then a new snapshot (debounced) whenever that
+//! changes, and records each ACK or NACK so that every replica can list it.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use spillway_proto::pb::{self, control_service_server::ControlService};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::keys::{self, AgentRecord};
+use crate::shutdown::Shutdown;
+use crate::snapshot::snapshot_for;
+use crate::state::State;
+use crate::store::{Compare, LeaseId, Op, Store};
+
+/// How long an agent has to say hello after opening the stream.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every stream of one replica shares.
+pub struct Replica {
+    pub id: String,
+    pub store: Store,
+    pub state: watch::Receiver<Arc<State>>,
+    /// The replica's store lease; agent records live under it.
+    pub lease: watch::Receiver<LeaseId>,
+    /// Changes closer together than this go out as one update.
+    pub debounce: Duration,
+    pub shutdown: Shutdown,
+    nonce: AtomicU64,
+}
+
+impl Replica {
+    pub fn new(
+        id: String,
+        store: Store,
+        state: watch::Receiver<Arc<State>>,
+        lease: watch::Receiver<LeaseId>,
+        debounce: Duration,
+        shutdown: Shutdown,
+    ) -> Self {
+        Replica {
+            id,
+            store,
+            state,
+            lease,
+            debounce,
+            shutdown,
+            nonce: AtomicU64::new(0),
+        }
+    }
+
+    fn next_nonce(&self) -> String {
+        format!("{}-{}", self.id, self.nonce.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[derive(Clone)]
+pub struct Sync {
+    replica: Arc<Replica>,
+}
+
+impl Sync {
+    pub fn new(replica: Arc<Replica>) -> Self {
+        Sync { replica }
+    }
+}
+
+type Outbound = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ControlService for Sync {
+    type SyncStream = Outbound;
+
+    async fn sync(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Outbound>, Status> {
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within 10s of opening the stream"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(pb::agent_message::Message::Hello(h)) => h,
+            _ => return Err(Status::invalid_argument("the first message on a sync stream must be a hello")),
+        };
+        check_hello(&hello)?;
+        let (tx, rx) = mpsc::channel(4);
+        let replica = self.replica.clone();
+        tokio::spawn(async move {
+            let agent = format!("{}/{}", hello.region, hello.agent_id);
+            match Session::open(replica, hello, tx.clone()).await {
+                Ok(session) => session.run(inbound).await,
+                Err(status) => {
+                    tracing::warn!(%agent, error = %status.message(), "could not register agent");
+                    let _ = tx.send(Err(status)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn check_hello(h: &pb::Hello) -> Result<(), Status> {
+    let ok_id = !h.agent_id.is_empty()
+        && h.agent_id.len() <= 128
+        && h.agent_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !ok_id {
+        return Err(Status::invalid_argument(format!(
+            "invalid hello.agent_id `{}`: 1 to 128 letters, digits or -_.",
+            h.agent_id
+        )));
+    }
+    let region = spillway_proto::model::Region {
+        name: h.region.clone(),
+        geography: "x".into(),
+        description: String::new(),
+        revision: 0,
+    };
+    region
+        .validate()
+        .map_err(|e| Status::invalid_argument(format!("invalid hello.region: {e}")))?;
+    if !h.relay_address.is_empty() && h.relay_address.rsplit_once(':').is_none() {
+        return Err(Status::invalid_argument(format!(
+            "invalid hello.relay_address `{}`: expected host:port",
+            h.relay_address
+        )));
+    }
+    Ok(())
+}
+
+struct Session {
+    replica: Arc<Replica>,
+    key: String,
+    record: AgentRecord,
+    /// Revision of this session's last write of the agent's record; a write
+    /// guarded by it fails once another stream took the agent over.
+    record_revision: i64,
+    tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+    /// The last snapshot sent, encoded, to skip sending the same one again.
+    last_sent: Vec<u8>,
+}
+
+impl Session {
+    async fn open(
+        replica: Arc<Replica>,
+        hello: pb::Hello,
+        tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
+    ) -> Result<Session, Status> {
+        let key = keys::agent(&hello.region, &hello.agent_id);
+        let record = AgentRecord {
+            agent_id: hello.agent_id,
+            region: hello.region,
+            relay_address: hello.relay_address,
+            control_plane: replica.id.clone(),
+            connected_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+            sent_version: 0,
+            acked_version: 0,
+            nacked_version: 0,
+            nack_reason: String::new(),
+        };
+        // The first write takes the key over unconditionally: the agent may
+        // come from a replica that died and whose lease has not expired yet.
+        let lease = *replica.lease.borrow();
+        let outcome = replica
+            .store
+            .txn(
+                vec![],
+                vec![Op::Put {
+                    key: key.clone(),
+                    value: keys::encode_agent(&record),
+                    lease: Some(lease),
+                }],
+            )
+            .await
+            .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?;
+        if !outcome.succeeded {
+            return Err(Status::unavailable("the control plane's store lease is being renewed; retry"));
+        }
+        tracing::info!(agent = %key, relay = %record.relay_address, "agent connected");
+        Ok(Session {
+            replica,
+            key,
+            record,
+            record_revision: outcome.revision,
+            tx,
+            last_sent: Vec::new(),
+        })
+    }
+
+    async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
+        let mut state = self.replica.state.clone();
+        let mut lease = self.replica.lease.clone();
+        let mut shutdown = self.replica.shutdown.clone();
+        // Wait for the replica's first view of the store.
+        if state.wait_for(|s| s.loaded).await.is_err() {
+            return;
+        }
+        let end = loop {
+            if let Err(reason) = self.push_if_changed(&mut state).await {
+                break reason;
+            }
+            tokio::select! {
+                _ = shutdown.wait() => break "control plane shutting down".to_string(),
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break "control plane shutting down".to_string();
+                    }
+                    // Debounce: let a burst of writes settle into one update.
+                    tokio::time::sleep(self.replica.debounce).await;
+                }
+                changed = lease.changed() => {
+                    if changed.is_err() {
+                        break "control plane shutting down".to_string();
+                    }
+                    let current = *lease.borrow_and_update();
+                    if let Err(reason) = self.reregister(current).await {
+                        break reason;
+                    }
+                }
+                msg = inbound.message() => match msg {
+                    Ok(Some(pb::AgentMessage { message: Some(m) })) => {
+                        if let Err(reason) = self.on_agent_message(m).await {
+                            break reason;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break "agent closed the stream".to_string(),
+                    Err(status) => break format!("stream error: {}", status.message()),
+                },
+            }
+        };
+        tracing::info!(agent = %self.key, reason = %end, "agent disconnected");
+        // Remove the record only if it is still this session's.
+        let guard = Compare {
+            key: self.key.clone(),
+            mod_revision: self.record_revision,
+        };
+        let delete = Op::Delete { key: self.key.clone() };
+        if let Err(e) = self.replica.store.txn(vec![guard], vec![delete]).await {
+            tracing::warn!(agent = %self.key, error = %e, "could not remove the agent record; its lease will");
+        }
+    }
+
+    async fn push_if_changed(&mut self, state: &mut watch::Receiver<Arc<State>>) -> Result<(), String> {
+        let st = state.borrow_and_update().clone();
+        let snapshot = snapshot_for(&st, &self.record.region);
+        let encoded = snapshot.encode_to_vec();
+        if encoded == self.last_sent {
+            return Ok(());
+        }
+        let update = pb::ConfigUpdate {
+            version: st.config_version(),
+            nonce: self.replica.next_nonce(),
+            snapshot: Some(snapshot),
+            control_plane: self.replica.id.clone(),
+        };
+        tracing::debug!(agent = %self.key, version = update.version, "sending config update");
+        self.record.sent_version = update.version;
+        let msg = pb::ControlMessage {
+            message: Some(pb::control_message::Message::Update(update)),
+        };
+        self.tx.send(Ok(msg)).await.map_err(|_| "agent went away".to_string())?;
+        self.last_sent = encoded;
+        Ok(())
+    }
+
+    async fn on_agent_message(&mut self, m: pb::agent_message::Message) -> Result<(), String> {
+        match m {
+            pb::agent_message::Message::Ack(ack) => {
+                tracing::debug!(agent = %self.key, version = ack.version, "agent acked");
+                self.record.acked_version = ack.version;
+            }
+            pb::agent_message::Message::Nack(nack) => {
+                tracing::warn!(agent = %self.key, version = nack.version, reason = %nack.reason, "agent refused a config update");
+                self.record.nacked_version = nack.version;
+                self.record.nack_reason = nack.reason;
+            }
+            pb::agent_message::Message::Hello(_) => {
+                return Err("a second hello on one stream".to_string());
+            }
+        }
+        let lease = *self.replica.lease.borrow();
+        self.write_record(self.record_revision, lease).await
+    }
+
+    /// The replica's lease was replaced (the old one expired while the store
+    /// was unreachable), taking the record with it: write it again.
+    async fn reregister(&mut self, lease: LeaseId) -> Result<(), String> {
+        self.write_record(0, lease).await
+    }
+
+    async fn write_record(&mut self, expect: i64, lease: LeaseId) -> Result<(), String> {
+        let guard = Compare {
+            key: self.key.clone(),
+            mod_revision: expect,
+        };
+        let put = Op::Put {
+            key: self.key.clone(),
+            value: keys::encode_agent(&self.record),
+            lease: Some(lease),
+        };
+        match self.replica.store.txn(vec![guard], vec![put]).await {
+            Ok(o) if o.succeeded => {
+                self.record_revision = o.revision;
+                Ok(())
+            }
+            Ok(_) => Err("another stream took this agent over".to_string()),
+            Err(e) => {
+                // The store being away must not cut the agent off: it keeps
+                // its config stream, only the record lags.
+                tracing::warn!(agent = %self.key, error = %e, "could not record the agent's status");
+                Ok(())
+            }
+        }
+    }
+}
