@@ -12,7 +12,6 @@ pub mod catalog_store;
 pub mod error;
 pub mod keys;
 pub mod server;
-pub mod shutdown;
 pub mod snapshot;
 pub mod state;
 pub mod store;

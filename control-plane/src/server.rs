@@ -12,8 +12,10 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::admin::Admin;
-use crate::shutdown::{self, Shutdown};
-use crate::state::{self, Backoff};
+use spillway_proto::backoff::Backoff;
+use spillway_proto::shutdown::{self, Shutdown};
+
+use crate::state;
 use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
 use crate::sync::{Replica, Sync};
 
@@ -165,7 +167,7 @@ async fn keep_lease(store: Store, ttl: Duration, tx: watch::Sender<LeaseId>, mut
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "could not take a new store lease");
-                            backoff.wait().await;
+                            tokio::time::sleep(backoff.next_delay()).await;
                         }
                     }
                 }

@@ -6,9 +6,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use spillway_proto::model::Catalog;
+use spillway_proto::backoff::Backoff;
 use tokio::sync::watch;
 
 use crate::keys::{self, AgentRecord, Object};
@@ -72,7 +72,7 @@ async fn follow(store: Store, tx: &watch::Sender<Arc<State>>) {
                 Ok(revision) => revision,
                 Err(e) => {
                     tracing::warn!(error = %e, "listing the store failed; retrying");
-                    backoff.wait().await;
+                    tokio::time::sleep(backoff.next_delay()).await;
                     continue;
                 }
             },
@@ -90,7 +90,7 @@ async fn follow(store: Store, tx: &watch::Sender<Arc<State>>) {
                 let revision = tx.borrow().revision;
                 tracing::warn!(error = %e, resume_revision = revision + 1, "store watch broke; resuming");
                 resume = Some(revision);
-                backoff.wait().await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }
@@ -208,32 +208,3 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) {
     }
 }
 
-/// Exponential backoff with full jitter, capped.
-#[derive(Debug)]
-pub struct Backoff {
-    next: Duration,
-    base: Duration,
-    max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
-    }
-}
-
-impl Backoff {
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { next: base, base, max }
-    }
-
-    pub async fn wait(&mut self) {
-        let jittered = self.next.mul_f64(0.5 + fastrand::f64() * 0.5);
-        tokio::time::sleep(jittered).await;
-        self.next = (self.next * 2).min(self.max);
-    }
-
-    pub fn reset(&mut self) {
-        self.next = self.base;
-    }
-}

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{self, AgentRecord};
-use crate::shutdown::Shutdown;
+use spillway_proto::shutdown::Shutdown;
 use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};

@@ -1,13 +1,16 @@
-//! Spillway's protocol (`spillway.v1`, generated from `proto/spillway/v1`) and
-//! the domain model that both the control plane and the agent validate with.
+//! Spillway's protocol (`spillway.v1`, generated from `proto/spillway/v1`),
+//! the domain model that both the control plane and the agent validate with,
+//! and the two small runtime helpers both binaries share (backoff, shutdown).
 //!
 //! Architecture invariant: the domain types in [`model`] know nothing of
 //! gRPC or of the store; conversions live in [`convert`] alone.
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod convert;
 pub mod model;
+pub mod shutdown;
 
 /// Generated protobuf and gRPC code for `spillway.v1`.
 #[allow(clippy::all, missing_docs)]

@@ -1,0 +1,126 @@
+//! The configuration an agent runs with, checked before it is applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use spillway_proto::model::{Profile, Region, RouteTable};
+use spillway_proto::pb;
+
+/// A validated snapshot from the control plane.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub version: u64,
+    pub region: String,
+    pub regions: BTreeMap<String, Region>,
+    /// Relay endpoints by region: (agent id, host:port).
+    pub relays: BTreeMap<String, Vec<(String, String)>>,
+    /// Profiles callable from this region, with model and destinations
+    /// resolved, by id.
+    pub profiles: BTreeMap<String, Profile>,
+    /// Route tables for this region, by profile id.
+    pub routes: BTreeMap<String, RouteTable>,
+}
+
+/// What this agent can serve locally: the check that only the agent can
+/// make, because only it knows its model servers.
+#[derive(Debug, Clone, Default)]
+pub struct LocalCapabilities {
+    pub models: BTreeSet<String>,
+}
+
+impl AgentConfig {
+    /// Checks a snapshot and turns it into a config, or says why it cannot
+    /// be applied (the NACK reason).
+    pub fn from_update(
+        update: &pb::ConfigUpdate,
+        own_region: &str,
+        local: &LocalCapabilities,
+    ) -> Result<AgentConfig, String> {
+        let snapshot = update.snapshot.as_ref().ok_or("the update has no snapshot")?;
+        if snapshot.region != own_region {
+            return Err(format!(
+                "the snapshot is for region `{}`, this agent serves `{own_region}`",
+                snapshot.region
+            ));
+        }
+        let mut regions = BTreeMap::new();
+        for r in &snapshot.regions {
+            let region: Region = r.clone().into();
+            region.validate().map_err(|e| e.to_string())?;
+            regions.insert(region.name.clone(), region);
+        }
+        let mut relays: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        for a in &snapshot.agents {
+            relays
+                .entry(a.region.clone())
+                .or_default()
+                .push((a.agent_id.clone(), a.relay_address.clone()));
+        }
+        let mut profiles = BTreeMap::new();
+        for p in &snapshot.profiles {
+            let profile: Profile = p.clone().into();
+            if profile.id.is_empty() {
+                return Err("a profile has an empty id".into());
+            }
+            if profile.model.is_empty() || profile.destinations.is_empty() {
+                return Err(format!("profile `{}` has no model or destinations", profile.id));
+            }
+            for d in &profile.destinations {
+                if !regions.contains_key(d) {
+                    return Err(format!("profile `{}` names unknown region `{d}`", profile.id));
+                }
+            }
+            profiles.insert(profile.id.clone(), profile);
+        }
+        let mut routes = BTreeMap::new();
+        for t in &snapshot.routes {
+            let table: RouteTable = t.clone().into();
+            table.validate().map_err(|e| format!("route table of `{}`: {e}", table.profile))?;
+            let profile = profiles
+                .get(&table.profile)
+                .ok_or_else(|| format!("a route table names unknown profile `{}`", table.profile))?;
+            if table.source_region != own_region {
+                return Err(format!(
+                    "the route table of `{}` is for source `{}`, not `{own_region}`",
+                    table.profile, table.source_region
+                ));
+            }
+            for d in &table.destinations {
+                if !profile.destinations.contains(&d.region) {
+                    return Err(format!(
+                        "the route table of `{}` sends calls to `{}`, not a destination of the profile",
+                        table.profile, d.region
+                    ));
+                }
+                // Calls routed to this region are served by this region's
+                // model servers: refuse a table that sends them a model
+                // they do not serve.
+                if d.region == own_region && d.weight > 0.0 && !local.models.contains(&profile.model) {
+                    return Err(format!(
+                        "profile `{}` routes calls to this region ({own_region}) for model `{}`, which no model server of this agent serves (serving: {})",
+                        profile.id,
+                        profile.model,
+                        if local.models.is_empty() {
+                            "none".to_string()
+                        } else {
+                            local.models.iter().cloned().collect::<Vec<_>>().join(", ")
+                        }
+                    ));
+                }
+            }
+            routes.insert(table.profile.clone(), table);
+        }
+        for id in profiles.keys() {
+            if !routes.contains_key(id) {
+                return Err(format!("profile `{id}` has no route table"));
+            }
+        }
+        Ok(AgentConfig {
+            version: update.version,
+            region: own_region.to_string(),
+            regions,
+            relays,
+            profiles,
+            routes,
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! The agent's side of the config stream. It keeps the latest good config
+//! in a `tokio::sync::watch`; reconnects with exponential backoff and
+//! jitter, moving through the listed control planes; ACKs what it applies
+//! and NACKs (with the reason) what it cannot, keeping the previous config.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_proto::backoff::Backoff;
+use spillway_proto::pb::{self, control_service_client::ControlServiceClient};
+use spillway_proto::shutdown::Shutdown;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::persist;
+use crate::snapshot::{AgentConfig, LocalCapabilities};
+
+/// Snapshots larger than this are refused by the transport (a receive
+/// limit, so that a broken control plane cannot exhaust the agent).
+const MAX_UPDATE_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct SyncSettings {
+    pub agent_id: String,
+    pub region: String,
+    pub relay_address: String,
+    /// Control-plane URLs, tried in turn.
+    pub control_planes: Vec<String>,
+    pub state_dir: PathBuf,
+    pub local: LocalCapabilities,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// The latest good config; `None` until one was received or loaded.
+pub type ConfigWatch = watch::Receiver<Option<Arc<AgentConfig>>>;
+
+/// Loads the persisted config (if any), then follows the control planes
+/// until `shutdown`.
+pub async fn start(settings: SyncSettings, shutdown: Shutdown) -> ConfigWatch {
+    let (tx, rx) = watch::channel(None);
+    if let Some(update) = persist::load(&settings.state_dir).await {
+        match AgentConfig::from_update(&update, &settings.region, &settings.local) {
+            Ok(cfg) => {
+                tracing::info!(version = cfg.version, "booting with the persisted config");
+                tx.send_replace(Some(Arc::new(cfg)));
+            }
+            Err(reason) => tracing::warn!(%reason, "the persisted config does not apply; ignoring it"),
+        }
+    }
+    tokio::spawn(follow(settings, tx, shutdown));
+    rx
+}
+
+async fn follow(settings: SyncSettings, tx: watch::Sender<Option<Arc<AgentConfig>>>, mut shutdown: Shutdown) {
+    let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
+    let mut next = 0usize;
+    loop {
+        let endpoint = &settings.control_planes[next % settings.control_planes.len()];
+        next += 1;
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            result = stream_once(endpoint, &settings, &tx) => match result {
+                Ok(()) => {
+                    tracing::warn!(control_plane = %endpoint, "config stream ended; reconnecting");
+                    backoff.reset();
+                }
+                Err(e) => tracing::warn!(control_plane = %endpoint, error = %e, "config stream failed"),
+            },
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+        }
+    }
+}
+
+/// One stream to one control plane: hello, then apply updates until it
+/// ends. Returns `Ok` when the stream delivered at least one update before
+/// ending, so that the caller resets its backoff.
+async fn stream_once(
+    endpoint: &str,
+    settings: &SyncSettings,
+    tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+) -> Result<(), String> {
+    let channel = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| format!("bad control-plane address `{endpoint}`: {e}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = ControlServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
+    let (out, out_rx) = mpsc::channel(8);
+    let current_version = tx.borrow().as_ref().map_or(0, |c| c.version);
+    let hello = pb::Hello {
+        agent_id: settings.agent_id.clone(),
+        region: settings.region.clone(),
+        relay_address: settings.relay_address.clone(),
+        current_version,
+        agent_build: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    send(&out, pb::agent_message::Message::Hello(hello)).await?;
+    let mut inbound = client
+        .sync(ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| format!("sync refused: {}", s.message()))?
+        .into_inner();
+    tracing::info!(control_plane = %endpoint, "config stream open");
+    let mut got_any = false;
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) if got_any => return Ok(()),
+            Ok(None) => return Err("closed before the first update".into()),
+            Err(s) if got_any => {
+                tracing::warn!(error = %s.message(), "config stream broke");
+                return Ok(());
+            }
+            Err(s) => return Err(s.message().to_string()),
+        };
+        let Some(pb::control_message::Message::Update(update)) = msg.message else {
+            continue;
+        };
+        got_any = true;
+        let reply = apply(&update, settings, tx).await;
+        send(&out, reply).await?;
+    }
+}
+
+/// Applies one update, or says why not; returns the ACK or NACK to send.
+async fn apply(
+    update: &pb::ConfigUpdate,
+    settings: &SyncSettings,
+    tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+) -> pb::agent_message::Message {
+    match AgentConfig::from_update(update, &settings.region, &settings.local) {
+        Ok(cfg) => {
+            if let Err(e) = persist::save(&settings.state_dir, update).await {
+                // Serving goes on; only a later boot without a control plane
+                // would miss this version.
+                tracing::warn!(error = %e, "cannot persist the config");
+            }
+            tracing::info!(version = update.version, profiles = cfg.profiles.len(), "config applied");
+            tx.send_replace(Some(Arc::new(cfg)));
+            pb::agent_message::Message::Ack(pb::Ack {
+                version: update.version,
+                nonce: update.nonce.clone(),
+            })
+        }
+        Err(reason) => {
+            let kept = tx.borrow().as_ref().map_or(0, |c| c.version);
+            tracing::warn!(version = update.version, kept_version = kept, %reason, "config refused");
+            pb::agent_message::Message::Nack(pb::Nack {
+                version: update.version,
+                nonce: update.nonce.clone(),
+                reason,
+            })
+        }
+    }
+}
+
+async fn send(out: &mpsc::Sender<pb::AgentMessage>, m: pb::agent_message::Message) -> Result<(), String> {
+    out.send(pb::AgentMessage { message: Some(m) })
+        .await
+        .map_err(|_| "the stream is gone".to_string())
+}
