@@ -1,1 +1,302 @@
-//! placeholder
+//! The end-to-end harness: starts a real etcd on free loopback ports in a
+//! temporary folder, control-plane replicas as real processes, agents as
+//! real servers on `127.0.0.1:0`, and a TCP proxy that can cut a link.
+//! Every wait is bounded and says what it waited for.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_agent::snapshot::{AgentConfig, LocalCapabilities};
+use spillway_agent::sync::{ConfigWatch, SyncSettings};
+use spillway_proto::pb::admin_service_client::AdminServiceClient;
+use spillway_proto::shutdown::{self, ShutdownTrigger};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+pub mod proxy;
+
+/// Logs of the harness and the in-process agents, on when SPILLWAY_TEST_LOG
+/// is set (e.g. `SPILLWAY_TEST_LOG=debug`).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("SPILLWAY_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// The path of a workspace binary, built next to the test executables.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target profile folder");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`; `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; good enough on a test box).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// Polls `check` every 20 ms until it returns true; panics after `timeout`
+/// naming what it waited for.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The etcd binary: on PATH, or where Debian's etcd-server puts it.
+fn etcd_binary(name: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin"]) {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("`{name}` is not installed; `cargo xtask test` installs it (Debian: apt-get install etcd-server etcd-client)");
+}
+
+/// A real single-member etcd on free loopback ports, in a temporary folder.
+pub struct Etcd {
+    pub endpoint: String,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log file");
+        let child = Command::new(etcd_binary("etcd"))
+            .args(["--name", "test"])
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting etcd");
+        let etcd = Etcd {
+            endpoint,
+            child,
+            _dir: dir,
+        };
+        let ep = etcd.endpoint.clone();
+        wait_until("etcd to answer", Duration::from_secs(20), || {
+            let ep = ep.clone();
+            async move {
+                match etcd_client::Client::connect([ep], None).await {
+                    Ok(mut c) => c.get("health-probe", None).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        etcd
+    }
+
+    /// Runs `etcdctl` against this etcd and returns its stdout.
+    pub async fn etcdctl(&self, args: &[&str]) -> String {
+        let out = Command::new(etcd_binary("etcdctl"))
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint))
+            .args(args)
+            .output()
+            .await
+            .expect("running etcdctl");
+        assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("etcdctl prints utf-8")
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.clone()], None).await.expect("etcd client")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// A control-plane replica as a real process.
+pub struct ControlPlane {
+    pub addr: SocketAddr,
+    pub replica_id: String,
+    child: Child,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ControlPlane {
+    /// Starts a replica on a free port; `etcd` of `None` uses the embedded
+    /// store.
+    pub async fn start(etcd: Option<&str>, replica_id: &str) -> ControlPlane {
+        Self::start_with(etcd, replica_id, &[]).await
+    }
+
+    pub async fn start_with(etcd: Option<&str>, replica_id: &str, extra: &[&str]) -> ControlPlane {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("control-plane.log");
+        let mut cmd = Command::new(bin("spillway-control-plane"));
+        cmd.args(["--listen", "127.0.0.1:0", "--insecure-dev", "--replica-id", replica_id, "--lease-ttl-secs", "3"])
+            .args(extra)
+            .env("SPILLWAY_LOG", "info,spillway_control_plane=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true);
+        if let Some(ep) = etcd {
+            cmd.args(["--etcd-endpoints", ep]);
+        }
+        let mut child = cmd.spawn().expect("starting spillway-control-plane");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("control plane did not start; log: {}", read(&log)))
+            .expect("reading control-plane stdout")
+            .unwrap_or_else(|| panic!("control plane exited; log: {}", read(&log)));
+        let addr = line
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line `{line}`"));
+        ControlPlane {
+            addr,
+            replica_id: replica_id.to_string(),
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn admin(&self) -> AdminServiceClient<Channel> {
+        AdminServiceClient::connect(self.url()).await.expect("admin client")
+    }
+
+    /// SIGKILL: no graceful anything, as when a machine dies.
+    pub async fn kill(&mut self) {
+        self.child.kill().await.expect("killing the control plane");
+    }
+
+    /// What the replica logged so far.
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// An agent running in this process (its real gRPC server and config
+/// stream), so that tests can watch its config directly.
+pub struct TestAgent {
+    pub id: String,
+    pub region: String,
+    pub config: ConfigWatch,
+    pub addr: SocketAddr,
+    pub state_dir: PathBuf,
+    trigger: ShutdownTrigger,
+}
+
+impl TestAgent {
+    pub async fn start(id: &str, region: &str, control_planes: &[String], state_dir: &Path, models: &[&str]) -> TestAgent {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("agent listener");
+        let addr = listener.local_addr().expect("agent address");
+        let settings = SyncSettings {
+            agent_id: id.to_string(),
+            region: region.to_string(),
+            relay_address: addr.to_string(),
+            control_planes: control_planes.to_vec(),
+            state_dir: state_dir.to_path_buf(),
+            local: LocalCapabilities {
+                models: models.iter().map(|m| m.to_string()).collect(),
+            },
+            backoff_base: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(500),
+        };
+        let (trigger, shutdown) = shutdown::channel();
+        let running = spillway_agent::server::start(settings, listener, shutdown)
+            .await
+            .expect("starting the agent");
+        TestAgent {
+            id: id.to_string(),
+            region: region.to_string(),
+            config: running.config,
+            addr,
+            state_dir: state_dir.to_path_buf(),
+            trigger,
+        }
+    }
+
+    pub fn current(&self) -> Option<Arc<AgentConfig>> {
+        self.config.borrow().clone()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.current().map_or(0, |c| c.version)
+    }
+
+    /// Waits until the agent's config satisfies `check`.
+    pub async fn wait_for(&self, what: &str, check: impl Fn(&AgentConfig) -> bool) -> Arc<AgentConfig> {
+        let mut rx: watch::Receiver<_> = self.config.clone();
+        let found = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|c| c.as_deref().is_some_and(&check))).await;
+        match found {
+            Ok(Ok(c)) => c.clone().expect("checked above"),
+            _ => panic!(
+                "agent {}/{} never reached: {what}; it has version {}",
+                self.region,
+                self.id,
+                self.version()
+            ),
+        }
+    }
+
+    pub fn stop(&self) {
+        self.trigger.trigger();
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
