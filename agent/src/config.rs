@@ -18,7 +18,12 @@ pub struct AgentArgs {
     pub region: String,
     /// Control-plane addresses, comma-separated; the agent moves to the next
     /// when one goes away.
-    #[arg(long, env = "SPILLWAY_CONTROL_PLANE", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "SPILLWAY_CONTROL_PLANE",
+        value_delimiter = ',',
+        required = true
+    )]
     pub control_plane: Vec<String>,
     /// Address of the agent's gRPC server (relay, health).
     #[arg(long, env = "SPILLWAY_GRPC_LISTEN", default_value = "127.0.0.1:7080")]
@@ -29,12 +34,20 @@ pub struct AgentArgs {
     pub relay_address: Option<String>,
     /// Where the last good configuration is kept, to boot without the
     /// control plane.
-    #[arg(long, env = "SPILLWAY_STATE_DIR", default_value = "/var/lib/spillway-agent")]
+    #[arg(
+        long,
+        env = "SPILLWAY_STATE_DIR",
+        default_value = "/var/lib/spillway-agent"
+    )]
     pub state_dir: PathBuf,
     /// Models this region's model servers serve; repeatable or
     /// comma-separated. An update that routes a profile to this region for a
     /// model not listed here is refused (NACKed).
-    #[arg(long = "serve-model", env = "SPILLWAY_SERVE_MODELS", value_delimiter = ',')]
+    #[arg(
+        long = "serve-model",
+        env = "SPILLWAY_SERVE_MODELS",
+        value_delimiter = ','
+    )]
     pub serve_models: Vec<String>,
     /// Talk plaintext gRPC. For development only: TLS is not configured in
     /// this build yet, so the flag is required.

@@ -46,7 +46,11 @@ pub struct RunningAgent {
 
 /// Starts the agent's config stream and gRPC server on `listener`; both stop
 /// when `shutdown` fires.
-pub async fn start(settings: SyncSettings, listener: TcpListener, shutdown: Shutdown) -> Result<RunningAgent, RunError> {
+pub async fn start(
+    settings: SyncSettings,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<RunningAgent, RunError> {
     let config = sync::start(settings, shutdown.clone()).await;
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
@@ -59,9 +63,13 @@ pub async fn start(settings: SyncSettings, listener: TcpListener, shutdown: Shut
     tokio::spawn(async move {
         loop {
             if watch.borrow_and_update().is_some() {
-                health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
             } else {
-                health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
             }
             tokio::select! {
                 _ = stop.wait() => return,
@@ -74,7 +82,9 @@ pub async fn start(settings: SyncSettings, listener: TcpListener, shutdown: Shut
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.wait().await })
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                stop.wait().await
+            })
             .await?;
         Ok(())
     });
@@ -82,11 +92,17 @@ pub async fn start(settings: SyncSettings, listener: TcpListener, shutdown: Shut
 }
 
 /// Runs an agent from its flags until `signal` resolves.
-pub async fn run(args: AgentArgs, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), RunError> {
-    let relay = args
-        .relay_address
-        .clone()
-        .unwrap_or_else(|| listener.local_addr().map(|a| a.to_string()).unwrap_or_default());
+pub async fn run(
+    args: AgentArgs,
+    listener: TcpListener,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let relay = args.relay_address.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    });
     let (trigger, shutdown) = shutdown::channel();
     let agent = start(SyncSettings::from_args(&args, relay), listener, shutdown).await?;
     signal.await;
@@ -104,4 +120,3 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
     }
 }
-

@@ -35,7 +35,10 @@ impl AgentConfig {
         own_region: &str,
         local: &LocalCapabilities,
     ) -> Result<AgentConfig, String> {
-        let snapshot = update.snapshot.as_ref().ok_or("the update has no snapshot")?;
+        let snapshot = update
+            .snapshot
+            .as_ref()
+            .ok_or("the update has no snapshot")?;
         if snapshot.region != own_region {
             return Err(format!(
                 "the snapshot is for region `{}`, this agent serves `{own_region}`",
@@ -62,11 +65,17 @@ impl AgentConfig {
                 return Err("a profile has an empty id".into());
             }
             if profile.model.is_empty() || profile.destinations.is_empty() {
-                return Err(format!("profile `{}` has no model or destinations", profile.id));
+                return Err(format!(
+                    "profile `{}` has no model or destinations",
+                    profile.id
+                ));
             }
             for d in &profile.destinations {
                 if !regions.contains_key(d) {
-                    return Err(format!("profile `{}` names unknown region `{d}`", profile.id));
+                    return Err(format!(
+                        "profile `{}` names unknown region `{d}`",
+                        profile.id
+                    ));
                 }
             }
             profiles.insert(profile.id.clone(), profile);
@@ -74,10 +83,12 @@ impl AgentConfig {
         let mut routes = BTreeMap::new();
         for t in &snapshot.routes {
             let table: RouteTable = t.clone().into();
-            table.validate().map_err(|e| format!("route table of `{}`: {e}", table.profile))?;
-            let profile = profiles
-                .get(&table.profile)
-                .ok_or_else(|| format!("a route table names unknown profile `{}`", table.profile))?;
+            table
+                .validate()
+                .map_err(|e| format!("route table of `{}`: {e}", table.profile))?;
+            let profile = profiles.get(&table.profile).ok_or_else(|| {
+                format!("a route table names unknown profile `{}`", table.profile)
+            })?;
             if table.source_region != own_region {
                 return Err(format!(
                     "the route table of `{}` is for source `{}`, not `{own_region}`",
@@ -94,7 +105,10 @@ impl AgentConfig {
                 // Calls routed to this region are served by this region's
                 // model servers: refuse a table that sends them a model
                 // they do not serve.
-                if d.region == own_region && d.weight > 0.0 && !local.models.contains(&profile.model) {
+                if d.region == own_region
+                    && d.weight > 0.0
+                    && !local.models.contains(&profile.model)
+                {
                     return Err(format!(
                         "profile `{}` routes calls to this region ({own_region}) for model `{}`, which no model server of this agent serves (serving: {})",
                         profile.id,

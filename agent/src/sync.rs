@@ -47,14 +47,20 @@ pub async fn start(settings: SyncSettings, shutdown: Shutdown) -> ConfigWatch {
                 tracing::info!(version = cfg.version, "booting with the persisted config");
                 tx.send_replace(Some(Arc::new(cfg)));
             }
-            Err(reason) => tracing::warn!(%reason, "the persisted config does not apply; ignoring it"),
+            Err(reason) => {
+                tracing::warn!(%reason, "the persisted config does not apply; ignoring it")
+            }
         }
     }
     tokio::spawn(follow(settings, tx, shutdown));
     rx
 }
 
-async fn follow(settings: SyncSettings, tx: watch::Sender<Option<Arc<AgentConfig>>>, mut shutdown: Shutdown) {
+async fn follow(
+    settings: SyncSettings,
+    tx: watch::Sender<Option<Arc<AgentConfig>>>,
+    mut shutdown: Shutdown,
+) {
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
     let mut next = 0usize;
     loop {
@@ -145,7 +151,11 @@ async fn apply(
                 // would miss this version.
                 tracing::warn!(error = %e, "cannot persist the config");
             }
-            tracing::info!(version = update.version, profiles = cfg.profiles.len(), "config applied");
+            tracing::info!(
+                version = update.version,
+                profiles = cfg.profiles.len(),
+                "config applied"
+            );
             tx.send_replace(Some(Arc::new(cfg)));
             pb::agent_message::Message::Ack(pb::Ack {
                 version: update.version,
@@ -164,7 +174,10 @@ async fn apply(
     }
 }
 
-async fn send(out: &mpsc::Sender<pb::AgentMessage>, m: pb::agent_message::Message) -> Result<(), String> {
+async fn send(
+    out: &mpsc::Sender<pb::AgentMessage>,
+    m: pb::agent_message::Message,
+) -> Result<(), String> {
     out.send(pb::AgentMessage { message: Some(m) })
         .await
         .map_err(|_| "the stream is gone".to_string())

@@ -30,7 +30,11 @@ type Reply<T> = Result<Response<T>, Status>;
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn create_region(&self, req: Request<pb::CreateRegionRequest>) -> Reply<pb::Region> {
-        let region: Region = req.into_inner().region.ok_or_else(|| missing("region"))?.into();
+        let region: Region = req
+            .into_inner()
+            .region
+            .ok_or_else(|| missing("region"))?
+            .into();
         let name = region.name.clone();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.create_region(region.clone())).await?;
@@ -41,10 +45,15 @@ impl AdminService for Admin {
     async fn get_region(&self, req: Request<pb::GetRegionRequest>) -> Reply<pb::Region> {
         let name = req.into_inner().name;
         let catalog = self.read().await?;
-        Ok(Response::new(catalog.region(&name).map_err(model_status)?.clone().into()))
+        Ok(Response::new(
+            catalog.region(&name).map_err(model_status)?.clone().into(),
+        ))
     }
 
-    async fn list_regions(&self, _: Request<pb::ListRegionsRequest>) -> Reply<pb::ListRegionsResponse> {
+    async fn list_regions(
+        &self,
+        _: Request<pb::ListRegionsRequest>,
+    ) -> Reply<pb::ListRegionsResponse> {
         let (kvs, revision) = self.store.list(keys::REGIONS).await.map_err(store_status)?;
         let regions = decode_all(&kvs, |o| match o {
             Object::Region(r) => Some(r.into()),
@@ -54,7 +63,11 @@ impl AdminService for Admin {
     }
 
     async fn update_region(&self, req: Request<pb::UpdateRegionRequest>) -> Reply<pb::Region> {
-        let region: Region = req.into_inner().region.ok_or_else(|| missing("region"))?.into();
+        let region: Region = req
+            .into_inner()
+            .region
+            .ok_or_else(|| missing("region"))?
+            .into();
         let name = region.name.clone();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.update_region(region.clone())).await?;
@@ -62,7 +75,10 @@ impl AdminService for Admin {
         Ok(Response::new(after.regions[&name].clone().into()))
     }
 
-    async fn delete_region(&self, req: Request<pb::DeleteRegionRequest>) -> Reply<pb::DeleteResponse> {
+    async fn delete_region(
+        &self,
+        req: Request<pb::DeleteRegionRequest>,
+    ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
         let (_, _, revision) =
             catalog_store::write(&self.store, |c| c.delete_region(&req.name, req.revision)).await?;
@@ -70,8 +86,15 @@ impl AdminService for Admin {
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn create_profile(&self, req: Request<pb::CreateProfileRequest>) -> Reply<pb::InferenceProfile> {
-        let profile: Profile = req.into_inner().profile.ok_or_else(|| missing("profile"))?.into();
+    async fn create_profile(
+        &self,
+        req: Request<pb::CreateProfileRequest>,
+    ) -> Reply<pb::InferenceProfile> {
+        let profile: Profile = req
+            .into_inner()
+            .profile
+            .ok_or_else(|| missing("profile"))?
+            .into();
         let id = profile.id.clone();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.create_profile(profile.clone())).await?;
@@ -79,23 +102,45 @@ impl AdminService for Admin {
         Ok(Response::new(after.profiles[&id].clone().into()))
     }
 
-    async fn get_profile(&self, req: Request<pb::GetProfileRequest>) -> Reply<pb::InferenceProfile> {
+    async fn get_profile(
+        &self,
+        req: Request<pb::GetProfileRequest>,
+    ) -> Reply<pb::InferenceProfile> {
         let id = req.into_inner().id;
         let catalog = self.read().await?;
-        Ok(Response::new(catalog.profile(&id).map_err(model_status)?.clone().into()))
+        Ok(Response::new(
+            catalog.profile(&id).map_err(model_status)?.clone().into(),
+        ))
     }
 
-    async fn list_profiles(&self, _: Request<pb::ListProfilesRequest>) -> Reply<pb::ListProfilesResponse> {
-        let (kvs, revision) = self.store.list(keys::PROFILES).await.map_err(store_status)?;
+    async fn list_profiles(
+        &self,
+        _: Request<pb::ListProfilesRequest>,
+    ) -> Reply<pb::ListProfilesResponse> {
+        let (kvs, revision) = self
+            .store
+            .list(keys::PROFILES)
+            .await
+            .map_err(store_status)?;
         let profiles = decode_all(&kvs, |o| match o {
             Object::Profile(p) => Some(p.into()),
             _ => None,
         })?;
-        Ok(Response::new(pb::ListProfilesResponse { profiles, revision }))
+        Ok(Response::new(pb::ListProfilesResponse {
+            profiles,
+            revision,
+        }))
     }
 
-    async fn update_profile(&self, req: Request<pb::UpdateProfileRequest>) -> Reply<pb::InferenceProfile> {
-        let profile: Profile = req.into_inner().profile.ok_or_else(|| missing("profile"))?.into();
+    async fn update_profile(
+        &self,
+        req: Request<pb::UpdateProfileRequest>,
+    ) -> Reply<pb::InferenceProfile> {
+        let profile: Profile = req
+            .into_inner()
+            .profile
+            .ok_or_else(|| missing("profile"))?
+            .into();
         let id = profile.id.clone();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.update_profile(profile.clone())).await?;
@@ -103,7 +148,10 @@ impl AdminService for Admin {
         Ok(Response::new(after.profiles[&id].clone().into()))
     }
 
-    async fn delete_profile(&self, req: Request<pb::DeleteProfileRequest>) -> Reply<pb::DeleteResponse> {
+    async fn delete_profile(
+        &self,
+        req: Request<pb::DeleteProfileRequest>,
+    ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
         let (_, _, revision) =
             catalog_store::write(&self.store, |c| c.delete_profile(&req.id, req.revision)).await?;
@@ -111,8 +159,15 @@ impl AdminService for Admin {
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn create_route_table(&self, req: Request<pb::CreateRouteTableRequest>) -> Reply<pb::RouteTable> {
-        let table: RouteTable = req.into_inner().route_table.ok_or_else(|| missing("route_table"))?.into();
+    async fn create_route_table(
+        &self,
+        req: Request<pb::CreateRouteTableRequest>,
+    ) -> Reply<pb::RouteTable> {
+        let table: RouteTable = req
+            .into_inner()
+            .route_table
+            .ok_or_else(|| missing("route_table"))?
+            .into();
         let key = table.key();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.create_route(table.clone())).await?;
@@ -120,10 +175,15 @@ impl AdminService for Admin {
         Ok(Response::new(after.routes[&key].clone().into()))
     }
 
-    async fn get_route_table(&self, req: Request<pb::GetRouteTableRequest>) -> Reply<pb::RouteTable> {
+    async fn get_route_table(
+        &self,
+        req: Request<pb::GetRouteTableRequest>,
+    ) -> Reply<pb::RouteTable> {
         let req = req.into_inner();
         let catalog = self.read().await?;
-        let table = catalog.route(&req.profile, &req.source_region).map_err(model_status)?;
+        let table = catalog
+            .route(&req.profile, &req.source_region)
+            .map_err(model_status)?;
         Ok(Response::new(table.clone().into()))
     }
 
@@ -143,11 +203,21 @@ impl AdminService for Admin {
             Object::Route(t) if profile.is_empty() || t.profile == profile => Some(t.into()),
             _ => None,
         })?;
-        Ok(Response::new(pb::ListRouteTablesResponse { route_tables, revision }))
+        Ok(Response::new(pb::ListRouteTablesResponse {
+            route_tables,
+            revision,
+        }))
     }
 
-    async fn update_route_table(&self, req: Request<pb::UpdateRouteTableRequest>) -> Reply<pb::RouteTable> {
-        let table: RouteTable = req.into_inner().route_table.ok_or_else(|| missing("route_table"))?.into();
+    async fn update_route_table(
+        &self,
+        req: Request<pb::UpdateRouteTableRequest>,
+    ) -> Reply<pb::RouteTable> {
+        let table: RouteTable = req
+            .into_inner()
+            .route_table
+            .ok_or_else(|| missing("route_table"))?
+            .into();
         let key = table.key();
         let (_, after, _) =
             catalog_store::write(&self.store, |c| c.update_route(table.clone())).await?;
@@ -168,7 +238,10 @@ impl AdminService for Admin {
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
-    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Reply<pb::ListAgentsResponse> {
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Reply<pb::ListAgentsResponse> {
         let region = req.into_inner().region;
         let prefix = if region.is_empty() {
             keys::AGENTS.to_string()
@@ -194,7 +267,10 @@ impl AdminService for Admin {
     }
 }
 
-fn decode_all<T>(kvs: &[crate::store::KeyValue], pick: impl Fn(Object) -> Option<T>) -> Result<Vec<T>, Status> {
+fn decode_all<T>(
+    kvs: &[crate::store::KeyValue],
+    pick: impl Fn(Object) -> Option<T>,
+) -> Result<Vec<T>, Status> {
     let mut out = Vec::with_capacity(kvs.len());
     for kv in kvs {
         let object = keys::decode(kv).map_err(Status::data_loss)?;
@@ -202,4 +278,3 @@ fn decode_all<T>(kvs: &[crate::store::KeyValue], pick: impl Fn(Object) -> Option
     }
     Ok(out)
 }
-

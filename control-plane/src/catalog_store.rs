@@ -35,7 +35,10 @@ pub async fn load(store: &Store) -> Result<(Catalog, i64), WriteError> {
     // The guard is read first: any catalog write after this read changes it
     // and fails the guarded commit, so the lists below are never older than
     // what the commit is checked against.
-    let guard = store.get(keys::CATALOG_GUARD).await?.map_or(0, |kv| kv.mod_revision);
+    let guard = store
+        .get(keys::CATALOG_GUARD)
+        .await?
+        .map_or(0, |kv| kv.mod_revision);
     let mut catalog = Catalog::default();
     for prefix in [keys::REGIONS, keys::PROFILES, keys::ROUTES] {
         let (kvs, _) = store.list(prefix).await?;
@@ -108,7 +111,9 @@ fn stamp(catalog: &mut Catalog, changed: &[String], revision: i64) {
             p.revision = revision;
         } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
             && let Some((profile, source)) = rest.rsplit_once('/')
-            && let Some(t) = catalog.routes.get_mut(&(profile.to_string(), source.to_string()))
+            && let Some(t) = catalog
+                .routes
+                .get_mut(&(profile.to_string(), source.to_string()))
         {
             t.revision = revision;
         }

@@ -107,7 +107,10 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
     let regions = catalog.regions.values().map(|r| (region(&r.name), json(r)));
     let profiles = catalog.profiles.values().map(|p| (profile(&p.id), json(p)));
-    let routes = catalog.routes.values().map(|t| (route(&t.profile, &t.source_region), json(t)));
+    let routes = catalog
+        .routes
+        .values()
+        .map(|t| (route(&t.profile, &t.source_region), json(t)));
     regions.chain(profiles).chain(routes).collect()
 }
 

@@ -55,7 +55,10 @@ pub fn default_replica_id() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot reach etcd at {endpoints}: {source}")]
-    Etcd { endpoints: String, source: StoreError },
+    Etcd {
+        endpoints: String,
+        source: StoreError,
+    },
     #[error("store: {0}")]
     Store(#[from] StoreError),
     #[error("serving gRPC: {0}")]
@@ -94,7 +97,12 @@ pub async fn run(
     let (trigger, shutdown) = shutdown::channel();
     let lease = store.grant_lease(settings.lease_ttl).await?;
     let (lease_tx, lease_rx) = watch::channel(lease);
-    let keeper = tokio::spawn(keep_lease(store.clone(), settings.lease_ttl, lease_tx, shutdown.clone()));
+    let keeper = tokio::spawn(keep_lease(
+        store.clone(),
+        settings.lease_ttl,
+        lease_tx,
+        shutdown.clone(),
+    ));
     let state = state::spawn(store.clone());
     let replica = Arc::new(Replica::new(
         settings.replica_id.clone(),
@@ -131,9 +139,15 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::admin_service_server::AdminServiceServer::new(Admin::new(store.clone())))
-        .add_service(pb::control_service_server::ControlServiceServer::new(Sync::new(replica)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stop.wait().await })
+        .add_service(pb::admin_service_server::AdminServiceServer::new(
+            Admin::new(store.clone()),
+        ))
+        .add_service(pb::control_service_server::ControlServiceServer::new(
+            Sync::new(replica),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            stop.wait().await
+        })
         .await?;
     keeper.abort();
     let lease = *lease_rx.borrow();
@@ -147,7 +161,12 @@ pub async fn run(
 /// Renews the replica's lease at a third of its TTL; when it is lost (the
 /// store was unreachable for longer than the TTL), grants a new one and
 /// publishes it so that the streams register their agents again.
-async fn keep_lease(store: Store, ttl: Duration, tx: watch::Sender<LeaseId>, mut shutdown: Shutdown) {
+async fn keep_lease(
+    store: Store,
+    ttl: Duration,
+    tx: watch::Sender<LeaseId>,
+    mut shutdown: Shutdown,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), ttl / 3);
     loop {
         tokio::select! {

@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use spillway_proto::model::Catalog;
 use spillway_proto::backoff::Backoff;
+use spillway_proto::model::Catalog;
 use tokio::sync::watch;
 
 use crate::keys::{self, AgentRecord, Object};
@@ -43,7 +43,13 @@ impl State {
     fn endpoints(&self) -> Vec<(&str, &str, &str)> {
         self.agents
             .values()
-            .map(|a| (a.region.as_str(), a.agent_id.as_str(), a.relay_address.as_str()))
+            .map(|a| {
+                (
+                    a.region.as_str(),
+                    a.agent_id.as_str(),
+                    a.relay_address.as_str(),
+                )
+            })
             .collect()
     }
 }
@@ -207,4 +213,3 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) {
         state.endpoints_version = revision;
     }
 }
-

@@ -15,10 +15,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{self, AgentRecord};
-use spillway_proto::shutdown::Shutdown;
 use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
+use spillway_proto::shutdown::Shutdown;
 
 /// How long an agent has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,20 +72,30 @@ impl Sync {
     }
 }
 
-type Outbound = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+type Outbound =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ControlService for Sync {
     type SyncStream = Outbound;
 
-    async fn sync(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<Outbound>, Status> {
+    async fn sync(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Outbound>, Status> {
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| Status::deadline_exceeded("no hello within 10s of opening the stream"))??;
+            .map_err(|_| {
+                Status::deadline_exceeded("no hello within 10s of opening the stream")
+            })??;
         let hello = match first.and_then(|m| m.message) {
             Some(pb::agent_message::Message::Hello(h)) => h,
-            _ => return Err(Status::invalid_argument("the first message on a sync stream must be a hello")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on a sync stream must be a hello",
+                ));
+            }
         };
         check_hello(&hello)?;
         let (tx, rx) = mpsc::channel(4);
@@ -107,7 +117,9 @@ impl ControlService for Sync {
 fn check_hello(h: &pb::Hello) -> Result<(), Status> {
     let ok_id = !h.agent_id.is_empty()
         && h.agent_id.len() <= 128
-        && h.agent_id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        && h.agent_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if !ok_id {
         return Err(Status::invalid_argument(format!(
             "invalid hello.agent_id `{}`: 1 to 128 letters, digits or -_.",
@@ -156,7 +168,9 @@ impl Session {
             region: hello.region,
             relay_address: hello.relay_address,
             control_plane: replica.id.clone(),
-            connected_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+            connected_at_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
             sent_version: 0,
             acked_version: 0,
             nacked_version: 0,
@@ -178,7 +192,9 @@ impl Session {
             .await
             .map_err(|e| Status::unavailable(format!("store unavailable: {e}")))?;
         if !outcome.succeeded {
-            return Err(Status::unavailable("the control plane's store lease is being renewed; retry"));
+            return Err(Status::unavailable(
+                "the control plane's store lease is being renewed; retry",
+            ));
         }
         tracing::info!(agent = %key, relay = %record.relay_address, "agent connected");
         Ok(Session {
@@ -239,13 +255,18 @@ impl Session {
             key: self.key.clone(),
             mod_revision: self.record_revision,
         };
-        let delete = Op::Delete { key: self.key.clone() };
+        let delete = Op::Delete {
+            key: self.key.clone(),
+        };
         if let Err(e) = self.replica.store.txn(vec![guard], vec![delete]).await {
             tracing::warn!(agent = %self.key, error = %e, "could not remove the agent record; its lease will");
         }
     }
 
-    async fn push_if_changed(&mut self, state: &mut watch::Receiver<Arc<State>>) -> Result<(), String> {
+    async fn push_if_changed(
+        &mut self,
+        state: &mut watch::Receiver<Arc<State>>,
+    ) -> Result<(), String> {
         let st = state.borrow_and_update().clone();
         let snapshot = snapshot_for(&st, &self.record.region);
         let encoded = snapshot.encode_to_vec();
@@ -263,7 +284,10 @@ impl Session {
         let msg = pb::ControlMessage {
             message: Some(pb::control_message::Message::Update(update)),
         };
-        self.tx.send(Ok(msg)).await.map_err(|_| "agent went away".to_string())?;
+        self.tx
+            .send(Ok(msg))
+            .await
+            .map_err(|_| "agent went away".to_string())?;
         self.last_sent = encoded;
         Ok(())
     }

@@ -18,7 +18,11 @@ impl Default for Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Backoff { next: base, base, max }
+        Backoff {
+            next: base,
+            base,
+            max,
+        }
     }
 
     /// The delay before the next attempt: the current step with jitter in
@@ -47,7 +51,11 @@ mod tests {
         let steps = [100, 200, 400, 800, 800, 800];
         for (d, step) in delays.iter().zip(steps) {
             let step = Duration::from_millis(step);
-            assert!(*d >= step / 2 && *d <= step, "{d:?} outside [{:?}, {step:?}]", step / 2);
+            assert!(
+                *d >= step / 2 && *d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

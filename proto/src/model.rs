@@ -146,7 +146,10 @@ fn check_name(field: &str, value: &str, max: usize) -> Result<(), ModelError> {
         return Err(invalid(field, "must not be empty"));
     }
     if value.len() > max {
-        return Err(invalid(field, format!("`{value}` is longer than {max} characters")));
+        return Err(invalid(
+            field,
+            format!("`{value}` is longer than {max} characters"),
+        ));
     }
     let ok_chars = value
         .bytes()
@@ -170,13 +173,20 @@ fn check_model(field: &str, value: &str) -> Result<(), ModelError> {
         return Err(invalid(field, "must not be empty"));
     }
     if value.len() > 128 {
-        return Err(invalid(field, format!("`{value}` is longer than 128 characters")));
+        return Err(invalid(
+            field,
+            format!("`{value}` is longer than 128 characters"),
+        ));
     }
-    let ok = value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
     if !ok || !value.as_bytes()[0].is_ascii_alphanumeric() {
         return Err(invalid(
             field,
-            format!("`{value}` must start with a letter or digit and use only letters, digits and -_.:/"),
+            format!(
+                "`{value}` must start with a letter or digit and use only letters, digits and -_.:/"
+            ),
         ));
     }
     Ok(())
@@ -187,9 +197,14 @@ fn check_application_id(field: &str, value: &str) -> Result<(), ModelError> {
         return Err(invalid(field, "must not be empty"));
     }
     if value.len() > 64 {
-        return Err(invalid(field, format!("`{value}` is longer than 64 characters")));
+        return Err(invalid(
+            field,
+            format!("`{value}` is longer than 64 characters"),
+        ));
     }
-    let ok = value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok = value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !ok || !value.as_bytes()[0].is_ascii_alphanumeric() {
         return Err(invalid(
             field,
@@ -213,7 +228,10 @@ impl Region {
             ));
         }
         if self.description.len() > 1024 {
-            return Err(invalid("region.description", "is longer than 1024 characters"));
+            return Err(invalid(
+                "region.description",
+                "is longer than 1024 characters",
+            ));
         }
         Ok(())
     }
@@ -236,7 +254,10 @@ impl Profile {
             };
             return Err(invalid(
                 "profile.id",
-                format!("`{id}` does not fit a {} profile, whose id is {expected}", self.kind.as_str()),
+                format!(
+                    "`{id}` does not fit a {} profile, whose id is {expected}",
+                    self.kind.as_str()
+                ),
             ));
         }
         if self.tags.len() > 50 {
@@ -245,7 +266,8 @@ impl Profile {
         for (k, v) in &self.tags {
             let ok = !k.is_empty()
                 && k.len() <= 128
-                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
             if !ok {
                 return Err(invalid(
                     format!("profile.tags[{k:?}]"),
@@ -253,11 +275,17 @@ impl Profile {
                 ));
             }
             if v.len() > 256 {
-                return Err(invalid(format!("profile.tags[{k:?}]"), "a tag value is at most 256 bytes"));
+                return Err(invalid(
+                    format!("profile.tags[{k:?}]"),
+                    "a tag value is at most 256 bytes",
+                ));
             }
         }
         if self.description.len() > 1024 {
-            return Err(invalid("profile.description", "is longer than 1024 characters"));
+            return Err(invalid(
+                "profile.description",
+                "is longer than 1024 characters",
+            ));
         }
         match self.kind {
             ProfileKind::Geographic | ProfileKind::Global => {
@@ -274,11 +302,17 @@ impl Profile {
                 if !self.model.is_empty() && self.model != model {
                     return Err(invalid(
                         "profile.model",
-                        format!("`{}` differs from `{model}` in the id; leave it empty or equal", self.model),
+                        format!(
+                            "`{}` differs from `{model}` in the id; leave it empty or equal",
+                            self.model
+                        ),
                     ));
                 }
                 if self.destinations.is_empty() {
-                    return Err(invalid("profile.destinations", "must name at least one region"));
+                    return Err(invalid(
+                        "profile.destinations",
+                        "must name at least one region",
+                    ));
                 }
                 let mut seen = BTreeSet::new();
                 for (i, d) in self.destinations.iter().enumerate() {
@@ -370,11 +404,18 @@ impl RouteTable {
         }
         check_name("route_table.source_region", &self.source_region, 63)?;
         if self.destinations.is_empty() {
-            return Err(invalid("route_table.destinations", "must name at least one region"));
+            return Err(invalid(
+                "route_table.destinations",
+                "must name at least one region",
+            ));
         }
         let mut seen = BTreeSet::new();
         for (i, d) in self.destinations.iter().enumerate() {
-            check_name(&format!("route_table.destinations[{i}].region"), &d.region, 63)?;
+            check_name(
+                &format!("route_table.destinations[{i}].region"),
+                &d.region,
+                63,
+            )?;
             if !seen.insert(&d.region) {
                 return Err(invalid(
                     format!("route_table.destinations[{i}].region"),
@@ -490,7 +531,13 @@ impl Catalog {
     pub fn update_region(&mut self, region: Region) -> Result<(), ModelError> {
         region.validate()?;
         let current = self.region(&region.name)?;
-        check_revision("region", &region.name, region.revision, current.revision, true)?;
+        check_revision(
+            "region",
+            &region.name,
+            region.revision,
+            current.revision,
+            true,
+        )?;
         self.commit(|c| {
             c.regions.insert(region.name.clone(), region);
         })
@@ -537,7 +584,13 @@ impl Catalog {
         profile.validate()?;
         profile.normalize();
         let current = self.profile(&profile.id)?;
-        check_revision("profile", &profile.id, profile.revision, current.revision, true)?;
+        check_revision(
+            "profile",
+            &profile.id,
+            profile.revision,
+            current.revision,
+            true,
+        )?;
         self.commit(|c| {
             c.profiles.insert(profile.id.clone(), profile);
         })
@@ -586,10 +639,22 @@ impl Catalog {
         })
     }
 
-    pub fn delete_route(&mut self, profile: &str, source: &str, revision: i64) -> Result<(), ModelError> {
+    pub fn delete_route(
+        &mut self,
+        profile: &str,
+        source: &str,
+        revision: i64,
+    ) -> Result<(), ModelError> {
         let current = self.route(profile, source)?;
-        check_revision("route_table", &format!("{profile}/{source}"), revision, current.revision, false)?;
-        self.routes.remove(&(profile.to_string(), source.to_string()));
+        check_revision(
+            "route_table",
+            &format!("{profile}/{source}"),
+            revision,
+            current.revision,
+            false,
+        )?;
+        self.routes
+            .remove(&(profile.to_string(), source.to_string()));
         Ok(())
     }
 
@@ -622,11 +687,17 @@ impl Catalog {
     /// the field.
     pub fn validate(&self) -> Result<(), ModelError> {
         for p in self.profiles.values() {
-            self.validate_profile_refs(p).map_err(|e| in_object(e, "profile", &p.id))?;
+            self.validate_profile_refs(p)
+                .map_err(|e| in_object(e, "profile", &p.id))?;
         }
         for r in self.routes.values() {
-            self.validate_route_refs(r)
-                .map_err(|e| in_object(e, "route table", &format!("{}/{}", r.profile, r.source_region)))?;
+            self.validate_route_refs(r).map_err(|e| {
+                in_object(
+                    e,
+                    "route table",
+                    &format!("{}/{}", r.profile, r.source_region),
+                )
+            })?;
         }
         Ok(())
     }
@@ -635,7 +706,10 @@ impl Catalog {
         if let Some(geo) = p.geography()
             && !self.regions.values().any(|r| r.geography == geo)
         {
-            return Err(invalid("profile.id", format!("no region is in geography `{geo}`")));
+            return Err(invalid(
+                "profile.id",
+                format!("no region is in geography `{geo}`"),
+            ));
         }
         for (i, d) in p.destinations.iter().enumerate() {
             let field = format!("profile.destinations[{i}]");
@@ -656,30 +730,39 @@ impl Catalog {
             }
         }
         if let Some(base) = &p.base_profile {
-            let b = self
-                .profiles
-                .get(base)
-                .ok_or_else(|| invalid("profile.base_profile", format!("no profile `{base}` exists")))?;
+            let b = self.profiles.get(base).ok_or_else(|| {
+                invalid(
+                    "profile.base_profile",
+                    format!("no profile `{base}` exists"),
+                )
+            })?;
             if b.kind == ProfileKind::Application {
                 return Err(invalid(
                     "profile.base_profile",
-                    format!("`{base}` is an application profile; copy a geographic or global profile"),
+                    format!(
+                        "`{base}` is an application profile; copy a geographic or global profile"
+                    ),
                 ));
             }
         }
         if let Some(region) = &p.base_region
             && !self.regions.contains_key(region)
         {
-            return Err(invalid("profile.base_region", format!("unknown region `{region}`")));
+            return Err(invalid(
+                "profile.base_region",
+                format!("unknown region `{region}`"),
+            ));
         }
         Ok(())
     }
 
     fn validate_route_refs(&self, r: &RouteTable) -> Result<(), ModelError> {
-        let p = self
-            .profiles
-            .get(&r.profile)
-            .ok_or_else(|| invalid("route_table.profile", format!("no profile `{}` exists", r.profile)))?;
+        let p = self.profiles.get(&r.profile).ok_or_else(|| {
+            invalid(
+                "route_table.profile",
+                format!("no profile `{}` exists", r.profile),
+            )
+        })?;
         if p.kind == ProfileKind::Application {
             return Err(invalid(
                 "route_table.profile",
@@ -690,7 +773,10 @@ impl Catalog {
             ));
         }
         let source = self.regions.get(&r.source_region).ok_or_else(|| {
-            invalid("route_table.source_region", format!("unknown region `{}`", r.source_region))
+            invalid(
+                "route_table.source_region",
+                format!("unknown region `{}`", r.source_region),
+            )
         })?;
         if let Some(geo) = p.geography()
             && source.geography != geo
@@ -707,7 +793,10 @@ impl Catalog {
             if !p.destinations.contains(&d.region) {
                 return Err(invalid(
                     format!("route_table.destinations[{i}].region"),
-                    format!("region `{}` is not a destination of profile `{}`", d.region, p.id),
+                    format!(
+                        "region `{}` is not a destination of profile `{}`",
+                        d.region, p.id
+                    ),
                 ));
             }
         }
@@ -758,7 +847,10 @@ impl Catalog {
     pub fn route_for(&self, resolved: &ResolvedProfile, source: &str) -> RouteTable {
         let id = &resolved.profile.id;
         let table_owner = resolved.profile.base_profile.as_deref().unwrap_or(id);
-        match self.routes.get(&(table_owner.to_string(), source.to_string())) {
+        match self
+            .routes
+            .get(&(table_owner.to_string(), source.to_string()))
+        {
             Some(t) => RouteTable {
                 profile: id.clone(),
                 ..t.clone()
@@ -833,9 +925,13 @@ mod tests {
         c.create_region(region("us-east", "us")).unwrap();
         c.create_region(region("us-west", "us")).unwrap();
         c.create_region(region("eu-west", "eu")).unwrap();
-        c.create_profile(profile("us.llama-3.1-8b", &["us-east", "us-west"])).unwrap();
-        c.create_profile(profile("global.llama-3.1-8b", &["us-east", "us-west", "eu-west"]))
+        c.create_profile(profile("us.llama-3.1-8b", &["us-east", "us-west"]))
             .unwrap();
+        c.create_profile(profile(
+            "global.llama-3.1-8b",
+            &["us-east", "us-west", "eu-west"],
+        ))
+        .unwrap();
         c
     }
 
@@ -849,10 +945,14 @@ mod tests {
     #[test]
     fn rejects_malformed_region_names() {
         for bad in ["", "US-East", "us_east", "-us", "us-", "1us"] {
-            let e = Catalog::default().create_region(region(bad, "us")).unwrap_err();
+            let e = Catalog::default()
+                .create_region(region(bad, "us"))
+                .unwrap_err();
             assert_eq!(field_of(e), "region.name", "{bad:?}");
         }
-        let e = Catalog::default().create_region(region("x", "global")).unwrap_err();
+        let e = Catalog::default()
+            .create_region(region("x", "global"))
+            .unwrap_err();
         assert_eq!(field_of(e), "region.geography");
     }
 
@@ -885,13 +985,18 @@ mod tests {
     #[test]
     fn rejects_unknown_and_out_of_geography_destinations() {
         let mut c = catalog();
-        let e = c.create_profile(profile("us.m", &["us-east", "ap-south"])).unwrap_err();
+        let e = c
+            .create_profile(profile("us.m", &["us-east", "ap-south"]))
+            .unwrap_err();
         assert!(e.to_string().contains("profile.destinations[1]"), "{e}");
         assert!(e.to_string().contains("unknown region `ap-south`"), "{e}");
         let e = c.create_profile(profile("us.m", &["eu-west"])).unwrap_err();
         assert!(e.to_string().contains("outside `us`"), "{e}");
         let e = c.create_profile(profile("ap.m", &["us-east"])).unwrap_err();
-        assert!(e.to_string().contains("no region is in geography `ap`"), "{e}");
+        assert!(
+            e.to_string().contains("no region is in geography `ap`"),
+            "{e}"
+        );
         let before = catalog();
         assert_eq!(c, before, "a rejected write changes nothing");
     }
@@ -924,7 +1029,10 @@ mod tests {
         };
         c.create_profile(p).unwrap();
         let r = c.resolve("eu-batch").unwrap();
-        assert_eq!((r.model.as_str(), r.destinations.as_slice()), ("mistral-7b", &["eu-west".to_string()][..]));
+        assert_eq!(
+            (r.model.as_str(), r.destinations.as_slice()),
+            ("mistral-7b", &["eu-west".to_string()][..])
+        );
         assert!(c.callable_from(&c.profiles["eu-batch"], &c.regions["eu-west"]));
         assert!(!c.callable_from(&c.profiles["eu-batch"], &c.regions["us-east"]));
         let e = c.delete_region("eu-west", 0).unwrap_err();
@@ -945,7 +1053,11 @@ mod tests {
             assert!(field_of(e).ends_with(needle));
         }
         let e = c
-            .create_route(route("us.llama-3.1-8b", "us-east", &[("us-east", 0.0), ("us-west", 0.0)]))
+            .create_route(route(
+                "us.llama-3.1-8b",
+                "us-east",
+                &[("us-east", 0.0), ("us-west", 0.0)],
+            ))
             .unwrap_err();
         assert!(e.to_string().contains("every weight is zero"), "{e}");
         let e = c
@@ -968,7 +1080,10 @@ mod tests {
         let e = c.update_region(r.clone()).unwrap_err();
         assert_eq!(field_of(e), "region.revision");
         r.revision = 6;
-        assert!(matches!(c.update_region(r.clone()), Err(ModelError::Conflict { actual: 7, .. })));
+        assert!(matches!(
+            c.update_region(r.clone()),
+            Err(ModelError::Conflict { actual: 7, .. })
+        ));
         r.revision = 7;
         c.update_region(r).unwrap();
         assert_eq!(c.regions["us-east"].description, "new");
@@ -990,7 +1105,11 @@ mod tests {
         let c = catalog();
         let r = c.resolve("global.llama-3.1-8b").unwrap();
         let t = c.route_for(&r, "us-west");
-        let by_region: BTreeMap<_, _> = t.destinations.iter().map(|d| (d.region.as_str(), d.priority)).collect();
+        let by_region: BTreeMap<_, _> = t
+            .destinations
+            .iter()
+            .map(|d| (d.region.as_str(), d.priority))
+            .collect();
         assert_eq!(by_region["us-west"], 0);
         assert_eq!(by_region["us-east"], 1);
         assert_eq!(by_region["eu-west"], 1);
@@ -999,8 +1118,12 @@ mod tests {
     #[test]
     fn deleting_a_profile_deletes_its_route_tables() {
         let mut c = catalog();
-        c.create_route(route("us.llama-3.1-8b", "us-east", &[("us-east", 3.0), ("us-west", 1.0)]))
-            .unwrap();
+        c.create_route(route(
+            "us.llama-3.1-8b",
+            "us-east",
+            &[("us-east", 3.0), ("us-west", 1.0)],
+        ))
+        .unwrap();
         c.delete_profile("us.llama-3.1-8b", 0).unwrap();
         assert!(c.routes.is_empty());
     }

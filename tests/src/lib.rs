@@ -37,7 +37,10 @@ pub fn init_logging() {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target profile folder");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile folder");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -76,13 +79,19 @@ where
 
 /// The etcd binary: on PATH, or where Debian's etcd-server puts it.
 fn etcd_binary(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/bin", "/usr/local/bin"]) {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/bin", "/usr/local/bin"])
+    {
         let p = Path::new(dir).join(name);
         if p.exists() {
             return p;
         }
     }
-    panic!("`{name}` is not installed; `cargo xtask test` installs it (Debian: apt-get install etcd-server etcd-client)");
+    panic!(
+        "`{name}` is not installed; `cargo xtask test` installs it (Debian: apt-get install etcd-server etcd-client)"
+    );
 }
 
 /// A real single-member etcd on free loopback ports, in a temporary folder.
@@ -103,8 +112,18 @@ impl Etcd {
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args([
+                "--listen-client-urls",
+                &endpoint,
+                "--advertise-client-urls",
+                &endpoint,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
             .args(["--initial-cluster", &format!("test={peer_url}")])
             .stdout(Stdio::null())
             .stderr(log)
@@ -139,12 +158,18 @@ impl Etcd {
             .output()
             .await
             .expect("running etcdctl");
-        assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).expect("etcdctl prints utf-8")
     }
 
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect([self.endpoint.clone()], None).await.expect("etcd client")
+        etcd_client::Client::connect([self.endpoint.clone()], None)
+            .await
+            .expect("etcd client")
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -172,12 +197,20 @@ impl ControlPlane {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("control-plane.log");
         let mut cmd = Command::new(bin("spillway-control-plane"));
-        cmd.args(["--listen", "127.0.0.1:0", "--insecure-dev", "--replica-id", replica_id, "--lease-ttl-secs", "3"])
-            .args(extra)
-            .env("SPILLWAY_LOG", "info,spillway_control_plane=debug")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .kill_on_drop(true);
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-dev",
+            "--replica-id",
+            replica_id,
+            "--lease-ttl-secs",
+            "3",
+        ])
+        .args(extra)
+        .env("SPILLWAY_LOG", "info,spillway_control_plane=debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true);
         if let Some(ep) = etcd {
             cmd.args(["--etcd-endpoints", ep]);
         }
@@ -208,7 +241,9 @@ impl ControlPlane {
     }
 
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::connect(self.url()).await.expect("admin client")
+        AdminServiceClient::connect(self.url())
+            .await
+            .expect("admin client")
     }
 
     /// SIGKILL: no graceful anything, as when a machine dies.
@@ -238,8 +273,16 @@ pub struct TestAgent {
 }
 
 impl TestAgent {
-    pub async fn start(id: &str, region: &str, control_planes: &[String], state_dir: &Path, models: &[&str]) -> TestAgent {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("agent listener");
+    pub async fn start(
+        id: &str,
+        region: &str,
+        control_planes: &[String],
+        state_dir: &Path,
+        models: &[&str],
+    ) -> TestAgent {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("agent listener");
         let addr = listener.local_addr().expect("agent address");
         let settings = SyncSettings {
             agent_id: id.to_string(),
@@ -276,9 +319,17 @@ impl TestAgent {
     }
 
     /// Waits until the agent's config satisfies `check`.
-    pub async fn wait_for(&self, what: &str, check: impl Fn(&AgentConfig) -> bool) -> Arc<AgentConfig> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        check: impl Fn(&AgentConfig) -> bool,
+    ) -> Arc<AgentConfig> {
         let mut rx: watch::Receiver<_> = self.config.clone();
-        let found = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|c| c.as_deref().is_some_and(&check))).await;
+        let found = tokio::time::timeout(
+            Duration::from_secs(15),
+            rx.wait_for(|c| c.as_deref().is_some_and(&check)),
+        )
+        .await;
         match found {
             Ok(Ok(c)) => c.clone().expect("checked above"),
             _ => panic!(

@@ -14,7 +14,9 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy listener");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy listener");
         let addr = listener.local_addr().expect("proxy address");
         let (up, _) = watch::channel(true);
         let up = Arc::new(up);
@@ -26,7 +28,9 @@ impl Proxy {
                 }
                 let mut down = accept_up.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
                         _ = down.wait_for(|up| !*up) => {}

@@ -43,8 +43,18 @@ fn route(p: &str, src: &str, d: &[(&str, f64)]) -> pb::RouteTable {
 /// Everything stored, without revisions, to show that a refused write
 /// changed nothing.
 async fn everything(a: &mut Admin) -> String {
-    let regions = a.list_regions(pb::ListRegionsRequest {}).await.unwrap().into_inner().regions;
-    let profiles = a.list_profiles(pb::ListProfilesRequest {}).await.unwrap().into_inner().profiles;
+    let regions = a
+        .list_regions(pb::ListRegionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .regions;
+    let profiles = a
+        .list_profiles(pb::ListProfilesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .profiles;
     let routes = a
         .list_route_tables(pb::ListRouteTablesRequest::default())
         .await
@@ -55,56 +65,100 @@ async fn everything(a: &mut Admin) -> String {
 }
 
 #[track_caller]
-fn assert_refused<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, needle: &str) {
+fn assert_refused<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    needle: &str,
+) {
     let status = r.expect_err("the write should have been refused");
     assert_eq!(status.code(), code, "{}", status.message());
-    assert!(status.message().contains(needle), "`{}` does not mention `{needle}`", status.message());
+    assert!(
+        status.message().contains(needle),
+        "`{}` does not mention `{needle}`",
+        status.message()
+    );
 }
 
 async fn crud_suite(a: &mut Admin) {
     // Regions.
-    for r in [region("us-east", "us"), region("us-west", "us"), region("eu-west", "eu")] {
-        a.create_region(pb::CreateRegionRequest { region: Some(r) }).await.unwrap();
+    for r in [
+        region("us-east", "us"),
+        region("us-west", "us"),
+        region("eu-west", "eu"),
+    ] {
+        a.create_region(pb::CreateRegionRequest { region: Some(r) })
+            .await
+            .unwrap();
     }
-    let got = a.get_region(pb::GetRegionRequest { name: "us-east".into() }).await.unwrap().into_inner();
+    let got = a
+        .get_region(pb::GetRegionRequest {
+            name: "us-east".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((got.geography.as_str(), got.revision > 0), ("us", true));
 
     // Profiles of every kind.
     let geo = a
-        .create_profile(pb::CreateProfileRequest { profile: Some(profile("us.llama-3.1-8b", &["us-east", "us-west"])) })
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(profile("us.llama-3.1-8b", &["us-east", "us-west"])),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(geo.kind, pb::ProfileKind::Geographic as i32);
     assert_eq!(geo.model, "llama-3.1-8b");
     a.create_profile(pb::CreateProfileRequest {
-        profile: Some(profile("global.llama-3.1-8b", &["us-east", "us-west", "eu-west"])),
+        profile: Some(profile(
+            "global.llama-3.1-8b",
+            &["us-east", "us-west", "eu-west"],
+        )),
     })
     .await
     .unwrap();
     let mut app = profile("team-search", &[]);
     app.base_profile = "us.llama-3.1-8b".into();
     app.tags.insert("cost-center".into(), "search".into());
-    a.create_profile(pb::CreateProfileRequest { profile: Some(app) }).await.unwrap();
+    a.create_profile(pb::CreateProfileRequest { profile: Some(app) })
+        .await
+        .unwrap();
     let mut single = profile("eu-batch", &[]);
     single.base_region = "eu-west".into();
     single.model = "mistral-7b".into();
-    a.create_profile(pb::CreateProfileRequest { profile: Some(single) }).await.unwrap();
+    a.create_profile(pb::CreateProfileRequest {
+        profile: Some(single),
+    })
+    .await
+    .unwrap();
 
     // Route tables.
     let t = a
         .create_route_table(pb::CreateRouteTableRequest {
-            route_table: Some(route("us.llama-3.1-8b", "us-east", &[("us-east", 3.0), ("us-west", 1.0)])),
+            route_table: Some(route(
+                "us.llama-3.1-8b",
+                "us-east",
+                &[("us-east", 3.0), ("us-west", 1.0)],
+            )),
         })
         .await
         .unwrap()
         .into_inner();
     let mut t2 = t.clone();
     t2.destinations[1].weight = 2.0;
-    let t2 = a.update_route_table(pb::UpdateRouteTableRequest { route_table: Some(t2) }).await.unwrap().into_inner();
+    let t2 = a
+        .update_route_table(pb::UpdateRouteTableRequest {
+            route_table: Some(t2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(t2.revision > t.revision);
     let got = a
-        .get_route_table(pb::GetRouteTableRequest { profile: "us.llama-3.1-8b".into(), source_region: "us-east".into() })
+        .get_route_table(pb::GetRouteTableRequest {
+            profile: "us.llama-3.1-8b".into(),
+            source_region: "us-east".into(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -113,91 +167,221 @@ async fn crud_suite(a: &mut Admin) {
     let before = everything(a).await;
 
     // Every rejected input names its field and changes nothing.
-    assert_refused(a.create_region(pb::CreateRegionRequest { region: Some(region("", "us")) }).await, Code::InvalidArgument, "region.name");
-    assert_refused(a.create_region(pb::CreateRegionRequest { region: Some(region("US_East", "us")) }).await, Code::InvalidArgument, "region.name");
-    assert_refused(a.create_region(pb::CreateRegionRequest { region: Some(region("us-east", "us")) }).await, Code::AlreadyExists, "us-east");
-    assert_refused(a.create_region(pb::CreateRegionRequest { region: None }).await, Code::InvalidArgument, "region");
-    assert_refused(a.create_profile(pb::CreateProfileRequest { profile: Some(profile("", &["us-east"])) }).await, Code::InvalidArgument, "profile.id");
-    assert_refused(a.create_profile(pb::CreateProfileRequest { profile: Some(profile("us.", &["us-east"])) }).await, Code::InvalidArgument, "profile.id");
     assert_refused(
-        a.create_profile(pb::CreateProfileRequest { profile: Some(profile("us.qwen", &["us-east", "ap-south"])) }).await,
+        a.create_region(pb::CreateRegionRequest {
+            region: Some(region("", "us")),
+        })
+        .await,
+        Code::InvalidArgument,
+        "region.name",
+    );
+    assert_refused(
+        a.create_region(pb::CreateRegionRequest {
+            region: Some(region("US_East", "us")),
+        })
+        .await,
+        Code::InvalidArgument,
+        "region.name",
+    );
+    assert_refused(
+        a.create_region(pb::CreateRegionRequest {
+            region: Some(region("us-east", "us")),
+        })
+        .await,
+        Code::AlreadyExists,
+        "us-east",
+    );
+    assert_refused(
+        a.create_region(pb::CreateRegionRequest { region: None })
+            .await,
+        Code::InvalidArgument,
+        "region",
+    );
+    assert_refused(
+        a.create_profile(pb::CreateProfileRequest {
+            profile: Some(profile("", &["us-east"])),
+        })
+        .await,
+        Code::InvalidArgument,
+        "profile.id",
+    );
+    assert_refused(
+        a.create_profile(pb::CreateProfileRequest {
+            profile: Some(profile("us.", &["us-east"])),
+        })
+        .await,
+        Code::InvalidArgument,
+        "profile.id",
+    );
+    assert_refused(
+        a.create_profile(pb::CreateProfileRequest {
+            profile: Some(profile("us.qwen", &["us-east", "ap-south"])),
+        })
+        .await,
         Code::InvalidArgument,
         "profile.destinations[1]: unknown region `ap-south`",
     );
     assert_refused(
-        a.create_profile(pb::CreateProfileRequest { profile: Some(profile("us.qwen", &["eu-west"])) }).await,
+        a.create_profile(pb::CreateProfileRequest {
+            profile: Some(profile("us.qwen", &["eu-west"])),
+        })
+        .await,
         Code::InvalidArgument,
         "outside `us`",
     );
     let mut orphan = profile("team-x", &[]);
     orphan.base_profile = "us.does-not-exist".into();
-    assert_refused(a.create_profile(pb::CreateProfileRequest { profile: Some(orphan) }).await, Code::InvalidArgument, "profile.base_profile");
-    for (w, field) in [(-1.0, "weight"), (f64::NAN, "weight"), (f64::INFINITY, "weight")] {
+    assert_refused(
+        a.create_profile(pb::CreateProfileRequest {
+            profile: Some(orphan),
+        })
+        .await,
+        Code::InvalidArgument,
+        "profile.base_profile",
+    );
+    for (w, field) in [
+        (-1.0, "weight"),
+        (f64::NAN, "weight"),
+        (f64::INFINITY, "weight"),
+    ] {
         assert_refused(
-            a.create_route_table(pb::CreateRouteTableRequest { route_table: Some(route("global.llama-3.1-8b", "eu-west", &[("eu-west", w)])) }).await,
+            a.create_route_table(pb::CreateRouteTableRequest {
+                route_table: Some(route("global.llama-3.1-8b", "eu-west", &[("eu-west", w)])),
+            })
+            .await,
             Code::InvalidArgument,
             field,
         );
     }
     assert_refused(
         a.create_route_table(pb::CreateRouteTableRequest {
-            route_table: Some(route("global.llama-3.1-8b", "eu-west", &[("eu-west", 0.0), ("us-east", 0.0)])),
+            route_table: Some(route(
+                "global.llama-3.1-8b",
+                "eu-west",
+                &[("eu-west", 0.0), ("us-east", 0.0)],
+            )),
         })
         .await,
         Code::InvalidArgument,
         "every weight is zero",
     );
     assert_refused(
-        a.create_route_table(pb::CreateRouteTableRequest { route_table: Some(route("global.llama-3.1-8b", "mars-1", &[("eu-west", 1.0)])) }).await,
+        a.create_route_table(pb::CreateRouteTableRequest {
+            route_table: Some(route("global.llama-3.1-8b", "mars-1", &[("eu-west", 1.0)])),
+        })
+        .await,
         Code::InvalidArgument,
         "route_table.source_region",
     );
     assert_refused(
-        a.delete_profile(pb::DeleteProfileRequest { id: "us.llama-3.1-8b".into(), revision: 0 }).await,
+        a.delete_profile(pb::DeleteProfileRequest {
+            id: "us.llama-3.1-8b".into(),
+            revision: 0,
+        })
+        .await,
         Code::FailedPrecondition,
         "copied by application profile `team-search`",
     );
     assert_refused(
-        a.delete_region(pb::DeleteRegionRequest { name: "eu-west".into(), revision: 0 }).await,
+        a.delete_region(pb::DeleteRegionRequest {
+            name: "eu-west".into(),
+            revision: 0,
+        })
+        .await,
         Code::FailedPrecondition,
         "eu-west",
     );
-    assert_refused(a.get_profile(pb::GetProfileRequest { id: "nope".into() }).await, Code::NotFound, "nope");
-    assert_eq!(everything(a).await, before, "refused writes changed something");
+    assert_refused(
+        a.get_profile(pb::GetProfileRequest { id: "nope".into() })
+            .await,
+        Code::NotFound,
+        "nope",
+    );
+    assert_eq!(
+        everything(a).await,
+        before,
+        "refused writes changed something"
+    );
 
     // Deleting in the right order works, and takes route tables along.
-    a.delete_profile(pb::DeleteProfileRequest { id: "team-search".into(), revision: 0 }).await.unwrap();
-    a.delete_profile(pb::DeleteProfileRequest { id: "us.llama-3.1-8b".into(), revision: 0 }).await.unwrap();
-    let left = a.list_route_tables(pb::ListRouteTablesRequest::default()).await.unwrap().into_inner().route_tables;
+    a.delete_profile(pb::DeleteProfileRequest {
+        id: "team-search".into(),
+        revision: 0,
+    })
+    .await
+    .unwrap();
+    a.delete_profile(pb::DeleteProfileRequest {
+        id: "us.llama-3.1-8b".into(),
+        revision: 0,
+    })
+    .await
+    .unwrap();
+    let left = a
+        .list_route_tables(pb::ListRouteTablesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .route_tables;
     assert!(left.is_empty(), "{left:?}");
 }
 
 /// Two admins read the same revision and both update: exactly one wins, the
 /// other is told (ABORTED) and nothing is silently overwritten.
 async fn conflict_suite(a: &mut Admin) {
-    a.create_region(pb::CreateRegionRequest { region: Some(region("ap-south", "apac")) }).await.unwrap();
-    let read = a.get_region(pb::GetRegionRequest { name: "ap-south".into() }).await.unwrap().into_inner();
+    a.create_region(pb::CreateRegionRequest {
+        region: Some(region("ap-south", "apac")),
+    })
+    .await
+    .unwrap();
+    let read = a
+        .get_region(pb::GetRegionRequest {
+            name: "ap-south".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut first = read.clone();
     first.description = "written by admin one".into();
     let mut second = read.clone();
     second.description = "written by admin two".into();
     let (mut a1, mut a2) = (a.clone(), a.clone());
     let (r1, r2) = tokio::join!(
-        a1.update_region(pb::UpdateRegionRequest { region: Some(first) }),
-        a2.update_region(pb::UpdateRegionRequest { region: Some(second) }),
+        a1.update_region(pb::UpdateRegionRequest {
+            region: Some(first)
+        }),
+        a2.update_region(pb::UpdateRegionRequest {
+            region: Some(second)
+        }),
     );
     let (winner, loser) = match (r1, r2) {
         (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w.into_inner(), l),
         other => panic!("exactly one concurrent update must win: {other:?}"),
     };
     assert_eq!(loser.code(), Code::Aborted, "{}", loser.message());
-    assert!(loser.message().contains("changed since revision"), "{}", loser.message());
-    let stored = a.get_region(pb::GetRegionRequest { name: "ap-south".into() }).await.unwrap().into_inner();
+    assert!(
+        loser.message().contains("changed since revision"),
+        "{}",
+        loser.message()
+    );
+    let stored = a
+        .get_region(pb::GetRegionRequest {
+            name: "ap-south".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(stored.description, winner.description);
     // An update without a revision is refused too.
     let mut blind = stored.clone();
     blind.revision = 0;
-    assert_refused(a.update_region(pb::UpdateRegionRequest { region: Some(blind) }).await, Code::InvalidArgument, "region.revision");
+    assert_refused(
+        a.update_region(pb::UpdateRegionRequest {
+            region: Some(blind),
+        })
+        .await,
+        Code::InvalidArgument,
+        "region.revision",
+    );
 }
 
 #[tokio::test]
@@ -222,17 +406,29 @@ async fn one_key_per_object_visible_with_etcdctl() {
     let etcd = Etcd::start().await;
     let cp = ControlPlane::start(Some(&etcd.endpoint), "etcd-1").await;
     let mut a = cp.admin().await;
-    a.create_region(pb::CreateRegionRequest { region: Some(region("us-east", "us")) }).await.unwrap();
-    a.create_region(pb::CreateRegionRequest { region: Some(region("us-west", "us")) }).await.unwrap();
-    a.create_profile(pb::CreateProfileRequest { profile: Some(profile("us.llama-3.1-8b", &["us-east", "us-west"])) })
-        .await
-        .unwrap();
+    a.create_region(pb::CreateRegionRequest {
+        region: Some(region("us-east", "us")),
+    })
+    .await
+    .unwrap();
+    a.create_region(pb::CreateRegionRequest {
+        region: Some(region("us-west", "us")),
+    })
+    .await
+    .unwrap();
+    a.create_profile(pb::CreateProfileRequest {
+        profile: Some(profile("us.llama-3.1-8b", &["us-east", "us-west"])),
+    })
+    .await
+    .unwrap();
     a.create_route_table(pb::CreateRouteTableRequest {
         route_table: Some(route("us.llama-3.1-8b", "us-east", &[("us-east", 1.0)])),
     })
     .await
     .unwrap();
-    let keys = etcd.etcdctl(&["get", "--prefix", "/spillway/", "--keys-only"]).await;
+    let keys = etcd
+        .etcdctl(&["get", "--prefix", "/spillway/", "--keys-only"])
+        .await;
     let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
     assert_eq!(
         keys,
@@ -244,8 +440,18 @@ async fn one_key_per_object_visible_with_etcdctl() {
             "/spillway/v1/routes/us.llama-3.1-8b/us-east",
         ]
     );
-    let value = etcd.etcdctl(&["get", "/spillway/v1/profiles/us.llama-3.1-8b", "--print-value-only"]).await;
-    let json: serde_json::Value = serde_json::from_str(value.trim()).expect("profiles are stored as JSON");
-    assert_eq!(json["destinations"], serde_json::json!(["us-east", "us-west"]));
+    let value = etcd
+        .etcdctl(&[
+            "get",
+            "/spillway/v1/profiles/us.llama-3.1-8b",
+            "--print-value-only",
+        ])
+        .await;
+    let json: serde_json::Value =
+        serde_json::from_str(value.trim()).expect("profiles are stored as JSON");
+    assert_eq!(
+        json["destinations"],
+        serde_json::json!(["us-east", "us-west"])
+    );
     assert_eq!(json["kind"], "geographic");
 }

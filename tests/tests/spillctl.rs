@@ -35,20 +35,93 @@ async fn manages_the_catalog_from_the_command_line() {
     let cp = ControlPlane::start(None, "cp").await;
     ok(&spillctl(&cp, &["regions", "create", "us-east", "--geography", "us"]).await);
     ok(&spillctl(&cp, &["regions", "create", "us-west", "-g", "us"]).await);
-    ok(&spillctl(&cp, &["profiles", "create", "us.llama-3.1-8b", "--destinations", "us-east,us-west"]).await);
-    ok(&spillctl(&cp, &["profiles", "create", "team-search", "--base-profile", "us.llama-3.1-8b", "--tag", "cost-center=search"]).await);
-    ok(&spillctl(&cp, &["routes", "set", "us.llama-3.1-8b", "--source", "us-east", "--dest", "us-east=3", "--dest", "us-west=1:1"]).await);
+    ok(&spillctl(
+        &cp,
+        &[
+            "profiles",
+            "create",
+            "us.llama-3.1-8b",
+            "--destinations",
+            "us-east,us-west",
+        ],
+    )
+    .await);
+    ok(&spillctl(
+        &cp,
+        &[
+            "profiles",
+            "create",
+            "team-search",
+            "--base-profile",
+            "us.llama-3.1-8b",
+            "--tag",
+            "cost-center=search",
+        ],
+    )
+    .await);
+    ok(&spillctl(
+        &cp,
+        &[
+            "routes",
+            "set",
+            "us.llama-3.1-8b",
+            "--source",
+            "us-east",
+            "--dest",
+            "us-east=3",
+            "--dest",
+            "us-west=1:1",
+        ],
+    )
+    .await);
     // Setting again updates in place (spillctl sends the revision it read).
-    ok(&spillctl(&cp, &["routes", "set", "us.llama-3.1-8b", "--source", "us-east", "--dest", "us-east=1"]).await);
+    ok(&spillctl(
+        &cp,
+        &[
+            "routes",
+            "set",
+            "us.llama-3.1-8b",
+            "--source",
+            "us-east",
+            "--dest",
+            "us-east=1",
+        ],
+    )
+    .await);
 
     let table = spillctl(&cp, &["profiles", "list"]).await;
     let lines: Vec<&str> = ok(&table).lines().collect();
-    assert!(lines[0].starts_with("ID") && lines[0].contains("DESTINATIONS"), "{}", lines[0]);
-    assert!(lines.iter().any(|l| l.starts_with("team-search") && l.contains("application") && l.contains("cost-center=search")), "{table:?}", table = lines);
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("DESTINATIONS"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("team-search")
+            && l.contains("application")
+            && l.contains("cost-center=search")),
+        "{table:?}",
+        table = lines
+    );
 
-    let json = spillctl(&cp, &["routes", "get", "us.llama-3.1-8b", "--source", "us-east", "-o", "json"]).await;
+    let json = spillctl(
+        &cp,
+        &[
+            "routes",
+            "get",
+            "us.llama-3.1-8b",
+            "--source",
+            "us-east",
+            "-o",
+            "json",
+        ],
+    )
+    .await;
     let v: serde_json::Value = serde_json::from_str(ok(&json)).expect("-o json prints JSON");
-    assert_eq!(v["destinations"], serde_json::json!([{"region": "us-east", "weight": 1.0, "priority": 0}]));
+    assert_eq!(
+        v["destinations"],
+        serde_json::json!([{"region": "us-east", "weight": 1.0, "priority": 0}])
+    );
 
     let list = spillctl(&cp, &["regions", "list", "-o", "json"]).await;
     let v: serde_json::Value = serde_json::from_str(ok(&list)).unwrap();
@@ -59,20 +132,62 @@ async fn manages_the_catalog_from_the_command_line() {
 async fn errors_are_one_clear_line_and_a_non_zero_exit() {
     let cp = ControlPlane::start(None, "cp").await;
     ok(&spillctl(&cp, &["regions", "create", "us-east", "-g", "us"]).await);
-    let before = spillctl(&cp, &["profiles", "list", "-o", "json"]).await.stdout;
+    let before = spillctl(&cp, &["profiles", "list", "-o", "json"])
+        .await
+        .stdout;
 
-    let bad = spillctl(&cp, &["profiles", "create", "us.llama-3.1-8b", "--destinations", "us-east,nowhere"]).await;
+    let bad = spillctl(
+        &cp,
+        &[
+            "profiles",
+            "create",
+            "us.llama-3.1-8b",
+            "--destinations",
+            "us-east,nowhere",
+        ],
+    )
+    .await;
     assert!(!bad.ok);
     assert_eq!(bad.stderr.lines().count(), 1, "{}", bad.stderr);
-    assert!(bad.stderr.starts_with("error: invalid profile.destinations[1]: unknown region `nowhere`"), "{}", bad.stderr);
-    assert_eq!(spillctl(&cp, &["profiles", "list", "-o", "json"]).await.stdout, before, "nothing was written");
+    assert!(
+        bad.stderr
+            .starts_with("error: invalid profile.destinations[1]: unknown region `nowhere`"),
+        "{}",
+        bad.stderr
+    );
+    assert_eq!(
+        spillctl(&cp, &["profiles", "list", "-o", "json"])
+            .await
+            .stdout,
+        before,
+        "nothing was written"
+    );
 
-    let weight = spillctl(&cp, &["routes", "set", "p", "--source", "us-east", "--dest", "us-east=heavy"]).await;
-    assert!(!weight.ok && weight.stderr.contains("weight `heavy` is not a number"), "{}", weight.stderr);
+    let weight = spillctl(
+        &cp,
+        &[
+            "routes",
+            "set",
+            "p",
+            "--source",
+            "us-east",
+            "--dest",
+            "us-east=heavy",
+        ],
+    )
+    .await;
+    assert!(
+        !weight.ok && weight.stderr.contains("weight `heavy` is not a number"),
+        "{}",
+        weight.stderr
+    );
 
     let missing = spillctl(&cp, &["regions", "get", "mars"]).await;
     assert!(!missing.ok);
-    assert_eq!(missing.stderr.trim(), "error: region `mars` not found (not_found)");
+    assert_eq!(
+        missing.stderr.trim(),
+        "error: region `mars` not found (not_found)"
+    );
 
     let unreachable = tokio::process::Command::new(bin("spillctl"))
         .args(["--control-plane", "http://127.0.0.1:1", "regions", "list"])
@@ -81,16 +196,30 @@ async fn errors_are_one_clear_line_and_a_non_zero_exit() {
         .unwrap();
     let stderr = String::from_utf8(unreachable.stderr).unwrap();
     assert!(!unreachable.status.success());
-    assert!(stderr.starts_with("error: cannot reach the control plane at http://127.0.0.1:1"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot reach the control plane at http://127.0.0.1:1"),
+        "{stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
 #[tokio::test]
 async fn help_reads_well() {
-    let out = tokio::process::Command::new(bin("spillctl")).arg("--help").output().await.unwrap();
+    let out = tokio::process::Command::new(bin("spillctl"))
+        .arg("--help")
+        .output()
+        .await
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["regions", "profiles", "routes", "agents", "--control-plane", "Examples:"] {
+    for needle in [
+        "regions",
+        "profiles",
+        "routes",
+        "agents",
+        "--control-plane",
+        "Examples:",
+    ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }

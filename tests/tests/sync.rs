@@ -15,8 +15,16 @@ const MODEL: &str = "llama-3.1-8b";
 
 async fn seed(a: &mut AdminServiceClient<Channel>) {
     for (name, geo) in [("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")] {
-        let region = pb::Region { name: name.into(), geography: geo.into(), ..Default::default() };
-        a.create_region(pb::CreateRegionRequest { region: Some(region) }).await.unwrap();
+        let region = pb::Region {
+            name: name.into(),
+            geography: geo.into(),
+            ..Default::default()
+        };
+        a.create_region(pb::CreateRegionRequest {
+            region: Some(region),
+        })
+        .await
+        .unwrap();
     }
     create_profile(a, "us.llama-3.1-8b", &["us-east", "us-west"]).await;
 }
@@ -27,25 +35,36 @@ async fn create_profile(a: &mut AdminServiceClient<Channel>, id: &str, dest: &[&
         destinations: dest.iter().map(|d| d.to_string()).collect(),
         ..Default::default()
     };
-    a.create_profile(pb::CreateProfileRequest { profile: Some(profile) }).await.unwrap();
+    a.create_profile(pb::CreateProfileRequest {
+        profile: Some(profile),
+    })
+    .await
+    .unwrap();
 }
 
 async fn agents(a: &mut AdminServiceClient<Channel>) -> Vec<pb::AgentStatus> {
-    a.list_agents(pb::ListAgentsRequest::default()).await.unwrap().into_inner().agents
+    a.list_agents(pb::ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
 }
 
 /// Waits until the control plane lists `agent` as having ACKed `version`
 /// through `replica`.
 async fn wait_acked(a: &AdminServiceClient<Channel>, agent: &str, version: u64, replica: &str) {
-    wait_until(&format!("{agent} to be listed as ACKing {version} via {replica}"), Duration::from_secs(15), || {
-        let mut a = a.clone();
-        async move {
-            agents(&mut a)
-                .await
-                .iter()
-                .any(|s| s.agent_id == agent && s.acked_version == version && s.control_plane == replica)
-        }
-    })
+    wait_until(
+        &format!("{agent} to be listed as ACKing {version} via {replica}"),
+        Duration::from_secs(15),
+        || {
+            let mut a = a.clone();
+            async move {
+                agents(&mut a).await.iter().any(|s| {
+                    s.agent_id == agent && s.acked_version == version && s.control_plane == replica
+                })
+            }
+        },
+    )
     .await;
 }
 
@@ -59,18 +78,30 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start("a1", "us-east", &[cp.url()], dir.path(), &[MODEL]).await;
 
-    let first = agent.wait_for("the seeded profile", |c| c.profiles.contains_key("us.llama-3.1-8b")).await;
+    let first = agent
+        .wait_for("the seeded profile", |c| {
+            c.profiles.contains_key("us.llama-3.1-8b")
+        })
+        .await;
     // Profiles of other geographies are not sent; the default route puts the
     // source region first.
     assert_eq!(first.profiles.len(), 1);
     let route = &first.routes["us.llama-3.1-8b"];
-    let source = route.destinations.iter().find(|d| d.region == "us-east").unwrap();
+    let source = route
+        .destinations
+        .iter()
+        .find(|d| d.region == "us-east")
+        .unwrap();
     assert_eq!(source.priority, 0);
     wait_acked(&admin, "a1", first.version, "cp-a").await;
 
     // An admin write arrives as a new version, which the agent ACKs.
     create_profile(&mut admin, "global.llama-3.1-8b", &["us-east", "eu-west"]).await;
-    let second = agent.wait_for("the global profile", |c| c.profiles.contains_key("global.llama-3.1-8b")).await;
+    let second = agent
+        .wait_for("the global profile", |c| {
+            c.profiles.contains_key("global.llama-3.1-8b")
+        })
+        .await;
     assert!(second.version > first.version);
     wait_acked(&admin, "a1", second.version, "cp-a").await;
 
@@ -81,13 +112,30 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
     let second_version = second.version;
     wait_until("the NACK to be recorded", Duration::from_secs(15), || {
         let mut a = admin.clone();
-        async move { agents(&mut a).await.iter().any(|s| s.nacked_version > second_version) }
+        async move {
+            agents(&mut a)
+                .await
+                .iter()
+                .any(|s| s.nacked_version > second_version)
+        }
     })
     .await;
-    let status = agents(&mut admin).await.into_iter().find(|s| s.agent_id == "a1").unwrap();
-    assert!(status.nack_reason.contains("qwen-7b"), "{}", status.nack_reason);
+    let status = agents(&mut admin)
+        .await
+        .into_iter()
+        .find(|s| s.agent_id == "a1")
+        .unwrap();
+    assert!(
+        status.nack_reason.contains("qwen-7b"),
+        "{}",
+        status.nack_reason
+    );
     assert_eq!(status.acked_version, second.version);
-    assert_eq!(agent.version(), second.version, "the agent kept its last good config");
+    assert_eq!(
+        agent.version(),
+        second.version,
+        "the agent kept its last good config"
+    );
     assert!(!agent.current().unwrap().profiles.contains_key("us.qwen-7b"));
 
     let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))
@@ -97,15 +145,25 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
         .unwrap();
     assert!(out.status.success());
     let table = String::from_utf8(out.stdout).unwrap();
-    assert!(table.lines().next().unwrap().contains("NACK REASON"), "{table}");
+    assert!(
+        table.lines().next().unwrap().contains("NACK REASON"),
+        "{table}"
+    );
     assert!(table.contains("qwen-7b"), "{table}");
 
     // Fixing the catalog lets the agent move on.
     admin
-        .delete_profile(pb::DeleteProfileRequest { id: "us.qwen-7b".into(), revision: 0 })
+        .delete_profile(pb::DeleteProfileRequest {
+            id: "us.qwen-7b".into(),
+            revision: 0,
+        })
         .await
         .unwrap();
-    let third = agent.wait_for("a version after the fix", |c| c.version > status.nacked_version).await;
+    let third = agent
+        .wait_for("a version after the fix", |c| {
+            c.version > status.nacked_version
+        })
+        .await;
     assert!(!third.profiles.contains_key("us.qwen-7b"));
     wait_acked(&admin, "a1", third.version, "cp-a").await;
 }
@@ -122,12 +180,22 @@ async fn agents_outlive_control_planes_and_boot_from_their_snapshot() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a1 = TestAgent::start("a1", "us-east", &planes, d1.path(), &[MODEL]).await;
     let a2 = TestAgent::start("a2", "us-west", &planes, d2.path(), &[MODEL]).await;
-    let v1 = a1.wait_for("the seeded profile", |c| c.profiles.contains_key("us.llama-3.1-8b")).await.version;
-    a2.wait_for("the seeded profile", |c| c.profiles.contains_key("us.llama-3.1-8b")).await;
+    let v1 = a1
+        .wait_for("the seeded profile", |c| {
+            c.profiles.contains_key("us.llama-3.1-8b")
+        })
+        .await
+        .version;
+    a2.wait_for("the seeded profile", |c| {
+        c.profiles.contains_key("us.llama-3.1-8b")
+    })
+    .await;
     wait_acked(&admin_b, "a1", a1.version(), "cp-a").await;
     wait_acked(&admin_b, "a2", a2.version(), "cp-a").await;
     // Each agent knows the other's relay address from the snapshot.
-    let cfg = a1.wait_for("a2's relay endpoint", |c| c.relays.contains_key("us-west")).await;
+    let cfg = a1
+        .wait_for("a2's relay endpoint", |c| c.relays.contains_key("us-west"))
+        .await;
     assert_eq!(cfg.relays["us-west"][0].1, a2.addr.to_string());
 
     // The replica both agents use dies; they keep serving their config.
@@ -136,9 +204,22 @@ async fn agents_outlive_control_planes_and_boot_from_their_snapshot() {
     assert!(a1.version() >= v1);
 
     // The other replica takes them over and they converge to the latest.
-    create_profile(&mut admin_b, "global.llama-3.1-8b", &["us-east", "us-west", "eu-west"]).await;
-    let latest = a1.wait_for("the profile written after the failover", |c| c.profiles.contains_key("global.llama-3.1-8b")).await;
-    let latest2 = a2.wait_for("the profile written after the failover", |c| c.profiles.contains_key("global.llama-3.1-8b")).await;
+    create_profile(
+        &mut admin_b,
+        "global.llama-3.1-8b",
+        &["us-east", "us-west", "eu-west"],
+    )
+    .await;
+    let latest = a1
+        .wait_for("the profile written after the failover", |c| {
+            c.profiles.contains_key("global.llama-3.1-8b")
+        })
+        .await;
+    let latest2 = a2
+        .wait_for("the profile written after the failover", |c| {
+            c.profiles.contains_key("global.llama-3.1-8b")
+        })
+        .await;
     wait_acked(&admin_b, "a1", latest.version, "cp-b").await;
     wait_acked(&admin_b, "a2", latest2.version, "cp-b").await;
 
@@ -147,7 +228,9 @@ async fn agents_outlive_control_planes_and_boot_from_their_snapshot() {
     a1.stop();
     drop(a1);
     let reborn = TestAgent::start("a1", "us-east", &planes, d1.path(), &[MODEL]).await;
-    let cfg = reborn.current().expect("booted from the persisted snapshot");
+    let cfg = reborn
+        .current()
+        .expect("booted from the persisted snapshot");
     assert_eq!(cfg.version, latest.version);
     assert!(cfg.profiles.contains_key("global.llama-3.1-8b"));
 }
@@ -165,7 +248,11 @@ async fn a_replica_whose_watch_revision_was_compacted_relists() {
     seed(&mut admin_b).await;
     let dir = tempfile::tempdir().unwrap();
     let agent = TestAgent::start("a1", "us-east", &[cp_a.url()], dir.path(), &[MODEL]).await;
-    agent.wait_for("the seeded profile", |c| c.profiles.contains_key("us.llama-3.1-8b")).await;
+    agent
+        .wait_for("the seeded profile", |c| {
+            c.profiles.contains_key("us.llama-3.1-8b")
+        })
+        .await;
 
     // Cut A off, change the catalog, and compact etcd past A's revision.
     link.cut();
@@ -174,11 +261,24 @@ async fn a_replica_whose_watch_revision_was_compacted_relists() {
     // revision A could resume from.
     create_profile(&mut admin_b, "eu.mistral-7b", &["eu-west"]).await;
     let mut etcd_client = etcd.client().await;
-    let revision = etcd_client.get("x", None).await.unwrap().header().unwrap().revision();
+    let revision = etcd_client
+        .get("x", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
     etcd_client.compact(revision, None).await.unwrap();
     link.restore();
 
-    agent.wait_for("the profile written while its replica was cut off", |c| c.profiles.contains_key("global.llama-3.1-8b")).await;
+    agent
+        .wait_for("the profile written while its replica was cut off", |c| {
+            c.profiles.contains_key("global.llama-3.1-8b")
+        })
+        .await;
     let log = cp_a.log();
-    assert!(log.contains("relisting"), "replica A should have relisted:\n{log}");
+    assert!(
+        log.contains("relisting"),
+        "replica A should have relisted:\n{log}"
+    );
 }

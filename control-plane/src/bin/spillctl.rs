@@ -19,7 +19,13 @@ use tonic::transport::Channel;
 #[command(name = "spillctl", version, about, long_about, after_help = EXAMPLES)]
 struct Cli {
     /// Control-plane gRPC address.
-    #[arg(long, short = 'c', global = true, env = "SPILLWAY_CONTROL_PLANE", default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "SPILLWAY_CONTROL_PLANE",
+        default_value = "http://127.0.0.1:7070"
+    )]
     control_plane: String,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
@@ -210,7 +216,11 @@ fn parse_dest(s: &str) -> Result<pb::RouteDestination, String> {
         .split_once('=')
         .ok_or_else(|| format!("`{s}` is not region=weight[:priority]"))?;
     let (weight, priority) = match rest.split_once(':') {
-        Some((w, p)) => (w, p.parse::<u32>().map_err(|_| format!("priority `{p}` is not a whole number"))?),
+        Some((w, p)) => (
+            w,
+            p.parse::<u32>()
+                .map_err(|_| format!("priority `{p}` is not a whole number"))?,
+        ),
         None => (rest, 0),
     };
     let weight = weight
@@ -259,13 +269,17 @@ fn to_snake(s: &str) -> String {
 
 async fn connect(addr: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
     let endpoint = Channel::from_shared(addr.to_string())
-        .map_err(|_| anyhow::anyhow!("--control-plane `{addr}` is not a URL like http://127.0.0.1:7070"))?
+        .map_err(|_| {
+            anyhow::anyhow!("--control-plane `{addr}` is not a URL like http://127.0.0.1:7070")
+        })?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the control plane at {addr}: {}", source_chain(&e)))?;
+    let channel = endpoint.connect().await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot reach the control plane at {addr}: {}",
+            source_chain(&e)
+        )
+    })?;
     Ok(AdminServiceClient::new(channel))
 }
 
@@ -287,18 +301,29 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Profiles(cmd) => profiles(&mut c, cmd, out).await,
         Command::Routes(cmd) => routes(&mut c, cmd, out).await,
         Command::Agents(AgentCmd::List { region }) => {
-            let req = pb::ListAgentsRequest { region: region.unwrap_or_default() };
-            let agents = c.list_agents(req).await.map_err(status_line)?.into_inner().agents;
-            Ok(render(out, agents.iter().map(agent_json).collect(), &[
-                ("REGION", "region"),
-                ("AGENT", "agent_id"),
-                ("RELAY", "relay_address"),
-                ("CONTROL PLANE", "control_plane"),
-                ("SENT", "sent_version"),
-                ("ACKED", "acked_version"),
-                ("NACKED", "nacked_version"),
-                ("NACK REASON", "nack_reason"),
-            ]))
+            let req = pb::ListAgentsRequest {
+                region: region.unwrap_or_default(),
+            };
+            let agents = c
+                .list_agents(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .agents;
+            Ok(render(
+                out,
+                agents.iter().map(agent_json).collect(),
+                &[
+                    ("REGION", "region"),
+                    ("AGENT", "agent_id"),
+                    ("RELAY", "relay_address"),
+                    ("CONTROL PLANE", "control_plane"),
+                    ("SENT", "sent_version"),
+                    ("ACKED", "acked_version"),
+                    ("NACKED", "nacked_version"),
+                    ("NACK REASON", "nack_reason"),
+                ],
+            ))
         }
     }
 }
@@ -310,21 +335,60 @@ const REGION_COLS: &[(&str, &str)] = &[
     ("REVISION", "revision"),
 ];
 
-async fn regions(c: &mut AdminServiceClient<Channel>, cmd: RegionCmd, out: Output) -> anyhow::Result<String> {
+async fn regions(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: RegionCmd,
+    out: Output,
+) -> anyhow::Result<String> {
     let one = |r: pb::Region| render(out, vec![region_json(&r)], REGION_COLS);
     Ok(match cmd {
-        RegionCmd::Create { name, geography, description } => {
-            let region = pb::Region { name, geography, description, revision: 0 };
-            let r = c.create_region(pb::CreateRegionRequest { region: Some(region) }).await.map_err(status_line)?;
+        RegionCmd::Create {
+            name,
+            geography,
+            description,
+        } => {
+            let region = pb::Region {
+                name,
+                geography,
+                description,
+                revision: 0,
+            };
+            let r = c
+                .create_region(pb::CreateRegionRequest {
+                    region: Some(region),
+                })
+                .await
+                .map_err(status_line)?;
             one(r.into_inner())
         }
-        RegionCmd::Get { name } => one(c.get_region(pb::GetRegionRequest { name }).await.map_err(status_line)?.into_inner()),
+        RegionCmd::Get { name } => one(c
+            .get_region(pb::GetRegionRequest { name })
+            .await
+            .map_err(status_line)?
+            .into_inner()),
         RegionCmd::List => {
-            let list = c.list_regions(pb::ListRegionsRequest {}).await.map_err(status_line)?.into_inner();
-            render(out, list.regions.iter().map(region_json).collect(), REGION_COLS)
+            let list = c
+                .list_regions(pb::ListRegionsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            render(
+                out,
+                list.regions.iter().map(region_json).collect(),
+                REGION_COLS,
+            )
         }
-        RegionCmd::Update { name, geography, description, revision } => {
-            let mut r = c.get_region(pb::GetRegionRequest { name }).await.map_err(status_line)?.into_inner();
+        RegionCmd::Update {
+            name,
+            geography,
+            description,
+            revision,
+        } => {
+            let mut r = c
+                .get_region(pb::GetRegionRequest { name })
+                .await
+                .map_err(status_line)?
+                .into_inner();
             if let Some(g) = geography {
                 r.geography = g;
             }
@@ -334,12 +398,23 @@ async fn regions(c: &mut AdminServiceClient<Channel>, cmd: RegionCmd, out: Outpu
             if let Some(rev) = revision.revision {
                 r.revision = rev;
             }
-            let r = c.update_region(pb::UpdateRegionRequest { region: Some(r) }).await.map_err(status_line)?;
+            let r = c
+                .update_region(pb::UpdateRegionRequest { region: Some(r) })
+                .await
+                .map_err(status_line)?;
             one(r.into_inner())
         }
         RegionCmd::Delete { name, revision } => {
-            let req = pb::DeleteRegionRequest { name: name.clone(), revision: revision.revision.unwrap_or(0) };
-            let rev = c.delete_region(req).await.map_err(status_line)?.into_inner().revision;
+            let req = pb::DeleteRegionRequest {
+                name: name.clone(),
+                revision: revision.revision.unwrap_or(0),
+            };
+            let rev = c
+                .delete_region(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
             deleted(out, "region", &name, rev)
         }
     })
@@ -376,30 +451,73 @@ fn apply_fields(p: &mut pb::InferenceProfile, f: ProfileFields) {
     }
 }
 
-async fn profiles(c: &mut AdminServiceClient<Channel>, cmd: ProfileCmd, out: Output) -> anyhow::Result<String> {
+async fn profiles(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: ProfileCmd,
+    out: Output,
+) -> anyhow::Result<String> {
     let one = |p: pb::InferenceProfile| render(out, vec![profile_json(&p)], PROFILE_COLS);
     Ok(match cmd {
         ProfileCmd::Create { id, fields } => {
-            let mut p = pb::InferenceProfile { id, ..Default::default() };
+            let mut p = pb::InferenceProfile {
+                id,
+                ..Default::default()
+            };
             apply_fields(&mut p, fields);
-            one(c.create_profile(pb::CreateProfileRequest { profile: Some(p) }).await.map_err(status_line)?.into_inner())
+            one(c
+                .create_profile(pb::CreateProfileRequest { profile: Some(p) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
         }
-        ProfileCmd::Get { id } => one(c.get_profile(pb::GetProfileRequest { id }).await.map_err(status_line)?.into_inner()),
+        ProfileCmd::Get { id } => one(c
+            .get_profile(pb::GetProfileRequest { id })
+            .await
+            .map_err(status_line)?
+            .into_inner()),
         ProfileCmd::List => {
-            let list = c.list_profiles(pb::ListProfilesRequest {}).await.map_err(status_line)?.into_inner();
-            render(out, list.profiles.iter().map(profile_json).collect(), PROFILE_COLS)
+            let list = c
+                .list_profiles(pb::ListProfilesRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            render(
+                out,
+                list.profiles.iter().map(profile_json).collect(),
+                PROFILE_COLS,
+            )
         }
-        ProfileCmd::Update { id, fields, revision } => {
-            let mut p = c.get_profile(pb::GetProfileRequest { id }).await.map_err(status_line)?.into_inner();
+        ProfileCmd::Update {
+            id,
+            fields,
+            revision,
+        } => {
+            let mut p = c
+                .get_profile(pb::GetProfileRequest { id })
+                .await
+                .map_err(status_line)?
+                .into_inner();
             apply_fields(&mut p, fields);
             if let Some(rev) = revision.revision {
                 p.revision = rev;
             }
-            one(c.update_profile(pb::UpdateProfileRequest { profile: Some(p) }).await.map_err(status_line)?.into_inner())
+            one(c
+                .update_profile(pb::UpdateProfileRequest { profile: Some(p) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
         }
         ProfileCmd::Delete { id, revision } => {
-            let req = pb::DeleteProfileRequest { id: id.clone(), revision: revision.revision.unwrap_or(0) };
-            let rev = c.delete_profile(req).await.map_err(status_line)?.into_inner().revision;
+            let req = pb::DeleteProfileRequest {
+                id: id.clone(),
+                revision: revision.revision.unwrap_or(0),
+            };
+            let rev = c
+                .delete_profile(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
             deleted(out, "profile", &id, rev)
         }
     })
@@ -412,43 +530,94 @@ const ROUTE_COLS: &[(&str, &str)] = &[
     ("REVISION", "revision"),
 ];
 
-async fn routes(c: &mut AdminServiceClient<Channel>, cmd: RouteCmd, out: Output) -> anyhow::Result<String> {
+async fn routes(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: RouteCmd,
+    out: Output,
+) -> anyhow::Result<String> {
     let one = |t: pb::RouteTable| render(out, vec![route_json(&t)], ROUTE_COLS);
     Ok(match cmd {
-        RouteCmd::Set { profile, source, destinations, revision } => {
-            let get = pb::GetRouteTableRequest { profile: profile.clone(), source_region: source.clone() };
+        RouteCmd::Set {
+            profile,
+            source,
+            destinations,
+            revision,
+        } => {
+            let get = pb::GetRouteTableRequest {
+                profile: profile.clone(),
+                source_region: source.clone(),
+            };
             let existing = match c.get_route_table(get).await {
                 Ok(t) => Some(t.into_inner()),
                 Err(s) if s.code() == tonic::Code::NotFound => None,
                 Err(s) => return Err(status_line(s)),
             };
-            let mut table = pb::RouteTable { profile, source_region: source, destinations, revision: 0 };
+            let mut table = pb::RouteTable {
+                profile,
+                source_region: source,
+                destinations,
+                revision: 0,
+            };
             let written = match existing {
                 Some(current) => {
                     table.revision = revision.revision.unwrap_or(current.revision);
-                    c.update_route_table(pb::UpdateRouteTableRequest { route_table: Some(table) }).await
+                    c.update_route_table(pb::UpdateRouteTableRequest {
+                        route_table: Some(table),
+                    })
+                    .await
                 }
-                None => c.create_route_table(pb::CreateRouteTableRequest { route_table: Some(table) }).await,
+                None => {
+                    c.create_route_table(pb::CreateRouteTableRequest {
+                        route_table: Some(table),
+                    })
+                    .await
+                }
             };
             one(written.map_err(status_line)?.into_inner())
         }
         RouteCmd::Get { profile, source } => {
-            let req = pb::GetRouteTableRequest { profile, source_region: source };
-            one(c.get_route_table(req).await.map_err(status_line)?.into_inner())
+            let req = pb::GetRouteTableRequest {
+                profile,
+                source_region: source,
+            };
+            one(c
+                .get_route_table(req)
+                .await
+                .map_err(status_line)?
+                .into_inner())
         }
         RouteCmd::List { profile } => {
-            let req = pb::ListRouteTablesRequest { profile: profile.unwrap_or_default() };
-            let list = c.list_route_tables(req).await.map_err(status_line)?.into_inner();
-            render(out, list.route_tables.iter().map(route_json).collect(), ROUTE_COLS)
+            let req = pb::ListRouteTablesRequest {
+                profile: profile.unwrap_or_default(),
+            };
+            let list = c
+                .list_route_tables(req)
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            render(
+                out,
+                list.route_tables.iter().map(route_json).collect(),
+                ROUTE_COLS,
+            )
         }
-        RouteCmd::Delete { profile, source, revision } => {
+        RouteCmd::Delete {
+            profile,
+            source,
+            revision,
+        } => {
             let name = format!("{profile}/{source}");
             let req = pb::DeleteRouteTableRequest {
                 profile,
                 source_region: source,
                 revision: revision.revision.unwrap_or(0),
             };
-            let rev = c.delete_route_table(req).await.map_err(status_line)?.into_inner().revision;
+            let rev = c
+                .delete_route_table(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
             deleted(out, "route table", &name, rev)
         }
     })
@@ -467,7 +636,11 @@ fn region_json(r: &pb::Region) -> Value {
 
 fn profile_json(p: &pb::InferenceProfile) -> Value {
     let kind = pb::ProfileKind::try_from(p.kind)
-        .map(|k| k.as_str_name().trim_start_matches("PROFILE_KIND_").to_lowercase())
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("PROFILE_KIND_")
+                .to_lowercase()
+        })
         .unwrap_or_default();
     let copies = if !p.base_profile.is_empty() {
         p.base_profile.clone()
@@ -506,7 +679,11 @@ fn agent_json(a: &pb::AgentStatus) -> Value {
 /// aligned table of the given columns.
 fn render(out: Output, rows: Vec<Value>, cols: &[(&str, &str)]) -> String {
     if out == Output::Json {
-        let v = if rows.len() == 1 { rows[0].clone() } else { Value::Array(rows) };
+        let v = if rows.len() == 1 {
+            rows[0].clone()
+        } else {
+            Value::Array(rows)
+        };
         return serde_json::to_string_pretty(&v).expect("json values serialize");
     }
     let cell = |v: &Value, key: &str| -> String {

@@ -55,7 +55,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::warn!("--insecure-dev: serving plaintext gRPC; never do this outside development");
     if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
-        anyhow::bail!("--etcd-prefix `{}` must start and end with '/'", args.etcd_prefix);
+        anyhow::bail!(
+            "--etcd-prefix `{}` must start and end with '/'",
+            args.etcd_prefix
+        );
     }
     let settings = Settings {
         etcd_endpoints: args.etcd_endpoints,
@@ -69,7 +72,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let store = server::open_store(&settings).await?;
     // One line on stdout that scripts and the test harness wait for.
-    println!("spillway-control-plane listening on {}", listener.local_addr()?);
+    println!(
+        "spillway-control-plane listening on {}",
+        listener.local_addr()?
+    );
     server::run(settings, store, listener, shutdown_signal()).await?;
     Ok(())
 }
@@ -87,5 +93,8 @@ async fn shutdown_signal() {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }

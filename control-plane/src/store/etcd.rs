@@ -10,7 +10,9 @@ use etcd_client::{
 };
 use tokio::sync::mpsc;
 
-use super::{Compare, KeyValue, LeaseId, Op, Result, StoreError, TxnOutcome, WatchEvent, WatchMessage};
+use super::{
+    Compare, KeyValue, LeaseId, Op, Result, StoreError, TxnOutcome, WatchEvent, WatchMessage,
+};
 
 /// How the control plane connects to etcd.
 #[derive(Debug, Clone)]
@@ -65,7 +67,10 @@ impl EtcdStore {
         key.strip_prefix(&self.prefix).unwrap_or(&key).to_string()
     }
 
-    async fn bounded<T>(&self, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T> {
+    async fn bounded<T>(
+        &self,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
         tokio::time::timeout(self.timeout, f)
             .await
             .map_err(|_| StoreError::Timeout(self.timeout))?
@@ -116,7 +121,9 @@ impl EtcdStore {
             })
             .collect();
         let mut kv = self.client.kv_client();
-        let resp = self.bounded(kv.txn(Txn::new().when(when).and_then(then))).await;
+        let resp = self
+            .bounded(kv.txn(Txn::new().when(when).and_then(then)))
+            .await;
         let resp = match resp {
             Ok(r) => r,
             // A put with a lease that expired is refused by etcd as an error;
@@ -179,7 +186,9 @@ impl EtcdStore {
             .with_prefix()
             .with_start_revision(start_revision)
             .with_progress_notify();
-        let mut stream = self.bounded(watch.watch(self.full(prefix), Some(opts))).await?;
+        let mut stream = self
+            .bounded(watch.watch(self.full(prefix), Some(opts)))
+            .await?;
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
         tokio::spawn(async move {
@@ -235,7 +244,11 @@ impl EtcdStore {
                     // no events; nothing to pass on.
                     continue;
                 }
-                if tx.send(Ok(WatchMessage::Events { revision, events })).await.is_err() {
+                if tx
+                    .send(Ok(WatchMessage::Events { revision, events }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -203,14 +203,20 @@ impl MemoryStore {
                 Some((r, evs)) if r == rev => evs.push(ev.clone()),
                 _ => {
                     if let Some((r, evs)) = batch.take() {
-                        replay.push(WatchMessage::Events { revision: r, events: evs });
+                        replay.push(WatchMessage::Events {
+                            revision: r,
+                            events: evs,
+                        });
                     }
                     batch = Some((*rev, vec![ev.clone()]));
                 }
             }
         }
         if let Some((r, evs)) = batch {
-            replay.push(WatchMessage::Events { revision: r, events: evs });
+            replay.push(WatchMessage::Events {
+                revision: r,
+                events: evs,
+            });
         }
         for m in replay {
             if tx.try_send(Ok(m)).is_err() {
@@ -325,7 +331,10 @@ pub(super) fn spawn_lease_sweeper(store: &MemoryStore) {
         loop {
             tick.tick().await;
             let Some(inner) = weak.upgrade() else { return };
-            inner.lock().unwrap_or_else(|p| p.into_inner()).expire_leases();
+            inner
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .expire_leases();
         }
     });
 }

@@ -68,7 +68,10 @@ pub enum WatchEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchMessage {
     /// Changes, all of them at `revision` or before.
-    Events { revision: i64, events: Vec<WatchEvent> },
+    Events {
+        revision: i64,
+        events: Vec<WatchEvent>,
+    },
     /// The start revision was compacted away: list again and watch from the
     /// list revision + 1. The watch ends after this message.
     Compacted { compact_revision: i64 },
@@ -91,7 +94,8 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// The store the control plane runs on.
 #[derive(Clone)]
 pub enum Store {
-    Etcd(EtcdStore),
+    // Boxed: the etcd client is large and stores are cloned per stream.
+    Etcd(Box<EtcdStore>),
     Memory(MemoryStore),
 }
 
@@ -105,7 +109,7 @@ impl Store {
     }
 
     pub async fn etcd(opts: EtcdOptions) -> Result<Store> {
-        Ok(Store::Etcd(EtcdStore::connect(opts).await?))
+        Ok(Store::Etcd(Box::new(EtcdStore::connect(opts).await?)))
     }
 
     pub fn describe(&self) -> String {
