@@ -157,10 +157,16 @@ impl EtcdStore {
             Ok::<_, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
         })
         .await
-        .map_err(|_| StoreError::Timeout(timeout))??;
+        .map_err(|_| StoreError::Timeout(timeout))?;
         match renewed {
-            Some(ttl) if ttl > 0 => Ok(()),
-            _ => Err(StoreError::LeaseGone(id)),
+            Ok(Some(ttl)) if ttl > 0 => Ok(()),
+            // etcd answers a renewal of an expired lease with TTL 0, or (as
+            // etcd-client reports it) with a "lease not found" error.
+            Ok(_) => Err(StoreError::LeaseGone(id)),
+            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg.contains("not found") => {
+                Err(StoreError::LeaseGone(id))
+            }
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -6,6 +6,7 @@
 //! which both implementations provide with the same meaning: etcd for
 //! production, and an in-memory store for the demo and single-node trials.
 
+pub mod contract;
 mod etcd;
 mod memory;
 
