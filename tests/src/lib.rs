@@ -197,9 +197,10 @@ impl ControlPlane {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("control-plane.log");
         let mut cmd = Command::new(bin("spillway-control-plane"));
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         cmd.args([
-            "--listen",
-            "127.0.0.1:0",
             "--insecure-dev",
             "--replica-id",
             replica_id,

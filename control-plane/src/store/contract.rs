@@ -24,34 +24,63 @@ fn absent(key: &str) -> Compare {
 /// A transaction applies only when every compare holds; a failed one
 /// changes nothing.
 pub async fn txn_applies_only_when_every_compare_holds(store: &Store) {
-    let created = store.txn(vec![absent("c/a")], vec![put("c/a", "1")]).await.unwrap();
+    let created = store
+        .txn(vec![absent("c/a")], vec![put("c/a", "1")])
+        .await
+        .unwrap();
     assert!(created.succeeded);
-    let again = store.txn(vec![absent("c/a")], vec![put("c/a", "2")]).await.unwrap();
+    let again = store
+        .txn(vec![absent("c/a")], vec![put("c/a", "2")])
+        .await
+        .unwrap();
     assert!(!again.succeeded, "create-if-absent succeeded twice");
     let kv = store.get("c/a").await.unwrap().unwrap();
-    assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"1"[..], created.revision));
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision),
+        (&b"1"[..], created.revision)
+    );
     let stale = Compare {
         key: "c/a".into(),
         mod_revision: created.revision - 1,
     };
-    assert!(!store.txn(vec![stale], vec![put("c/a", "3")]).await.unwrap().succeeded);
+    assert!(
+        !store
+            .txn(vec![stale], vec![put("c/a", "3")])
+            .await
+            .unwrap()
+            .succeeded
+    );
     let current = Compare {
         key: "c/a".into(),
         mod_revision: created.revision,
     };
-    let ok = store.txn(vec![current], vec![put("c/a", "3"), put("c/b", "x")]).await.unwrap();
+    let ok = store
+        .txn(vec![current], vec![put("c/a", "3"), put("c/b", "x")])
+        .await
+        .unwrap();
     assert!(ok.succeeded && ok.revision == created.revision + 1);
     let (kvs, rev) = store.list("c/").await.unwrap();
-    assert_eq!(kvs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(), ["c/a", "c/b"]);
+    assert_eq!(
+        kvs.iter().map(|k| k.key.as_str()).collect::<Vec<_>>(),
+        ["c/a", "c/b"]
+    );
     assert!(rev >= ok.revision);
 }
 
 /// A watch replays from a past revision, in order, only under its prefix;
 /// one that starts before a compaction is told so.
 pub async fn watch_replays_and_reports_compaction(store: &Store) {
-    let r1 = store.txn(vec![], vec![put("w/a", "1")]).await.unwrap().revision;
+    let r1 = store
+        .txn(vec![], vec![put("w/a", "1")])
+        .await
+        .unwrap()
+        .revision;
     store.txn(vec![], vec![put("other/x", "1")]).await.unwrap();
-    let r3 = store.txn(vec![], vec![Op::Delete { key: "w/a".into() }]).await.unwrap().revision;
+    let r3 = store
+        .txn(vec![], vec![Op::Delete { key: "w/a".into() }])
+        .await
+        .unwrap()
+        .revision;
 
     let mut rx = store.watch("w/", r1).await.unwrap();
     let mut seen = Vec::new();
@@ -61,12 +90,22 @@ pub async fn watch_replays_and_reports_compaction(store: &Store) {
             other => panic!("expected watch events, got {other:?}"),
         }
     }
-    assert!(matches!(&seen[0], WatchEvent::Put(kv) if kv.key == "w/a" && kv.mod_revision == r1), "{seen:?}");
-    assert!(matches!(&seen[1], WatchEvent::Delete { key, mod_revision } if key == "w/a" && *mod_revision == r3), "{seen:?}");
+    assert!(
+        matches!(&seen[0], WatchEvent::Put(kv) if kv.key == "w/a" && kv.mod_revision == r1),
+        "{seen:?}"
+    );
+    assert!(
+        matches!(&seen[1], WatchEvent::Delete { key, mod_revision } if key == "w/a" && *mod_revision == r3),
+        "{seen:?}"
+    );
 
     // Compact past r1 (a second write makes r3 lie strictly before the
     // compaction revision).
-    let r4 = store.txn(vec![], vec![put("other/y", "1")]).await.unwrap().revision;
+    let r4 = store
+        .txn(vec![], vec![put("other/y", "1")])
+        .await
+        .unwrap()
+        .revision;
     store.compact(r4).await.unwrap();
     let mut rx = store.watch("w/", r1).await.unwrap();
     match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
@@ -93,7 +132,9 @@ pub async fn leases_expire_with_their_keys(store: &Store) {
     let deleted = tokio::time::timeout(Duration::from_secs(15), async {
         while let Some(msg) = rx.recv().await {
             if let Ok(WatchMessage::Events { events, .. }) = msg
-                && events.iter().any(|e| matches!(e, WatchEvent::Delete { key, .. } if key == "l/x"))
+                && events
+                    .iter()
+                    .any(|e| matches!(e, WatchEvent::Delete { key, .. } if key == "l/x"))
             {
                 return true;
             }
@@ -101,9 +142,16 @@ pub async fn leases_expire_with_their_keys(store: &Store) {
         false
     })
     .await;
-    assert_eq!(deleted, Ok(true), "the leased key was not deleted when its lease expired");
+    assert_eq!(
+        deleted,
+        Ok(true),
+        "the leased key was not deleted when its lease expired"
+    );
     let renewed = store.keep_alive(lease).await;
-    assert!(matches!(renewed, Err(StoreError::LeaseGone(_))), "renewing an expired lease: {renewed:?}");
+    assert!(
+        matches!(renewed, Err(StoreError::LeaseGone(_))),
+        "renewing an expired lease: {renewed:?}"
+    );
     let late = Op::Put {
         key: "l/y".into(),
         value: vec![],
