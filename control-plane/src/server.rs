@@ -137,6 +137,10 @@ pub async fn run(
         trigger.trigger();
     });
     tonic::transport::Server::builder()
+        // Notice agents whose host died without closing the connection, so
+        // that their streams end and their records go.
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::admin_service_server::AdminServiceServer::new(

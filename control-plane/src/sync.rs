@@ -154,6 +154,10 @@ struct Session {
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
     /// The last snapshot sent, encoded, to skip sending the same one again.
     last_sent: Vec<u8>,
+    /// The highest version the agent has had (from its hello, then from
+    /// what this stream sent).
+    version_floor: u64,
+    lease: watch::Receiver<LeaseId>,
 }
 
 impl Session {
@@ -163,6 +167,10 @@ impl Session {
         tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
     ) -> Result<Session, Status> {
         let key = keys::agent(&hello.region, &hello.agent_id);
+        let version_floor = hello.current_version;
+        // Subscribe before reading the lease, so that a lease replaced while
+        // the first write is in flight is seen by the stream.
+        let mut lease_rx = replica.lease.clone();
         let record = AgentRecord {
             agent_id: hello.agent_id,
             region: hello.region,
@@ -178,7 +186,7 @@ impl Session {
         };
         // The first write takes the key over unconditionally: the agent may
         // come from a replica that died and whose lease has not expired yet.
-        let lease = *replica.lease.borrow();
+        let lease = *lease_rx.borrow_and_update();
         let outcome = replica
             .store
             .txn(
@@ -204,12 +212,14 @@ impl Session {
             record_revision: outcome.revision,
             tx,
             last_sent: Vec::new(),
+            version_floor,
+            lease: lease_rx,
         })
     }
 
     async fn run(mut self, mut inbound: Streaming<pb::AgentMessage>) {
         let mut state = self.replica.state.clone();
-        let mut lease = self.replica.lease.clone();
+        let mut lease = self.lease.clone();
         let mut shutdown = self.replica.shutdown.clone();
         // Wait for the replica's first view of the store.
         if state.wait_for(|s| s.loaded).await.is_err() {
@@ -273,8 +283,12 @@ impl Session {
         if encoded == self.last_sent {
             return Ok(());
         }
+        // Never hand an agent a lower version than it has: replicas that
+        // listed at different revisions number the same content differently.
+        let version = st.config_version().max(self.version_floor);
+        self.version_floor = version;
         let update = pb::ConfigUpdate {
-            version: st.config_version(),
+            version,
             nonce: self.replica.next_nonce(),
             snapshot: Some(snapshot),
             control_plane: self.replica.id.clone(),
@@ -297,6 +311,11 @@ impl Session {
             pb::agent_message::Message::Ack(ack) => {
                 tracing::debug!(agent = %self.key, version = ack.version, "agent acked");
                 self.record.acked_version = ack.version;
+                if ack.version >= self.record.nacked_version {
+                    // A newer version applied: the refusal is history.
+                    self.record.nacked_version = 0;
+                    self.record.nack_reason.clear();
+                }
             }
             pb::agent_message::Message::Nack(nack) => {
                 tracing::warn!(agent = %self.key, version = nack.version, reason = %nack.reason, "agent refused a config update");

@@ -166,6 +166,16 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
         .await;
     assert!(!third.profiles.contains_key("us.qwen-7b"));
     wait_acked(&admin, "a1", third.version, "cp-a").await;
+    let status = agents(&mut admin)
+        .await
+        .into_iter()
+        .find(|s| s.agent_id == "a1")
+        .unwrap();
+    assert_eq!(
+        (status.nacked_version, status.nack_reason.as_str()),
+        (0, ""),
+        "an applied newer version clears the refusal"
+    );
 }
 
 #[tokio::test]

@@ -225,7 +225,6 @@ impl EtcdStore {
                     let _ = tx.send(Err(StoreError::Unavailable(reason))).await;
                     return;
                 }
-                let revision = msg.header().map_or(0, |h| h.revision());
                 let events: Vec<WatchEvent> = msg
                     .events()
                     .iter()
@@ -245,6 +244,14 @@ impl EtcdStore {
                         })
                     })
                     .collect();
+                // The revision of the last event, not the header's: while a
+                // watcher catches up, etcd stamps each batch with the current
+                // store revision, and resuming from that would skip the
+                // events of the batches not yet received.
+                let revision = events.last().map_or(0, |e| match e {
+                    WatchEvent::Put(kv) => kv.mod_revision,
+                    WatchEvent::Delete { mod_revision, .. } => *mod_revision,
+                });
                 if events.is_empty() {
                     // Progress notifications and the creation answer carry
                     // no events; nothing to pass on.

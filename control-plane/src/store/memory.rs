@@ -258,7 +258,8 @@ impl Inner {
         }
         while self.history.len() > HISTORY {
             if let Some((r, _)) = self.history.pop_front() {
-                self.compacted = self.compacted.max(r - 1);
+                // Part of revision r may be gone: treat all of it as compacted.
+                self.compacted = self.compacted.max(r);
             }
         }
         self.watchers.retain(|w| {
