@@ -51,7 +51,8 @@ async fn agents(a: &mut AdminServiceClient<Channel>) -> Vec<pb::AgentStatus> {
 }
 
 /// Waits until the control plane lists `agent` as having ACKed `version`
-/// through `replica`.
+/// (or a later one: another agent joining moves the config on) through
+/// `replica`.
 async fn wait_acked(a: &AdminServiceClient<Channel>, agent: &str, version: u64, replica: &str) {
     wait_until(
         &format!("{agent} to be listed as ACKing {version} via {replica}"),
@@ -60,7 +61,7 @@ async fn wait_acked(a: &AdminServiceClient<Channel>, agent: &str, version: u64, 
             let mut a = a.clone();
             async move {
                 agents(&mut a).await.iter().any(|s| {
-                    s.agent_id == agent && s.acked_version == version && s.control_plane == replica
+                    s.agent_id == agent && s.acked_version >= version && s.control_plane == replica
                 })
             }
         },
