@@ -26,3 +26,13 @@ impl Shutdown {
         let _ = self.0.wait_for(|down| *down).await;
     }
 }
+
+/// Resolves on Ctrl-C or SIGTERM: what the binaries shut down on.
+pub async fn signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

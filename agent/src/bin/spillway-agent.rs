@@ -30,6 +30,6 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.grpc_listen))?;
     println!("spillway-agent listening on {}", listener.local_addr()?);
-    server::run(args, listener, server::shutdown_signal()).await?;
+    server::run(args, listener, spillway_proto::shutdown::signal()).await?;
     Ok(())
 }

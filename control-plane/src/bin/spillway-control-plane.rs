@@ -76,18 +76,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "spillway-control-plane listening on {}",
         listener.local_addr()?
     );
-    server::run(settings, store, listener, shutdown_signal()).await?;
+    server::run(settings, store, listener, async {
+        spillway_proto::shutdown::signal().await;
+        tracing::info!("shutting down");
+    })
+    .await?;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
 
 fn init_logging() {
