@@ -25,6 +25,11 @@ impl From<WriteError> for Status {
     fn from(e: WriteError) -> Self {
         match e {
             WriteError::Model(m) => model_status(m),
+            // A write that timed out may still have been committed: say so
+            // rather than suggest that nothing happened.
+            WriteError::Store(StoreError::Timeout(after)) => Status::unknown(format!(
+                "the store did not confirm the write within {after:?}; it may or may not have been applied, read the object back"
+            )),
             WriteError::Store(s) => store_status(s),
             WriteError::Corrupt(msg) => Status::data_loss(msg),
             WriteError::Contention => Status::aborted(e.to_string()),

@@ -83,7 +83,7 @@ async fn follow(store: Store, tx: &watch::Sender<Arc<State>>) {
                 }
             },
         };
-        match watch_from(&store, tx, last + 1).await {
+        match watch_from(&store, tx, last + 1, &mut backoff).await {
             Ok(WatchEnd::Compacted(compact_revision)) => {
                 tracing::warn!(
                     start_revision = last + 1,
@@ -145,8 +145,11 @@ async fn watch_from(
     store: &Store,
     tx: &watch::Sender<Arc<State>>,
     start: i64,
+    backoff: &mut Backoff,
 ) -> Result<WatchEnd, StoreError> {
     let mut rx = store.watch("", start).await?;
+    // The watch is established: the next break starts backing off afresh.
+    backoff.reset();
     while let Some(msg) = rx.recv().await {
         match msg? {
             WatchMessage::Compacted { compact_revision } => {

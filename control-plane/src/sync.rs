@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
+use spillway_proto::backoff::Backoff;
 use spillway_proto::pb::{self, control_service_server::ControlService};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,9 @@ use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use spillway_proto::shutdown::Shutdown;
+
+/// How often a disconnected agent's record removal is tried.
+const DEREGISTER_ATTEMPTS: usize = 20;
 
 /// How long an agent has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -222,8 +226,9 @@ impl Session {
         let mut lease = self.lease.clone();
         let mut shutdown = self.replica.shutdown.clone();
         // Wait for the replica's first view of the store.
-        if state.wait_for(|s| s.loaded).await.is_err() {
-            return;
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            loaded = state.wait_for(|s| s.loaded) => if loaded.is_err() { return },
         }
         let end = loop {
             if let Err(reason) = self.push_if_changed(&mut state).await {
@@ -260,17 +265,31 @@ impl Session {
             }
         };
         tracing::info!(agent = %self.key, reason = %end, "agent disconnected");
-        // Remove the record only if it is still this session's.
-        let guard = Compare {
-            key: self.key.clone(),
-            mod_revision: self.record_revision,
-        };
-        let delete = Op::Delete {
-            key: self.key.clone(),
-        };
-        if let Err(e) = self.replica.store.txn(vec![guard], vec![delete]).await {
-            tracing::warn!(agent = %self.key, error = %e, "could not remove the agent record; its lease will");
+        self.deregister().await;
+    }
+
+    /// Removes the record if it is still this session's, retrying while the
+    /// store is unreachable: the replica's lease lives on, so nothing else
+    /// would remove it.
+    async fn deregister(&self) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..DEREGISTER_ATTEMPTS {
+            let guard = Compare {
+                key: self.key.clone(),
+                mod_revision: self.record_revision,
+            };
+            let delete = Op::Delete {
+                key: self.key.clone(),
+            };
+            match self.replica.store.txn(vec![guard], vec![delete]).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(agent = %self.key, error = %e, "could not remove the agent record; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
         }
+        tracing::error!(agent = %self.key, "gave up removing the agent record; it stays until this replica stops");
     }
 
     async fn push_if_changed(
@@ -298,10 +317,12 @@ impl Session {
         let msg = pb::ControlMessage {
             message: Some(pb::control_message::Message::Update(update)),
         };
-        self.tx
-            .send(Ok(msg))
-            .await
-            .map_err(|_| "agent went away".to_string())?;
+        // An agent that stops reading must not hold up shutdown.
+        let mut shutdown = self.replica.shutdown.clone();
+        tokio::select! {
+            sent = self.tx.send(Ok(msg)) => sent.map_err(|_| "agent went away".to_string())?,
+            _ = shutdown.wait() => return Err("control plane shutting down".to_string()),
+        }
         self.last_sent = encoded;
         Ok(())
     }

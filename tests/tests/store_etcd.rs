@@ -34,3 +34,9 @@ async fn etcd_leases_expire_with_their_keys() {
     let etcd = Etcd::start().await;
     contract::leases_expire_with_their_keys(&store(&etcd).await).await;
 }
+
+#[tokio::test]
+async fn etcd_lists_large_prefixes_whole() {
+    let etcd = Etcd::start().await;
+    contract::lists_large_prefixes_whole(&store(&etcd).await).await;
+}

@@ -159,3 +159,25 @@ pub async fn leases_expire_with_their_keys(store: &Store) {
     };
     assert!(!store.txn(vec![], vec![late]).await.unwrap().succeeded);
 }
+
+/// A prefix larger than one page lists whole and sorted, and only that
+/// prefix.
+pub async fn lists_large_prefixes_whole(store: &Store) {
+    let ops: Vec<Op> = (0..1200)
+        .map(|i| put(&format!("big/{i:05}"), "v"))
+        .collect();
+    for chunk in ops.chunks(100) {
+        assert!(store.txn(vec![], chunk.to_vec()).await.unwrap().succeeded);
+    }
+    store
+        .txn(vec![], vec![put("bigger", "not under big/")])
+        .await
+        .unwrap();
+    let (kvs, _) = store.list("big/").await.unwrap();
+    assert_eq!(kvs.len(), 1200);
+    assert!(
+        kvs.windows(2).all(|w| w[0].key < w[1].key),
+        "listed out of order"
+    );
+    assert_eq!(kvs[1199].key, "big/01199");
+}

@@ -14,6 +14,22 @@ use super::{
     Compare, KeyValue, LeaseId, Op, Result, StoreError, TxnOutcome, WatchEvent, WatchMessage,
 };
 
+/// Keys per page when listing a prefix.
+const LIST_PAGE: i64 = 500;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // All 0xff: up to the end of the key space.
+    vec![0]
+}
+
 /// How the control plane connects to etcd.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
@@ -87,22 +103,41 @@ impl EtcdStore {
         }))
     }
 
+    /// Lists in pages of [`LIST_PAGE`] keys, every page at the revision of
+    /// the first, so that a large prefix neither hits the transport's message
+    /// limit nor mixes revisions.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
         let mut kv = self.client.kv_client();
-        let resp = self
-            .bounded(kv.get(self.full(prefix), Some(GetOptions::new().with_prefix())))
-            .await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        let kvs = resp
-            .kvs()
-            .iter()
-            .map(|kv| KeyValue {
+        let full = self.full(prefix);
+        let end = prefix_end(full.as_bytes());
+        let mut start = full.into_bytes();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = self.bounded(kv.get(start.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            out.extend(resp.kvs().iter().map(|kv| KeyValue {
                 key: self.relative(kv.key()),
                 value: kv.value().to_vec(),
                 mod_revision: kv.mod_revision(),
-            })
-            .collect();
-        Ok((kvs, revision))
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    // The next page starts just after the last key.
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok((out, revision)),
+            }
+        }
     }
 
     pub async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome> {

@@ -16,3 +16,8 @@ async fn watch_replays_and_reports_compaction() {
 async fn leases_expire_with_their_keys() {
     contract::leases_expire_with_their_keys(&Store::memory()).await;
 }
+
+#[tokio::test]
+async fn lists_large_prefixes_whole() {
+    contract::lists_large_prefixes_whole(&Store::memory()).await;
+}
