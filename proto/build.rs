@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Relay bodies pass through without copies.
+        .bytes(".spillway.v1")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
+use crate::upstream::ModelServerSpec;
+
 /// Spillway agent: takes inference calls for one region and routes them to
 /// that region's model servers or to another region's agent.
 #[derive(Parser, Debug, Clone)]
@@ -40,15 +42,25 @@ pub struct AgentArgs {
         default_value = "/var/lib/spillway-agent"
     )]
     pub state_dir: PathBuf,
-    /// Models this region's model servers serve; repeatable or
-    /// comma-separated. An update that routes a profile to this region for a
-    /// model not listed here is refused (NACKed).
-    #[arg(
-        long = "serve-model",
-        env = "SPILLWAY_SERVE_MODELS",
-        value_delimiter = ','
-    )]
-    pub serve_models: Vec<String>,
+    /// Address of the OpenAI-compatible HTTP front door.
+    #[arg(long, env = "SPILLWAY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// A model server of this region: `URL,models=a|b[,capacity=N][,http2]`
+    /// (capacity: concurrent calls, default 64); repeatable. An update that
+    /// routes a profile to this region for a model none of them serves is
+    /// refused (NACKed).
+    #[arg(long = "model-server", env = "SPILLWAY_MODEL_SERVERS", value_delimiter = ' ')]
+    pub model_servers: Vec<ModelServerSpec>,
+    /// Regions a call tries at most, the first included.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
+    pub max_attempts: u8,
+    /// Largest request body accepted; larger ones get 413.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Seconds to wait for a model server's or a relay's response headers
+    /// before trying the next region.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upstream_timeout_secs: u64,
     /// Talk plaintext gRPC. For development only: TLS is not configured in
     /// this build yet, so the flag is required.
     #[arg(long)]

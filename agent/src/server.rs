@@ -1,7 +1,9 @@
 //! Starting an agent: load the persisted config, follow the control plane,
-//! and serve gRPC (health, reflection) until shutdown. Health reports
-//! SERVING once a config is present.
+//! and serve the gRPC port (Converse, relay, health, reflection) and the
+//! OpenAI-compatible HTTP port until shutdown. Health reports SERVING once
+//! a config is present.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_proto::pb;
@@ -10,23 +12,56 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::config::AgentArgs;
+use crate::converse::ConverseDoor;
+use crate::http::{self, HttpDoor};
+use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::relay::{RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, SyncSettings};
+use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
 
-impl SyncSettings {
-    pub fn from_args(args: &AgentArgs, relay_address: String) -> SyncSettings {
-        SyncSettings {
-            agent_id: args.agent_id.clone(),
-            region: args.region.clone(),
-            relay_address,
-            control_planes: args.control_plane.clone(),
-            state_dir: args.state_dir.clone(),
-            local: LocalCapabilities {
-                models: args.serve_models.iter().cloned().collect(),
+/// Everything an agent needs to start.
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub sync: SyncSettings,
+    pub model_servers: Vec<ModelServerSpec>,
+    pub upstream: UpstreamSettings,
+    pub pipeline: PipelineSettings,
+    pub max_body_bytes: usize,
+}
+
+impl AgentSettings {
+    pub fn from_args(args: &AgentArgs, relay_address: String) -> AgentSettings {
+        let timeout = Duration::from_secs(args.upstream_timeout_secs);
+        AgentSettings {
+            sync: SyncSettings {
+                agent_id: args.agent_id.clone(),
+                region: args.region.clone(),
+                relay_address,
+                control_planes: args.control_plane.clone(),
+                state_dir: args.state_dir.clone(),
+                local: local_capabilities(&args.model_servers),
+                backoff_base: Duration::from_millis(100),
+                backoff_max: Duration::from_secs(5),
             },
-            backoff_base: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
+            model_servers: args.model_servers.clone(),
+            upstream: UpstreamSettings {
+                header_timeout: timeout,
+                ..UpstreamSettings::default()
+            },
+            pipeline: PipelineSettings {
+                max_attempts: usize::from(args.max_attempts),
+                ..PipelineSettings::default()
+            },
+            max_body_bytes: args.max_body_bytes,
         }
+    }
+}
+
+/// What the agent can serve locally: the models of its model servers.
+pub fn local_capabilities(servers: &[ModelServerSpec]) -> LocalCapabilities {
+    LocalCapabilities {
+        models: servers.iter().flat_map(|s| s.models.iter().cloned()).collect(),
     }
 }
 
@@ -34,24 +69,42 @@ impl SyncSettings {
 pub enum RunError {
     #[error("serving gRPC: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("serving HTTP: {0}")]
+    Http(#[from] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
 
-/// A started agent: its config watch, and the server task.
+/// A started agent: its config watch, the pipeline, and the server tasks.
 pub struct RunningAgent {
     pub config: ConfigWatch,
-    pub server: tokio::task::JoinHandle<Result<(), RunError>>,
+    pub pipeline: Arc<Pipeline>,
+    pub upstreams: Arc<Upstreams>,
+    pub grpc: tokio::task::JoinHandle<Result<(), RunError>>,
+    pub http: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
-/// Starts the agent's config stream and gRPC server on `listener`; both stop
-/// when `shutdown` fires.
+/// Starts the config stream, the gRPC server on `grpc` and the HTTP front
+/// door on `http`; everything stops when `shutdown` fires.
 pub async fn start(
-    settings: SyncSettings,
-    listener: TcpListener,
+    settings: AgentSettings,
+    grpc: TcpListener,
+    http: TcpListener,
     shutdown: Shutdown,
 ) -> Result<RunningAgent, RunError> {
-    let config = sync::start(settings, shutdown.clone()).await;
+    let region = settings.sync.region.clone();
+    let agent_id = settings.sync.agent_id.clone();
+    let config = sync::start(settings.sync, shutdown.clone()).await;
+    let upstreams = Arc::new(Upstreams::new(settings.model_servers, settings.upstream.clone()));
+    let relays = RelayClients::new(&region, &agent_id, settings.upstream.header_timeout);
+    let pipeline = Arc::new(Pipeline::new(
+        region.clone(),
+        config.clone(),
+        upstreams.clone(),
+        relays,
+        settings.pipeline,
+    ));
+
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -62,51 +115,73 @@ pub async fn start(
     let mut stop = shutdown.clone();
     tokio::spawn(async move {
         loop {
-            if watch.borrow_and_update().is_some() {
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
+            let status = if watch.borrow_and_update().is_some() {
+                tonic_health::ServingStatus::Serving
             } else {
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-            }
+                tonic_health::ServingStatus::NotServing
+            };
+            health.set_service_status("", status).await;
             tokio::select! {
                 _ = stop.wait() => return,
                 changed = watch.changed() => if changed.is_err() { return },
             }
         }
     });
-    let mut stop = shutdown;
-    let server = tokio::spawn(async move {
+
+    let relay = RelayServer::new(region, config.clone(), upstreams.clone());
+    let converse = ConverseDoor {
+        pipeline: pipeline.clone(),
+    };
+    let mut stop = shutdown.clone();
+    let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-                stop.wait().await
-            })
+            .add_service(pb::relay_service_server::RelayServiceServer::new(relay))
+            .add_service(pb::inference_service_server::InferenceServiceServer::new(converse))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { stop.wait().await })
             .await?;
         Ok(())
     });
-    Ok(RunningAgent { config, server })
+
+    let door = Arc::new(HttpDoor {
+        pipeline: pipeline.clone(),
+        max_body_bytes: settings.max_body_bytes,
+    });
+    let mut stop = shutdown;
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, http::router(door))
+            .with_graceful_shutdown(async move { stop.wait().await })
+            .await?;
+        Ok(())
+    });
+    Ok(RunningAgent {
+        config,
+        pipeline,
+        upstreams,
+        grpc: grpc_task,
+        http: http_task,
+    })
 }
 
 /// Runs an agent from its flags until `signal` resolves.
 pub async fn run(
     args: AgentArgs,
-    listener: TcpListener,
+    grpc: TcpListener,
+    http: TcpListener,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let relay = args.relay_address.clone().unwrap_or_else(|| {
-        listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default()
-    });
+    let relay = args
+        .relay_address
+        .clone()
+        .unwrap_or_else(|| grpc.local_addr().map(|a| a.to_string()).unwrap_or_default());
     let (trigger, shutdown) = shutdown::channel();
-    let agent = start(SyncSettings::from_args(&args, relay), listener, shutdown).await?;
+    let agent = start(AgentSettings::from_args(&args, relay), grpc, http, shutdown).await?;
     signal.await;
     tracing::info!("shutting down");
     trigger.trigger();
-    agent.server.await.unwrap_or(Ok(()))
+    agent.grpc.await.unwrap_or(Ok(()))?;
+    agent.http.await.unwrap_or(Ok(()))
 }

@@ -18,6 +18,8 @@ pub struct AgentConfig {
     pub profiles: BTreeMap<String, Profile>,
     /// Route tables for this region, by profile id.
     pub routes: BTreeMap<String, RouteTable>,
+    /// Profiles that exist but are not callable from this region.
+    pub profiles_elsewhere: BTreeSet<String>,
 }
 
 /// What this agent can serve locally: the check that only the agent can
@@ -135,6 +137,7 @@ impl AgentConfig {
             relays,
             profiles,
             routes,
+            profiles_elsewhere: snapshot.profiles_elsewhere.iter().cloned().collect(),
         })
     }
 }

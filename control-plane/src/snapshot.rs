@@ -24,6 +24,7 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
             .collect(),
         profiles: Vec::new(),
         routes: Vec::new(),
+        profiles_elsewhere: Vec::new(),
     };
     // Revisions are store bookkeeping; leaving them out keeps snapshots equal
     // when only a revision moved.
@@ -31,10 +32,12 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         r.revision = 0;
     }
     let Some(source) = catalog.regions.get(region) else {
+        snapshot.profiles_elsewhere = catalog.profiles.keys().cloned().collect();
         return snapshot;
     };
     for p in catalog.profiles.values() {
         if !catalog.callable_from(p, source) {
+            snapshot.profiles_elsewhere.push(p.id.clone());
             continue;
         }
         let Ok(resolved) = catalog.resolve(&p.id) else {

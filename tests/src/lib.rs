@@ -10,8 +10,11 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway_agent::snapshot::{AgentConfig, LocalCapabilities};
+use spillway_agent::pipeline::PipelineSettings;
+use spillway_agent::server::{AgentSettings, local_capabilities};
+use spillway_agent::snapshot::AgentConfig;
 use spillway_agent::sync::{ConfigWatch, SyncSettings};
+use spillway_agent::upstream::{ModelServerSpec, UpstreamSettings};
 use spillway_proto::pb::admin_service_client::AdminServiceClient;
 use spillway_proto::shutdown::{self, ShutdownTrigger};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -21,6 +24,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 pub mod proxy;
+pub mod sim;
 
 /// Logs of the harness and the in-process agents, on when SPILLWAY_TEST_LOG
 /// is set (e.g. `SPILLWAY_TEST_LOG=debug`).
@@ -262,53 +266,107 @@ fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-/// An agent running in this process (its real gRPC server and config
-/// stream), so that tests can watch its config directly.
+/// An agent running in this process (its real gRPC and HTTP servers and
+/// config stream), so that tests can watch its config directly.
 pub struct TestAgent {
     pub id: String,
     pub region: String,
     pub config: ConfigWatch,
+    /// The gRPC port: Converse, relay, health.
     pub addr: SocketAddr,
+    pub http: SocketAddr,
     pub state_dir: PathBuf,
     trigger: ShutdownTrigger,
 }
 
+/// How a test agent is started.
+pub struct AgentOptions<'a> {
+    pub id: &'a str,
+    pub region: &'a str,
+    pub control_planes: &'a [String],
+    pub state_dir: &'a Path,
+    pub model_servers: Vec<ModelServerSpec>,
+    pub pipeline: PipelineSettings,
+    pub max_body_bytes: usize,
+    pub upstream_timeout: Duration,
+}
+
+impl<'a> AgentOptions<'a> {
+    pub fn new(id: &'a str, region: &'a str, control_planes: &'a [String], state_dir: &'a Path) -> Self {
+        AgentOptions {
+            id,
+            region,
+            control_planes,
+            state_dir,
+            model_servers: Vec::new(),
+            pipeline: PipelineSettings::default(),
+            max_body_bytes: 4 * 1024 * 1024,
+            upstream_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A model-server spec for `addr` serving `models`.
+pub fn model_server(addr: SocketAddr, models: &[&str], capacity: u32) -> ModelServerSpec {
+    ModelServerSpec {
+        url: format!("http://{addr}"),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        capacity,
+        http2: false,
+    }
+}
+
 impl TestAgent {
-    pub async fn start(
-        id: &str,
-        region: &str,
-        control_planes: &[String],
-        state_dir: &Path,
-        models: &[&str],
-    ) -> TestAgent {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("agent listener");
-        let addr = listener.local_addr().expect("agent address");
-        let settings = SyncSettings {
-            agent_id: id.to_string(),
-            region: region.to_string(),
-            relay_address: addr.to_string(),
-            control_planes: control_planes.to_vec(),
-            state_dir: state_dir.to_path_buf(),
-            local: LocalCapabilities {
-                models: models.iter().map(|m| m.to_string()).collect(),
+    /// An agent whose (unreachable) model servers serve `models`: enough for
+    /// config-stream tests.
+    pub async fn start(id: &str, region: &str, control_planes: &[String], state_dir: &Path, models: &[&str]) -> TestAgent {
+        let mut opts = AgentOptions::new(id, region, control_planes, state_dir);
+        let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("an address");
+        opts.model_servers = vec![model_server(nowhere, models, 8)];
+        Self::start_with(opts).await
+    }
+
+    pub async fn start_with(opts: AgentOptions<'_>) -> TestAgent {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("agent gRPC listener");
+        let http = TcpListener::bind("127.0.0.1:0").await.expect("agent HTTP listener");
+        let addr = grpc.local_addr().expect("agent address");
+        let http_addr = http.local_addr().expect("agent HTTP address");
+        let settings = AgentSettings {
+            sync: SyncSettings {
+                agent_id: opts.id.to_string(),
+                region: opts.region.to_string(),
+                relay_address: addr.to_string(),
+                control_planes: opts.control_planes.to_vec(),
+                state_dir: opts.state_dir.to_path_buf(),
+                local: local_capabilities(&opts.model_servers),
+                backoff_base: Duration::from_millis(50),
+                backoff_max: Duration::from_millis(500),
             },
-            backoff_base: Duration::from_millis(50),
-            backoff_max: Duration::from_millis(500),
+            model_servers: opts.model_servers,
+            upstream: UpstreamSettings {
+                header_timeout: opts.upstream_timeout,
+                ..UpstreamSettings::default()
+            },
+            pipeline: opts.pipeline,
+            max_body_bytes: opts.max_body_bytes,
         };
         let (trigger, shutdown) = shutdown::channel();
-        let running = spillway_agent::server::start(settings, listener, shutdown)
+        let running = spillway_agent::server::start(settings, grpc, http, shutdown)
             .await
             .expect("starting the agent");
         TestAgent {
-            id: id.to_string(),
-            region: region.to_string(),
+            id: opts.id.to_string(),
+            region: opts.region.to_string(),
             config: running.config,
             addr,
-            state_dir: state_dir.to_path_buf(),
+            http: http_addr,
+            state_dir: opts.state_dir.to_path_buf(),
             trigger,
         }
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.http)
     }
 
     pub fn current(&self) -> Option<Arc<AgentConfig>> {
@@ -320,17 +378,9 @@ impl TestAgent {
     }
 
     /// Waits until the agent's config satisfies `check`.
-    pub async fn wait_for(
-        &self,
-        what: &str,
-        check: impl Fn(&AgentConfig) -> bool,
-    ) -> Arc<AgentConfig> {
+    pub async fn wait_for(&self, what: &str, check: impl Fn(&AgentConfig) -> bool) -> Arc<AgentConfig> {
         let mut rx: watch::Receiver<_> = self.config.clone();
-        let found = tokio::time::timeout(
-            Duration::from_secs(15),
-            rx.wait_for(|c| c.as_deref().is_some_and(&check)),
-        )
-        .await;
+        let found = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|c| c.as_deref().is_some_and(&check))).await;
         match found {
             Ok(Ok(c)) => c.clone().expect("checked above"),
             _ => panic!(
@@ -343,6 +393,39 @@ impl TestAgent {
     }
 
     pub fn stop(&self) {
+        self.trigger.trigger();
+    }
+}
+
+/// A simulated model server running in this process.
+pub struct TestSim {
+    pub addr: SocketAddr,
+    pub state: Arc<sim::SimState>,
+    trigger: ShutdownTrigger,
+}
+
+impl TestSim {
+    pub async fn start(config: sim::SimConfig) -> TestSim {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("sim listener");
+        let addr = listener.local_addr().expect("sim address");
+        let state = sim::SimState::new(config);
+        let (trigger, mut shutdown) = shutdown::channel();
+        tokio::spawn(sim::serve(listener, state.clone(), async move { shutdown.wait().await }));
+        TestSim { addr, state, trigger }
+    }
+
+    pub fn served(&self) -> u64 {
+        self.state.served()
+    }
+
+    /// Stops answering: the listener closes, so calls are refused.
+    pub fn stop(&self) {
+        self.trigger.trigger();
+    }
+}
+
+impl Drop for TestSim {
+    fn drop(&mut self) {
         self.trigger.trigger();
     }
 }

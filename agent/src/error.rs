@@ -1,0 +1,105 @@
+//! Why a call failed, and the one place where that becomes an HTTP answer
+//! (OpenAI-style error JSON) or a gRPC status.
+
+use http::StatusCode;
+use serde_json::json;
+use tonic::Status;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    /// The request is malformed; `param` names the field.
+    #[error("{message}")]
+    BadRequest { param: Option<String>, message: String },
+    #[error("the model `{0}` does not exist: name an inference profile (GET /v1/models lists them)")]
+    ProfileNotFound(String),
+    #[error("inference profile `{profile}` is not callable from region `{region}`: call an agent of a region the profile serves, or use a profile of this region's geography")]
+    NotCallableHere { profile: String, region: String },
+    #[error("the request body is larger than this agent's limit of {0} bytes")]
+    TooLarge(usize),
+    /// The region (or a model server) is saturated; another region may do.
+    #[error("{0}")]
+    Throttled(String),
+    /// A destination could not be reached or failed before answering;
+    /// another region may do.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Every allowed region was tried (or the attempt limit was hit).
+    #[error("inference profile `{profile}` is throttled: {}", describe(.attempts))]
+    Exhausted { profile: String, attempts: Vec<(String, String)> },
+    /// A model server answered something that is not a valid answer, or
+    /// broke off. Not retried: it may have done the work.
+    #[error("{0}")]
+    Upstream(String),
+    #[error("this agent has no configuration yet; it is waiting for the control plane")]
+    NoConfig,
+    /// A relay call from something that is not a known agent.
+    #[error("{0}")]
+    RelayRefused(String),
+}
+
+fn describe(attempts: &[(String, String)]) -> String {
+    if attempts.is_empty() {
+        return "no region could take the call".to_string();
+    }
+    let tried: Vec<String> = attempts.iter().map(|(r, why)| format!("{r}: {why}")).collect();
+    format!("every region tried was saturated or unavailable ({})", tried.join("; "))
+}
+
+impl CallError {
+    /// Whether the next region may be tried.
+    pub fn retriable(&self) -> bool {
+        matches!(self, CallError::Throttled(_) | CallError::Unavailable(_))
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            CallError::BadRequest { .. } | CallError::NotCallableHere { .. } => StatusCode::BAD_REQUEST,
+            CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
+            CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::Throttled(_) | CallError::Exhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            CallError::Unavailable(_) | CallError::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
+            CallError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            CallError::RelayRefused(_) => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The error object of OpenAI's API: `{"error": {message, type, param, code}}`.
+    pub fn openai_json(&self) -> serde_json::Value {
+        let (kind, code) = match self {
+            CallError::BadRequest { .. } => ("invalid_request_error", None),
+            CallError::ProfileNotFound(_) => ("invalid_request_error", Some("model_not_found")),
+            CallError::NotCallableHere { .. } => ("invalid_request_error", Some("model_not_available_in_region")),
+            CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
+            CallError::Throttled(_) | CallError::Exhausted { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
+            CallError::Unavailable(_) | CallError::NoConfig => ("server_error", Some("service_unavailable")),
+            CallError::Upstream(_) => ("server_error", Some("bad_gateway")),
+            CallError::RelayRefused(_) => ("permission_error", Some("forbidden")),
+        };
+        let param = match self {
+            CallError::BadRequest { param, .. } => param.clone(),
+            CallError::ProfileNotFound(_) | CallError::NotCallableHere { .. } => Some("model".to_string()),
+            _ => None,
+        };
+        json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
+    }
+
+    pub fn to_status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            CallError::BadRequest { .. } => Status::invalid_argument(msg),
+            CallError::ProfileNotFound(_) => Status::not_found(msg),
+            CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
+            CallError::TooLarge(_) => Status::invalid_argument(msg),
+            CallError::Throttled(_) | CallError::Exhausted { .. } => Status::resource_exhausted(msg),
+            CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => Status::unavailable(msg),
+            CallError::RelayRefused(_) => Status::permission_denied(msg),
+        }
+    }
+
+    pub fn bad(param: &str, message: impl Into<String>) -> CallError {
+        CallError::BadRequest {
+            param: Some(param.to_string()),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`
+//! (unary and server-sent events) and `GET /v1/models`. Every answer names
+//! the region that served it in `x-spillway-inference-region`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+
+use crate::error::CallError;
+use crate::openai::{ChatRequest, check_answer};
+use crate::pipeline::{Pipeline, PreparedCall};
+use crate::upstream::AnswerBody;
+
+pub const INFERENCE_REGION: &str = "x-spillway-inference-region";
+
+pub struct HttpDoor {
+    pub pipeline: Arc<Pipeline>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(door: Arc<HttpDoor>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|| async {
+            let e = CallError::BadRequest {
+                param: None,
+                message: "unknown path: this agent serves POST /v1/chat/completions and GET /v1/models".into(),
+            };
+            let mut r = error_response(&e);
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        })
+        .with_state(door)
+}
+
+fn error_response(e: &CallError) -> Response {
+    let mut r = (e.http_status(), axum_json(&e.openai_json())).into_response();
+    if matches!(e, CallError::Throttled(_) | CallError::Exhausted { .. }) {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    r
+}
+
+fn axum_json(v: &serde_json::Value) -> Response {
+    let mut r = Response::new(Body::from(serde_json::to_vec(v).expect("JSON values serialize")));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+async fn health(State(door): State<Arc<HttpDoor>>) -> Response {
+    match door.pipeline.config() {
+        Ok(cfg) => axum_json(&json!({"status": "serving", "config_version": cfg.version})),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn models(State(door): State<Arc<HttpDoor>>) -> Response {
+    let cfg = match door.pipeline.config() {
+        Ok(c) => c,
+        Err(e) => return error_response(&e),
+    };
+    let data: Vec<serde_json::Value> = cfg
+        .profiles
+        .values()
+        .map(|p| json!({"id": p.id, "object": "model", "created": 0, "owned_by": "spillway", "kind": p.kind.as_str(), "model": p.model}))
+        .collect();
+    axum_json(&json!({"object": "list", "data": data}))
+}
+
+async fn chat_completions(State(door): State<Arc<HttpDoor>>, body: Body) -> Response {
+    match serve(&door, body).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
+    let bytes = Limited::new(body, door.max_body_bytes)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                CallError::TooLarge(door.max_body_bytes)
+            } else {
+                CallError::BadRequest {
+                    param: None,
+                    message: format!("could not read the request body: {e}"),
+                }
+            }
+        })?
+        .to_bytes();
+    let req = ChatRequest::parse(&bytes)?;
+    let pipeline = &door.pipeline;
+    let cfg = pipeline.config()?;
+    let profile = pipeline.resolve(&cfg, &req.model)?;
+    let call = PreparedCall {
+        body: req.body_for(&profile.model),
+        profile: profile.id,
+        model: profile.model,
+        stream: req.stream,
+    };
+    let answer = pipeline.call(call).await?;
+    let region = HeaderValue::from_str(&answer.region).expect("region names are valid header values");
+    let mut response = match answer.body {
+        AnswerBody::Full(b) => {
+            if answer.status.is_success() {
+                check_answer(&b)?;
+            }
+            let mut r = Response::new(Body::from(b));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r
+        }
+        AnswerBody::Stream(s) => {
+            // A failure after the first byte cannot be retried: the stream
+            // ends with an error event the client can see.
+            let events = s.map(|chunk| {
+                Ok::<Bytes, std::convert::Infallible>(match chunk {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "stream failed after it started");
+                        format!("data: {}\n\n", e.openai_json()).into()
+                    }
+                })
+            });
+            let mut r = Response::new(Body::from_stream(events));
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+    };
+    *response.status_mut() = answer.status;
+    response.headers_mut().insert(INFERENCE_REGION, region);
+    Ok(response)
+}

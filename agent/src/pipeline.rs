@@ -1,0 +1,152 @@
+//! The request path, top to bottom: resolve the profile for this region,
+//! plan the destination regions (source first), call the local model
+//! servers or relay to another region's agent, and fail over to the next
+//! region on throttling or unavailability before the first byte, within an
+//! attempt limit and a retry budget.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use spillway_proto::model::{Profile, RouteTable};
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::error::CallError;
+use crate::relay::RelayClients;
+use crate::route;
+use crate::snapshot::AgentConfig;
+use crate::sync::ConfigWatch;
+use crate::upstream::{AnswerBody, Upstreams};
+
+/// A call ready to be routed: the profile the client named, the model it
+/// resolves to, and the chat-completions body with `model` set to it.
+pub struct PreparedCall {
+    pub profile: String,
+    pub model: String,
+    pub body: Bytes,
+    pub stream: bool,
+}
+
+/// A successful answer and where it came from.
+pub struct Answer {
+    /// The region whose model server produced it.
+    pub region: String,
+    pub status: http::StatusCode,
+    pub body: AnswerBody,
+    /// Regions tried before this one, with why they did not serve.
+    pub failed_attempts: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PipelineSettings {
+    /// Regions tried per call at most (the first try included).
+    pub max_attempts: usize,
+    /// Retries allowed on top of the calls, as a fraction of them, plus a
+    /// floor per second: an outage cannot multiply the load.
+    pub retry_ratio: f32,
+    pub retry_floor_per_sec: u32,
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        PipelineSettings {
+            max_attempts: 3,
+            retry_ratio: 0.5,
+            retry_floor_per_sec: 10,
+        }
+    }
+}
+
+pub struct Pipeline {
+    region: String,
+    config: ConfigWatch,
+    upstreams: Arc<Upstreams>,
+    relays: RelayClients,
+    budget: TpsBudget,
+    settings: PipelineSettings,
+}
+
+impl Pipeline {
+    pub fn new(
+        region: String,
+        config: ConfigWatch,
+        upstreams: Arc<Upstreams>,
+        relays: RelayClients,
+        settings: PipelineSettings,
+    ) -> Pipeline {
+        let budget = TpsBudget::new(Duration::from_secs(10), settings.retry_floor_per_sec, settings.retry_ratio);
+        Pipeline {
+            region,
+            config,
+            upstreams,
+            relays,
+            budget,
+            settings,
+        }
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The current config; calls never wait for one.
+    pub fn config(&self) -> Result<Arc<AgentConfig>, CallError> {
+        self.config.borrow().clone().ok_or(CallError::NoConfig)
+    }
+
+    /// The profile a client named, if it is callable from this region.
+    pub fn resolve(&self, cfg: &AgentConfig, id: &str) -> Result<Profile, CallError> {
+        match cfg.profiles.get(id) {
+            Some(p) => Ok(p.clone()),
+            None if cfg.profiles_elsewhere.contains(id) => Err(CallError::NotCallableHere {
+                profile: id.to_string(),
+                region: self.region.clone(),
+            }),
+            None => Err(CallError::ProfileNotFound(id.to_string())),
+        }
+    }
+
+    /// Routes one call: the planned regions in order until one answers.
+    pub async fn call(&self, call: PreparedCall) -> Result<Answer, CallError> {
+        let cfg = self.config()?;
+        let table: &RouteTable = cfg
+            .routes
+            .get(&call.profile)
+            .ok_or_else(|| CallError::ProfileNotFound(call.profile.clone()))?;
+        let plan = route::plan(table, fastrand::f64);
+        self.budget.deposit();
+        let mut failed = Vec::new();
+        for (i, region) in plan.into_iter().enumerate().take(self.settings.max_attempts) {
+            if i > 0 && !self.budget.withdraw() {
+                failed.push((region.to_string(), "not tried: the retry budget is spent".to_string()));
+                break;
+            }
+            let result = if region == self.region {
+                self.upstreams.call(&call.model, call.body.clone(), call.stream).await
+            } else {
+                self.relays
+                    .call(&cfg, region, &call.profile, &call.model, call.body.clone(), call.stream)
+                    .await
+            };
+            match result {
+                Ok(answer) => {
+                    if !failed.is_empty() {
+                        tracing::debug!(profile = %call.profile, served_in = region, ?failed, "served after failover");
+                    }
+                    return Ok(Answer {
+                        region: region.to_string(),
+                        status: answer.status,
+                        body: answer.body,
+                        failed_attempts: failed,
+                    });
+                }
+                Err(e) if e.retriable() => failed.push((region.to_string(), e.to_string())),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(CallError::Exhausted {
+            profile: call.profile,
+            attempts: failed,
+        })
+    }
+}

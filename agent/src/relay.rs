@@ -1,0 +1,264 @@
+//! The relay between agents. A source agent hands a call to an agent of the
+//! destination region (`RelayClients`); the destination serves it from its
+//! own model servers only and never relays again (`RelayServer`). The
+//! answer streams back on the same call: a head (status, serving region),
+//! body chunks as they come, and a trailer.
+//!
+//! Until mutual TLS identifies agents by certificate, a relay call must name
+//! its source agent in the `spillway-source-agent` metadata, and only agents
+//! in the current snapshot are accepted.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use spillway_proto::pb::{
+    self, relay_event::Event, relay_service_client::RelayServiceClient, relay_service_server::RelayService,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status};
+
+use crate::error::CallError;
+use crate::snapshot::AgentConfig;
+use crate::sync::ConfigWatch;
+use crate::upstream::{AnswerBody, UpstreamAnswer, Upstreams};
+
+/// Metadata naming the calling agent as `<region>/<agent-id>`.
+pub const SOURCE_AGENT: &str = "spillway-source-agent";
+
+/// Pooled channels to other regions' agents.
+pub struct RelayClients {
+    me: String,
+    channels: Mutex<HashMap<String, Channel>>,
+    header_timeout: Duration,
+}
+
+impl RelayClients {
+    pub fn new(region: &str, agent_id: &str, header_timeout: Duration) -> RelayClients {
+        RelayClients {
+            me: format!("{region}/{agent_id}"),
+            channels: Mutex::new(HashMap::new()),
+            header_timeout,
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, CallError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| CallError::Unavailable(format!("bad relay address `{addr}`: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .connect_lazy();
+        channels.insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Relays a call to an agent of `region`; returns once the destination
+    /// has answered with its head (the first byte), so that failing over
+    /// stays possible until then.
+    pub async fn call(
+        &self,
+        cfg: &AgentConfig,
+        region: &str,
+        profile: &str,
+        model: &str,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpstreamAnswer, CallError> {
+        let agents = cfg
+            .relays
+            .get(region)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| CallError::Unavailable(format!("no agent of region `{region}` is connected")))?;
+        let (_, addr) = &agents[fastrand::usize(..agents.len())];
+        let mut client = RelayServiceClient::new(self.channel(addr)?);
+        let mut req = Request::new(pb::RelayRequest {
+            request_id: String::new(),
+            source_region: cfg.region.clone(),
+            profile: profile.to_string(),
+            model: model.to_string(),
+            body,
+            stream,
+            traceparent: String::new(),
+        });
+        req.metadata_mut()
+            .insert(SOURCE_AGENT, self.me.parse().expect("agent ids are valid metadata"));
+        let first = async {
+            let mut events = client.relay(req).await?.into_inner();
+            let head = events.message().await?;
+            Ok::<_, Status>((events, head))
+        };
+        let (mut events, head) = match tokio::time::timeout(self.header_timeout, first).await {
+            Err(_) => {
+                return Err(CallError::Unavailable(format!(
+                    "agent {addr} of {region} did not answer within {:?}",
+                    self.header_timeout
+                )));
+            }
+            Ok(Err(status)) => return Err(from_status(region, status)),
+            Ok(Ok(x)) => x,
+        };
+        let status = match head.and_then(|e| e.event) {
+            Some(Event::Head(h)) => http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY),
+            _ => return Err(CallError::Upstream(format!("agent {addr} of {region} answered without a head"))),
+        };
+        let region = region.to_string();
+        if stream {
+            let body = async_stream(events, region);
+            return Ok(UpstreamAnswer {
+                status,
+                body: AnswerBody::Stream(body.boxed()),
+            });
+        }
+        let mut buf = Vec::new();
+        loop {
+            match events.message().await {
+                Ok(Some(pb::RelayEvent { event: Some(Event::Chunk(c)) })) => buf.extend_from_slice(&c),
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(s) => return Err(CallError::Upstream(format!("the relay from {region} broke off: {}", s.message()))),
+            }
+        }
+        Ok(UpstreamAnswer {
+            status,
+            body: AnswerBody::Full(buf.into()),
+        })
+    }
+}
+
+/// The body chunks of a relayed stream, as they arrive.
+fn async_stream(
+    events: tonic::Streaming<pb::RelayEvent>,
+    region: String,
+) -> impl Stream<Item = Result<Bytes, CallError>> + Send + 'static {
+    futures_util::stream::unfold(Some(events), move |state| {
+        let region = region.clone();
+        async move {
+            let mut events = state?;
+            loop {
+                match events.message().await {
+                    Ok(Some(pb::RelayEvent { event: Some(Event::Chunk(c)) })) => return Some((Ok(c), Some(events))),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return None,
+                    Err(s) => {
+                        let e = CallError::Upstream(format!("the relay from {region} broke off: {}", s.message()));
+                        return Some((Err(e), None));
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// How a destination's refusal maps back: saturation and unavailability
+/// let the source fail over; anything else is final.
+fn from_status(region: &str, s: Status) -> CallError {
+    let msg = format!("{region}: {}", s.message());
+    match s.code() {
+        Code::ResourceExhausted => CallError::Throttled(msg),
+        Code::DataLoss => CallError::Upstream(msg),
+        _ => CallError::Unavailable(msg),
+    }
+}
+
+/// The destination side.
+pub struct RelayServer {
+    region: String,
+    config: ConfigWatch,
+    upstreams: Arc<Upstreams>,
+}
+
+impl RelayServer {
+    pub fn new(region: String, config: ConfigWatch, upstreams: Arc<Upstreams>) -> RelayServer {
+        RelayServer {
+            region,
+            config,
+            upstreams,
+        }
+    }
+
+    /// Accepts only agents of the current snapshot, from the region they
+    /// claim.
+    fn check_caller(&self, req: &Request<pb::RelayRequest>) -> Result<(), Status> {
+        let refuse = |why: String| Err(CallError::RelayRefused(why).to_status());
+        let Some(caller) = req.metadata().get(SOURCE_AGENT).and_then(|v| v.to_str().ok()) else {
+            return refuse("relay calls are accepted only from Spillway agents".into());
+        };
+        let Some((region, agent)) = caller.split_once('/') else {
+            return refuse(format!("`{caller}` is not <region>/<agent-id>"));
+        };
+        let cfg = self.config.borrow().clone();
+        let known = cfg
+            .as_ref()
+            .and_then(|c| c.relays.get(region))
+            .is_some_and(|agents| agents.iter().any(|(id, _)| id == agent));
+        if !known {
+            return refuse(format!("`{caller}` is not a known agent"));
+        }
+        if region != req.get_ref().source_region {
+            return refuse(format!("agent `{caller}` claims source region `{}`", req.get_ref().source_region));
+        }
+        Ok(())
+    }
+}
+
+type RelayStream = Pin<Box<dyn Stream<Item = Result<pb::RelayEvent, Status>> + Send>>;
+
+fn event(e: Event) -> Result<pb::RelayEvent, Status> {
+    Ok(pb::RelayEvent { event: Some(e) })
+}
+
+#[tonic::async_trait]
+impl RelayService for RelayServer {
+    type RelayStream = RelayStream;
+
+    async fn relay(&self, req: Request<pb::RelayRequest>) -> Result<Response<RelayStream>, Status> {
+        self.check_caller(&req)?;
+        let req = req.into_inner();
+        // Served here or not at all: a relayed call is never relayed again.
+        let answer = self
+            .upstreams
+            .call(&req.model, req.body, req.stream)
+            .await
+            .map_err(|e| match e {
+                CallError::Throttled(m) => Status::resource_exhausted(m),
+                CallError::Upstream(m) => Status::data_loss(m),
+                other => Status::unavailable(other.to_string()),
+            })?;
+        let head = Event::Head(pb::RelayHead {
+            status: u32::from(answer.status.as_u16()),
+            inference_region: self.region.clone(),
+        });
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            if tx.send(event(head)).await.is_err() {
+                return;
+            }
+            match answer.body {
+                AnswerBody::Full(b) => {
+                    let _ = tx.send(event(Event::Chunk(b))).await;
+                }
+                AnswerBody::Stream(mut s) => {
+                    while let Some(chunk) = s.next().await {
+                        let msg = chunk.map(|c| pb::RelayEvent { event: Some(Event::Chunk(c)) });
+                        let failed = msg.is_err();
+                        if tx.send(msg.map_err(|e| Status::data_loss(e.to_string()))).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(event(Event::Trailer(pb::RelayTrailer::default()))).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,336 @@
+//! The region's model servers: OpenAI-compatible HTTP servers, balanced by
+//! load with power-of-two-choices over in-flight calls and latency (the
+//! peak-EWMA idea of `tower::balance`), over pooled HTTP/1.1 or HTTP/2
+//! connections. Streams pass through without being buffered.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+
+use crate::error::CallError;
+
+/// One model server, as configured with `--model-server`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelServerSpec {
+    /// Base URL, e.g. `http://10.0.0.5:8000` (the agent adds
+    /// `/v1/chat/completions`).
+    pub url: String,
+    pub models: BTreeSet<String>,
+    /// Concurrent calls it takes; more are not sent (the region is at
+    /// capacity and calls spill over).
+    pub capacity: u32,
+    /// Speak HTTP/2 with prior knowledge instead of HTTP/1.1.
+    pub http2: bool,
+}
+
+impl FromStr for ModelServerSpec {
+    type Err = String;
+
+    /// `URL,models=a|b,capacity=N[,http2]`
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let url = parts.next().unwrap_or_default().trim_end_matches('/').to_string();
+        let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL like http://host:port"))?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            return Err(format!("`{url}` must be an http:// URL with a host"));
+        }
+        let mut spec = ModelServerSpec {
+            url,
+            models: BTreeSet::new(),
+            capacity: 64,
+            http2: false,
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("models", m)) => spec.models = m.split('|').filter(|m| !m.is_empty()).map(String::from).collect(),
+                Some(("capacity", c)) => {
+                    spec.capacity = c
+                        .parse()
+                        .ok()
+                        .filter(|c| *c > 0)
+                        .ok_or_else(|| format!("capacity `{c}` is not a positive whole number"))?
+                }
+                None if part == "http2" => spec.http2 = true,
+                _ => return Err(format!("unknown model-server option `{part}` (use models=a|b, capacity=N, http2)")),
+            }
+        }
+        if spec.models.is_empty() {
+            return Err(format!("model server `{}` names no models (add models=a|b)", spec.url));
+        }
+        Ok(spec)
+    }
+}
+
+/// Live state of one model server.
+#[derive(Debug)]
+pub struct ModelServer {
+    pub spec: ModelServerSpec,
+    completions: Uri,
+    in_flight: AtomicU32,
+    /// Time to response headers, EWMA, in microseconds (0 = no sample yet).
+    latency_us: AtomicU64,
+}
+
+impl ModelServer {
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn load_score(&self) -> f64 {
+        // Peak-EWMA flavour: expected wait grows with both the queue and the
+        // observed latency. Unknown latency counts as 1 ms.
+        let latency = match self.latency_us.load(Ordering::Relaxed) {
+            0 => 1_000.0,
+            l => l as f64,
+        };
+        f64::from(self.in_flight() + 1) * latency / f64::from(self.spec.capacity)
+    }
+
+    fn observe(&self, took: Duration) {
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { (old * 4 + sample) / 5 };
+        self.latency_us.store(new.max(1), Ordering::Relaxed);
+    }
+}
+
+/// Holds one in-flight slot of a model server until dropped (when a unary
+/// answer was read, or a stream ended or was dropped).
+pub struct InFlight(Arc<ModelServer>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What a model server answered.
+pub struct UpstreamAnswer {
+    pub status: StatusCode,
+    pub body: AnswerBody,
+}
+
+/// A whole body, or a stream of body bytes as they arrive.
+pub enum AnswerBody {
+    Full(Bytes),
+    Stream(futures_util::stream::BoxStream<'static, Result<Bytes, CallError>>),
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// Until the response headers arrive.
+    pub header_timeout: Duration,
+    /// Until a unary body has been read.
+    pub body_timeout: Duration,
+}
+
+impl Default for UpstreamSettings {
+    fn default() -> Self {
+        UpstreamSettings {
+            connect_timeout: Duration::from_secs(2),
+            header_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The region's model servers and the pooled clients that reach them.
+pub struct Upstreams {
+    servers: Vec<Arc<ModelServer>>,
+    http1: Client<HttpConnector, Full<Bytes>>,
+    http2: Client<HttpConnector, Full<Bytes>>,
+    settings: UpstreamSettings,
+}
+
+impl Upstreams {
+    pub fn new(specs: Vec<ModelServerSpec>, settings: UpstreamSettings) -> Upstreams {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        let http1 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        let servers = specs
+            .into_iter()
+            .map(|spec| {
+                let completions = format!("{}/v1/chat/completions", spec.url)
+                    .parse()
+                    .expect("checked when the spec was parsed");
+                Arc::new(ModelServer {
+                    spec,
+                    completions,
+                    in_flight: AtomicU32::new(0),
+                    latency_us: AtomicU64::new(0),
+                })
+            })
+            .collect();
+        Upstreams {
+            servers,
+            http1,
+            http2,
+            settings,
+        }
+    }
+
+    pub fn servers(&self) -> &[Arc<ModelServer>] {
+        &self.servers
+    }
+
+    /// Every model some server here serves.
+    pub fn models(&self) -> BTreeSet<String> {
+        self.servers.iter().flat_map(|s| s.spec.models.iter().cloned()).collect()
+    }
+
+    /// Picks a server for `model` by power of two choices among those with a
+    /// free slot, and takes the slot.
+    fn pick(&self, model: &str) -> Result<(Arc<ModelServer>, InFlight), CallError> {
+        let serving: Vec<&Arc<ModelServer>> = self.servers.iter().filter(|s| s.spec.models.contains(model)).collect();
+        if serving.is_empty() {
+            return Err(CallError::Unavailable(format!("no model server in this region serves `{model}`")));
+        }
+        // Claim a slot on the better of two random servers; when it filled up
+        // in between, try the other, then the rest in order of load.
+        let score = |i: &usize| serving[*i].load_score();
+        let mut order: Vec<usize> = (0..serving.len()).collect();
+        order.sort_by(|p, q| score(p).total_cmp(&score(q)));
+        if order.len() > 2 {
+            let a = fastrand::usize(..serving.len());
+            let mut b = fastrand::usize(..serving.len() - 1);
+            if b >= a {
+                b += 1;
+            }
+            let (win, lose) = if score(&a) <= score(&b) { (a, b) } else { (b, a) };
+            order.retain(|i| *i != win && *i != lose);
+            order.splice(0..0, [win, lose]);
+        }
+        for server in order.into_iter().map(|i| serving[i]) {
+            let claimed = server
+                .in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < server.spec.capacity).then_some(n + 1));
+            if claimed.is_ok() {
+                return Ok((server.clone(), InFlight(server.clone())));
+            }
+        }
+        Err(CallError::Throttled(format!("every model server for `{model}` in this region is at capacity")))
+    }
+
+    /// Calls a model server of this region. `body` is the chat-completions
+    /// request with `model` already set.
+    pub async fn call(&self, model: &str, body: Bytes, stream: bool) -> Result<UpstreamAnswer, CallError> {
+        let (server, slot) = self.pick(model)?;
+        let req = Request::post(server.completions.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(body))
+            .expect("a valid request");
+        let client = if server.spec.http2 { &self.http2 } else { &self.http1 };
+        let started = Instant::now();
+        let resp = match tokio::time::timeout(self.settings.header_timeout, client.request(req)).await {
+            Err(_) => {
+                return Err(CallError::Unavailable(format!(
+                    "model server {} did not answer within {:?}",
+                    server.spec.url, self.settings.header_timeout
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(CallError::Unavailable(format!("model server {}: {}", server.spec.url, chain(&e))));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        server.observe(started.elapsed());
+        let status = resp.status();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            return Err(CallError::Throttled(format!("model server {} is throttling", server.spec.url)));
+        }
+        if status.is_server_error() {
+            return Err(CallError::Unavailable(format!("model server {} answered {status}", server.spec.url)));
+        }
+        let url = server.spec.url.clone();
+        if stream && status.is_success() {
+            // The slot travels with the stream and is released when it ends.
+            let body = resp.into_body().into_data_stream().map(move |chunk| {
+                let _slot = &slot;
+                chunk.map_err(|e| CallError::Upstream(format!("model server {url} broke off the stream: {e}")))
+            });
+            return Ok(UpstreamAnswer {
+                status,
+                body: AnswerBody::Stream(body.boxed()),
+            });
+        }
+        let body = tokio::time::timeout(self.settings.body_timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| CallError::Upstream(format!("model server {url} did not finish its answer in time")))?
+            .map_err(|e| CallError::Upstream(format!("model server {url} broke off its answer: {e}")))?
+            .to_bytes();
+        drop(slot);
+        Ok(UpstreamAnswer {
+            status,
+            body: AnswerBody::Full(body),
+        })
+    }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        parts.push(s.to_string());
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(url: &str, capacity: u32) -> ModelServerSpec {
+        ModelServerSpec {
+            url: url.into(),
+            models: ["m".to_string()].into(),
+            capacity,
+            http2: false,
+        }
+    }
+
+    #[test]
+    fn parses_model_server_flags() {
+        let s: ModelServerSpec = "http://127.0.0.1:8000/,models=a|b,capacity=8,http2".parse().unwrap();
+        assert_eq!(s.url, "http://127.0.0.1:8000");
+        assert_eq!(s.models.len(), 2);
+        assert_eq!((s.capacity, s.http2), (8, true));
+        for bad in ["ftp://x,models=a", "http://x", "http://x,models=a,capacity=0", "http://x,models=a,weird"] {
+            assert!(bad.parse::<ModelServerSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn picks_by_load_and_throttles_at_capacity() {
+        let up = Upstreams::new(vec![spec("http://a", 2), spec("http://b", 2)], UpstreamSettings::default());
+        let mut slots = Vec::new();
+        for _ in 0..4 {
+            slots.push(up.pick("m").expect("a free slot").1);
+        }
+        // Both servers were filled evenly, then the region is at capacity.
+        assert_eq!(up.servers()[0].in_flight(), 2);
+        assert_eq!(up.servers()[1].in_flight(), 2);
+        assert!(matches!(up.pick("m"), Err(CallError::Throttled(_))));
+        slots.pop();
+        assert!(up.pick("m").is_ok());
+        assert!(matches!(up.pick("other"), Err(CallError::Unavailable(_))));
+    }
+}
