@@ -49,7 +49,11 @@ pub struct AgentArgs {
     /// (capacity: concurrent calls, default 64); repeatable. An update that
     /// routes a profile to this region for a model none of them serves is
     /// refused (NACKed).
-    #[arg(long = "model-server", env = "SPILLWAY_MODEL_SERVERS", value_delimiter = ' ')]
+    #[arg(
+        long = "model-server",
+        env = "SPILLWAY_MODEL_SERVERS",
+        value_delimiter = ' '
+    )]
     pub model_servers: Vec<ModelServerSpec>,
     /// Regions a call tries at most, the first included.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]

@@ -12,7 +12,10 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use spillway_proto::pb::{self, content_block::Block, converse_stream_event::Event, inference_service_server::InferenceService};
+use spillway_proto::pb::{
+    self, content_block::Block, converse_stream_event::Event,
+    inference_service_server::InferenceService,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -39,12 +42,22 @@ fn text_of(blocks: &[pb::ContentBlock]) -> String {
 }
 
 /// Checks a Converse request and turns it into a chat-completions call.
-fn prepare(pipeline: &Pipeline, req: &pb::ConverseRequest, stream: bool) -> Result<PreparedCall, CallError> {
+fn prepare(
+    pipeline: &Pipeline,
+    req: &pb::ConverseRequest,
+    stream: bool,
+) -> Result<PreparedCall, CallError> {
     if req.model_id.is_empty() {
-        return Err(CallError::bad("model_id", "invalid model_id: required (an inference profile id)"));
+        return Err(CallError::bad(
+            "model_id",
+            "invalid model_id: required (an inference profile id)",
+        ));
     }
     if req.messages.is_empty() {
-        return Err(CallError::bad("messages", "invalid messages: at least one message is required"));
+        return Err(CallError::bad(
+            "messages",
+            "invalid messages: at least one message is required",
+        ));
     }
     let mut messages = Vec::with_capacity(req.messages.len() + 1);
     let system = text_of(&req.system);
@@ -78,13 +91,19 @@ fn prepare(pipeline: &Pipeline, req: &pb::ConverseRequest, stream: bool) -> Resu
         }
         if let Some(t) = cfg.temperature {
             if !(0.0..=2.0).contains(&t) {
-                return Err(CallError::bad("inference_config.temperature", "invalid inference_config.temperature: from 0 to 2"));
+                return Err(CallError::bad(
+                    "inference_config.temperature",
+                    "invalid inference_config.temperature: from 0 to 2",
+                ));
             }
             body.insert("temperature".into(), json!(t));
         }
         if let Some(p) = cfg.top_p {
             if !(0.0..=1.0).contains(&p) {
-                return Err(CallError::bad("inference_config.top_p", "invalid inference_config.top_p: from 0 to 1"));
+                return Err(CallError::bad(
+                    "inference_config.top_p",
+                    "invalid inference_config.top_p: from 0 to 1",
+                ));
             }
             body.insert("top_p".into(), json!(p));
         }
@@ -102,7 +121,9 @@ fn prepare(pipeline: &Pipeline, req: &pb::ConverseRequest, stream: bool) -> Resu
     Ok(PreparedCall {
         profile: profile.id,
         model: profile.model,
-        body: serde_json::to_vec(&body).expect("a JSON map serializes").into(),
+        body: serde_json::to_vec(&body)
+            .expect("a JSON map serializes")
+            .into(),
         stream,
     })
 }
@@ -179,7 +200,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ConverseStreamEvent, Sta
 impl InferenceService for ConverseDoor {
     type ConverseStreamStream = EventStream;
 
-    async fn converse(&self, req: Request<pb::ConverseRequest>) -> Result<Response<pb::ConverseResponse>, Status> {
+    async fn converse(
+        &self,
+        req: Request<pb::ConverseRequest>,
+    ) -> Result<Response<pb::ConverseResponse>, Status> {
         let started = Instant::now();
         let call = prepare(&self.pipeline, req.get_ref(), false).map_err(|e| e.to_status())?;
         let answer: Answer = self.pipeline.call(call).await.map_err(|e| e.to_status())?;
@@ -190,7 +214,10 @@ impl InferenceService for ConverseDoor {
             return Err(refused(answer.status, &body));
         }
         let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
-            CallError::Upstream(format!("the model server's answer is not a chat completion: {e}")).to_status()
+            CallError::Upstream(format!(
+                "the model server's answer is not a chat completion: {e}"
+            ))
+            .to_status()
         })?;
         let choice = completion.choices.first();
         let text = choice
@@ -217,7 +244,10 @@ impl InferenceService for ConverseDoor {
         Ok(with_region(Response::new(resp), &answer.region))
     }
 
-    async fn converse_stream(&self, req: Request<pb::ConverseRequest>) -> Result<Response<EventStream>, Status> {
+    async fn converse_stream(
+        &self,
+        req: Request<pb::ConverseRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
         let call = prepare(&self.pipeline, req.get_ref(), true).map_err(|e| e.to_status())?;
         let answer = self.pipeline.call(call).await.map_err(|e| e.to_status())?;
@@ -241,7 +271,11 @@ impl InferenceService for ConverseDoor {
         tokio::spawn(async move {
             let send = |e: Event| {
                 let tx = tx.clone();
-                async move { tx.send(Ok(pb::ConverseStreamEvent { event: Some(e) })).await.is_ok() }
+                async move {
+                    tx.send(Ok(pb::ConverseStreamEvent { event: Some(e) }))
+                        .await
+                        .is_ok()
+                }
             };
             if tx.send(Ok(start)).await.is_err() {
                 return;
@@ -262,7 +296,8 @@ impl InferenceService for ConverseDoor {
                         continue;
                     }
                     let Ok(c) = serde_json::from_str::<Completion>(&data) else {
-                        let msg = "the model server sent an event that is not a chat-completion chunk";
+                        let msg =
+                            "the model server sent an event that is not a chat-completion chunk";
                         let _ = tx.send(Err(Status::unavailable(msg))).await;
                         return;
                     };

@@ -9,10 +9,17 @@ use tonic::Status;
 pub enum CallError {
     /// The request is malformed; `param` names the field.
     #[error("{message}")]
-    BadRequest { param: Option<String>, message: String },
-    #[error("the model `{0}` does not exist: name an inference profile (GET /v1/models lists them)")]
+    BadRequest {
+        param: Option<String>,
+        message: String,
+    },
+    #[error(
+        "the model `{0}` does not exist: name an inference profile (GET /v1/models lists them)"
+    )]
     ProfileNotFound(String),
-    #[error("inference profile `{profile}` is not callable from region `{region}`: call an agent of a region the profile serves, or use a profile of this region's geography")]
+    #[error(
+        "inference profile `{profile}` is not callable from region `{region}`: call an agent of a region the profile serves, or use a profile of this region's geography"
+    )]
     NotCallableHere { profile: String, region: String },
     #[error("the request body is larger than this agent's limit of {0} bytes")]
     TooLarge(usize),
@@ -25,7 +32,10 @@ pub enum CallError {
     Unavailable(String),
     /// Every allowed region was tried (or the attempt limit was hit).
     #[error("inference profile `{profile}` is throttled: {}", describe(.attempts))]
-    Exhausted { profile: String, attempts: Vec<(String, String)> },
+    Exhausted {
+        profile: String,
+        attempts: Vec<(String, String)>,
+    },
     /// A model server answered something that is not a valid answer, or
     /// broke off. Not retried: it may have done the work.
     #[error("{0}")]
@@ -41,8 +51,14 @@ fn describe(attempts: &[(String, String)]) -> String {
     if attempts.is_empty() {
         return "no region could take the call".to_string();
     }
-    let tried: Vec<String> = attempts.iter().map(|(r, why)| format!("{r}: {why}")).collect();
-    format!("every region tried was saturated or unavailable ({})", tried.join("; "))
+    let tried: Vec<String> = attempts
+        .iter()
+        .map(|(r, why)| format!("{r}: {why}"))
+        .collect();
+    format!(
+        "every region tried was saturated or unavailable ({})",
+        tried.join("; ")
+    )
 }
 
 impl CallError {
@@ -53,7 +69,9 @@ impl CallError {
 
     pub fn http_status(&self) -> StatusCode {
         match self {
-            CallError::BadRequest { .. } | CallError::NotCallableHere { .. } => StatusCode::BAD_REQUEST,
+            CallError::BadRequest { .. } | CallError::NotCallableHere { .. } => {
+                StatusCode::BAD_REQUEST
+            }
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::Throttled(_) | CallError::Exhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -68,16 +86,25 @@ impl CallError {
         let (kind, code) = match self {
             CallError::BadRequest { .. } => ("invalid_request_error", None),
             CallError::ProfileNotFound(_) => ("invalid_request_error", Some("model_not_found")),
-            CallError::NotCallableHere { .. } => ("invalid_request_error", Some("model_not_available_in_region")),
+            CallError::NotCallableHere { .. } => (
+                "invalid_request_error",
+                Some("model_not_available_in_region"),
+            ),
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
-            CallError::Throttled(_) | CallError::Exhausted { .. } => ("rate_limit_error", Some("rate_limit_exceeded")),
-            CallError::Unavailable(_) | CallError::NoConfig => ("server_error", Some("service_unavailable")),
+            CallError::Throttled(_) | CallError::Exhausted { .. } => {
+                ("rate_limit_error", Some("rate_limit_exceeded"))
+            }
+            CallError::Unavailable(_) | CallError::NoConfig => {
+                ("server_error", Some("service_unavailable"))
+            }
             CallError::Upstream(_) => ("server_error", Some("bad_gateway")),
             CallError::RelayRefused(_) => ("permission_error", Some("forbidden")),
         };
         let param = match self {
             CallError::BadRequest { param, .. } => param.clone(),
-            CallError::ProfileNotFound(_) | CallError::NotCallableHere { .. } => Some("model".to_string()),
+            CallError::ProfileNotFound(_) | CallError::NotCallableHere { .. } => {
+                Some("model".to_string())
+            }
             _ => None,
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
@@ -90,8 +117,12 @@ impl CallError {
             CallError::ProfileNotFound(_) => Status::not_found(msg),
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
-            CallError::Throttled(_) | CallError::Exhausted { .. } => Status::resource_exhausted(msg),
-            CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => Status::unavailable(msg),
+            CallError::Throttled(_) | CallError::Exhausted { .. } => {
+                Status::resource_exhausted(msg)
+            }
+            CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => {
+                Status::unavailable(msg)
+            }
             CallError::RelayRefused(_) => Status::permission_denied(msg),
         }
     }

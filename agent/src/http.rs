@@ -35,7 +35,9 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
         .fallback(|| async {
             let e = CallError::BadRequest {
                 param: None,
-                message: "unknown path: this agent serves POST /v1/chat/completions and GET /v1/models".into(),
+                message:
+                    "unknown path: this agent serves POST /v1/chat/completions and GET /v1/models"
+                        .into(),
             };
             let mut r = error_response(&e);
             *r.status_mut() = StatusCode::NOT_FOUND;
@@ -47,15 +49,20 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
 fn error_response(e: &CallError) -> Response {
     let mut r = (e.http_status(), axum_json(&e.openai_json())).into_response();
     if matches!(e, CallError::Throttled(_) | CallError::Exhausted { .. }) {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     r
 }
 
 fn axum_json(v: &serde_json::Value) -> Response {
-    let mut r = Response::new(Body::from(serde_json::to_vec(v).expect("JSON values serialize")));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut r = Response::new(Body::from(
+        serde_json::to_vec(v).expect("JSON values serialize"),
+    ));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -112,15 +119,18 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
         stream: req.stream,
     };
     let answer = pipeline.call(call).await?;
-    let region = HeaderValue::from_str(&answer.region).expect("region names are valid header values");
+    let region =
+        HeaderValue::from_str(&answer.region).expect("region names are valid header values");
     let mut response = match answer.body {
         AnswerBody::Full(b) => {
             if answer.status.is_success() {
                 check_answer(&b)?;
             }
             let mut r = Response::new(Body::from(b));
-            r.headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
             r
         }
         AnswerBody::Stream(s) => {
@@ -137,7 +147,10 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
             });
             let mut r = Response::new(Body::from_stream(events));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             r
         }

@@ -37,7 +37,10 @@ impl ChatRequest {
         let model = match body.get("model") {
             Some(Value::String(m)) if !m.is_empty() => m.clone(),
             Some(Value::String(_)) | None => {
-                return Err(CallError::bad("model", "`model` is required: name an inference profile"));
+                return Err(CallError::bad(
+                    "model",
+                    "`model` is required: name an inference profile",
+                ));
             }
             Some(_) => return Err(CallError::bad("model", "`model` must be a string")),
         };
@@ -49,7 +52,10 @@ impl ChatRequest {
             Some(Value::Array(msgs)) => {
                 for (i, m) in msgs.iter().enumerate() {
                     let Value::Object(m) = m else {
-                        return Err(CallError::bad(&format!("messages[{i}]"), format!("`messages[{i}]` must be an object")));
+                        return Err(CallError::bad(
+                            &format!("messages[{i}]"),
+                            format!("`messages[{i}]` must be an object"),
+                        ));
                     };
                     match m.get("role") {
                         Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
@@ -60,10 +66,15 @@ impl ChatRequest {
                             ));
                         }
                     }
-                    if !matches!(m.get("content"), None | Some(Value::String(_) | Value::Array(_) | Value::Null)) {
+                    if !matches!(
+                        m.get("content"),
+                        None | Some(Value::String(_) | Value::Array(_) | Value::Null)
+                    ) {
                         return Err(CallError::bad(
                             &format!("messages[{i}].content"),
-                            format!("`messages[{i}].content` must be a string or an array of parts"),
+                            format!(
+                                "`messages[{i}].content` must be a string or an array of parts"
+                            ),
                         ));
                     }
                 }
@@ -84,7 +95,9 @@ impl ChatRequest {
                     _ => {
                         return Err(CallError::bad(
                             field,
-                            format!("`{field}` must be a whole number from 1 to {MAX_TOKENS_LIMIT}"),
+                            format!(
+                                "`{field}` must be a whole number from 1 to {MAX_TOKENS_LIMIT}"
+                            ),
                         ));
                     }
                 },
@@ -95,12 +108,23 @@ impl ChatRequest {
                 None | Some(Value::Null) => {}
                 Some(v) => match v.as_f64() {
                     Some(x) if (0.0..=max).contains(&x) => {}
-                    _ => return Err(CallError::bad(field, format!("`{field}` must be a number from 0 to {max}"))),
+                    _ => {
+                        return Err(CallError::bad(
+                            field,
+                            format!("`{field}` must be a number from 0 to {max}"),
+                        ));
+                    }
                 },
             }
         }
-        if !matches!(body.get("stream_options"), None | Some(Value::Null | Value::Object(_))) {
-            return Err(CallError::bad("stream_options", "`stream_options` must be an object"));
+        if !matches!(
+            body.get("stream_options"),
+            None | Some(Value::Null | Value::Object(_))
+        ) {
+            return Err(CallError::bad(
+                "stream_options",
+                "`stream_options` must be an object",
+            ));
         }
         Ok(ChatRequest {
             model,
@@ -115,7 +139,9 @@ impl ChatRequest {
     pub fn body_for(&self, model: &str) -> Bytes {
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(model.to_string()));
-        serde_json::to_vec(&body).expect("a JSON map serializes").into()
+        serde_json::to_vec(&body)
+            .expect("a JSON map serializes")
+            .into()
     }
 }
 
@@ -123,7 +149,9 @@ impl ChatRequest {
 pub fn check_answer(body: &[u8]) -> Result<(), CallError> {
     serde_json::from_slice::<serde::de::IgnoredAny>(body)
         .map(|_| ())
-        .map_err(|e| CallError::Upstream(format!("the model server's answer is not valid JSON: {e}")))
+        .map_err(|e| {
+            CallError::Upstream(format!("the model server's answer is not valid JSON: {e}"))
+        })
 }
 
 #[cfg(test)]
@@ -143,23 +171,59 @@ mod tests {
         assert_eq!(param_of("{nope"), None);
         assert_eq!(param_of("[1]"), None);
         assert_eq!(param_of(&format!("{{{msgs}}}")).as_deref(), Some("model"));
-        assert_eq!(param_of(&format!(r#"{{"model":7,{msgs}}}"#)).as_deref(), Some("model"));
+        assert_eq!(
+            param_of(&format!(r#"{{"model":7,{msgs}}}"#)).as_deref(),
+            Some("model")
+        );
         assert_eq!(param_of(r#"{"model":"p"}"#).as_deref(), Some("messages"));
-        assert_eq!(param_of(r#"{"model":"p","messages":"hi"}"#).as_deref(), Some("messages"));
-        assert_eq!(param_of(r#"{"model":"p","messages":[]}"#).as_deref(), Some("messages"));
-        assert_eq!(param_of(r#"{"model":"p","messages":[{"role":"robot","content":"x"}]}"#).as_deref(), Some("messages[0].role"));
-        assert_eq!(param_of(r#"{"model":"p","messages":[{"role":"user","content":5}]}"#).as_deref(), Some("messages[0].content"));
-        assert_eq!(param_of(&format!(r#"{{"model":"p",{msgs},"stream":"yes"}}"#)).as_deref(), Some("stream"));
-        assert_eq!(param_of(&format!(r#"{{"model":"p",{msgs},"max_tokens":0}}"#)).as_deref(), Some("max_tokens"));
-        assert_eq!(param_of(&format!(r#"{{"model":"p",{msgs},"max_tokens":1.5}}"#)).as_deref(), Some("max_tokens"));
-        assert_eq!(param_of(&format!(r#"{{"model":"p",{msgs},"max_completion_tokens":99999999}}"#)).as_deref(), Some("max_completion_tokens"));
-        assert_eq!(param_of(&format!(r#"{{"model":"p",{msgs},"temperature":3}}"#)).as_deref(), Some("temperature"));
+        assert_eq!(
+            param_of(r#"{"model":"p","messages":"hi"}"#).as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(r#"{"model":"p","messages":[]}"#).as_deref(),
+            Some("messages")
+        );
+        assert_eq!(
+            param_of(r#"{"model":"p","messages":[{"role":"robot","content":"x"}]}"#).as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            param_of(r#"{"model":"p","messages":[{"role":"user","content":5}]}"#).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            param_of(&format!(r#"{{"model":"p",{msgs},"stream":"yes"}}"#)).as_deref(),
+            Some("stream")
+        );
+        assert_eq!(
+            param_of(&format!(r#"{{"model":"p",{msgs},"max_tokens":0}}"#)).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param_of(&format!(r#"{{"model":"p",{msgs},"max_tokens":1.5}}"#)).as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param_of(&format!(
+                r#"{{"model":"p",{msgs},"max_completion_tokens":99999999}}"#
+            ))
+            .as_deref(),
+            Some("max_completion_tokens")
+        );
+        assert_eq!(
+            param_of(&format!(r#"{{"model":"p",{msgs},"temperature":3}}"#)).as_deref(),
+            Some("temperature")
+        );
     }
 
     #[test]
     fn rewrites_only_the_model() {
         let req = ChatRequest::parse(br#"{"model":"us.m","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":5,"seed":1}"#).unwrap();
-        assert_eq!((req.model.as_str(), req.stream, req.max_tokens), ("us.m", true, Some(5)));
+        assert_eq!(
+            (req.model.as_str(), req.stream, req.max_tokens),
+            ("us.m", true, Some(5))
+        );
         let body: Value = serde_json::from_slice(&req.body_for("m")).unwrap();
         assert_eq!(body["model"], "m");
         assert_eq!(body["seed"], 1);

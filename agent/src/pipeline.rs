@@ -74,7 +74,11 @@ impl Pipeline {
         relays: RelayClients,
         settings: PipelineSettings,
     ) -> Pipeline {
-        let budget = TpsBudget::new(Duration::from_secs(10), settings.retry_floor_per_sec, settings.retry_ratio);
+        let budget = TpsBudget::new(
+            Duration::from_secs(10),
+            settings.retry_floor_per_sec,
+            settings.retry_ratio,
+        );
         Pipeline {
             region,
             config,
@@ -116,16 +120,32 @@ impl Pipeline {
         let plan = route::plan(table, fastrand::f64);
         self.budget.deposit();
         let mut failed = Vec::new();
-        for (i, region) in plan.into_iter().enumerate().take(self.settings.max_attempts) {
+        for (i, region) in plan
+            .into_iter()
+            .enumerate()
+            .take(self.settings.max_attempts)
+        {
             if i > 0 && !self.budget.withdraw() {
-                failed.push((region.to_string(), "not tried: the retry budget is spent".to_string()));
+                failed.push((
+                    region.to_string(),
+                    "not tried: the retry budget is spent".to_string(),
+                ));
                 break;
             }
             let result = if region == self.region {
-                self.upstreams.call(&call.model, call.body.clone(), call.stream).await
+                self.upstreams
+                    .call(&call.model, call.body.clone(), call.stream)
+                    .await
             } else {
                 self.relays
-                    .call(&cfg, region, &call.profile, &call.model, call.body.clone(), call.stream)
+                    .call(
+                        &cfg,
+                        region,
+                        &call.profile,
+                        &call.model,
+                        call.body.clone(),
+                        call.stream,
+                    )
                     .await
             };
             match result {

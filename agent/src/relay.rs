@@ -16,7 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use spillway_proto::pb::{
-    self, relay_event::Event, relay_service_client::RelayServiceClient, relay_service_server::RelayService,
+    self, relay_event::Event, relay_service_client::RelayServiceClient,
+    relay_service_server::RelayService,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,7 +79,9 @@ impl RelayClients {
             .relays
             .get(region)
             .filter(|a| !a.is_empty())
-            .ok_or_else(|| CallError::Unavailable(format!("no agent of region `{region}` is connected")))?;
+            .ok_or_else(|| {
+                CallError::Unavailable(format!("no agent of region `{region}` is connected"))
+            })?;
         let (_, addr) = &agents[fastrand::usize(..agents.len())];
         let mut client = RelayServiceClient::new(self.channel(addr)?);
         let mut req = Request::new(pb::RelayRequest {
@@ -90,8 +93,10 @@ impl RelayClients {
             stream,
             traceparent: String::new(),
         });
-        req.metadata_mut()
-            .insert(SOURCE_AGENT, self.me.parse().expect("agent ids are valid metadata"));
+        req.metadata_mut().insert(
+            SOURCE_AGENT,
+            self.me.parse().expect("agent ids are valid metadata"),
+        );
         let first = async {
             let mut events = client.relay(req).await?.into_inner();
             let head = events.message().await?;
@@ -108,8 +113,14 @@ impl RelayClients {
             Ok(Ok(x)) => x,
         };
         let status = match head.and_then(|e| e.event) {
-            Some(Event::Head(h)) => http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY),
-            _ => return Err(CallError::Upstream(format!("agent {addr} of {region} answered without a head"))),
+            Some(Event::Head(h)) => {
+                http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY)
+            }
+            _ => {
+                return Err(CallError::Upstream(format!(
+                    "agent {addr} of {region} answered without a head"
+                )));
+            }
         };
         let region = region.to_string();
         if stream {
@@ -122,10 +133,17 @@ impl RelayClients {
         let mut buf = Vec::new();
         loop {
             match events.message().await {
-                Ok(Some(pb::RelayEvent { event: Some(Event::Chunk(c)) })) => buf.extend_from_slice(&c),
+                Ok(Some(pb::RelayEvent {
+                    event: Some(Event::Chunk(c)),
+                })) => buf.extend_from_slice(&c),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
-                Err(s) => return Err(CallError::Upstream(format!("the relay from {region} broke off: {}", s.message()))),
+                Err(s) => {
+                    return Err(CallError::Upstream(format!(
+                        "the relay from {region} broke off: {}",
+                        s.message()
+                    )));
+                }
             }
         }
         Ok(UpstreamAnswer {
@@ -146,11 +164,16 @@ fn async_stream(
             let mut events = state?;
             loop {
                 match events.message().await {
-                    Ok(Some(pb::RelayEvent { event: Some(Event::Chunk(c)) })) => return Some((Ok(c), Some(events))),
+                    Ok(Some(pb::RelayEvent {
+                        event: Some(Event::Chunk(c)),
+                    })) => return Some((Ok(c), Some(events))),
                     Ok(Some(_)) => continue,
                     Ok(None) => return None,
                     Err(s) => {
-                        let e = CallError::Upstream(format!("the relay from {region} broke off: {}", s.message()));
+                        let e = CallError::Upstream(format!(
+                            "the relay from {region} broke off: {}",
+                            s.message()
+                        ));
                         return Some((Err(e), None));
                     }
                 }
@@ -190,7 +213,11 @@ impl RelayServer {
     /// claim.
     fn check_caller(&self, req: &Request<pb::RelayRequest>) -> Result<(), Status> {
         let refuse = |why: String| Err(CallError::RelayRefused(why).to_status());
-        let Some(caller) = req.metadata().get(SOURCE_AGENT).and_then(|v| v.to_str().ok()) else {
+        let Some(caller) = req
+            .metadata()
+            .get(SOURCE_AGENT)
+            .and_then(|v| v.to_str().ok())
+        else {
             return refuse("relay calls are accepted only from Spillway agents".into());
         };
         let Some((region, agent)) = caller.split_once('/') else {
@@ -205,7 +232,10 @@ impl RelayServer {
             return refuse(format!("`{caller}` is not a known agent"));
         }
         if region != req.get_ref().source_region {
-            return refuse(format!("agent `{caller}` claims source region `{}`", req.get_ref().source_region));
+            return refuse(format!(
+                "agent `{caller}` claims source region `{}`",
+                req.get_ref().source_region
+            ));
         }
         Ok(())
     }
@@ -249,15 +279,24 @@ impl RelayService for RelayServer {
                 }
                 AnswerBody::Stream(mut s) => {
                     while let Some(chunk) = s.next().await {
-                        let msg = chunk.map(|c| pb::RelayEvent { event: Some(Event::Chunk(c)) });
+                        let msg = chunk.map(|c| pb::RelayEvent {
+                            event: Some(Event::Chunk(c)),
+                        });
                         let failed = msg.is_err();
-                        if tx.send(msg.map_err(|e| Status::data_loss(e.to_string()))).await.is_err() || failed {
+                        if tx
+                            .send(msg.map_err(|e| Status::data_loss(e.to_string())))
+                            .await
+                            .is_err()
+                            || failed
+                        {
                             return;
                         }
                     }
                 }
             }
-            let _ = tx.send(event(Event::Trailer(pb::RelayTrailer::default()))).await;
+            let _ = tx
+                .send(event(Event::Trailer(pb::RelayTrailer::default())))
+                .await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

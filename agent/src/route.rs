@@ -79,12 +79,19 @@ mod tests {
             first_a += usize::from(p[0] == "a");
         }
         let share = first_a as f64 / n as f64;
-        assert!((share - 0.75).abs() < 0.02, "a went first {share:.3} of the time, expected 0.75");
+        assert!(
+            (share - 0.75).abs() < 0.02,
+            "a went first {share:.3} of the time, expected 0.75"
+        );
     }
 
     #[test]
     fn default_table_keeps_the_source_first() {
-        let t = RouteTable::default_for("p", "us-east", &["us-west".into(), "us-east".into(), "eu-west".into()]);
+        let t = RouteTable::default_for(
+            "p",
+            "us-east",
+            &["us-west".into(), "us-east".into(), "eu-west".into()],
+        );
         for _ in 0..50 {
             assert_eq!(plan(&t, fastrand::f64)[0], "us-east");
         }

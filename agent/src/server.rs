@@ -61,7 +61,10 @@ impl AgentSettings {
 /// What the agent can serve locally: the models of its model servers.
 pub fn local_capabilities(servers: &[ModelServerSpec]) -> LocalCapabilities {
     LocalCapabilities {
-        models: servers.iter().flat_map(|s| s.models.iter().cloned()).collect(),
+        models: servers
+            .iter()
+            .flat_map(|s| s.models.iter().cloned())
+            .collect(),
     }
 }
 
@@ -95,7 +98,10 @@ pub async fn start(
     let region = settings.sync.region.clone();
     let agent_id = settings.sync.agent_id.clone();
     let config = sync::start(settings.sync, shutdown.clone()).await;
-    let upstreams = Arc::new(Upstreams::new(settings.model_servers, settings.upstream.clone()));
+    let upstreams = Arc::new(Upstreams::new(
+        settings.model_servers,
+        settings.upstream.clone(),
+    ));
     let relays = RelayClients::new(&region, &agent_id, settings.upstream.header_timeout);
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
@@ -140,8 +146,13 @@ pub async fn start(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(pb::relay_service_server::RelayServiceServer::new(relay))
-            .add_service(pb::inference_service_server::InferenceServiceServer::new(converse))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move { stop.wait().await })
+            .add_service(pb::inference_service_server::InferenceServiceServer::new(
+                converse,
+            ))
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(grpc),
+                async move { stop.wait().await },
+            )
             .await?;
         Ok(())
     });

@@ -38,8 +38,14 @@ impl FromStr for ModelServerSpec {
     /// `URL,models=a|b,capacity=N[,http2]`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let url = parts.next().unwrap_or_default().trim_end_matches('/').to_string();
-        let uri: Uri = url.parse().map_err(|_| format!("`{url}` is not a URL like http://host:port"))?;
+        let url = parts
+            .next()
+            .unwrap_or_default()
+            .trim_end_matches('/')
+            .to_string();
+        let uri: Uri = url
+            .parse()
+            .map_err(|_| format!("`{url}` is not a URL like http://host:port"))?;
         if uri.scheme_str() != Some("http") || uri.host().is_none() {
             return Err(format!("`{url}` must be an http:// URL with a host"));
         }
@@ -51,20 +57,32 @@ impl FromStr for ModelServerSpec {
         };
         for part in parts {
             match part.split_once('=') {
-                Some(("models", m)) => spec.models = m.split('|').filter(|m| !m.is_empty()).map(String::from).collect(),
+                Some(("models", m)) => {
+                    spec.models = m
+                        .split('|')
+                        .filter(|m| !m.is_empty())
+                        .map(String::from)
+                        .collect()
+                }
                 Some(("capacity", c)) => {
-                    spec.capacity = c
-                        .parse()
-                        .ok()
-                        .filter(|c| *c > 0)
-                        .ok_or_else(|| format!("capacity `{c}` is not a positive whole number"))?
+                    spec.capacity =
+                        c.parse().ok().filter(|c| *c > 0).ok_or_else(|| {
+                            format!("capacity `{c}` is not a positive whole number")
+                        })?
                 }
                 None if part == "http2" => spec.http2 = true,
-                _ => return Err(format!("unknown model-server option `{part}` (use models=a|b, capacity=N, http2)")),
+                _ => {
+                    return Err(format!(
+                        "unknown model-server option `{part}` (use models=a|b, capacity=N, http2)"
+                    ));
+                }
             }
         }
         if spec.models.is_empty() {
-            return Err(format!("model server `{}` names no models (add models=a|b)", spec.url));
+            return Err(format!(
+                "model server `{}` names no models (add models=a|b)",
+                spec.url
+            ));
         }
         Ok(spec)
     }
@@ -98,7 +116,11 @@ impl ModelServer {
     fn observe(&self, took: Duration) {
         let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
         let old = self.latency_us.load(Ordering::Relaxed);
-        let new = if old == 0 { sample } else { (old * 4 + sample) / 5 };
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 4 + sample) / 5
+        };
         self.latency_us.store(new.max(1), Ordering::Relaxed);
     }
 }
@@ -193,15 +215,24 @@ impl Upstreams {
 
     /// Every model some server here serves.
     pub fn models(&self) -> BTreeSet<String> {
-        self.servers.iter().flat_map(|s| s.spec.models.iter().cloned()).collect()
+        self.servers
+            .iter()
+            .flat_map(|s| s.spec.models.iter().cloned())
+            .collect()
     }
 
     /// Picks a server for `model` by power of two choices among those with a
     /// free slot, and takes the slot.
     fn pick(&self, model: &str) -> Result<(Arc<ModelServer>, InFlight), CallError> {
-        let serving: Vec<&Arc<ModelServer>> = self.servers.iter().filter(|s| s.spec.models.contains(model)).collect();
+        let serving: Vec<&Arc<ModelServer>> = self
+            .servers
+            .iter()
+            .filter(|s| s.spec.models.contains(model))
+            .collect();
         if serving.is_empty() {
-            return Err(CallError::Unavailable(format!("no model server in this region serves `{model}`")));
+            return Err(CallError::Unavailable(format!(
+                "no model server in this region serves `{model}`"
+            )));
         }
         // Claim a slot on the better of two random servers; when it filled up
         // in between, try the other, then the rest in order of load.
@@ -214,57 +245,87 @@ impl Upstreams {
             if b >= a {
                 b += 1;
             }
-            let (win, lose) = if score(&a) <= score(&b) { (a, b) } else { (b, a) };
+            let (win, lose) = if score(&a) <= score(&b) {
+                (a, b)
+            } else {
+                (b, a)
+            };
             order.retain(|i| *i != win && *i != lose);
             order.splice(0..0, [win, lose]);
         }
         for server in order.into_iter().map(|i| serving[i]) {
             let claimed = server
                 .in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < server.spec.capacity).then_some(n + 1));
+                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                    (n < server.spec.capacity).then_some(n + 1)
+                });
             if claimed.is_ok() {
                 return Ok((server.clone(), InFlight(server.clone())));
             }
         }
-        Err(CallError::Throttled(format!("every model server for `{model}` in this region is at capacity")))
+        Err(CallError::Throttled(format!(
+            "every model server for `{model}` in this region is at capacity"
+        )))
     }
 
     /// Calls a model server of this region. `body` is the chat-completions
     /// request with `model` already set.
-    pub async fn call(&self, model: &str, body: Bytes, stream: bool) -> Result<UpstreamAnswer, CallError> {
+    pub async fn call(
+        &self,
+        model: &str,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpstreamAnswer, CallError> {
         let (server, slot) = self.pick(model)?;
         let req = Request::post(server.completions.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("a valid request");
-        let client = if server.spec.http2 { &self.http2 } else { &self.http1 };
-        let started = Instant::now();
-        let resp = match tokio::time::timeout(self.settings.header_timeout, client.request(req)).await {
-            Err(_) => {
-                return Err(CallError::Unavailable(format!(
-                    "model server {} did not answer within {:?}",
-                    server.spec.url, self.settings.header_timeout
-                )));
-            }
-            Ok(Err(e)) => {
-                return Err(CallError::Unavailable(format!("model server {}: {}", server.spec.url, chain(&e))));
-            }
-            Ok(Ok(resp)) => resp,
+        let client = if server.spec.http2 {
+            &self.http2
+        } else {
+            &self.http1
         };
+        let started = Instant::now();
+        let resp =
+            match tokio::time::timeout(self.settings.header_timeout, client.request(req)).await {
+                Err(_) => {
+                    return Err(CallError::Unavailable(format!(
+                        "model server {} did not answer within {:?}",
+                        server.spec.url, self.settings.header_timeout
+                    )));
+                }
+                Ok(Err(e)) => {
+                    return Err(CallError::Unavailable(format!(
+                        "model server {}: {}",
+                        server.spec.url,
+                        chain(&e)
+                    )));
+                }
+                Ok(Ok(resp)) => resp,
+            };
         server.observe(started.elapsed());
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
-            return Err(CallError::Throttled(format!("model server {} is throttling", server.spec.url)));
+            return Err(CallError::Throttled(format!(
+                "model server {} is throttling",
+                server.spec.url
+            )));
         }
         if status.is_server_error() {
-            return Err(CallError::Unavailable(format!("model server {} answered {status}", server.spec.url)));
+            return Err(CallError::Unavailable(format!(
+                "model server {} answered {status}",
+                server.spec.url
+            )));
         }
         let url = server.spec.url.clone();
         if stream && status.is_success() {
             // The slot travels with the stream and is released when it ends.
             let body = resp.into_body().into_data_stream().map(move |chunk| {
                 let _slot = &slot;
-                chunk.map_err(|e| CallError::Upstream(format!("model server {url} broke off the stream: {e}")))
+                chunk.map_err(|e| {
+                    CallError::Upstream(format!("model server {url} broke off the stream: {e}"))
+                })
             });
             return Ok(UpstreamAnswer {
                 status,
@@ -273,8 +334,14 @@ impl Upstreams {
         }
         let body = tokio::time::timeout(self.settings.body_timeout, resp.into_body().collect())
             .await
-            .map_err(|_| CallError::Upstream(format!("model server {url} did not finish its answer in time")))?
-            .map_err(|e| CallError::Upstream(format!("model server {url} broke off its answer: {e}")))?
+            .map_err(|_| {
+                CallError::Upstream(format!(
+                    "model server {url} did not finish its answer in time"
+                ))
+            })?
+            .map_err(|e| {
+                CallError::Upstream(format!("model server {url} broke off its answer: {e}"))
+            })?
             .to_bytes();
         drop(slot);
         Ok(UpstreamAnswer {
@@ -309,18 +376,28 @@ mod tests {
 
     #[test]
     fn parses_model_server_flags() {
-        let s: ModelServerSpec = "http://127.0.0.1:8000/,models=a|b,capacity=8,http2".parse().unwrap();
+        let s: ModelServerSpec = "http://127.0.0.1:8000/,models=a|b,capacity=8,http2"
+            .parse()
+            .unwrap();
         assert_eq!(s.url, "http://127.0.0.1:8000");
         assert_eq!(s.models.len(), 2);
         assert_eq!((s.capacity, s.http2), (8, true));
-        for bad in ["ftp://x,models=a", "http://x", "http://x,models=a,capacity=0", "http://x,models=a,weird"] {
+        for bad in [
+            "ftp://x,models=a",
+            "http://x",
+            "http://x,models=a,capacity=0",
+            "http://x,models=a,weird",
+        ] {
             assert!(bad.parse::<ModelServerSpec>().is_err(), "{bad}");
         }
     }
 
     #[test]
     fn picks_by_load_and_throttles_at_capacity() {
-        let up = Upstreams::new(vec![spec("http://a", 2), spec("http://b", 2)], UpstreamSettings::default());
+        let up = Upstreams::new(
+            vec![spec("http://a", 2), spec("http://b", 2)],
+            UpstreamSettings::default(),
+        );
         let mut slots = Vec::new();
         for _ in 0..4 {
             slots.push(up.pick("m").expect("a free slot").1);

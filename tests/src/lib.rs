@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+pub mod cluster;
 pub mod proxy;
 pub mod sim;
 
@@ -292,7 +293,12 @@ pub struct AgentOptions<'a> {
 }
 
 impl<'a> AgentOptions<'a> {
-    pub fn new(id: &'a str, region: &'a str, control_planes: &'a [String], state_dir: &'a Path) -> Self {
+    pub fn new(
+        id: &'a str,
+        region: &'a str,
+        control_planes: &'a [String],
+        state_dir: &'a Path,
+    ) -> Self {
         AgentOptions {
             id,
             region,
@@ -319,7 +325,13 @@ pub fn model_server(addr: SocketAddr, models: &[&str], capacity: u32) -> ModelSe
 impl TestAgent {
     /// An agent whose (unreachable) model servers serve `models`: enough for
     /// config-stream tests.
-    pub async fn start(id: &str, region: &str, control_planes: &[String], state_dir: &Path, models: &[&str]) -> TestAgent {
+    pub async fn start(
+        id: &str,
+        region: &str,
+        control_planes: &[String],
+        state_dir: &Path,
+        models: &[&str],
+    ) -> TestAgent {
         let mut opts = AgentOptions::new(id, region, control_planes, state_dir);
         let nowhere: SocketAddr = "127.0.0.1:9".parse().expect("an address");
         opts.model_servers = vec![model_server(nowhere, models, 8)];
@@ -327,8 +339,12 @@ impl TestAgent {
     }
 
     pub async fn start_with(opts: AgentOptions<'_>) -> TestAgent {
-        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("agent gRPC listener");
-        let http = TcpListener::bind("127.0.0.1:0").await.expect("agent HTTP listener");
+        let grpc = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("agent gRPC listener");
+        let http = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("agent HTTP listener");
         let addr = grpc.local_addr().expect("agent address");
         let http_addr = http.local_addr().expect("agent HTTP address");
         let settings = AgentSettings {
@@ -378,9 +394,17 @@ impl TestAgent {
     }
 
     /// Waits until the agent's config satisfies `check`.
-    pub async fn wait_for(&self, what: &str, check: impl Fn(&AgentConfig) -> bool) -> Arc<AgentConfig> {
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        check: impl Fn(&AgentConfig) -> bool,
+    ) -> Arc<AgentConfig> {
         let mut rx: watch::Receiver<_> = self.config.clone();
-        let found = tokio::time::timeout(Duration::from_secs(15), rx.wait_for(|c| c.as_deref().is_some_and(&check))).await;
+        let found = tokio::time::timeout(
+            Duration::from_secs(15),
+            rx.wait_for(|c| c.as_deref().is_some_and(&check)),
+        )
+        .await;
         match found {
             Ok(Ok(c)) => c.clone().expect("checked above"),
             _ => panic!(
@@ -406,12 +430,20 @@ pub struct TestSim {
 
 impl TestSim {
     pub async fn start(config: sim::SimConfig) -> TestSim {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("sim listener");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("sim listener");
         let addr = listener.local_addr().expect("sim address");
         let state = sim::SimState::new(config);
         let (trigger, mut shutdown) = shutdown::channel();
-        tokio::spawn(sim::serve(listener, state.clone(), async move { shutdown.wait().await }));
-        TestSim { addr, state, trigger }
+        tokio::spawn(sim::serve(listener, state.clone(), async move {
+            shutdown.wait().await
+        }));
+        TestSim {
+            addr,
+            state,
+            trigger,
+        }
     }
 
     pub fn served(&self) -> u64 {

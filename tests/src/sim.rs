@@ -79,7 +79,10 @@ impl SimState {
     }
 
     fn snapshot(&self) -> SimConfig {
-        self.config.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -101,13 +104,24 @@ pub fn router(state: Arc<SimState>) -> Router {
 }
 
 /// Serves until `shutdown` resolves.
-pub async fn serve(listener: TcpListener, state: Arc<SimState>, shutdown: impl Future<Output = ()> + Send + 'static) {
-    let _ = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await;
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<SimState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let _ = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
 }
 
 fn error(status: StatusCode, kind: &str, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
-    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(s): State<Arc<SimState>>) -> String {
@@ -129,22 +143,40 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
     let cfg = s.snapshot();
     if s.down.load(Ordering::Relaxed) {
         s.failed.fetch_add(1, Ordering::Relaxed);
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "simulated outage");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "simulated outage",
+        );
     }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request_error", "body is not JSON");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body is not JSON",
+        );
     };
     let claimed = s
         .in_flight
-        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < cfg.max_concurrent).then_some(n + 1));
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < cfg.max_concurrent).then_some(n + 1)
+        });
     if claimed.is_err() {
         s.throttled.fetch_add(1, Ordering::Relaxed);
-        return error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "simulated server is at capacity");
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            "simulated server is at capacity",
+        );
     }
     let slot = Slot(s.clone());
     if cfg.failure_rate > 0.0 && fastrand::f64() < cfg.failure_rate {
         s.failed.fetch_add(1, Ordering::Relaxed);
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "simulated failure");
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "simulated failure",
+        );
     }
     if cfg.garbage {
         s.served.fetch_add(1, Ordering::Relaxed);
@@ -157,7 +189,11 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
         .unwrap_or(u64::MAX);
     let n = u64::from(cfg.output_tokens).min(max_tokens).max(1) as u32;
     let prompt_tokens = (body.len() / 4).max(1) as u32;
-    let finish = if u64::from(cfg.output_tokens) > max_tokens { "length" } else { "stop" };
+    let finish = if u64::from(cfg.output_tokens) > max_tokens {
+        "length"
+    } else {
+        "stop"
+    };
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
     let id = format!("chatcmpl-sim-{}", fastrand::u64(..));
     let stream = req["stream"].as_bool().unwrap_or(false);
@@ -171,9 +207,16 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
         });
         s.served.fetch_add(1, Ordering::Relaxed);
         drop(slot);
-        return (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], answer.to_string()).into_response();
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            answer.to_string(),
+        )
+            .into_response();
     }
-    let include_usage = req["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    let include_usage = req["stream_options"]["include_usage"]
+        .as_bool()
+        .unwrap_or(false);
     let chunk = move |delta: Value, finish: Option<&str>| {
         let c = json!({
             "id": id, "object": "chat.completion.chunk", "created": 0, "model": model,
@@ -206,8 +249,10 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
         s.served.fetch_add(1, Ordering::Relaxed);
     });
     let mut r = Response::new(Body::from_stream(events));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     r
 }
 

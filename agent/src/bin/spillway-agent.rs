@@ -9,7 +9,10 @@ async fn main() {
     let args = AgentArgs::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if let Err(e) = run(args).await {
         eprintln!("spillway-agent: {e}");
         std::process::exit(1);
@@ -18,7 +21,9 @@ async fn main() {
 
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if !args.insecure_dev {
-        anyhow::bail!("TLS is not configured in this build; pass --insecure-dev to talk plaintext for development");
+        anyhow::bail!(
+            "TLS is not configured in this build; pass --insecure-dev to talk plaintext for development"
+        );
     }
     if args.model_servers.is_empty() {
         tracing::warn!("no --model-server given: this agent can only relay calls to other regions");
@@ -26,10 +31,14 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     tracing::warn!("--insecure-dev: plaintext gRPC and HTTP; never do this outside development");
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--grpc-listen): {e}", args.grpc_listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (--grpc-listen): {e}", args.grpc_listen)
+        })?;
     let http = tokio::net::TcpListener::bind(args.http_listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--http-listen): {e}", args.http_listen))?;
+        .map_err(|e| {
+            anyhow::anyhow!("cannot listen on {} (--http-listen): {e}", args.http_listen)
+        })?;
     // One line on stdout that scripts and the test harness wait for.
     println!(
         "spillway-agent listening grpc={} http={}",

@@ -34,7 +34,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !(0.0..=1.0).contains(&args.failure_rate) {
-        anyhow::bail!("--failure-rate {} is not between 0 and 1", args.failure_rate);
+        anyhow::bail!(
+            "--failure-rate {} is not between 0 and 1",
+            args.failure_rate
+        );
     }
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -1,0 +1,260 @@
+//! A three-region cluster for data-plane tests: a control-plane process,
+//! one in-process agent per region, each with its own simulated model
+//! servers, and the sample profiles. Plus a small HTTP client for raw calls.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use spillway_proto::pb;
+
+use crate::sim::SimConfig;
+use crate::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server};
+
+pub const MODEL: &str = "llama-3.1-8b";
+pub const US: &str = "us.llama-3.1-8b";
+pub const EU: &str = "eu.llama-3.1-8b";
+pub const GLOBAL: &str = "global.llama-3.1-8b";
+pub const REGIONS: [(&str, &str); 3] = [("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")];
+
+/// One region: its agent and its model servers.
+pub struct Region {
+    pub agent: TestAgent,
+    pub sims: Vec<TestSim>,
+    _dir: tempfile::TempDir,
+}
+
+impl Region {
+    /// Calls its model servers served.
+    pub fn served(&self) -> u64 {
+        self.sims.iter().map(TestSim::served).sum()
+    }
+}
+
+pub struct Cluster {
+    pub cp: ControlPlane,
+    pub regions: BTreeMap<&'static str, Region>,
+}
+
+/// How each region's model servers behave; the agent's capacity per server
+/// is the simulator's `max_concurrent`.
+pub struct ClusterSpec {
+    pub sims_per_region: usize,
+    pub sim: BTreeMap<&'static str, SimConfig>,
+    pub max_body_bytes: usize,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            sims_per_region: 2,
+            sim: REGIONS
+                .iter()
+                .map(|(r, _)| (*r, SimConfig::default()))
+                .collect(),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Cluster {
+    pub async fn start(spec: ClusterSpec) -> Cluster {
+        let cp = ControlPlane::start(None, "cp").await;
+        let mut admin = cp.admin().await;
+        for (name, geo) in REGIONS {
+            let region = pb::Region {
+                name: name.into(),
+                geography: geo.into(),
+                ..Default::default()
+            };
+            admin
+                .create_region(pb::CreateRegionRequest {
+                    region: Some(region),
+                })
+                .await
+                .unwrap();
+        }
+        for (id, dest) in [
+            (US, &["us-east", "us-west"][..]),
+            (EU, &["eu-west"][..]),
+            (GLOBAL, &["us-east", "us-west", "eu-west"][..]),
+        ] {
+            let profile = pb::InferenceProfile {
+                id: id.into(),
+                destinations: dest.iter().map(|d| d.to_string()).collect(),
+                ..Default::default()
+            };
+            admin
+                .create_profile(pb::CreateProfileRequest {
+                    profile: Some(profile),
+                })
+                .await
+                .unwrap();
+        }
+        let planes = [cp.url()];
+        let mut regions = BTreeMap::new();
+        for (name, _) in REGIONS {
+            let config = spec.sim.get(name).cloned().unwrap_or_default();
+            let mut sims = Vec::new();
+            for _ in 0..spec.sims_per_region {
+                sims.push(TestSim::start(config.clone()).await);
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let mut opts = AgentOptions::new("agent-1", name, &planes, dir.path());
+            opts.model_servers = sims
+                .iter()
+                .map(|s| model_server(s.addr, &[MODEL], config.max_concurrent))
+                .collect();
+            opts.max_body_bytes = spec.max_body_bytes;
+            opts.upstream_timeout = Duration::from_secs(5);
+            let agent = TestAgent::start_with(opts).await;
+            regions.insert(
+                name,
+                Region {
+                    agent,
+                    sims,
+                    _dir: dir,
+                },
+            );
+        }
+        // Ready when every agent knows every profile of its geography and
+        // every other region's relay endpoint.
+        for region in regions.values() {
+            region
+                .agent
+                .wait_for("its profiles and every region's relay", |c| {
+                    c.profiles.contains_key(GLOBAL) && c.relays.len() == REGIONS.len()
+                })
+                .await;
+        }
+        Cluster { cp, regions }
+    }
+
+    pub fn region(&self, name: &str) -> &Region {
+        &self.regions[name]
+    }
+
+    /// Sets a route table and waits until the source region's agent has it.
+    pub async fn set_route(&self, profile: &str, source: &str, dest: &[(&str, f64)]) {
+        let mut admin = self.cp.admin().await;
+        let table = pb::RouteTable {
+            profile: profile.into(),
+            source_region: source.into(),
+            destinations: dest
+                .iter()
+                .map(|(r, w)| pb::RouteDestination {
+                    region: r.to_string(),
+                    weight: *w,
+                    priority: 0,
+                })
+                .collect(),
+            revision: 0,
+        };
+        admin
+            .create_route_table(pb::CreateRouteTableRequest {
+                route_table: Some(table),
+            })
+            .await
+            .unwrap();
+        let want: Vec<String> = dest.iter().map(|(r, _)| r.to_string()).collect();
+        self.region(source)
+            .agent
+            .wait_for("the new route table", |c| {
+                c.routes.get(profile).is_some_and(|t| {
+                    t.destinations
+                        .iter()
+                        .map(|d| d.region.clone())
+                        .collect::<Vec<_>>()
+                        == want
+                })
+            })
+            .await;
+    }
+}
+
+/// A raw HTTP answer.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn region(&self) -> Option<&str> {
+        self.headers
+            .get("x-spillway-inference-region")
+            .and_then(|v| v.to_str().ok())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A pooled HTTP/1.1 client for tests.
+#[derive(Clone)]
+pub struct Http(Client<HttpConnector, Full<Bytes>>);
+
+impl Default for Http {
+    fn default() -> Self {
+        Http(Client::builder(TokioExecutor::new()).build(HttpConnector::new()))
+    }
+}
+
+impl Http {
+    pub async fn post(&self, addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> HttpAnswer {
+        let req = Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        self.send(req).await
+    }
+
+    pub async fn get(&self, addr: SocketAddr, path: &str) -> HttpAnswer {
+        let req = Request::get(format!("http://{addr}{path}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        self.send(req).await
+    }
+
+    async fn send(&self, req: Request<Full<Bytes>>) -> HttpAnswer {
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
+            .await
+            .expect("an answer within 30s")
+            .expect("an HTTP answer");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = tokio::time::timeout(Duration::from_secs(30), resp.into_body().collect())
+            .await
+            .expect("a whole body within 30s")
+            .expect("a readable body")
+            .to_bytes();
+        HttpAnswer {
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+/// A chat-completions body for `model`.
+pub fn chat(model: &str, stream: bool) -> String {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "hello"}],
+        "stream": stream,
+        "stream_options": if stream { serde_json::json!({"include_usage": true}) } else { serde_json::Value::Null },
+    })
+    .to_string()
+}

@@ -1,0 +1,274 @@
+//! The data plane end to end: a control-plane process, three regions with an
+//! agent and two simulated model servers each, calls through the HTTP and
+//! gRPC front doors. Source first, spillover, throttling, failover,
+//! streaming through the relay, and the serving region on every answer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use spillway_proto::pb::{self, inference_service_client::InferenceServiceClient};
+use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, Http, US, chat};
+use spillway_tests::sim::{SimConfig, token};
+
+fn slow(max_concurrent: u32) -> SimConfig {
+    SimConfig {
+        ttft: Duration::from_millis(300),
+        max_concurrent,
+        ..SimConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn with_spare_capacity_every_call_stays_in_the_source_region() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let http = Http::default();
+    let east = &cluster.region("us-east").agent;
+    for _ in 0..20 {
+        let a = http
+            .post(east.http, "/v1/chat/completions", chat(GLOBAL, false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.region(), Some("us-east"));
+        assert_eq!(
+            a.json()["choices"][0]["message"]["content"],
+            (0..16).map(token).collect::<String>()
+        );
+    }
+    assert_eq!(cluster.region("us-east").served(), 20);
+    assert_eq!(
+        cluster.region("us-west").served() + cluster.region("eu-west").served(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_saturated_source_spills_the_excess_and_nothing_fails() {
+    let mut spec = ClusterSpec::default();
+    // us-east takes 2 x 2 concurrent calls; the others plenty.
+    spec.sim.insert("us-east", slow(2));
+    spec.sim.insert("us-west", slow(64));
+    spec.sim.insert("eu-west", slow(64));
+    let cluster = Cluster::start(spec).await;
+    let http = Http::default();
+    let east = cluster.region("us-east").agent.http;
+    let answers = join_all((0..12).map(|_| {
+        let http = http.clone();
+        async move {
+            http.post(east, "/v1/chat/completions", chat(US, false))
+                .await
+        }
+    }))
+    .await;
+    let mut by_region: BTreeMap<String, usize> = BTreeMap::new();
+    for a in &answers {
+        assert_eq!(a.status, 200, "{}", a.text());
+        *by_region
+            .entry(a.region().unwrap().to_string())
+            .or_default() += 1;
+    }
+    // The source serves what it can; the excess goes to the other region of
+    // the geography, never outside it.
+    assert_eq!(by_region.get("us-east"), Some(&4), "{by_region:?}");
+    assert_eq!(by_region.get("us-west"), Some(&8), "{by_region:?}");
+    assert_eq!(cluster.region("eu-west").served(), 0);
+    assert_eq!(cluster.region("us-east").served(), 4);
+    assert_eq!(cluster.region("us-west").served(), 8);
+}
+
+#[tokio::test]
+async fn when_every_region_is_saturated_calls_are_throttled_and_nothing_else() {
+    let mut spec = ClusterSpec::default();
+    for r in ["us-east", "us-west", "eu-west"] {
+        spec.sim.insert(r, slow(1));
+    }
+    let cluster = Cluster::start(spec).await;
+    let http = Http::default();
+    let east = cluster.region("us-east").agent.http;
+    let answers = join_all((0..12).map(|_| {
+        let http = http.clone();
+        async move {
+            http.post(east, "/v1/chat/completions", chat(US, false))
+                .await
+        }
+    }))
+    .await;
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let throttled: Vec<_> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(
+        ok + throttled.len(),
+        answers.len(),
+        "only successes and throttles"
+    );
+    assert_eq!(ok, 4, "2 servers in each of the 2 US regions");
+    let t = throttled[0];
+    assert_eq!(
+        t.headers.get("retry-after").map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let e = t.json();
+    assert_eq!(e["error"]["type"], "rate_limit_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains(US), "{e}");
+    assert_eq!(cluster.region("eu-west").served(), 0);
+}
+
+#[tokio::test]
+async fn a_region_that_stops_answering_costs_no_failed_calls() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let http = Http::default();
+    let east = cluster.region("us-east").agent.http;
+    let first = http
+        .post(east, "/v1/chat/completions", chat(US, false))
+        .await;
+    assert_eq!(first.region(), Some("us-east"));
+    for sim in &cluster.region("us-east").sims {
+        sim.stop();
+    }
+    for _ in 0..20 {
+        let a = http
+            .post(east, "/v1/chat/completions", chat(US, false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.region(), Some("us-west"));
+    }
+    assert_eq!(cluster.region("us-west").served(), 20);
+}
+
+/// Collects the content deltas and the usage of an SSE answer.
+fn sse_content(body: &str) -> (String, Option<serde_json::Value>, bool) {
+    let mut text = String::new();
+    let mut usage = None;
+    let mut done = false;
+    for event in body.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("not an SSE data event: {event:?}"));
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert!(chunk.get("error").is_none(), "error event: {chunk}");
+        if let Some(c) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+        if !chunk["usage"].is_null() {
+            usage = Some(chunk["usage"].clone());
+        }
+    }
+    (text, usage, done)
+}
+
+#[tokio::test]
+async fn streams_through_the_relay_deliver_every_token_in_order() {
+    let mut spec = ClusterSpec::default();
+    spec.sim.insert(
+        "us-west",
+        SimConfig {
+            inter_token: Duration::from_millis(2),
+            output_tokens: 50,
+            ..SimConfig::default()
+        },
+    );
+    let cluster = Cluster::start(spec).await;
+    // us-east sends everything to us-west.
+    cluster.set_route(US, "us-east", &[("us-west", 1.0)]).await;
+    let http = Http::default();
+    let a = http
+        .post(
+            cluster.region("us-east").agent.http,
+            "/v1/chat/completions",
+            chat(US, true),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.region(), Some("us-west"));
+    assert_eq!(a.headers["content-type"], "text/event-stream");
+    let (text, usage, done) = sse_content(&a.text());
+    assert_eq!(text, (0..50).map(token).collect::<String>());
+    assert_eq!(
+        usage.expect("include_usage asks for usage")["completion_tokens"],
+        50
+    );
+    assert!(done, "the stream ends with [DONE]");
+    assert_eq!(cluster.region("us-east").served(), 0);
+}
+
+#[tokio::test]
+async fn converse_over_grpc_names_the_serving_region() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    cluster
+        .set_route(GLOBAL, "eu-west", &[("us-east", 1.0)])
+        .await;
+    let eu = cluster.region("eu-west").agent.addr;
+    let mut client = InferenceServiceClient::connect(format!("http://{eu}"))
+        .await
+        .unwrap();
+    let req = pb::ConverseRequest {
+        model_id: GLOBAL.into(),
+        messages: vec![pb::Message {
+            role: pb::Role::User.into(),
+            content: vec![pb::ContentBlock {
+                block: Some(pb::content_block::Block::Text("hello".into())),
+            }],
+        }],
+        system: vec![],
+        inference_config: Some(pb::InferenceConfig {
+            max_tokens: Some(5),
+            ..Default::default()
+        }),
+        request_metadata: Default::default(),
+    };
+    let resp = client.converse(req.clone()).await.unwrap();
+    assert_eq!(
+        resp.metadata().get("x-spillway-inference-region").unwrap(),
+        "us-east"
+    );
+    let resp = resp.into_inner();
+    assert_eq!(resp.inference_region, "us-east");
+    let text = match &resp.output.unwrap().content[0].block {
+        Some(pb::content_block::Block::Text(t)) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(text, (0..5).map(token).collect::<String>());
+    assert_eq!(resp.stop_reason, pb::StopReason::MaxTokens as i32);
+    assert_eq!(resp.usage.unwrap().output_tokens, 5);
+
+    let mut events = client.converse_stream(req).await.unwrap().into_inner();
+    let mut text = String::new();
+    let mut start_region = None;
+    let mut stopped = false;
+    let mut usage = None;
+    while let Some(e) = events.message().await.unwrap() {
+        match e.event.unwrap() {
+            pb::converse_stream_event::Event::MessageStart(s) => {
+                start_region = Some(s.inference_region)
+            }
+            pb::converse_stream_event::Event::ContentDelta(d) => text.push_str(&d.text),
+            pb::converse_stream_event::Event::MessageStop(_) => stopped = true,
+            pb::converse_stream_event::Event::Metadata(m) => usage = m.usage,
+        }
+    }
+    assert_eq!(start_region.as_deref(), Some("us-east"));
+    assert_eq!(text, (0..5).map(token).collect::<String>());
+    assert!(stopped);
+    assert_eq!(usage.unwrap().output_tokens, 5);
+    assert_eq!(cluster.region("eu-west").served(), 0);
+}
+
+#[tokio::test]
+async fn models_lists_the_profiles_callable_from_the_region() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let http = Http::default();
+    let a = http
+        .get(cluster.region("us-east").agent.http, "/v1/models")
+        .await;
+    assert_eq!(a.status, 200);
+    let ids: Vec<String> = a.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, [GLOBAL, US]);
+}
