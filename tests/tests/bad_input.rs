@@ -2,7 +2,10 @@
 //! status), and nothing else changes: no model server sees the call, and the
 //! agent goes on serving good calls.
 
-use spillway_proto::pb::{self, inference_service_client::InferenceServiceClient, relay_service_client::RelayServiceClient};
+use spillway_proto::pb::{
+    self, inference_service_client::InferenceServiceClient,
+    relay_service_client::RelayServiceClient,
+};
 use spillway_tests::cluster::{Cluster, ClusterSpec, EU, Http, MODEL, US, chat};
 use spillway_tests::sim::SimConfig;
 use tonic::Code;
@@ -19,16 +22,70 @@ async fn http_bad_input_is_refused_with_the_field_named() {
     let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
     let cases: Vec<(String, u16, Option<&str>, Option<&str>, &str)> = vec![
         // (body, status, param, code, words in the message)
-        (chat("no.such-profile", false), 404, Some("model"), Some("model_not_found"), "no.such-profile"),
-        (chat(EU, false), 400, Some("model"), Some("model_not_available_in_region"), "us-east"),
+        (
+            chat("no.such-profile", false),
+            404,
+            Some("model"),
+            Some("model_not_found"),
+            "no.such-profile",
+        ),
+        (
+            chat(EU, false),
+            400,
+            Some("model"),
+            Some("model_not_available_in_region"),
+            "us-east",
+        ),
         ("{not json".into(), 400, None, None, "not valid JSON"),
-        (format!(r#"{{"model":"{US}"}}"#), 400, Some("messages"), None, "`messages` is required"),
-        (format!(r#"{{"model":"{US}","messages":"hi"}}"#), 400, Some("messages"), None, "must be an array"),
-        (format!(r#"{{"model":5,{msgs}}}"#), 400, Some("model"), None, "must be a string"),
-        (format!(r#"{{"model":"{US}",{msgs},"stream":"yes"}}"#), 400, Some("stream"), None, "true or false"),
-        (format!(r#"{{"model":"{US}",{msgs},"max_tokens":0}}"#), 400, Some("max_tokens"), None, "from 1 to"),
-        (format!(r#"{{"model":"{US}",{msgs},"max_tokens":100000000}}"#), 400, Some("max_tokens"), None, "from 1 to"),
-        (format!(r#"{{"model":"{US}","messages":[{{"role":"robot","content":"x"}}]}}"#), 400, Some("messages[0].role"), None, "one of"),
+        (
+            format!(r#"{{"model":"{US}"}}"#),
+            400,
+            Some("messages"),
+            None,
+            "`messages` is required",
+        ),
+        (
+            format!(r#"{{"model":"{US}","messages":"hi"}}"#),
+            400,
+            Some("messages"),
+            None,
+            "must be an array",
+        ),
+        (
+            format!(r#"{{"model":5,{msgs}}}"#),
+            400,
+            Some("model"),
+            None,
+            "must be a string",
+        ),
+        (
+            format!(r#"{{"model":"{US}",{msgs},"stream":"yes"}}"#),
+            400,
+            Some("stream"),
+            None,
+            "true or false",
+        ),
+        (
+            format!(r#"{{"model":"{US}",{msgs},"max_tokens":0}}"#),
+            400,
+            Some("max_tokens"),
+            None,
+            "from 1 to",
+        ),
+        (
+            format!(r#"{{"model":"{US}",{msgs},"max_tokens":100000000}}"#),
+            400,
+            Some("max_tokens"),
+            None,
+            "from 1 to",
+        ),
+        (
+            format!(r#"{{"model":"{US}","messages":[{{"role":"robot","content":"x"}}]}}"#),
+            400,
+            Some("messages[0].role"),
+            None,
+            "one of",
+        ),
     ];
     for (body, status, param, code, words) in cases {
         let a = http.post(east, "/v1/chat/completions", body.clone()).await;
@@ -36,17 +93,25 @@ async fn http_bad_input_is_refused_with_the_field_named() {
         let e = a.json();
         assert_eq!(e["error"]["param"].as_str(), param, "{body}: {e}");
         assert_eq!(e["error"]["code"].as_str(), code, "{body}: {e}");
-        assert!(e["error"]["message"].as_str().unwrap().contains(words), "{body}: {e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains(words),
+            "{body}: {e}"
+        );
     }
     // Over the body limit: 413.
-    let huge = format!(r#"{{"model":"{US}","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(100 * 1024));
+    let huge = format!(
+        r#"{{"model":"{US}","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(100 * 1024)
+    );
     let a = http.post(east, "/v1/chat/completions", huge).await;
     assert_eq!(a.status, 413, "{}", a.text());
     assert_eq!(a.json()["error"]["code"], "request_too_large");
 
     // Nothing reached a model server, and good calls still work.
     assert_eq!(served_everywhere(&cluster).await, 0);
-    let ok = http.post(east, "/v1/chat/completions", chat(US, false)).await;
+    let ok = http
+        .post(east, "/v1/chat/completions", chat(US, false))
+        .await;
     assert_eq!(ok.status, 200, "{}", ok.text());
 }
 
@@ -71,18 +136,28 @@ fn converse(model: &str, max_tokens: Option<u32>) -> pb::ConverseRequest {
 async fn grpc_bad_input_is_refused_with_the_field_named() {
     let cluster = Cluster::start(ClusterSpec::default()).await;
     let east = cluster.region("us-east").agent.addr;
-    let mut client = InferenceServiceClient::connect(format!("http://{east}")).await.unwrap();
+    let mut client = InferenceServiceClient::connect(format!("http://{east}"))
+        .await
+        .unwrap();
     let mut no_messages = converse(US, None);
     no_messages.messages.clear();
     let mut no_role = converse(US, None);
     no_role.messages[0].role = pb::Role::Unspecified.into();
     let cases = [
-        (converse("no.such-profile", None), Code::NotFound, "no.such-profile"),
+        (
+            converse("no.such-profile", None),
+            Code::NotFound,
+            "no.such-profile",
+        ),
         (converse(EU, None), Code::FailedPrecondition, "us-east"),
         (converse("", None), Code::InvalidArgument, "model_id"),
         (no_messages, Code::InvalidArgument, "messages"),
         (no_role, Code::InvalidArgument, "messages[0].role"),
-        (converse(US, Some(0)), Code::InvalidArgument, "inference_config.max_tokens"),
+        (
+            converse(US, Some(0)),
+            Code::InvalidArgument,
+            "inference_config.max_tokens",
+        ),
     ];
     for (req, code, words) in cases {
         let s = client.converse(req.clone()).await.expect_err("refused");
@@ -99,7 +174,9 @@ async fn grpc_bad_input_is_refused_with_the_field_named() {
 async fn relay_calls_from_something_that_is_not_an_agent_are_refused() {
     let cluster = Cluster::start(ClusterSpec::default()).await;
     let west = cluster.region("us-west").agent.addr;
-    let mut client = RelayServiceClient::connect(format!("http://{west}")).await.unwrap();
+    let mut client = RelayServiceClient::connect(format!("http://{west}"))
+        .await
+        .unwrap();
     let req = || pb::RelayRequest {
         source_region: "us-east".into(),
         profile: US.into(),
@@ -110,7 +187,9 @@ async fn relay_calls_from_something_that_is_not_an_agent_are_refused() {
     let s = client.relay(req()).await.expect_err("no identity");
     assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
     let mut forged = tonic::Request::new(req());
-    forged.metadata_mut().insert("spillway-source-agent", "us-east/intruder".parse().unwrap());
+    forged
+        .metadata_mut()
+        .insert("spillway-source-agent", "us-east/intruder".parse().unwrap());
     let s = client.relay(forged).await.expect_err("unknown agent");
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("us-east/intruder"), "{}", s.message());
@@ -119,8 +198,17 @@ async fn relay_calls_from_something_that_is_not_an_agent_are_refused() {
         source_region: "eu-west".into(),
         ..req()
     });
-    wrong_region.metadata_mut().insert("spillway-source-agent", "us-east/agent-1".parse().unwrap());
-    assert_eq!(client.relay(wrong_region).await.expect_err("mismatch").code(), Code::PermissionDenied);
+    wrong_region
+        .metadata_mut()
+        .insert("spillway-source-agent", "us-east/agent-1".parse().unwrap());
+    assert_eq!(
+        client
+            .relay(wrong_region)
+            .await
+            .expect_err("mismatch")
+            .code(),
+        Code::PermissionDenied
+    );
     assert_eq!(cluster.region("us-west").served(), 0);
 }
 
@@ -137,16 +225,29 @@ async fn a_model_server_answering_garbage_gets_502_and_the_agent_keeps_serving()
     let cluster = Cluster::start(spec).await;
     let http = Http::default();
     let east = cluster.region("us-east").agent.http;
-    let a = http.post(east, "/v1/chat/completions", chat(US, false)).await;
+    let a = http
+        .post(east, "/v1/chat/completions", chat(US, false))
+        .await;
     assert_eq!(a.status, 502, "{}", a.text());
-    assert!(a.json()["error"]["message"].as_str().unwrap().contains("not valid JSON"));
-    let mut grpc = InferenceServiceClient::connect(format!("http://{}", cluster.region("us-east").agent.addr))
+    assert!(
+        a.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    let mut grpc =
+        InferenceServiceClient::connect(format!("http://{}", cluster.region("us-east").agent.addr))
+            .await
+            .unwrap();
+    let s = grpc
+        .converse(converse(US, None))
         .await
-        .unwrap();
-    let s = grpc.converse(converse(US, None)).await.expect_err("garbage");
+        .expect_err("garbage");
     assert_eq!(s.code(), Code::Unavailable);
     // The agent keeps serving: the same profile routed elsewhere works.
     cluster.set_route(US, "us-east", &[("us-west", 1.0)]).await;
-    let ok = http.post(east, "/v1/chat/completions", chat(US, false)).await;
+    let ok = http
+        .post(east, "/v1/chat/completions", chat(US, false))
+        .await;
     assert_eq!((ok.status.as_u16(), ok.region()), (200, Some("us-west")));
 }

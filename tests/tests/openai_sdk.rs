@@ -1,0 +1,89 @@
+//! The HTTP door driven by a real OpenAI client library (async-openai),
+//! pointed at the agent with `api_base`, unchanged otherwise.
+
+use async_openai::Client;
+use async_openai::config::OpenAIConfig;
+use async_openai::types::chat::{
+    ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
+};
+use futures_util::StreamExt;
+use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, US};
+use spillway_tests::sim::token;
+
+fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
+    // The client is built with rustls; the calls here are plain HTTP.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base = format!("{}/v1", cluster.region(region).agent.base_url());
+    Client::with_config(
+        OpenAIConfig::new()
+            .with_api_base(base)
+            .with_api_key("unused"),
+    )
+}
+
+#[tokio::test]
+async fn the_openai_client_works_unchanged() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let openai = client(&cluster, "us-east");
+
+    let models = openai.models().list().await.expect("listing models");
+    let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, [GLOBAL, US]);
+
+    let request = CreateChatCompletionRequestArgs::default()
+        .model(US)
+        .max_tokens(4u32)
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("hello")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    let answer = openai
+        .chat()
+        .create(request.clone())
+        .await
+        .expect("a completion");
+    assert_eq!(
+        answer.choices[0].message.content.as_deref(),
+        Some((0..4).map(token).collect::<String>().as_str())
+    );
+    assert_eq!(answer.usage.expect("usage").completion_tokens, 4);
+
+    let mut stream = openai
+        .chat()
+        .create_stream(request)
+        .await
+        .expect("a stream");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("a chunk");
+        for choice in chunk.choices {
+            text.push_str(choice.delta.content.as_deref().unwrap_or(""));
+        }
+    }
+    assert_eq!(text, (0..4).map(token).collect::<String>());
+
+    // An unknown profile comes back as an API error the client understands.
+    let bad = CreateChatCompletionRequestArgs::default()
+        .model("nope")
+        .messages([ChatCompletionRequestUserMessageArgs::default()
+            .content("hi")
+            .build()
+            .unwrap()
+            .into()])
+        .build()
+        .unwrap();
+    match openai.chat().create(bad).await {
+        Err(async_openai::error::OpenAIError::ApiError(e)) => {
+            assert_eq!(e.status_code, 404, "{e:?}");
+            assert_eq!(
+                e.api_error.code.as_deref(),
+                Some("model_not_found"),
+                "{e:?}"
+            );
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
