@@ -6,11 +6,13 @@
 //! - `lint`: rustfmt and clippy, as CI would want them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod demo;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Spillway's project automation")]
@@ -21,10 +23,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Build and start a local multi-region cluster (etcd when installed,
-    /// else the embedded store) and show its configuration reaching agents.
+    /// Build and start a local three-region cluster (etcd when installed,
+    /// else the embedded store) with simulated model servers, send a burst
+    /// of traffic that saturates one region, and show where calls were served.
     Demo {
-        /// Stop after the scripted part instead of running until Ctrl-C.
+        /// Stop after the traffic and its table instead of running until Ctrl-C.
         #[arg(long)]
         exit_after_traffic: bool,
     },
@@ -41,25 +44,25 @@ enum Cmd {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Test { args } => test(&args),
-        Cmd::Demo { exit_after_traffic } => demo(exit_after_traffic),
+        Cmd::Demo { exit_after_traffic } => demo::demo(exit_after_traffic),
         Cmd::Lint => lint(),
     }
 }
 
-fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
 }
 
-fn run(mut c: Command, what: &str) -> Result<()> {
+pub(crate) fn run(mut c: Command, what: &str) -> Result<()> {
     eprintln!("xtask: {what}");
     let status = c
         .status()
@@ -70,7 +73,7 @@ fn run(mut c: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-fn find(name: &str) -> Option<PathBuf> {
+pub(crate) fn find(name: &str) -> Option<PathBuf> {
     std::env::var("PATH")
         .unwrap_or_default()
         .split(':')
@@ -171,25 +174,13 @@ fn lint() -> Result<()> {
     run(clippy, "cargo clippy")
 }
 
-/// Children that are killed when the demo ends, however it ends.
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if ok() {
@@ -198,250 +189,4 @@ fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Resu
         std::thread::sleep(Duration::from_millis(100));
     }
     bail!("timed out after {timeout:?} waiting for {what}")
-}
-
-const REGIONS: &[(&str, &str)] = &[("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")];
-const MODEL: &str = "llama-3.1-8b";
-
-fn demo(exit_after: bool) -> Result<()> {
-    let mut build = cargo();
-    build.args([
-        "build",
-        "--bins",
-        "-p",
-        "spillway-control-plane",
-        "-p",
-        "spillway-agent",
-    ]);
-    run(build, "building the control plane and the agent")?;
-    let bin = root().join("target/debug");
-    let dir = root().join("target/demo");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let log = |name: &str| -> Result<std::fs::File> {
-        Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
-    };
-    let mut procs = Procs(Vec::new());
-
-    // etcd when installed, else the embedded store.
-    let mut cp_args: Vec<String> = Vec::new();
-    if let Some(etcd) = find("etcd") {
-        let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(etcd)
-            .args(["--name", "demo", "--data-dir"])
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("demo={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(log("etcd")?)
-            .spawn()
-            .context("starting etcd")?;
-        procs.0.push(child);
-        wait_for("etcd", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
-        })?;
-        println!("store:          etcd at {url} (data in target/demo/etcd)");
-        cp_args = vec!["--etcd-endpoints".into(), url];
-    } else {
-        println!("store:          embedded in-memory store (etcd is not installed)");
-    }
-
-    let cp_port = free_port()?;
-    let cp_url = format!("http://127.0.0.1:{cp_port}");
-    let child = Command::new(bin.join("spillway-control-plane"))
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{cp_port}"),
-            "--insecure-dev",
-            "--replica-id",
-            "demo-cp",
-        ])
-        .args(&cp_args)
-        .stdout(Stdio::null())
-        .stderr(log("control-plane")?)
-        .spawn()
-        .context("starting the control plane")?;
-    procs.0.push(child);
-    wait_for("the control plane", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", cp_port)).is_ok()
-    })?;
-    println!("control plane:  {cp_url} (log: target/demo/control-plane.log)");
-
-    let spillctl = |args: &[&str]| -> Result<String> {
-        let out = Command::new(bin.join("spillctl"))
-            .args(["--control-plane", &cp_url])
-            .args(args)
-            .output()
-            .context("running spillctl")?;
-        if !out.status.success() {
-            bail!(
-                "spillctl {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    for (region, geo) in REGIONS {
-        spillctl(&["regions", "create", region, "--geography", geo])?;
-    }
-    spillctl(&[
-        "profiles",
-        "create",
-        &format!("us.{MODEL}"),
-        "--destinations",
-        "us-east,us-west",
-    ])?;
-    spillctl(&[
-        "profiles",
-        "create",
-        &format!("eu.{MODEL}"),
-        "--destinations",
-        "eu-west",
-    ])?;
-    spillctl(&[
-        "profiles",
-        "create",
-        &format!("global.{MODEL}"),
-        "--destinations",
-        "us-east,us-west,eu-west",
-    ])?;
-    spillctl(&[
-        "profiles",
-        "create",
-        "team-search",
-        "--base-profile",
-        &format!("us.{MODEL}"),
-        "--tag",
-        "cost-center=search",
-    ])?;
-    spillctl(&[
-        "routes",
-        "set",
-        &format!("us.{MODEL}"),
-        "--source",
-        "us-east",
-        "--dest",
-        "us-east=3",
-        "--dest",
-        "us-west=1",
-    ])?;
-
-    for (region, _) in REGIONS {
-        let port = free_port()?;
-        let child = Command::new(bin.join("spillway-agent"))
-            .args([
-                "--agent-id",
-                &format!("{region}-1"),
-                "--region",
-                region,
-                "--control-plane",
-                &cp_url,
-            ])
-            .args([
-                "--grpc-listen",
-                &format!("127.0.0.1:{port}"),
-                "--serve-model",
-                MODEL,
-                "--insecure-dev",
-            ])
-            .arg("--state-dir")
-            .arg(dir.join(format!("agent-{region}")))
-            .stdout(Stdio::null())
-            .stderr(log(&format!("agent-{region}"))?)
-            .spawn()
-            .context("starting an agent")?;
-        procs.0.push(child);
-    }
-    wait_for(
-        "every agent to ACK its config",
-        Duration::from_secs(30),
-        || {
-            spillctl(&["agents", "list", "-o", "json"])
-                .is_ok_and(|out| count_acked(&out) == REGIONS.len())
-        },
-    )?;
-    println!("\nprofiles:\n{}", spillctl(&["profiles", "list"])?);
-    println!(
-        "agents (each has ACKed the config version shown):\n{}",
-        spillctl(&["agents", "list"])?
-    );
-
-    // A live change: the route table moves, and every agent ACKs the new version.
-    spillctl(&[
-        "routes",
-        "set",
-        &format!("us.{MODEL}"),
-        "--source",
-        "us-east",
-        "--dest",
-        "us-east=1",
-        "--dest",
-        "us-west=1",
-    ])?;
-    let started = Instant::now();
-    let before = spillctl(&["agents", "list", "-o", "json"])?;
-    wait_for(
-        "the route change to be ACKed",
-        Duration::from_secs(10),
-        || {
-            spillctl(&["agents", "list", "-o", "json"])
-                .is_ok_and(|out| out != before && count_acked(&out) == REGIONS.len())
-        },
-    )?;
-    println!(
-        "route change for us-east ACKed by the agents it concerns within {:.0?}:\n{}",
-        started.elapsed(),
-        spillctl(&["agents", "list"])?
-    );
-    println!(
-        "Inference traffic (OpenAI-compatible HTTP and gRPC) is not served yet: the data plane is the next piece of work.\n"
-    );
-    if exit_after {
-        return Ok(());
-    }
-    println!(
-        "Try: target/debug/spillctl --control-plane {cp_url} routes list\nRunning until Ctrl-C."
-    );
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
-}
-
-/// How many agents in `spillctl agents list -o json` ACKed what they were
-/// last sent (a crude parse that keeps xtask free of a JSON dependency).
-fn count_acked(json: &str) -> usize {
-    let sent: Vec<&str> = json
-        .lines()
-        .filter(|l| l.contains("\"sent_version\""))
-        .collect();
-    let acked: Vec<&str> = json
-        .lines()
-        .filter(|l| l.contains("\"acked_version\""))
-        .collect();
-    sent.iter()
-        .zip(&acked)
-        .filter(|(s, a)| {
-            let num = |l: &str| {
-                l.rsplit(':')
-                    .next()
-                    .map(|v| v.trim().trim_end_matches(',').to_string())
-            };
-            let (s, a) = (num(s), num(a));
-            s.is_some() && s == a && s.as_deref() != Some("0")
-        })
-        .count()
 }
