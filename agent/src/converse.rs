@@ -33,10 +33,7 @@ pub struct ConverseDoor {
 fn text_of(blocks: &[pb::ContentBlock]) -> String {
     blocks
         .iter()
-        .filter_map(|b| match &b.block {
-            Some(Block::Text(t)) => Some(t.as_str()),
-            None => None,
-        })
+        .filter_map(|b| b.block.as_ref().map(|Block::Text(t)| t.as_str()))
         .collect::<Vec<_>>()
         .join("")
 }
