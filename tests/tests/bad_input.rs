@@ -20,8 +20,9 @@ async fn http_bad_input_is_refused_with_the_field_named() {
     let http = Http::default();
     let east = cluster.region("us-east").agent.http;
     let msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
-    let cases: Vec<(String, u16, Option<&str>, Option<&str>, &str)> = vec![
-        // (body, status, param, code, words in the message)
+    // (body, status, param, code, words in the message)
+    type Case<'a> = (String, u16, Option<&'a str>, Option<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
         (
             chat("no.such-profile", false),
             404,
