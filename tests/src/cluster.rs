@@ -258,3 +258,55 @@ pub fn chat(model: &str, stream: bool) -> String {
     })
     .to_string()
 }
+
+/// An answer whose body is read chunk by chunk as it arrives.
+pub struct Streaming {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    body: hyper::body::Incoming,
+}
+
+impl Streaming {
+    /// The next piece of the body, or `None` at its end; `Err` when the
+    /// connection broke.
+    pub async fn next(&mut self) -> Option<Result<Bytes, String>> {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), self.body.frame())
+                .await
+                .expect("a body frame within 30s")?;
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data() {
+                        return Some(Ok(data));
+                    }
+                }
+                Err(e) => return Some(Err(e.to_string())),
+            }
+        }
+    }
+}
+
+impl Http {
+    /// Posts and returns as soon as the response head arrives.
+    pub async fn post_streaming(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Streaming {
+        let req = Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
+            .await
+            .expect("an answer within 30s")
+            .expect("an HTTP answer");
+        let (parts, body) = resp.into_parts();
+        Streaming {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+}

@@ -5,7 +5,6 @@
 //! in process and change its behaviour on the fly; the demo and the
 //! benchmark run the `spillway-sim` binary.
 
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +31,8 @@ pub struct SimConfig {
     pub failure_rate: f64,
     /// Answer 200 with a body that is not JSON.
     pub garbage: bool,
+    /// Break a stream off (abort the connection) after this many tokens.
+    pub break_after: Option<u32>,
 }
 
 impl Default for SimConfig {
@@ -43,6 +44,7 @@ impl Default for SimConfig {
             max_concurrent: 64,
             failure_rate: 0.0,
             garbage: false,
+            break_after: None,
         }
     }
 }
@@ -51,6 +53,8 @@ impl Default for SimConfig {
 #[derive(Debug, Default)]
 pub struct SimState {
     pub config: Mutex<SimConfig>,
+    /// Chat-completions calls received, whatever their outcome.
+    pub received: AtomicU64,
     pub in_flight: AtomicU32,
     /// Calls answered with a completion.
     pub served: AtomicU64,
@@ -141,6 +145,7 @@ async fn metrics(State(s): State<Arc<SimState>>) -> String {
 
 async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
     let cfg = s.snapshot();
+    s.received.fetch_add(1, Ordering::Relaxed);
     if s.down.load(Ordering::Relaxed) {
         s.failed.fetch_add(1, Ordering::Relaxed);
         return error(
@@ -231,21 +236,27 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
             if i > 0 {
                 sleep(cfg.inter_token).await;
             }
+            if cfg.break_after == Some(i) {
+                // Let what was sent reach the wire, then break off.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(Err(std::io::Error::other("simulated break"))).await;
+                return;
+            }
             let delta = if i == 0 {
                 json!({"role": "assistant", "content": token(i)})
             } else {
                 json!({"content": token(i)})
             };
-            if tx.send(chunk(delta, None)).await.is_err() {
+            if tx.send(Ok(chunk(delta, None))).await.is_err() {
                 return;
             }
         }
-        let _ = tx.send(chunk(json!({}), Some(finish))).await;
+        let _ = tx.send(Ok(chunk(json!({}), Some(finish)))).await;
         if include_usage {
             let u = json!({"id": "usage", "object": "chat.completion.chunk", "choices": [], "usage": usage});
-            let _ = tx.send(Bytes::from(format!("data: {u}\n\n"))).await;
+            let _ = tx.send(Ok(Bytes::from(format!("data: {u}\n\n")))).await;
         }
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
         s.served.fetch_add(1, Ordering::Relaxed);
     });
     let mut r = Response::new(Body::from_stream(events));
@@ -268,13 +279,16 @@ async fn sleep(d: Duration) {
     }
 }
 
-/// A stream fed by a task through a small channel.
-fn async_stream<F, Fut>(produce: F) -> impl futures_util::Stream<Item = Result<Bytes, Infallible>>
+/// A stream fed by a task through a small channel; an `Err` item aborts
+/// the response mid-body.
+fn async_stream<F, Fut>(
+    produce: F,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     tokio::spawn(produce(tx));
-    futures_util::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

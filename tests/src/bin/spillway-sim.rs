@@ -50,6 +50,7 @@ async fn main() -> anyhow::Result<()> {
         max_concurrent: args.max_concurrent,
         failure_rate: args.failure_rate,
         garbage: false,
+        break_after: None,
     });
     sim::serve(listener, state, spillway_proto::shutdown::signal()).await;
     Ok(())
