@@ -272,3 +272,57 @@ async fn models_lists_the_profiles_callable_from_the_region() {
         .collect();
     assert_eq!(ids, [GLOBAL, US]);
 }
+
+#[tokio::test]
+async fn model_servers_can_be_reached_over_http2() {
+    use spillway_tests::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server};
+    let cp = ControlPlane::start(None, "cp").await;
+    let mut admin = cp.admin().await;
+    let region = pb::Region {
+        name: "us-east".into(),
+        geography: "us".into(),
+        ..Default::default()
+    };
+    admin
+        .create_region(pb::CreateRegionRequest {
+            region: Some(region),
+        })
+        .await
+        .unwrap();
+    let profile = pb::InferenceProfile {
+        id: US.into(),
+        destinations: vec!["us-east".into()],
+        ..Default::default()
+    };
+    admin
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(profile),
+        })
+        .await
+        .unwrap();
+    // The simulator speaks HTTP/1.1 and HTTP/2 (prior knowledge) on one port.
+    let sim = TestSim::start(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let planes = [cp.url()];
+    let mut opts = AgentOptions::new("a", "us-east", &planes, dir.path());
+    let mut spec = model_server(sim.addr, &["llama-3.1-8b"], 8);
+    spec.http2 = true;
+    opts.model_servers = vec![spec];
+    let agent = TestAgent::start_with(opts).await;
+    agent
+        .wait_for("its profile", |c| c.profiles.contains_key(US))
+        .await;
+    let http = Http::default();
+    for stream in [false, true] {
+        let a = http
+            .post(agent.http, "/v1/chat/completions", chat(US, stream))
+            .await;
+        assert_eq!(
+            (a.status.as_u16(), a.region()),
+            (200, Some("us-east")),
+            "{}",
+            a.text()
+        );
+    }
+    assert_eq!(sim.served(), 2);
+}
