@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use spillway_proto::pb;
 use spillway_proto::shutdown::{self, Shutdown};
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::config::AgentArgs;
 use crate::converse::ConverseDoor;
@@ -141,7 +142,6 @@ pub async fn start(
     let mut stop = shutdown.clone();
     let grpc_task = tokio::spawn(async move {
         tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
@@ -150,7 +150,7 @@ pub async fn start(
                 converse,
             ))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(grpc),
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
                 async move { stop.wait().await },
             )
             .await?;
@@ -163,6 +163,10 @@ pub async fn start(
     });
     let mut stop = shutdown;
     let http_task = tokio::spawn(async move {
+        // Small writes (stream chunks) go out at once, not after a delayed ACK.
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(http, http::router(door))
             .with_graceful_shutdown(async move { stop.wait().await })
             .await?;

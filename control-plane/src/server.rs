@@ -9,7 +9,7 @@ use std::time::Duration;
 use spillway_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::admin::Admin;
 use spillway_proto::backoff::Backoff;
@@ -149,7 +149,7 @@ pub async fn run(
         .add_service(pb::control_service_server::ControlServiceServer::new(
             Sync::new(replica),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
             stop.wait().await
         })
         .await?;

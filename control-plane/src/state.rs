@@ -156,14 +156,19 @@ async fn watch_from(
                 return Ok(WatchEnd::Compacted(compact_revision));
             }
             WatchMessage::Events { revision, events } => {
-                tx.send_modify(|s| apply(Arc::make_mut(s), revision, &events));
+                // Receivers are woken only when what agents get changed: the
+                // agent records' ACK bookkeeping alone must not wake every
+                // stream of the replica.
+                tx.send_if_modified(|s| apply(Arc::make_mut(s), revision, &events));
             }
         }
     }
     Err(StoreError::Unavailable("the watch ended".into()))
 }
 
-fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) {
+/// Applies events; returns whether the catalog or the relay endpoints
+/// changed.
+fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
     let endpoints_before: Vec<(String, String, String)> = state
         .endpoints()
         .into_iter()
@@ -215,4 +220,5 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) {
     if !same {
         state.endpoints_version = revision;
     }
+    catalog_changed || !same
 }

@@ -3,6 +3,7 @@
 //! agent's region needs, then a new snapshot (debounced) whenever that
 //! changes, and records each ACK or NACK so that every replica can list it.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +39,16 @@ pub struct Replica {
     pub debounce: Duration,
     pub shutdown: Shutdown,
     nonce: AtomicU64,
+    /// The last snapshot built per region, shared by the region's streams.
+    snapshots: std::sync::Mutex<HashMap<String, CachedSnapshot>>,
+}
+
+/// A snapshot, the versions it was built from, and its hash.
+#[derive(Clone)]
+struct CachedSnapshot {
+    built_from: (i64, i64),
+    snapshot: Arc<pb::Snapshot>,
+    hash: u64,
 }
 
 impl Replica {
@@ -57,7 +68,28 @@ impl Replica {
             debounce,
             shutdown,
             nonce: AtomicU64::new(0),
+            snapshots: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The snapshot of `region` for `state`, built once for all the
+    /// region's streams.
+    fn snapshot(&self, state: &State, region: &str) -> CachedSnapshot {
+        let from = (state.catalog_version, state.endpoints_version);
+        let mut cache = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(region)
+            && c.built_from == from
+        {
+            return c.clone();
+        }
+        let snapshot = snapshot_for(state, region);
+        let built = CachedSnapshot {
+            built_from: from,
+            hash: hash(&snapshot.encode_to_vec()),
+            snapshot: Arc::new(snapshot),
+        };
+        cache.insert(region.to_string(), built.clone());
+        built
     }
 
     fn next_nonce(&self) -> String {
@@ -118,6 +150,13 @@ impl ControlService for Sync {
     }
 }
 
+fn hash(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
+}
+
 fn check_hello(h: &pb::Hello) -> Result<(), Status> {
     let ok_id = !h.agent_id.is_empty()
         && h.agent_id.len() <= 128
@@ -156,8 +195,11 @@ struct Session {
     /// guarded by it fails once another stream took the agent over.
     record_revision: i64,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
-    /// The last snapshot sent, encoded, to skip sending the same one again.
-    last_sent: Vec<u8>,
+    /// A hash of the last snapshot sent, to skip sending the same one again.
+    last_sent: u64,
+    /// The (catalog, endpoints) versions the last snapshot was built from:
+    /// when neither moved (an ACK was recorded, say), nothing is rebuilt.
+    built_from: (i64, i64),
     /// The highest version the agent has had (from its hello, then from
     /// what this stream sent).
     version_floor: u64,
@@ -215,7 +257,8 @@ impl Session {
             record,
             record_revision: outcome.revision,
             tx,
-            last_sent: Vec::new(),
+            last_sent: 0,
+            built_from: (-1, -1),
             version_floor,
             lease: lease_rx,
         })
@@ -292,16 +335,19 @@ impl Session {
         tracing::error!(agent = %self.key, "gave up removing the agent record; it stays until this replica stops");
     }
 
-    async fn push_if_changed(
-        &mut self,
-        state: &mut watch::Receiver<Arc<State>>,
-    ) -> Result<(), String> {
+    async fn push_if_changed(&mut self, state: &mut watch::Receiver<Arc<State>>) -> Result<(), String> {
         let st = state.borrow_and_update().clone();
-        let snapshot = snapshot_for(&st, &self.record.region);
-        let encoded = snapshot.encode_to_vec();
-        if encoded == self.last_sent {
+        let from = (st.catalog_version, st.endpoints_version);
+        if from == self.built_from {
             return Ok(());
         }
+        self.built_from = from;
+        let built = self.replica.snapshot(&st, &self.record.region);
+        if built.hash == self.last_sent {
+            return Ok(());
+        }
+        let snapshot = (*built.snapshot).clone();
+        let encoded = built.hash;
         // Never hand an agent a lower version than it has: replicas that
         // listed at different revisions number the same content differently.
         let version = st.config_version().max(self.version_floor);

@@ -23,6 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
+pub mod bench;
 pub mod cluster;
 pub mod proxy;
 pub mod sim;
@@ -38,21 +39,111 @@ pub fn init_logging() {
     }
 }
 
-/// The path of a workspace binary, built next to the test executables.
+/// The path of a workspace binary: next to the running executable (a
+/// binary such as the benchmark) or one folder up (a test executable in
+/// `deps/`).
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile folder");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build the workspace binaries first (`cargo build --workspace --bins`; `cargo xtask test` does)",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let dir = exe.parent().expect("executable folder");
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} is missing next to {}: build the workspace binaries first (`cargo build --workspace --bins`; `cargo xtask test` does)",
+            exe.display()
+        )
+    })
+}
+
+/// Starts `program` and reads its first stdout line, where Spillway's
+/// binaries say where they listen; stderr goes to `log`.
+pub async fn spawn_and_read_line(mut cmd: Command, log: &Path) -> (Child, String) {
+    cmd.stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{cmd:?} did not start; log: {}", read(log)))
+        .expect("reading stdout")
+        .unwrap_or_else(|| panic!("{cmd:?} exited; log: {}", read(log)));
+    // Keep draining stdout so that the child never blocks on it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+/// The value of `key=` in a "listening" line, or its last word.
+fn listen_addr(line: &str, key: &str) -> SocketAddr {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .or_else(|| line.rsplit(' ').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} address in `{line}`"))
+}
+
+/// The resident set size of a process, from /proc.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// An agent as a real process.
+pub struct AgentProcess {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl AgentProcess {
+    pub async fn start(id: &str, region: &str, control_planes: &[String], model_servers: &[String]) -> AgentProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin("spillway-agent"));
+        cmd.args(["--agent-id", id, "--region", region, "--insecure-dev"])
+            .args(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .arg("--control-plane")
+            .arg(control_planes.join(","))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("SPILLWAY_LOG", "warn");
+        for m in model_servers {
+            cmd.args(["--model-server", m]);
+        }
+        let (child, line) = spawn_and_read_line(cmd, &dir.path().join("agent.log")).await;
+        AgentProcess {
+            grpc: listen_addr(&line, "grpc"),
+            http: listen_addr(&line, "http"),
+            child,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("a running agent")
+    }
+}
+
+/// A `spillway-sim` process.
+pub struct SimProcess {
+    pub addr: SocketAddr,
+    pub child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl SimProcess {
+    pub async fn start(args: &[&str]) -> SimProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin("spillway-sim"));
+        cmd.args(["--listen", "127.0.0.1:0"]).args(args);
+        let (child, line) = spawn_and_read_line(cmd, &dir.path().join("sim.log")).await;
+        SimProcess {
+            addr: listen_addr(&line, "on"),
+            child,
+            _dir: dir,
+        }
+    }
 }
 
 /// A free loopback port (bound and released; good enough on a test box).
@@ -255,6 +346,10 @@ impl ControlPlane {
     /// SIGKILL: no graceful anything, as when a machine dies.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("killing the control plane");
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// What the replica logged so far.

@@ -15,6 +15,7 @@ use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -113,6 +114,10 @@ pub async fn serve(
     state: Arc<SimState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    // Small writes (stream chunks) go out at once, not after a delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let _ = axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -1,0 +1,674 @@
+//! spillway-bench: measures the agent and the control plane on loopback,
+//! each figure beside its floor in the same run, and writes
+//! `report.md` and `report.json`. `cargo xtask bench` builds it in release
+//! mode and runs it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde_json::{Value, json};
+use spillway_proto::pb::{
+    self, control_service_client::ControlServiceClient,
+    inference_service_client::InferenceServiceClient,
+};
+use spillway_tests::bench::{Stats, closed_loop, percentile_ms, timed};
+use spillway_tests::{AgentProcess, ControlPlane, SimProcess, rss_bytes};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Measures Spillway on this machine and writes a report.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// A short run for CI: every scenario, fewer and shorter measurements.
+    #[arg(long)]
+    quick: bool,
+    /// Where report.md and report.json go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// An nginx binary to measure as the reverse-proxy floor.
+    #[arg(long)]
+    nginx: Option<PathBuf>,
+}
+
+struct Plan {
+    warmup: Duration,
+    duration: Duration,
+    writes: usize,
+    streams: usize,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(4096)
+        .build(connector)
+}
+
+fn chat_body(model: &str, stream: bool) -> Bytes {
+    json!({"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16, "stream": stream})
+        .to_string()
+        .into()
+}
+
+/// One unary chat completion, read to the end; true on 200.
+async fn post(client: &HttpClient, uri: &http::Uri, body: &Bytes) -> bool {
+    let req = Request::post(uri.clone())
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .expect("a request");
+    match client.request(req).await {
+        Ok(resp) => {
+            let ok = resp.status() == 200;
+            ok && resp.into_body().collect().await.is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// Time to the first token of a streamed answer.
+async fn first_token(client: &HttpClient, uri: &http::Uri, body: &Bytes) -> Option<Duration> {
+    let t = Instant::now();
+    let req = Request::post(uri.clone())
+        .header("content-type", "application/json")
+        .body(Full::new(body.clone()))
+        .ok()?;
+    let resp = client.request(req).await.ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let mut body = resp.into_body();
+    let mut ttft = None;
+    let mut seen = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if let Ok(data) = frame.into_data()
+            && ttft.is_none()
+        {
+            seen.extend_from_slice(&data);
+            if seen.windows(4).any(|w| w == b"tok0") {
+                ttft = Some(t.elapsed());
+            }
+        }
+    }
+    ttft
+}
+
+fn converse_request(model: &str) -> pb::ConverseRequest {
+    pb::ConverseRequest {
+        model_id: model.into(),
+        messages: vec![pb::Message {
+            role: pb::Role::User.into(),
+            content: vec![pb::ContentBlock {
+                block: Some(pb::content_block::Block::Text("hello".into())),
+            }],
+        }],
+        inference_config: Some(pb::InferenceConfig {
+            max_tokens: Some(16),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn uri(addr: SocketAddr, path: &str) -> http::Uri {
+    format!("http://{addr}{path}").parse().expect("a URI")
+}
+
+async fn closed_http(plan: &Plan, client: &HttpClient, c: usize, target: http::Uri, body: Bytes) -> Stats {
+    let client = client.clone();
+    closed_loop(c, plan.warmup, plan.duration, move || {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        async move { timed(post(&client, &target, &body)).await }
+    })
+    .await
+}
+
+async fn closed_grpc(plan: &Plan, addr: SocketAddr, c: usize, model: &str) -> Result<Stats> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let client = InferenceServiceClient::new(channel);
+    let req = converse_request(model);
+    Ok(closed_loop(c, plan.warmup, plan.duration, move || {
+        let (mut client, req) = (client.clone(), req.clone());
+        async move { timed(async { client.converse(req).await.is_ok() }).await }
+    })
+    .await)
+}
+
+#[derive(Serialize)]
+struct Row {
+    concurrency: usize,
+    #[serde(flatten)]
+    figures: BTreeMap<String, Stats>,
+}
+
+#[derive(Serialize)]
+struct Propagation {
+    agents: usize,
+    writes: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Target {
+    name: String,
+    measured: String,
+    target: String,
+    met: bool,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let plan = if args.quick {
+        Plan {
+            warmup: Duration::from_millis(200),
+            duration: Duration::from_millis(600),
+            writes: 3,
+            streams: 200,
+        }
+    } else {
+        Plan {
+            warmup: Duration::from_secs(1),
+            duration: Duration::from_secs(4),
+            writes: 10,
+            streams: 1000,
+        }
+    };
+    std::fs::create_dir_all(&args.out)?;
+    let started = Instant::now();
+    eprintln!("bench: starting the cluster");
+
+    // The cluster: a control plane, us-east's agent in front of simulators
+    // with no latency, and us-west's agent that relays everything to us-east.
+    let cp = ControlPlane::start(None, "bench-cp").await;
+    let mut admin = cp.admin().await;
+    for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
+        let region = pb::Region { name: name.into(), geography: geo.into(), ..Default::default() };
+        admin.create_region(pb::CreateRegionRequest { region: Some(region) }).await?;
+    }
+    for (id, dest) in [
+        ("global.bench-m", vec!["us-east", "us-west"]),
+        ("us.stream-m", vec!["us-east"]),
+        ("us.long-m", vec!["us-east"]),
+    ] {
+        let profile = pb::InferenceProfile {
+            id: id.into(),
+            destinations: dest.into_iter().map(String::from).collect(),
+            ..Default::default()
+        };
+        admin.create_profile(pb::CreateProfileRequest { profile: Some(profile) }).await?;
+    }
+    let relay_route = pb::RouteTable {
+        profile: "global.bench-m".into(),
+        source_region: "us-west".into(),
+        destinations: vec![pb::RouteDestination { region: "us-east".into(), weight: 1.0, priority: 0 }],
+        revision: 0,
+    };
+    admin.create_route_table(pb::CreateRouteTableRequest { route_table: Some(relay_route) }).await?;
+    let fast = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
+    let streaming = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16", "--inter-token-ms", "1"]).await;
+    let long = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "100", "--inter-token-ms", "50"]).await;
+    let planes = [cp.url()];
+    let east = AgentProcess::start(
+        "east-1",
+        "us-east",
+        &planes,
+        &[
+            format!("http://{},models=bench-m,capacity=1000000", fast.addr),
+            format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
+            format!("http://{},models=long-m,capacity=1000000", long.addr),
+        ],
+    )
+    .await;
+    let west = AgentProcess::start("west-1", "us-west", &planes, &[]).await;
+    let client = http_client();
+    let body = chat_body("bench-m", false);
+    let profile_body = chat_body("global.bench-m", false);
+    // Ready when both agents serve (us-west through us-east).
+    let ready = Instant::now() + Duration::from_secs(30);
+    while !(post(&client, &uri(east.http, "/v1/chat/completions"), &profile_body).await
+        && post(&client, &uri(west.http, "/v1/chat/completions"), &profile_body).await)
+    {
+        if Instant::now() > ready {
+            bail!("the agents did not start serving within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let agent_idle_rss = rss_bytes(east.pid()).context("reading the agent's RSS")?;
+
+    let nginx = match &args.nginx {
+        Some(bin) => Some(Nginx::start(bin, fast.addr).await?),
+        None => None,
+    };
+
+    let completions = "/v1/chat/completions";
+    let mut local_rows = Vec::new();
+    let mut relay_rows = Vec::new();
+    let mut grpc_rows = Vec::new();
+    for c in [1, 16, 64] {
+        eprintln!("bench: unary calls at concurrency {c}");
+        let mut local = BTreeMap::new();
+        local.insert("direct".to_string(), closed_http(&plan, &client, c, uri(fast.addr, completions), body.clone()).await);
+        local.insert(
+            "agent".to_string(),
+            closed_http(&plan, &client, c, uri(east.http, completions), profile_body.clone()).await,
+        );
+        if let Some(n) = &nginx {
+            local.insert("nginx".to_string(), closed_http(&plan, &client, c, uri(n.addr, completions), body.clone()).await);
+        }
+        let mut relay = BTreeMap::new();
+        relay.insert(
+            "relayed".to_string(),
+            closed_http(&plan, &client, c, uri(west.http, completions), profile_body.clone()).await,
+        );
+        relay.insert("local".to_string(), local["agent"].clone());
+        let mut grpc = BTreeMap::new();
+        grpc.insert("agent_grpc".to_string(), closed_grpc(&plan, east.grpc, c, "global.bench-m").await?);
+        grpc.insert("direct_http".to_string(), local["direct"].clone());
+        local_rows.push(Row { concurrency: c, figures: local });
+        relay_rows.push(Row { concurrency: c, figures: relay });
+        grpc_rows.push(Row { concurrency: c, figures: grpc });
+    }
+
+    let mut ttft_rows = Vec::new();
+    for c in [1, 16] {
+        eprintln!("bench: time to first token at concurrency {c}");
+        let mut figures = BTreeMap::new();
+        for (name, target, model) in [
+            ("direct", uri(streaming.addr, completions), "stream-m"),
+            ("agent", uri(east.http, completions), "us.stream-m"),
+        ] {
+            let (client, body) = (client.clone(), chat_body(model, true));
+            let stats = closed_loop(c, plan.warmup, plan.duration, move || {
+                let (client, target, body) = (client.clone(), target.clone(), body.clone());
+                async move { first_token(&client, &target, &body).await }
+            })
+            .await;
+            figures.insert(name.to_string(), stats);
+        }
+        ttft_rows.push(Row { concurrency: c, figures });
+    }
+
+    eprintln!("bench: agent memory at {} concurrent streams", plan.streams);
+    let agent_streams_rss = streams_rss(&client, &east, long.addr, plan.streams).await?;
+
+    eprintln!("bench: config propagation");
+    let (propagation, cp_rss) = propagation(&plan).await?;
+
+    // The verdicts against the targets, and the report.
+    let at = |rows: &[Row], c: usize, name: &str| -> Stats {
+        rows.iter().find(|r| r.concurrency == c).expect("a row").figures[name].clone()
+    };
+    let mut targets = Vec::new();
+    let overhead = at(&local_rows, 1, "agent").p50_us - at(&local_rows, 1, "direct").p50_us;
+    targets.push(Target {
+        name: "agent overhead, HTTP, concurrency 1, p50".into(),
+        measured: format!("{overhead:.0} µs"),
+        target: "≤ 60 µs".into(),
+        met: overhead <= 60.0,
+    });
+    if nginx.is_some() {
+        let ratio = at(&local_rows, 64, "agent").throughput_rps / at(&local_rows, 64, "nginx").throughput_rps;
+        targets.push(Target {
+            name: "agent throughput / nginx throughput, concurrency 64".into(),
+            measured: format!("{ratio:.2}"),
+            target: "≥ 0.5".into(),
+            met: ratio >= 0.5,
+        });
+    }
+    let relay_added = at(&relay_rows, 1, "relayed").p99_us - at(&relay_rows, 1, "local").p99_us;
+    targets.push(Target {
+        name: "relay added latency, concurrency 1, p99".into(),
+        measured: format!("{:.2} ms", relay_added / 1000.0),
+        target: "< 1 ms".into(),
+        met: relay_added < 1000.0,
+    });
+    for p in &propagation {
+        let limit = if p.agents >= 1000 { 1000.0 } else { 200.0 };
+        targets.push(Target {
+            name: format!("config propagation to {} agents, p99", p.agents),
+            measured: format!("{:.0} ms", p.p99_ms),
+            target: format!("< {limit:.0} ms"),
+            met: p.p99_ms < limit,
+        });
+    }
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    targets.push(Target {
+        name: "agent RSS, idle".into(),
+        measured: format!("{:.1} MB", mb(agent_idle_rss)),
+        target: "< 30 MB".into(),
+        met: mb(agent_idle_rss) < 30.0,
+    });
+    targets.push(Target {
+        name: format!("agent RSS, {} concurrent streams", plan.streams),
+        measured: format!("{:.1} MB", mb(agent_streams_rss)),
+        target: "< 100 MB at 1,000".into(),
+        met: mb(agent_streams_rss) < 100.0,
+    });
+
+    let machine = machine();
+    let report = json!({
+        "quick": args.quick,
+        "machine": machine,
+        "duration_s": started.elapsed().as_secs_f64(),
+        "local_http": local_rows,
+        "relay_http": relay_rows,
+        "grpc": grpc_rows,
+        "ttft": ttft_rows,
+        "propagation": propagation,
+        "memory": {
+            "agent_idle_mb": mb(agent_idle_rss),
+            "agent_streams": plan.streams,
+            "agent_at_streams_mb": mb(agent_streams_rss),
+            "control_plane_agents": 1000,
+            "control_plane_mb": mb(cp_rss),
+        },
+        "targets": targets,
+    });
+    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(args.out.join("report.md"), markdown(&report))?;
+    println!("{}", markdown(&report));
+
+    // The smoke check: every scenario ran and produced numbers.
+    let mut missing = Vec::new();
+    for (kind, rows) in [("local", &local_rows), ("relay", &relay_rows), ("grpc", &grpc_rows), ("ttft", &ttft_rows)] {
+        for r in rows.iter() {
+            for (name, s) in &r.figures {
+                if !s.is_valid() {
+                    missing.push(format!("{kind}/{name}/c{}", r.concurrency));
+                }
+            }
+        }
+    }
+    if propagation.iter().any(|p| !p.p99_ms.is_finite()) {
+        missing.push("propagation".into());
+    }
+    if !missing.is_empty() {
+        bail!("scenarios that produced no numbers: {}", missing.join(", "));
+    }
+    eprintln!("bench: done in {:.0?}; report in {}", started.elapsed(), args.out.display());
+    Ok(())
+}
+
+/// Opens `n` streams through the agent at once and reads its RSS while they
+/// are all open.
+async fn streams_rss(client: &HttpClient, east: &AgentProcess, long_sim: SocketAddr, n: usize) -> Result<u64> {
+    let body = chat_body("us.long-m", true);
+    let target = uri(east.http, "/v1/chat/completions");
+    let mut tasks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (client, target, body) = (client.clone(), target.clone(), body.clone());
+        tasks.push(tokio::spawn(async move { first_token(&client, &target, &body).await.is_some() }));
+    }
+    // Wait until the simulator has every stream in flight (bounded), then
+    // read the agent's RSS at that peak.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut peak = 0;
+    loop {
+        let in_flight = sim_in_flight(client, long_sim).await.unwrap_or(0);
+        peak = peak.max(rss_bytes(east.pid()).unwrap_or(0));
+        if in_flight as usize >= n || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    peak = peak.max(rss_bytes(east.pid()).unwrap_or(0));
+    let mut ok = 0;
+    for t in tasks {
+        ok += usize::from(tokio::time::timeout(Duration::from_secs(60), t).await.is_ok_and(|r| r.unwrap_or(false)));
+    }
+    if ok < n {
+        bail!("only {ok} of {n} concurrent streams completed");
+    }
+    Ok(peak)
+}
+
+async fn sim_in_flight(client: &HttpClient, sim: SocketAddr) -> Option<u64> {
+    let req = Request::get(uri(sim, "/metrics")).body(Full::new(Bytes::new())).ok()?;
+    let body = client.request(req).await.ok()?.into_body().collect().await.ok()?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    text.lines().find_map(|l| l.strip_prefix("spillway_sim_in_flight ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Admin writes until ACKed by 100 and by 1,000 lightweight sync clients
+/// (real Sync streams, without the rest of an agent), and the control
+/// plane's RSS with 1,000 of them connected.
+async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
+    let cp = ControlPlane::start(None, "bench-propagation").await;
+    let mut admin = cp.admin().await;
+    let region = pb::Region { name: "r1".into(), geography: "g".into(), ..Default::default() };
+    admin.create_region(pb::CreateRegionRequest { region: Some(region) }).await?;
+    let (tx, mut arrivals) = mpsc::unbounded_channel::<(usize, usize, Instant)>();
+    let mut channels = Vec::new();
+    let mut connected = 0usize;
+    let mut results = Vec::new();
+    let mut next_profile = 0usize;
+    for target in [100usize, 1000] {
+        // Connect clients up to `target`, 100 streams per HTTP/2 connection.
+        while connected < target {
+            if connected % 100 == 0 {
+                channels.push(Endpoint::from_shared(cp.url())?.connect().await?);
+            }
+            let channel = channels.last().expect("a channel").clone();
+            tokio::spawn(sync_client(channel, connected, tx.clone()));
+            connected += 1;
+        }
+        // Everyone has the current catalog before measuring.
+        let mut have = vec![usize::MAX; target];
+        let settle = Instant::now() + Duration::from_secs(30);
+        while have.iter().any(|h| *h != next_profile) && Instant::now() < settle {
+            if let Ok(Some((id, count, _))) = tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await
+                && id < target
+            {
+                have[id] = count;
+            }
+        }
+        let mut latencies = Vec::new();
+        for _ in 0..plan.writes {
+            next_profile += 1;
+            let profile = pb::InferenceProfile {
+                id: format!("global.m{next_profile}"),
+                destinations: vec!["r1".into()],
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            admin.create_profile(pb::CreateProfileRequest { profile: Some(profile) }).await?;
+            let mut got = 0;
+            let deadline = t0 + Duration::from_secs(30);
+            while got < target && Instant::now() < deadline {
+                match tokio::time::timeout(Duration::from_millis(200), arrivals.recv()).await {
+                    Ok(Some((id, count, at))) if id < target && count == next_profile && have[id] != count => {
+                        have[id] = count;
+                        latencies.push(at - t0);
+                        got += 1;
+                    }
+                    _ => {}
+                }
+            }
+            if got < target {
+                bail!("only {got} of {target} sync clients received write {next_profile} within 30s");
+            }
+        }
+        results.push(Propagation {
+            agents: target,
+            writes: plan.writes,
+            p50_ms: percentile_ms(&mut latencies, 0.50),
+            p99_ms: percentile_ms(&mut latencies, 0.99),
+            max_ms: percentile_ms(&mut latencies, 1.0),
+        });
+    }
+    let rss = cp.pid().and_then(rss_bytes).unwrap_or(0);
+    Ok((results, rss))
+}
+
+/// A Sync stream that ACKs every update and reports (client, profiles, when).
+async fn sync_client(channel: Channel, id: usize, report: mpsc::UnboundedSender<(usize, usize, Instant)>) {
+    let mut client = ControlServiceClient::new(channel);
+    let (out, rx) = mpsc::channel(4);
+    let hello = pb::Hello {
+        agent_id: format!("bench-{id}"),
+        region: "r1".into(),
+        relay_address: format!("127.0.0.1:{}", 10_000 + id),
+        current_version: 0,
+        agent_build: "bench".into(),
+    };
+    let _ = out.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Hello(hello)) }).await;
+    let Ok(resp) = client.sync(ReceiverStream::new(rx)).await else { return };
+    let mut inbound = resp.into_inner();
+    while let Ok(Some(msg)) = inbound.message().await {
+        if let Some(pb::control_message::Message::Update(u)) = msg.message {
+            let count = u.snapshot.as_ref().map_or(0, |s| s.profiles.len());
+            let _ = report.send((id, count, Instant::now()));
+            let ack = pb::Ack { version: u.version, nonce: u.nonce };
+            let _ = out.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Ack(ack)) }).await;
+        }
+    }
+}
+
+/// nginx as a reverse proxy in front of the same simulator: the floor for a
+/// proxy hop.
+struct Nginx {
+    addr: SocketAddr,
+    _child: tokio::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    async fn start(bin: &std::path::Path, upstream: SocketAddr) -> Result<Nginx> {
+        let dir = tempfile::tempdir()?;
+        let port = spillway_tests::free_port();
+        let conf = format!(
+            "worker_processes auto;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 8192; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+               upstream sim {{ server {upstream}; keepalive 256; }}\n\
+               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://sim;\n\
+                   proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+            d = dir.path().display()
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let child = tokio::process::Command::new(bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting nginx")?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not start: {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Nginx { addr, _child: child, _dir: dir })
+    }
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_default();
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "memory_gib": (mem_gib * 10.0).round() / 10.0,
+        "os": std::fs::read_to_string("/etc/os-release").ok().and_then(|o| o.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string()))).unwrap_or_default(),
+    })
+}
+
+fn markdown(r: &Value) -> String {
+    let mut md = String::new();
+    let m = &r["machine"];
+    md.push_str(&format!(
+        "# Spillway benchmark{}\n\nMachine: {} ({} cores, {} GiB), {}. Run took {:.0} s.\n\n",
+        if r["quick"].as_bool() == Some(true) { " (quick)" } else { "" },
+        m["cpu"].as_str().unwrap_or("?"),
+        m["cores"],
+        m["memory_gib"],
+        m["os"].as_str().unwrap_or("?"),
+        r["duration_s"].as_f64().unwrap_or(0.0),
+    ));
+    md.push_str("## Targets\n\n| figure | measured | target | met |\n| --- | --- | --- | --- |\n");
+    for t in r["targets"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t["name"].as_str().unwrap_or(""),
+            t["measured"].as_str().unwrap_or(""),
+            t["target"].as_str().unwrap_or(""),
+            if t["met"].as_bool() == Some(true) { "yes" } else { "no" }
+        ));
+    }
+    for (title, key) in [
+        ("Unary calls, HTTP: direct to the simulator, through the agent, through nginx", "local_http"),
+        ("Cross-region relay, HTTP: through us-west's agent to us-east, beside the local call", "relay_http"),
+        ("gRPC Converse through the agent, beside HTTP direct to the simulator", "grpc"),
+        ("Time to first token, streaming", "ttft"),
+    ] {
+        md.push_str(&format!("\n## {title}\n\n| concurrency | path | p50 µs | p99 µs | req/s | errors |\n| --- | --- | --- | --- | --- | --- |\n"));
+        for row in r[key].as_array().into_iter().flatten() {
+            let c = &row["concurrency"];
+            for (name, s) in row.as_object().into_iter().flatten() {
+                if name == "concurrency" {
+                    continue;
+                }
+                md.push_str(&format!(
+                    "| {c} | {name} | {:.0} | {:.0} | {:.0} | {} |\n",
+                    s["p50_us"].as_f64().unwrap_or(f64::NAN),
+                    s["p99_us"].as_f64().unwrap_or(f64::NAN),
+                    s["throughput_rps"].as_f64().unwrap_or(f64::NAN),
+                    s["errors"]
+                ));
+            }
+        }
+    }
+    md.push_str("\n## Config propagation (admin write until ACKed)\n\n| agents | writes | p50 ms | p99 ms | max ms |\n| --- | --- | --- | --- | --- |\n");
+    for p in r["propagation"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} |\n",
+            p["agents"],
+            p["writes"],
+            p["p50_ms"].as_f64().unwrap_or(f64::NAN),
+            p["p99_ms"].as_f64().unwrap_or(f64::NAN),
+            p["max_ms"].as_f64().unwrap_or(f64::NAN)
+        ));
+    }
+    let mem = &r["memory"];
+    md.push_str(&format!(
+        "\n## Memory (RSS)\n\n| process | load | MB |\n| --- | --- | --- |\n| agent | idle | {:.1} |\n| agent | {} concurrent streams | {:.1} |\n| control plane | {} sync streams | {:.1} |\n",
+        mem["agent_idle_mb"].as_f64().unwrap_or(f64::NAN),
+        mem["agent_streams"],
+        mem["agent_at_streams_mb"].as_f64().unwrap_or(f64::NAN),
+        mem["control_plane_agents"],
+        mem["control_plane_mb"].as_f64().unwrap_or(f64::NAN),
+    ));
+    md
+}
