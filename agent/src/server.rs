@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use spillway_proto::pb;
 use spillway_proto::shutdown::{self, Shutdown};
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 

@@ -149,9 +149,10 @@ pub async fn run(
         .add_service(pb::control_service_server::ControlServiceServer::new(
             Sync::new(replica),
         ))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async move {
-            stop.wait().await
-        })
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move { stop.wait().await },
+        )
         .await?;
     keeper.abort();
     let lease = *lease_rx.borrow();

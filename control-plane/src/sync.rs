@@ -335,7 +335,10 @@ impl Session {
         tracing::error!(agent = %self.key, "gave up removing the agent record; it stays until this replica stops");
     }
 
-    async fn push_if_changed(&mut self, state: &mut watch::Receiver<Arc<State>>) -> Result<(), String> {
+    async fn push_if_changed(
+        &mut self,
+        state: &mut watch::Receiver<Arc<State>>,
+    ) -> Result<(), String> {
         let st = state.borrow_and_update().clone();
         let from = (st.catalog_version, st.endpoints_version);
         if from == self.built_from {

@@ -64,7 +64,12 @@ pub async fn timed(call: impl Future<Output = bool>) -> Option<Duration> {
 /// (not counted) then `duration`. `call` yields the latency it measured
 /// (usually its own duration, or the time to the first token), or `None`
 /// when it failed.
-pub async fn closed_loop<F, Fut>(concurrency: usize, warmup: Duration, duration: Duration, call: F) -> Stats
+pub async fn closed_loop<F, Fut>(
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    call: F,
+) -> Stats
 where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Option<Duration>> + Send,
@@ -157,14 +162,20 @@ mod tests {
     fn percentiles_pick_the_right_rank() {
         let lat: Vec<u32> = (1..=100).collect();
         let s = Stats::from_latencies(lat, 2, Duration::from_secs(2));
-        assert_eq!((s.p50_us, s.p99_us, s.requests, s.errors), (50.0, 99.0, 100, 2));
+        assert_eq!(
+            (s.p50_us, s.p99_us, s.requests, s.errors),
+            (50.0, 99.0, 100, 2)
+        );
         assert_eq!(s.throughput_rps, 50.0);
         assert!(!Stats::from_latencies(vec![], 0, Duration::from_secs(1)).is_valid());
     }
 
     #[tokio::test]
     async fn loops_are_bounded_and_count_what_they_did() {
-        let s = closed_loop(4, Duration::ZERO, Duration::from_millis(50), || timed(async { true })).await;
+        let s = closed_loop(4, Duration::ZERO, Duration::from_millis(50), || {
+            timed(async { true })
+        })
+        .await;
         assert!(s.is_valid() && s.errors == 0);
         let s = open_loop(200, Duration::from_millis(100), || timed(async { false })).await;
         assert_eq!((s.requests, s.errors), (0, 20));

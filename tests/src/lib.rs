@@ -45,7 +45,10 @@ pub fn init_logging() {
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let dir = exe.parent().expect("executable folder");
-    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    let candidates = [
+        dir.join(name),
+        dir.parent().map(|p| p.join(name)).unwrap_or_default(),
+    ];
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
         panic!(
             "{name} is missing next to {}: build the workspace binaries first (`cargo build --workspace --bins`; `cargo xtask test` does)",
@@ -60,7 +63,9 @@ pub async fn spawn_and_read_line(mut cmd: Command, log: &Path) -> (Child, String
     cmd.stdout(Stdio::piped())
         .stderr(std::fs::File::create(log).expect("log file"))
         .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
     let stdout = child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
@@ -85,7 +90,14 @@ fn listen_addr(line: &str, key: &str) -> SocketAddr {
 /// The resident set size of a process, from /proc.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
     Some(kb * 1024)
 }
 
@@ -98,11 +110,21 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    pub async fn start(id: &str, region: &str, control_planes: &[String], model_servers: &[String]) -> AgentProcess {
+    pub async fn start(
+        id: &str,
+        region: &str,
+        control_planes: &[String],
+        model_servers: &[String],
+    ) -> AgentProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin("spillway-agent"));
         cmd.args(["--agent-id", id, "--region", region, "--insecure-dev"])
-            .args(["--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--control-plane")
             .arg(control_planes.join(","))
             .arg("--state-dir")

@@ -31,11 +31,20 @@ enum Cmd {
         #[arg(long)]
         exit_after_traffic: bool,
     },
-    /// Install etcd if missing (Debian/Ubuntu, as root), then run every test.
+    /// Install etcd if missing (Debian/Ubuntu, as root), run every test, then
+    /// the benchmark's quick smoke run.
     Test {
         /// Extra arguments for the test runner (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Build in release mode, measure the agent and the control plane on
+    /// loopback beside their floors (the simulator direct, nginx), and write
+    /// target/bench/report.md and report.json.
+    Bench {
+        /// A short run that checks every scenario produces numbers (CI).
+        #[arg(long)]
+        quick: bool,
     },
     /// Check formatting and clippy lints.
     Lint,
@@ -45,6 +54,7 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { exit_after_traffic } => demo::demo(exit_after_traffic),
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Lint => lint(),
     }
 }
@@ -155,6 +165,91 @@ fn test(extra: &[String]) -> Result<()> {
         },
     )?;
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// nginx for the reverse-proxy floor, installed from Debian's packages when
+/// missing (as root); without it the benchmark runs and says so.
+fn ensure_nginx() -> Option<PathBuf> {
+    if let Some(p) = find("nginx") {
+        return Some(p);
+    }
+    if !Path::new("/etc/debian_version").exists() || !is_root() {
+        eprintln!("xtask: nginx is not installed; the benchmark will run without the nginx floor");
+        return None;
+    }
+    // Keep the package from starting a system nginx on port 80.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+    if placed {
+        let _ = Command::new("chmod")
+            .args(["+x", "/usr/sbin/policy-rc.d"])
+            .status();
+    }
+    let mut install = Command::new("apt-get");
+    install
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "nginx-light",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    let mut result = run(
+        install,
+        "apt-get install nginx-light (the benchmark's proxy floor)",
+    );
+    if result.is_err() {
+        let mut update = Command::new("apt-get");
+        update.args(["update", "-q"]);
+        let mut install = Command::new("apt-get");
+        install
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "nginx-light",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        result =
+            run(update, "apt-get update").and_then(|_| run(install, "apt-get install nginx-light"));
+    }
+    if placed {
+        let _ = std::fs::remove_file(policy);
+    }
+    if let Err(e) = result {
+        eprintln!(
+            "xtask: could not install nginx ({e}); the benchmark will run without the nginx floor"
+        );
+    }
+    find("nginx")
+}
+
+fn bench(quick: bool) -> Result<()> {
+    let nginx = ensure_nginx();
+    let mut build = cargo();
+    build.args(["build", "--release", "--workspace", "--bins"]);
+    run(build, "cargo build --release --workspace --bins")?;
+    let out = root().join("target/bench");
+    let mut b = Command::new(root().join("target/release/spillway-bench"));
+    b.current_dir(root()).arg("--out").arg(&out);
+    if quick {
+        b.arg("--quick");
+    }
+    if let Some(n) = nginx {
+        b.arg("--nginx").arg(n);
+    }
+    run(
+        b,
+        if quick {
+            "spillway-bench --quick"
+        } else {
+            "spillway-bench"
+        },
+    )?;
+    eprintln!("xtask: report in {}", out.join("report.md").display());
     Ok(())
 }
 

@@ -129,7 +129,13 @@ fn uri(addr: SocketAddr, path: &str) -> http::Uri {
     format!("http://{addr}{path}").parse().expect("a URI")
 }
 
-async fn closed_http(plan: &Plan, client: &HttpClient, c: usize, target: http::Uri, body: Bytes) -> Stats {
+async fn closed_http(
+    plan: &Plan,
+    client: &HttpClient,
+    c: usize,
+    target: http::Uri,
+    body: Bytes,
+) -> Stats {
     let client = client.clone();
     closed_loop(c, plan.warmup, plan.duration, move || {
         let (client, target, body) = (client.clone(), target.clone(), body.clone());
@@ -139,7 +145,10 @@ async fn closed_http(plan: &Plan, client: &HttpClient, c: usize, target: http::U
 }
 
 async fn closed_grpc(plan: &Plan, addr: SocketAddr, c: usize, model: &str) -> Result<Stats> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     let client = InferenceServiceClient::new(channel);
     let req = converse_request(model);
     Ok(closed_loop(c, plan.warmup, plan.duration, move || {
@@ -200,8 +209,16 @@ async fn main() -> Result<()> {
     let cp = ControlPlane::start(None, "bench-cp").await;
     let mut admin = cp.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
-        let region = pb::Region { name: name.into(), geography: geo.into(), ..Default::default() };
-        admin.create_region(pb::CreateRegionRequest { region: Some(region) }).await?;
+        let region = pb::Region {
+            name: name.into(),
+            geography: geo.into(),
+            ..Default::default()
+        };
+        admin
+            .create_region(pb::CreateRegionRequest {
+                region: Some(region),
+            })
+            .await?;
     }
     for (id, dest) in [
         ("global.bench-m", vec!["us-east", "us-west"]),
@@ -213,18 +230,46 @@ async fn main() -> Result<()> {
             destinations: dest.into_iter().map(String::from).collect(),
             ..Default::default()
         };
-        admin.create_profile(pb::CreateProfileRequest { profile: Some(profile) }).await?;
+        admin
+            .create_profile(pb::CreateProfileRequest {
+                profile: Some(profile),
+            })
+            .await?;
     }
     let relay_route = pb::RouteTable {
         profile: "global.bench-m".into(),
         source_region: "us-west".into(),
-        destinations: vec![pb::RouteDestination { region: "us-east".into(), weight: 1.0, priority: 0 }],
+        destinations: vec![pb::RouteDestination {
+            region: "us-east".into(),
+            weight: 1.0,
+            priority: 0,
+        }],
         revision: 0,
     };
-    admin.create_route_table(pb::CreateRouteTableRequest { route_table: Some(relay_route) }).await?;
+    admin
+        .create_route_table(pb::CreateRouteTableRequest {
+            route_table: Some(relay_route),
+        })
+        .await?;
     let fast = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
-    let streaming = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16", "--inter-token-ms", "1"]).await;
-    let long = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "100", "--inter-token-ms", "50"]).await;
+    let streaming = SimProcess::start(&[
+        "--max-concurrent",
+        "1000000",
+        "--output-tokens",
+        "16",
+        "--inter-token-ms",
+        "1",
+    ])
+    .await;
+    let long = SimProcess::start(&[
+        "--max-concurrent",
+        "1000000",
+        "--output-tokens",
+        "100",
+        "--inter-token-ms",
+        "50",
+    ])
+    .await;
     let planes = [cp.url()];
     let east = AgentProcess::start(
         "east-1",
@@ -243,8 +288,18 @@ async fn main() -> Result<()> {
     let profile_body = chat_body("global.bench-m", false);
     // Ready when both agents serve (us-west through us-east).
     let ready = Instant::now() + Duration::from_secs(30);
-    while !(post(&client, &uri(east.http, "/v1/chat/completions"), &profile_body).await
-        && post(&client, &uri(west.http, "/v1/chat/completions"), &profile_body).await)
+    while !(post(
+        &client,
+        &uri(east.http, "/v1/chat/completions"),
+        &profile_body,
+    )
+    .await
+        && post(
+            &client,
+            &uri(west.http, "/v1/chat/completions"),
+            &profile_body,
+        )
+        .await)
     {
         if Instant::now() > ready {
             bail!("the agents did not start serving within 30s");
@@ -265,26 +320,58 @@ async fn main() -> Result<()> {
     for c in [1, 16, 64] {
         eprintln!("bench: unary calls at concurrency {c}");
         let mut local = BTreeMap::new();
-        local.insert("direct".to_string(), closed_http(&plan, &client, c, uri(fast.addr, completions), body.clone()).await);
+        local.insert(
+            "direct".to_string(),
+            closed_http(&plan, &client, c, uri(fast.addr, completions), body.clone()).await,
+        );
         local.insert(
             "agent".to_string(),
-            closed_http(&plan, &client, c, uri(east.http, completions), profile_body.clone()).await,
+            closed_http(
+                &plan,
+                &client,
+                c,
+                uri(east.http, completions),
+                profile_body.clone(),
+            )
+            .await,
         );
         if let Some(n) = &nginx {
-            local.insert("nginx".to_string(), closed_http(&plan, &client, c, uri(n.addr, completions), body.clone()).await);
+            local.insert(
+                "nginx".to_string(),
+                closed_http(&plan, &client, c, uri(n.addr, completions), body.clone()).await,
+            );
         }
         let mut relay = BTreeMap::new();
         relay.insert(
             "relayed".to_string(),
-            closed_http(&plan, &client, c, uri(west.http, completions), profile_body.clone()).await,
+            closed_http(
+                &plan,
+                &client,
+                c,
+                uri(west.http, completions),
+                profile_body.clone(),
+            )
+            .await,
         );
         relay.insert("local".to_string(), local["agent"].clone());
         let mut grpc = BTreeMap::new();
-        grpc.insert("agent_grpc".to_string(), closed_grpc(&plan, east.grpc, c, "global.bench-m").await?);
+        grpc.insert(
+            "agent_grpc".to_string(),
+            closed_grpc(&plan, east.grpc, c, "global.bench-m").await?,
+        );
         grpc.insert("direct_http".to_string(), local["direct"].clone());
-        local_rows.push(Row { concurrency: c, figures: local });
-        relay_rows.push(Row { concurrency: c, figures: relay });
-        grpc_rows.push(Row { concurrency: c, figures: grpc });
+        local_rows.push(Row {
+            concurrency: c,
+            figures: local,
+        });
+        relay_rows.push(Row {
+            concurrency: c,
+            figures: relay,
+        });
+        grpc_rows.push(Row {
+            concurrency: c,
+            figures: grpc,
+        });
     }
 
     let mut ttft_rows = Vec::new();
@@ -303,7 +390,10 @@ async fn main() -> Result<()> {
             .await;
             figures.insert(name.to_string(), stats);
         }
-        ttft_rows.push(Row { concurrency: c, figures });
+        ttft_rows.push(Row {
+            concurrency: c,
+            figures,
+        });
     }
 
     eprintln!("bench: agent memory at {} concurrent streams", plan.streams);
@@ -314,7 +404,11 @@ async fn main() -> Result<()> {
 
     // The verdicts against the targets, and the report.
     let at = |rows: &[Row], c: usize, name: &str| -> Stats {
-        rows.iter().find(|r| r.concurrency == c).expect("a row").figures[name].clone()
+        rows.iter()
+            .find(|r| r.concurrency == c)
+            .expect("a row")
+            .figures[name]
+            .clone()
     };
     let mut targets = Vec::new();
     let overhead = at(&local_rows, 1, "agent").p50_us - at(&local_rows, 1, "direct").p50_us;
@@ -325,7 +419,8 @@ async fn main() -> Result<()> {
         met: overhead <= 60.0,
     });
     if nginx.is_some() {
-        let ratio = at(&local_rows, 64, "agent").throughput_rps / at(&local_rows, 64, "nginx").throughput_rps;
+        let ratio = at(&local_rows, 64, "agent").throughput_rps
+            / at(&local_rows, 64, "nginx").throughput_rps;
         targets.push(Target {
             name: "agent throughput / nginx throughput, concurrency 64".into(),
             measured: format!("{ratio:.2}"),
@@ -382,13 +477,21 @@ async fn main() -> Result<()> {
         },
         "targets": targets,
     });
-    std::fs::write(args.out.join("report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        args.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(args.out.join("report.md"), markdown(&report))?;
     println!("{}", markdown(&report));
 
     // The smoke check: every scenario ran and produced numbers.
     let mut missing = Vec::new();
-    for (kind, rows) in [("local", &local_rows), ("relay", &relay_rows), ("grpc", &grpc_rows), ("ttft", &ttft_rows)] {
+    for (kind, rows) in [
+        ("local", &local_rows),
+        ("relay", &relay_rows),
+        ("grpc", &grpc_rows),
+        ("ttft", &ttft_rows),
+    ] {
         for r in rows.iter() {
             for (name, s) in &r.figures {
                 if !s.is_valid() {
@@ -403,19 +506,30 @@ async fn main() -> Result<()> {
     if !missing.is_empty() {
         bail!("scenarios that produced no numbers: {}", missing.join(", "));
     }
-    eprintln!("bench: done in {:.0?}; report in {}", started.elapsed(), args.out.display());
+    eprintln!(
+        "bench: done in {:.0?}; report in {}",
+        started.elapsed(),
+        args.out.display()
+    );
     Ok(())
 }
 
 /// Opens `n` streams through the agent at once and reads its RSS while they
 /// are all open.
-async fn streams_rss(client: &HttpClient, east: &AgentProcess, long_sim: SocketAddr, n: usize) -> Result<u64> {
+async fn streams_rss(
+    client: &HttpClient,
+    east: &AgentProcess,
+    long_sim: SocketAddr,
+    n: usize,
+) -> Result<u64> {
     let body = chat_body("us.long-m", true);
     let target = uri(east.http, "/v1/chat/completions");
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let (client, target, body) = (client.clone(), target.clone(), body.clone());
-        tasks.push(tokio::spawn(async move { first_token(&client, &target, &body).await.is_some() }));
+        tasks.push(tokio::spawn(async move {
+            first_token(&client, &target, &body).await.is_some()
+        }));
     }
     // Wait until the simulator has every stream in flight (bounded), then
     // read the agent's RSS at that peak.
@@ -432,7 +546,11 @@ async fn streams_rss(client: &HttpClient, east: &AgentProcess, long_sim: SocketA
     peak = peak.max(rss_bytes(east.pid()).unwrap_or(0));
     let mut ok = 0;
     for t in tasks {
-        ok += usize::from(tokio::time::timeout(Duration::from_secs(60), t).await.is_ok_and(|r| r.unwrap_or(false)));
+        ok += usize::from(
+            tokio::time::timeout(Duration::from_secs(60), t)
+                .await
+                .is_ok_and(|r| r.unwrap_or(false)),
+        );
     }
     if ok < n {
         bail!("only {ok} of {n} concurrent streams completed");
@@ -441,10 +559,22 @@ async fn streams_rss(client: &HttpClient, east: &AgentProcess, long_sim: SocketA
 }
 
 async fn sim_in_flight(client: &HttpClient, sim: SocketAddr) -> Option<u64> {
-    let req = Request::get(uri(sim, "/metrics")).body(Full::new(Bytes::new())).ok()?;
-    let body = client.request(req).await.ok()?.into_body().collect().await.ok()?.to_bytes();
+    let req = Request::get(uri(sim, "/metrics"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let body = client
+        .request(req)
+        .await
+        .ok()?
+        .into_body()
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
     let text = String::from_utf8_lossy(&body);
-    text.lines().find_map(|l| l.strip_prefix("spillway_sim_in_flight ")).and_then(|v| v.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix("spillway_sim_in_flight "))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Admin writes until ACKed by 100 and by 1,000 lightweight sync clients
@@ -453,8 +583,16 @@ async fn sim_in_flight(client: &HttpClient, sim: SocketAddr) -> Option<u64> {
 async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
     let cp = ControlPlane::start(None, "bench-propagation").await;
     let mut admin = cp.admin().await;
-    let region = pb::Region { name: "r1".into(), geography: "g".into(), ..Default::default() };
-    admin.create_region(pb::CreateRegionRequest { region: Some(region) }).await?;
+    let region = pb::Region {
+        name: "r1".into(),
+        geography: "g".into(),
+        ..Default::default()
+    };
+    admin
+        .create_region(pb::CreateRegionRequest {
+            region: Some(region),
+        })
+        .await?;
     let (tx, mut arrivals) = mpsc::unbounded_channel::<(usize, usize, Instant)>();
     let mut channels = Vec::new();
     let mut connected = 0usize;
@@ -474,7 +612,8 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
         let mut have = vec![usize::MAX; target];
         let settle = Instant::now() + Duration::from_secs(30);
         while have.iter().any(|h| *h != next_profile) && Instant::now() < settle {
-            if let Ok(Some((id, count, _))) = tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await
+            if let Ok(Some((id, count, _))) =
+                tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await
                 && id < target
             {
                 have[id] = count;
@@ -489,12 +628,18 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
                 ..Default::default()
             };
             let t0 = Instant::now();
-            admin.create_profile(pb::CreateProfileRequest { profile: Some(profile) }).await?;
+            admin
+                .create_profile(pb::CreateProfileRequest {
+                    profile: Some(profile),
+                })
+                .await?;
             let mut got = 0;
             let deadline = t0 + Duration::from_secs(30);
             while got < target && Instant::now() < deadline {
                 match tokio::time::timeout(Duration::from_millis(200), arrivals.recv()).await {
-                    Ok(Some((id, count, at))) if id < target && count == next_profile && have[id] != count => {
+                    Ok(Some((id, count, at)))
+                        if id < target && count == next_profile && have[id] != count =>
+                    {
                         have[id] = count;
                         latencies.push(at - t0);
                         got += 1;
@@ -503,7 +648,9 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
                 }
             }
             if got < target {
-                bail!("only {got} of {target} sync clients received write {next_profile} within 30s");
+                bail!(
+                    "only {got} of {target} sync clients received write {next_profile} within 30s"
+                );
             }
         }
         results.push(Propagation {
@@ -519,7 +666,11 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
 }
 
 /// A Sync stream that ACKs every update and reports (client, profiles, when).
-async fn sync_client(channel: Channel, id: usize, report: mpsc::UnboundedSender<(usize, usize, Instant)>) {
+async fn sync_client(
+    channel: Channel,
+    id: usize,
+    report: mpsc::UnboundedSender<(usize, usize, Instant)>,
+) {
     let mut client = ControlServiceClient::new(channel);
     let (out, rx) = mpsc::channel(4);
     let hello = pb::Hello {
@@ -529,15 +680,28 @@ async fn sync_client(channel: Channel, id: usize, report: mpsc::UnboundedSender<
         current_version: 0,
         agent_build: "bench".into(),
     };
-    let _ = out.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Hello(hello)) }).await;
-    let Ok(resp) = client.sync(ReceiverStream::new(rx)).await else { return };
+    let _ = out
+        .send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello)),
+        })
+        .await;
+    let Ok(resp) = client.sync(ReceiverStream::new(rx)).await else {
+        return;
+    };
     let mut inbound = resp.into_inner();
     while let Ok(Some(msg)) = inbound.message().await {
         if let Some(pb::control_message::Message::Update(u)) = msg.message {
             let count = u.snapshot.as_ref().map_or(0, |s| s.profiles.len());
             let _ = report.send((id, count, Instant::now()));
-            let ack = pb::Ack { version: u.version, nonce: u.nonce };
-            let _ = out.send(pb::AgentMessage { message: Some(pb::agent_message::Message::Ack(ack)) }).await;
+            let ack = pb::Ack {
+                version: u.version,
+                nonce: u.nonce,
+            };
+            let _ = out
+                .send(pb::AgentMessage {
+                    message: Some(pb::agent_message::Message::Ack(ack)),
+                })
+                .await;
         }
     }
 }
@@ -546,8 +710,29 @@ async fn sync_client(channel: Channel, id: usize, report: mpsc::UnboundedSender<
 /// proxy hop.
 struct Nginx {
     addr: SocketAddr,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    /// SIGTERM to the master, which stops its workers (a SIGKILL would leave
+    /// them running).
+    fn drop(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline
+                && std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 impl Nginx {
@@ -573,6 +758,9 @@ impl Nginx {
             .arg(&conf_path)
             .arg("-e")
             .arg(dir.path().join("error.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .context("starting nginx")?;
@@ -580,22 +768,38 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             if Instant::now() > deadline {
-                bail!("nginx did not start: {}", std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default());
+                bail!(
+                    "nginx did not start: {}",
+                    std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(Nginx { addr, _child: child, _dir: dir })
+        Ok(Nginx {
+            addr,
+            child,
+            _dir: dir,
+        })
     }
 }
 
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
         .unwrap_or_default();
     let mem_gib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
     json!({
         "cpu": cpu,
@@ -610,7 +814,11 @@ fn markdown(r: &Value) -> String {
     let m = &r["machine"];
     md.push_str(&format!(
         "# Spillway benchmark{}\n\nMachine: {} ({} cores, {} GiB), {}. Run took {:.0} s.\n\n",
-        if r["quick"].as_bool() == Some(true) { " (quick)" } else { "" },
+        if r["quick"].as_bool() == Some(true) {
+            " (quick)"
+        } else {
+            ""
+        },
         m["cpu"].as_str().unwrap_or("?"),
         m["cores"],
         m["memory_gib"],
@@ -624,13 +832,26 @@ fn markdown(r: &Value) -> String {
             t["name"].as_str().unwrap_or(""),
             t["measured"].as_str().unwrap_or(""),
             t["target"].as_str().unwrap_or(""),
-            if t["met"].as_bool() == Some(true) { "yes" } else { "no" }
+            if t["met"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
         ));
     }
     for (title, key) in [
-        ("Unary calls, HTTP: direct to the simulator, through the agent, through nginx", "local_http"),
-        ("Cross-region relay, HTTP: through us-west's agent to us-east, beside the local call", "relay_http"),
-        ("gRPC Converse through the agent, beside HTTP direct to the simulator", "grpc"),
+        (
+            "Unary calls, HTTP: direct to the simulator, through the agent, through nginx",
+            "local_http",
+        ),
+        (
+            "Cross-region relay, HTTP: through us-west's agent to us-east, beside the local call",
+            "relay_http",
+        ),
+        (
+            "gRPC Converse through the agent, beside HTTP direct to the simulator",
+            "grpc",
+        ),
         ("Time to first token, streaming", "ttft"),
     ] {
         md.push_str(&format!("\n## {title}\n\n| concurrency | path | p50 µs | p99 µs | req/s | errors |\n| --- | --- | --- | --- | --- | --- |\n"));
