@@ -601,7 +601,7 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
     for target in [100usize, 1000] {
         // Connect clients up to `target`, 100 streams per HTTP/2 connection.
         while connected < target {
-            if connected % 100 == 0 {
+            if connected.is_multiple_of(100) {
                 channels.push(Endpoint::from_shared(cp.url())?.connect().await?);
             }
             let channel = channels.last().expect("a channel").clone();
