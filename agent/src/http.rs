@@ -108,7 +108,7 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
             }
         })?
         .to_bytes();
-    let req = ChatRequest::parse(&bytes)?;
+    let req = ChatRequest::parse(bytes)?;
     let pipeline = &door.pipeline;
     let cfg = pipeline.config()?;
     let profile = pipeline.resolve(&cfg, &req.model)?;
