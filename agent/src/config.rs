@@ -65,6 +65,9 @@ pub struct AgentArgs {
     /// before trying the next region.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub upstream_timeout_secs: u64,
+    /// Threads serving calls (default: one per core).
+    #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// Talk plaintext gRPC. For development only: TLS is not configured in
     /// this build yet, so the flag is required.
     #[arg(long)]

@@ -74,6 +74,43 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Option<Duration>> + Send,
 {
+    let sample = closed_loop_sample(concurrency, warmup, duration, call).await;
+    Stats::from_latencies(sample.latencies_us, sample.errors, sample.elapsed)
+}
+
+/// What a measurement recorded, before statistics: samples of several
+/// rounds can be merged, so that paths measured in alternating rounds see
+/// the same machine drift.
+#[derive(Debug, Default)]
+pub struct Sample {
+    pub latencies_us: Vec<u32>,
+    pub errors: usize,
+    pub elapsed: Duration,
+}
+
+impl Sample {
+    pub fn merge(&mut self, other: Sample) {
+        self.latencies_us.extend(other.latencies_us);
+        self.errors += other.errors;
+        self.elapsed += other.elapsed;
+    }
+
+    pub fn stats(self) -> Stats {
+        Stats::from_latencies(self.latencies_us, self.errors, self.elapsed)
+    }
+}
+
+/// [`closed_loop`], returning the raw sample.
+pub async fn closed_loop_sample<F, Fut>(
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    call: F,
+) -> Sample
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Option<Duration>> + Send,
+{
     let call = Arc::new(call);
     let start = Instant::now();
     let measure_from = start + warmup;
@@ -108,7 +145,11 @@ where
         lat.extend(l);
         errors += e;
     }
-    Stats::from_latencies(lat, errors, duration)
+    Sample {
+        latencies_us: lat,
+        errors,
+        elapsed: duration,
+    }
 }
 
 /// Starts `call` at a fixed `rate` per second for `duration`, whatever the

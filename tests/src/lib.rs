@@ -129,6 +129,7 @@ impl AgentProcess {
             .arg(control_planes.join(","))
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .args(extra)
             .env("SPILLWAY_LOG", "warn");
         for m in model_servers {
             cmd.args(["--model-server", m]);

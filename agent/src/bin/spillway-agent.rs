@@ -4,9 +4,23 @@ use clap::Parser;
 use spillway_agent::config::AgentArgs;
 use spillway_agent::server;
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = AgentArgs::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(usize::from(n));
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spillway-agent: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(async_main(args));
+}
+
+async fn async_main(args: AgentArgs) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SPILLWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

@@ -21,7 +21,7 @@ use spillway_proto::pb::{
     self, control_service_client::ControlServiceClient,
     inference_service_client::InferenceServiceClient,
 };
-use spillway_tests::bench::{Stats, closed_loop, percentile_ms, timed};
+use spillway_tests::bench::{Sample, Stats, closed_loop, closed_loop_sample, percentile_ms, timed};
 use spillway_tests::{AgentProcess, ControlPlane, SimProcess, rss_bytes};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,6 +45,10 @@ struct Args {
 struct Plan {
     warmup: Duration,
     duration: Duration,
+    /// Unary paths are measured in this many alternating rounds whose
+    /// samples are merged, so that drift on a noisy machine hits every path
+    /// alike.
+    rounds: usize,
     writes: usize,
     streams: usize,
 }
@@ -135,27 +139,30 @@ async fn closed_http(
     c: usize,
     target: http::Uri,
     body: Bytes,
-) -> Stats {
+) -> Sample {
     let client = client.clone();
-    closed_loop(c, plan.warmup, plan.duration, move || {
+    let duration = plan.duration / plan.rounds as u32;
+    closed_loop_sample(c, plan.warmup / plan.rounds as u32, duration, move || {
         let (client, target, body) = (client.clone(), target.clone(), body.clone());
         async move { timed(post(&client, &target, &body)).await }
     })
     .await
 }
 
-async fn closed_grpc(plan: &Plan, addr: SocketAddr, c: usize, model: &str) -> Result<Stats> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let client = InferenceServiceClient::new(channel);
+async fn closed_grpc(
+    plan: &Plan,
+    client: &InferenceServiceClient<Channel>,
+    c: usize,
+    model: &str,
+) -> Sample {
+    let client = client.clone();
     let req = converse_request(model);
-    Ok(closed_loop(c, plan.warmup, plan.duration, move || {
+    let duration = plan.duration / plan.rounds as u32;
+    closed_loop_sample(c, plan.warmup / plan.rounds as u32, duration, move || {
         let (mut client, req) = (client.clone(), req.clone());
         async move { timed(async { client.converse(req).await.is_ok() }).await }
     })
-    .await)
+    .await
 }
 
 #[derive(Serialize)]
@@ -189,13 +196,15 @@ async fn main() -> Result<()> {
         Plan {
             warmup: Duration::from_millis(200),
             duration: Duration::from_millis(600),
+            rounds: 1,
             writes: 3,
             streams: 200,
         }
     } else {
         Plan {
             warmup: Duration::from_secs(1),
-            duration: Duration::from_secs(4),
+            duration: Duration::from_secs(6),
+            rounds: 3,
             writes: 10,
             streams: 1000,
         }
@@ -271,7 +280,11 @@ async fn main() -> Result<()> {
     ])
     .await;
     let planes = [cp.url()];
-    let east = AgentProcess::start(
+    // One worker thread per agent: on a 2-core machine shared by the load
+    // generator, the simulators and two agents, a second thread costs more
+    // in cross-thread wake-ups than it brings (see BENCHMARKS.md).
+    let threads = ["--worker-threads", "1"];
+    let east = AgentProcess::start_with(
         "east-1",
         "us-east",
         &planes,
@@ -280,9 +293,10 @@ async fn main() -> Result<()> {
             format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
             format!("http://{},models=long-m,capacity=1000000", long.addr),
         ],
+        &threads,
     )
     .await;
-    let west = AgentProcess::start("west-1", "us-west", &planes, &[]).await;
+    let west = AgentProcess::start_with("west-1", "us-west", &planes, &[], &threads).await;
     let client = http_client();
     let body = chat_body("bench-m", false);
     let profile_body = chat_body("global.bench-m", false);
@@ -317,49 +331,76 @@ async fn main() -> Result<()> {
     let mut local_rows = Vec::new();
     let mut relay_rows = Vec::new();
     let mut grpc_rows = Vec::new();
+    let grpc_channel = Endpoint::from_shared(format!("http://{}", east.grpc))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let grpc_client = InferenceServiceClient::new(grpc_channel);
     for c in [1, 16, 64] {
         eprintln!("bench: unary calls at concurrency {c}");
-        let mut local = BTreeMap::new();
-        local.insert(
-            "direct".to_string(),
-            closed_http(&plan, &client, c, uri(fast.addr, completions), body.clone()).await,
-        );
-        local.insert(
-            "agent".to_string(),
-            closed_http(
-                &plan,
-                &client,
-                c,
-                uri(east.http, completions),
-                profile_body.clone(),
-            )
-            .await,
-        );
-        if let Some(n) = &nginx {
-            local.insert(
-                "nginx".to_string(),
-                closed_http(&plan, &client, c, uri(n.addr, completions), body.clone()).await,
-            );
+        let mut samples: BTreeMap<&str, Sample> = BTreeMap::new();
+        for _ in 0..plan.rounds {
+            let mut round = vec![
+                (
+                    "direct",
+                    closed_http(&plan, &client, c, uri(fast.addr, completions), body.clone()).await,
+                ),
+                (
+                    "agent",
+                    closed_http(
+                        &plan,
+                        &client,
+                        c,
+                        uri(east.http, completions),
+                        profile_body.clone(),
+                    )
+                    .await,
+                ),
+                (
+                    "relayed",
+                    closed_http(
+                        &plan,
+                        &client,
+                        c,
+                        uri(west.http, completions),
+                        profile_body.clone(),
+                    )
+                    .await,
+                ),
+                (
+                    "agent_grpc",
+                    closed_grpc(&plan, &grpc_client, c, "global.bench-m").await,
+                ),
+            ];
+            if let Some(n) = &nginx {
+                round.push((
+                    "nginx",
+                    closed_http(&plan, &client, c, uri(n.addr, completions), body.clone()).await,
+                ));
+            }
+            for (name, s) in round {
+                samples.entry(name).or_default().merge(s);
+            }
         }
-        let mut relay = BTreeMap::new();
-        relay.insert(
-            "relayed".to_string(),
-            closed_http(
-                &plan,
-                &client,
-                c,
-                uri(west.http, completions),
-                profile_body.clone(),
-            )
-            .await,
+        let mut stats: BTreeMap<&str, Stats> =
+            samples.into_iter().map(|(k, v)| (k, v.stats())).collect();
+        let pick = |stats: &mut BTreeMap<&str, Stats>,
+                    names: &[(&str, &str)]|
+         -> BTreeMap<String, Stats> {
+            names
+                .iter()
+                .filter_map(|(from, to)| stats.get(from).map(|s| (to.to_string(), s.clone())))
+                .collect()
+        };
+        let local = pick(
+            &mut stats,
+            &[("direct", "direct"), ("agent", "agent"), ("nginx", "nginx")],
         );
-        relay.insert("local".to_string(), local["agent"].clone());
-        let mut grpc = BTreeMap::new();
-        grpc.insert(
-            "agent_grpc".to_string(),
-            closed_grpc(&plan, east.grpc, c, "global.bench-m").await?,
+        let relay = pick(&mut stats, &[("relayed", "relayed"), ("agent", "local")]);
+        let grpc = pick(
+            &mut stats,
+            &[("agent_grpc", "agent_grpc"), ("direct", "direct_http")],
         );
-        grpc.insert("direct_http".to_string(), local["direct"].clone());
         local_rows.push(Row {
             concurrency: c,
             figures: local,
