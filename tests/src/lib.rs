@@ -116,6 +116,17 @@ impl AgentProcess {
         control_planes: &[String],
         model_servers: &[String],
     ) -> AgentProcess {
+        Self::start_with(id, region, control_planes, model_servers, &[]).await
+    }
+
+    /// With extra agent flags.
+    pub async fn start_with(
+        id: &str,
+        region: &str,
+        control_planes: &[String],
+        model_servers: &[String],
+        extra: &[&str],
+    ) -> AgentProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin("spillway-agent"));
         cmd.args(["--agent-id", id, "--region", region, "--insecure-dev"])
