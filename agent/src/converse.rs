@@ -130,6 +130,29 @@ struct Completion {
     #[serde(default)]
     choices: Vec<Choice>,
     usage: Option<Usage>,
+    /// Set on an error event: `{"error": {...}}`, or vLLM's
+    /// `{"object": "error", "message": ...}`.
+    error: Option<Value>,
+    object: Option<String>,
+    message: Option<String>,
+}
+
+impl Completion {
+    /// The error this chunk reports, if it is an error event.
+    fn error(&self) -> Option<String> {
+        if let Some(e) = &self.error {
+            return Some(
+                e["message"]
+                    .as_str()
+                    .map_or_else(|| e.to_string(), String::from),
+            );
+        }
+        (self.object.as_deref() == Some("error")).then(|| {
+            self.message
+                .clone()
+                .unwrap_or_else(|| "unknown error".into())
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -216,6 +239,11 @@ impl InferenceService for ConverseDoor {
             ))
             .to_status()
         })?;
+        if let Some(e) = completion.error() {
+            return Err(Status::unavailable(format!(
+                "the model server reported an error: {e}"
+            )));
+        }
         let choice = completion.choices.first();
         let text = choice
             .and_then(|c| c.message.as_ref())
@@ -280,7 +308,16 @@ impl InferenceService for ConverseDoor {
             let mut sse = SseParser::default();
             let mut first_token: Option<u64> = None;
             let mut final_usage = None;
-            while let Some(chunk) = chunks.next().await {
+            loop {
+                // A client that went away releases the model server at once,
+                // not at the next event.
+                let chunk = tokio::select! {
+                    c = chunks.next() => match c {
+                        Some(c) => c,
+                        None => break,
+                    },
+                    _ = tx.closed() => return,
+                };
                 let chunk = match chunk {
                     Ok(c) => c,
                     Err(e) => {
@@ -298,6 +335,11 @@ impl InferenceService for ConverseDoor {
                         let _ = tx.send(Err(Status::unavailable(msg))).await;
                         return;
                     };
+                    if let Some(e) = c.error() {
+                        let msg = format!("the model server failed mid-stream: {e}");
+                        let _ = tx.send(Err(Status::unavailable(msg))).await;
+                        return;
+                    }
                     if let Some(u) = &c.usage {
                         final_usage = Some(usage(u));
                     }
@@ -340,17 +382,22 @@ impl InferenceService for ConverseDoor {
 #[derive(Default)]
 pub struct SseParser {
     buf: BytesMut,
+    /// How far `buf` was already searched for an event end.
+    scanned: usize,
 }
 
 impl SseParser {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         self.buf.extend_from_slice(chunk);
         let mut out = Vec::new();
-        while let Some(end) = find_event_end(&self.buf) {
-            let event = self.buf.split_to(end.0 + end.1);
-            let text = String::from_utf8_lossy(&event[..end.0]);
+        // Resume a little before where the last search stopped: a separator
+        // may straddle two chunks.
+        while let Some((len, sep)) = find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
+            let event = self.buf.split_to(len + sep);
+            self.scanned = 0;
+            let text = String::from_utf8_lossy(&event[..len]);
             let data: Vec<&str> = text
-                .lines()
+                .split(['\n', '\r'])
                 .filter_map(|l| l.strip_prefix("data:"))
                 .map(|d| d.strip_prefix(' ').unwrap_or(d))
                 .collect();
@@ -358,17 +405,20 @@ impl SseParser {
                 out.push(data.join("\n"));
             }
         }
+        self.scanned = self.buf.len();
         out
     }
 }
 
-/// Where the first event ends: (its length, the separator's length).
-fn find_event_end(buf: &[u8]) -> Option<(usize, usize)> {
-    (0..buf.len()).find_map(|i| {
-        if buf[i..].starts_with(b"\n\n") {
-            Some((i, 2))
-        } else if buf[i..].starts_with(b"\r\n\r\n") {
+/// Where the first event ends at or after `from`: (its length, the
+/// separator's length). Lines end in LF, CRLF or CR.
+fn find_event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
+    (from..buf.len()).find_map(|i| {
+        let rest = &buf[i..];
+        if rest.starts_with(b"\r\n\r\n") {
             Some((i, 4))
+        } else if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
+            Some((i, 2))
         } else {
             None
         }
@@ -385,5 +435,7 @@ mod tests {
         assert!(p.push(b"data: {\"a\"").is_empty());
         assert_eq!(p.push(b":1}\n\ndata: [DONE]\n\n"), ["{\"a\":1}", "[DONE]"]);
         assert_eq!(p.push(b": comment\n\n"), Vec::<String>::new());
+        assert_eq!(p.push(b"data: a\r\rdata: b\r\n\r"), ["a"]);
+        assert_eq!(p.push(b"\n"), ["b"]);
     }
 }

@@ -141,7 +141,9 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "stream failed after it started");
-                        format!("data: {}\n\n", e.openai_json()).into()
+                        // Blank lines first: the broken-off event may have
+                        // stopped mid-line.
+                        format!("\n\ndata: {}\n\n", e.openai_json()).into()
                     }
                 })
             });

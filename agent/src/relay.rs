@@ -27,7 +27,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::error::CallError;
 use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
-use crate::upstream::{AnswerBody, UpstreamAnswer, Upstreams};
+use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
@@ -36,15 +36,22 @@ pub const SOURCE_AGENT: &str = "spillway-source-agent";
 pub struct RelayClients {
     me: String,
     channels: Mutex<HashMap<String, Channel>>,
-    header_timeout: Duration,
+    settings: UpstreamSettings,
 }
 
+/// The largest relay message: a request body up to the HTTP door's limit
+/// plus the relay's own fields, or an answer chunk.
+pub const MAX_RELAY_MESSAGE: usize = 64 * 1024 * 1024;
+
 impl RelayClients {
-    pub fn new(region: &str, agent_id: &str, header_timeout: Duration) -> RelayClients {
+    /// `settings` bound the wait for the destination's head as for a local
+    /// model server: a stream's head comes at once, a unary answer's only
+    /// when it is done.
+    pub fn new(region: &str, agent_id: &str, settings: UpstreamSettings) -> RelayClients {
         RelayClients {
             me: format!("{region}/{agent_id}"),
             channels: Mutex::new(HashMap::new()),
-            header_timeout,
+            settings,
         }
     }
 
@@ -83,7 +90,14 @@ impl RelayClients {
                 CallError::Unavailable(format!("no agent of region `{region}` is connected"))
             })?;
         let (_, addr) = &agents[fastrand::usize(..agents.len())];
-        let mut client = RelayServiceClient::new(self.channel(addr)?);
+        let mut client = RelayServiceClient::new(self.channel(addr)?)
+            .max_decoding_message_size(MAX_RELAY_MESSAGE)
+            .max_encoding_message_size(MAX_RELAY_MESSAGE);
+        let wait = if stream {
+            self.settings.header_timeout
+        } else {
+            self.settings.body_timeout
+        };
         let mut req = Request::new(pb::RelayRequest {
             request_id: String::new(),
             source_region: cfg.region.clone(),
@@ -102,11 +116,11 @@ impl RelayClients {
             let head = events.message().await?;
             Ok::<_, Status>((events, head))
         };
-        let (mut events, head) = match tokio::time::timeout(self.header_timeout, first).await {
+        let (mut events, head) = match tokio::time::timeout(wait, first).await {
             Err(_) => {
                 return Err(CallError::Unavailable(format!(
                     "agent {addr} of {region} did not answer within {:?}",
-                    self.header_timeout
+                    wait
                 )));
             }
             Ok(Err(status)) => return Err(from_status(region, status)),
@@ -123,7 +137,9 @@ impl RelayClients {
             }
         };
         let region = region.to_string();
-        if stream {
+        // A refusal by the model server (4xx) is one JSON body even for a
+        // stream, so that the front door answers it as JSON.
+        if stream && status.is_success() {
             let body = async_stream(events, region);
             return Ok(UpstreamAnswer {
                 status,
@@ -188,9 +204,16 @@ fn from_status(region: &str, s: Status) -> CallError {
     let msg = format!("{region}: {}", s.message());
     match s.code() {
         Code::ResourceExhausted => CallError::Throttled(msg),
-        Code::DataLoss => CallError::Upstream(msg),
+        // The destination broke off, or the call cannot be relayed at all
+        // (too large, malformed): another region would fare no better.
+        Code::DataLoss | Code::OutOfRange | Code::InvalidArgument => CallError::Upstream(msg),
         _ => CallError::Unavailable(msg),
     }
+}
+
+#[derive(serde::Deserialize)]
+struct ModelOnly {
+    model: Option<String>,
 }
 
 /// The destination side.
@@ -254,6 +277,17 @@ impl RelayService for RelayServer {
     async fn relay(&self, req: Request<pb::RelayRequest>) -> Result<Response<RelayStream>, Status> {
         self.check_caller(&req)?;
         let req = req.into_inner();
+        // The body must ask for the model the relay names: the destination
+        // serves what the source resolved, nothing else.
+        let body_model = serde_json::from_slice::<ModelOnly>(&req.body)
+            .ok()
+            .and_then(|m| m.model);
+        if body_model.as_deref() != Some(req.model.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "the relayed body asks for model {body_model:?}, not `{}`",
+                req.model
+            )));
+        }
         // Served here or not at all: a relayed call is never relayed again.
         let answer = self
             .upstreams
@@ -278,7 +312,16 @@ impl RelayService for RelayServer {
                     let _ = tx.send(event(Event::Chunk(b))).await;
                 }
                 AnswerBody::Stream(mut s) => {
-                    while let Some(chunk) = s.next().await {
+                    loop {
+                        // A source that went away releases the model server
+                        // at once.
+                        let chunk = tokio::select! {
+                            c = s.next() => match c {
+                                Some(c) => c,
+                                None => break,
+                            },
+                            _ = tx.closed() => return,
+                        };
                         let msg = chunk.map(|c| pb::RelayEvent {
                             event: Some(Event::Chunk(c)),
                         });

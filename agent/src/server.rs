@@ -16,7 +16,7 @@ use crate::config::AgentArgs;
 use crate::converse::ConverseDoor;
 use crate::http::{self, HttpDoor};
 use crate::pipeline::{Pipeline, PipelineSettings};
-use crate::relay::{RelayClients, RelayServer};
+use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, SyncSettings};
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
@@ -103,7 +103,7 @@ pub async fn start(
         settings.model_servers,
         settings.upstream.clone(),
     ));
-    let relays = RelayClients::new(&region, &agent_id, settings.upstream.header_timeout);
+    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone());
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
         config.clone(),
@@ -145,7 +145,11 @@ pub async fn start(
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(pb::relay_service_server::RelayServiceServer::new(relay))
+            .add_service(
+                pb::relay_service_server::RelayServiceServer::new(relay)
+                    .max_decoding_message_size(MAX_RELAY_MESSAGE)
+                    .max_encoding_message_size(MAX_RELAY_MESSAGE),
+            )
             .add_service(pb::inference_service_server::InferenceServiceServer::new(
                 converse,
             ))

@@ -150,9 +150,14 @@ pub enum AnswerBody {
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub connect_timeout: Duration,
-    /// Until the response headers arrive.
+    /// Until a stream's response headers arrive: a streaming model server
+    /// answers at once, so a silent one is unavailable and the next region
+    /// is tried.
     pub header_timeout: Duration,
-    /// Until a unary body has been read.
+    /// Until a unary answer has been read whole. Many model servers send a
+    /// unary answer's headers only when generation is done, so a unary call
+    /// gets this long for its headers too: a long generation must not be
+    /// mistaken for an outage and run again elsewhere.
     pub body_timeout: Duration,
 }
 
@@ -236,7 +241,10 @@ impl Upstreams {
         }
         // Claim a slot on the better of two random servers; when it filled up
         // in between, try the other, then the rest in order of load.
-        let score = |i: &usize| serving[*i].load_score();
+        // Scores are read once: they move under concurrent calls, and a sort
+        // must see one consistent order.
+        let scores: Vec<f64> = serving.iter().map(|s| s.load_score()).collect();
+        let score = |i: &usize| scores[*i];
         let mut order: Vec<usize> = (0..serving.len()).collect();
         order.sort_by(|p, q| score(p).total_cmp(&score(q)));
         if order.len() > 2 {
@@ -287,23 +295,27 @@ impl Upstreams {
             &self.http1
         };
         let started = Instant::now();
-        let resp =
-            match tokio::time::timeout(self.settings.header_timeout, client.request(req)).await {
-                Err(_) => {
-                    return Err(CallError::Unavailable(format!(
-                        "model server {} did not answer within {:?}",
-                        server.spec.url, self.settings.header_timeout
-                    )));
-                }
-                Ok(Err(e)) => {
-                    return Err(CallError::Unavailable(format!(
-                        "model server {}: {}",
-                        server.spec.url,
-                        chain(&e)
-                    )));
-                }
-                Ok(Ok(resp)) => resp,
-            };
+        let wait = if stream {
+            self.settings.header_timeout
+        } else {
+            self.settings.body_timeout
+        };
+        let resp = match tokio::time::timeout(wait, client.request(req)).await {
+            Err(_) => {
+                return Err(CallError::Unavailable(format!(
+                    "model server {} did not answer within {:?}",
+                    server.spec.url, wait
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(CallError::Unavailable(format!(
+                    "model server {}: {}",
+                    server.spec.url,
+                    chain(&e)
+                )));
+            }
+            Ok(Ok(resp)) => resp,
+        };
         server.observe(started.elapsed());
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {

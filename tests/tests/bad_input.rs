@@ -210,6 +210,17 @@ async fn relay_calls_from_something_that_is_not_an_agent_are_refused() {
             .code(),
         Code::PermissionDenied
     );
+    // A known agent relaying a body that asks for another model than the
+    // relay names: refused before any model server sees it.
+    let mut other_model = tonic::Request::new(pb::RelayRequest {
+        body: chat("some-other-model", false).into(),
+        ..req()
+    });
+    other_model
+        .metadata_mut()
+        .insert("spillway-source-agent", "us-east/agent-1".parse().unwrap());
+    let s = client.relay(other_model).await.expect_err("model mismatch");
+    assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
     assert_eq!(cluster.region("us-west").served(), 0);
 }
 
