@@ -15,6 +15,7 @@ pub mod converse;
 pub mod error;
 pub mod http;
 pub mod openai;
+pub mod outlier;
 pub mod persist;
 pub mod pipeline;
 pub mod relay;

@@ -12,6 +12,7 @@ use spillway_proto::model::{Profile, RouteTable};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::error::CallError;
+use crate::outlier::{OutlierSettings, Outliers};
 use crate::relay::RelayClients;
 use crate::route;
 use crate::snapshot::AgentConfig;
@@ -64,6 +65,8 @@ pub struct Pipeline {
     relays: RelayClients,
     budget: TpsBudget,
     settings: PipelineSettings,
+    /// Other regions ejected after failing calls in a row.
+    ejected: Outliers<String>,
 }
 
 impl Pipeline {
@@ -86,6 +89,7 @@ impl Pipeline {
             relays,
             budget,
             settings,
+            ejected: Outliers::new(OutlierSettings::default()),
         }
     }
 
@@ -117,7 +121,21 @@ impl Pipeline {
             .routes
             .get(&call.profile)
             .ok_or_else(|| CallError::ProfileNotFound(call.profile.clone()))?;
-        let plan = route::plan(table, fastrand::f64);
+        let mut plan = route::plan(table, fastrand::f64);
+        // Other regions that failed calls in a row are skipped for a while
+        // (outlier ejection), unless that would leave nothing to try.
+        // The cap on ejections counts every planned region, the source
+        // (never ejected here) included.
+        let planned: Vec<String> = plan.iter().map(|r| r.to_string()).collect();
+        let now = tokio::time::Instant::now();
+        let healthy: Vec<&str> = plan
+            .iter()
+            .copied()
+            .filter(|r| *r == self.region || !self.ejected.is_ejected(&r.to_string(), now))
+            .collect();
+        if !healthy.is_empty() {
+            plan = healthy;
+        }
         self.budget.deposit();
         let mut failed = Vec::new();
         for (i, region) in plan
@@ -148,6 +166,21 @@ impl Pipeline {
                     )
                     .await
             };
+            if region != self.region {
+                match &result {
+                    Ok(_) => self.ejected.success(&region.to_string()),
+                    Err(e) if e.retriable() => {
+                        if self.ejected.failure(
+                            &region.to_string(),
+                            &planned,
+                            tokio::time::Instant::now(),
+                        ) {
+                            tracing::warn!(%region, error = %e, "region ejected after failures in a row");
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
             match result {
                 Ok(answer) => {
                     if !failed.is_empty() {

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::CallError;
+use crate::outlier::{OutlierSettings, Outliers};
 
 /// One model server, as configured with `--model-server`.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,6 +178,8 @@ pub struct Upstreams {
     http1: Client<HttpConnector, Full<Bytes>>,
     http2: Client<HttpConnector, Full<Bytes>>,
     settings: UpstreamSettings,
+    /// Servers ejected after failing or throttling calls in a row, by URL.
+    ejected: Outliers<String>,
 }
 
 impl Upstreams {
@@ -211,6 +214,7 @@ impl Upstreams {
             http1,
             http2,
             settings,
+            ejected: Outliers::new(OutlierSettings::default()),
         }
     }
 
@@ -229,7 +233,7 @@ impl Upstreams {
     /// Picks a server for `model` by power of two choices among those with a
     /// free slot, and takes the slot.
     fn pick(&self, model: &str) -> Result<(Arc<ModelServer>, InFlight), CallError> {
-        let serving: Vec<&Arc<ModelServer>> = self
+        let mut serving: Vec<&Arc<ModelServer>> = self
             .servers
             .iter()
             .filter(|s| s.spec.models.contains(model))
@@ -238,6 +242,16 @@ impl Upstreams {
             return Err(CallError::Unavailable(format!(
                 "no model server in this region serves `{model}`"
             )));
+        }
+        // Leave ejected servers out, unless every one is ejected.
+        let now = tokio::time::Instant::now();
+        let healthy: Vec<&Arc<ModelServer>> = serving
+            .iter()
+            .copied()
+            .filter(|s| !self.ejected.is_ejected(&s.spec.url, now))
+            .collect();
+        if !healthy.is_empty() {
+            serving = healthy;
         }
         // Claim a slot on the better of two random servers; when it filled up
         // in between, try the other, then the rest in order of load.
@@ -285,6 +299,37 @@ impl Upstreams {
         stream: bool,
     ) -> Result<UpstreamAnswer, CallError> {
         let (server, slot) = self.pick(model)?;
+        let result = self.send(&server, slot, body, stream).await;
+        // Passive health: a server that throttles or fails calls in a row is
+        // left out of the picks for a while.
+        match &result {
+            Ok(_) => self.ejected.success(&server.spec.url),
+            Err(e) if e.retriable() => {
+                let set: Vec<String> = self
+                    .servers
+                    .iter()
+                    .filter(|s| s.spec.models.contains(model))
+                    .map(|s| s.spec.url.clone())
+                    .collect();
+                if self
+                    .ejected
+                    .failure(&server.spec.url, &set, tokio::time::Instant::now())
+                {
+                    tracing::warn!(server = %server.spec.url, error = %e, "model server ejected after failures in a row");
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn send(
+        &self,
+        server: &Arc<ModelServer>,
+        slot: InFlight,
+        body: Bytes,
+        stream: bool,
+    ) -> Result<UpstreamAnswer, CallError> {
         let req = Request::post(server.completions.clone())
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))

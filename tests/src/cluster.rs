@@ -141,16 +141,28 @@ impl Cluster {
 
     /// Sets a route table and waits until the source region's agent has it.
     pub async fn set_route(&self, profile: &str, source: &str, dest: &[(&str, f64)]) {
+        let with_priority: Vec<(&str, f64, u32)> = dest.iter().map(|(r, w)| (*r, *w, 0)).collect();
+        self.set_route_with_priority(profile, source, &with_priority)
+            .await;
+    }
+
+    /// [`Cluster::set_route`] with a priority per destination.
+    pub async fn set_route_with_priority(
+        &self,
+        profile: &str,
+        source: &str,
+        dest: &[(&str, f64, u32)],
+    ) {
         let mut admin = self.cp.admin().await;
         let table = pb::RouteTable {
             profile: profile.into(),
             source_region: source.into(),
             destinations: dest
                 .iter()
-                .map(|(r, w)| pb::RouteDestination {
+                .map(|(r, w, p)| pb::RouteDestination {
                     region: r.to_string(),
                     weight: *w,
-                    priority: 0,
+                    priority: *p,
                 })
                 .collect(),
             revision: 0,
@@ -161,7 +173,7 @@ impl Cluster {
             })
             .await
             .unwrap();
-        let want: Vec<String> = dest.iter().map(|(r, _)| r.to_string()).collect();
+        let want: Vec<String> = dest.iter().map(|(r, _, _)| r.to_string()).collect();
         self.region(source)
             .agent
             .wait_for("the new route table", |c| {

@@ -326,3 +326,68 @@ async fn model_servers_can_be_reached_over_http2() {
     }
     assert_eq!(sim.served(), 2);
 }
+
+#[tokio::test]
+async fn a_failing_region_is_ejected_after_two_failures_in_a_row() {
+    use std::sync::atomic::Ordering;
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    // us-east's calls go to us-west first, us-east second.
+    cluster
+        .set_route_with_priority(US, "us-east", &[("us-west", 1.0, 0), ("us-east", 1.0, 1)])
+        .await;
+    for sim in &cluster.region("us-west").sims {
+        sim.state.down.store(true, Ordering::Relaxed);
+    }
+    let http = Http::default();
+    let east = cluster.region("us-east").agent.http;
+    for _ in 0..10 {
+        let a = http
+            .post(east, "/v1/chat/completions", chat(US, false))
+            .await;
+        assert_eq!(
+            (a.status.as_u16(), a.region()),
+            (200, Some("us-east")),
+            "{}",
+            a.text()
+        );
+    }
+    // us-west's model servers saw the two calls that ejected it, and (only
+    // if this machine took longer than the 2 s ejection) a retry after it.
+    let tried: u64 = cluster
+        .region("us-west")
+        .sims
+        .iter()
+        .map(|s| s.state.received.load(Ordering::Relaxed))
+        .sum();
+    assert!(
+        (2..=4).contains(&tried),
+        "us-west was tried {tried} times for 10 calls"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_model_server_is_ejected_and_its_calls_fail_over() {
+    use std::sync::atomic::Ordering;
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    let east = cluster.region("us-east");
+    east.sims[0].state.down.store(true, Ordering::Relaxed);
+    let http = Http::default();
+    let mut served_here = 0;
+    for _ in 0..20 {
+        let a = http
+            .post(east.agent.http, "/v1/chat/completions", chat(US, false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        served_here += usize::from(a.region() == Some("us-east"));
+    }
+    // The broken server got the calls that ejected it (and, if this machine
+    // took longer than the 2 s ejection, a retry after it); the rest went to
+    // its healthy neighbour, and nothing failed.
+    let tried = east.sims[0].state.received.load(Ordering::Relaxed);
+    assert!(
+        (2..=4).contains(&tried),
+        "the failing server was tried {tried} times"
+    );
+    assert_eq!(served_here as u64, east.sims[1].served());
+    assert!(served_here >= 16, "{served_here} of 20 served in us-east");
+}
