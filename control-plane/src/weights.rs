@@ -1,0 +1,533 @@
+//! The weight engine: from the operator's route table (base weights and
+//! priorities) and each region's load, the effective weights one source
+//! region's agents use. Pure: inputs in, weights out, no clock, no I/O.
+//!
+//! How it decides, for one route table:
+//!
+//! - A region is **drained** (weight 0) when its agents went silent, its
+//!   error rate crossed the drain threshold, or it has no capacity.
+//! - Destinations are taken by priority level, lowest first (the default
+//!   table puts the source region alone at the first level). A level gets
+//!   all the traffic while its utilization (in-flight over capacity) is at or
+//!   under the target; within the level, traffic splits by the operator's
+//!   base weights (**headroom**).
+//! - Above the target, the excess share (1 - target / utilization) **spills**
+//!   to the next levels, in proportion to each region's spare capacity
+//!   (target x capacity - in flight).
+//! - When too little healthy capacity is left anywhere (healthy capacity x
+//!   the overprovisioning factor under the panic threshold), the engine
+//!   stops trusting health and spreads over every destination by base
+//!   weight (**panic**), rather than pile everything on the last survivor.
+//! - With no load figures at all, the operator's weights stand
+//!   (**override**).
+//!
+//! [`smooth`] then moves from the previous weights toward these by a bounded
+//! step, ignores changes under the hysteresis band, and drains at once but
+//! brings a region back only step by step, so that weights do not oscillate.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use spillway_proto::model::RouteTable;
+
+/// One region's load, summed over its agents' reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionLoad {
+    /// Concurrent calls its model servers take.
+    pub capacity: f64,
+    pub in_flight: f64,
+    /// Share of recent calls that failed, in [0, 1].
+    pub error_rate: f64,
+    /// Whether its agents reported recently.
+    pub fresh: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Utilization a level may reach before it spills.
+    pub target_utilization: f64,
+    /// Error rate at which a region is drained.
+    pub drain_error_rate: f64,
+    pub overprovisioning: f64,
+    /// Healthy capacity share (times overprovisioning) under which the
+    /// engine panics.
+    pub panic_threshold: f64,
+    /// Largest change of any weight per update.
+    pub max_step: f64,
+    /// Changes smaller than this are not made (nor pushed).
+    pub hysteresis: f64,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            target_utilization: 0.8,
+            drain_error_rate: 0.5,
+            overprovisioning: 1.4,
+            panic_threshold: 0.5,
+            max_step: 0.25,
+            hysteresis: 0.02,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Headroom,
+    Spill,
+    Drained,
+    Panic,
+    Override,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Weight {
+    pub region: String,
+    pub weight: f64,
+    pub reason: Reason,
+}
+
+fn healthy(load: Option<&RegionLoad>, s: &EngineSettings) -> bool {
+    load.is_some_and(|l| l.fresh && l.capacity > 0.0 && l.error_rate < s.drain_error_rate)
+}
+
+/// Shares proportional to `parts`, or an even split when they are all zero.
+fn normalize(parts: &mut [f64]) {
+    let total: f64 = parts.iter().sum();
+    if total > 0.0 && total.is_finite() {
+        for p in parts.iter_mut() {
+            *p /= total;
+        }
+    } else if !parts.is_empty() {
+        let even = 1.0 / parts.len() as f64;
+        parts.iter_mut().for_each(|p| *p = even);
+    }
+}
+
+/// The weights the engine aims at for `table` given the regions' `loads`.
+/// Destinations with a zero base weight are kept out (at weight 0).
+pub fn target(
+    table: &RouteTable,
+    loads: &BTreeMap<String, RegionLoad>,
+    s: &EngineSettings,
+) -> Vec<Weight> {
+    let dests: Vec<_> = table
+        .destinations
+        .iter()
+        .filter(|d| d.weight > 0.0)
+        .collect();
+    let zero = |region: &str, reason| Weight {
+        region: region.to_string(),
+        weight: 0.0,
+        reason,
+    };
+    let mut out: Vec<Weight> = table
+        .destinations
+        .iter()
+        .filter(|d| d.weight <= 0.0)
+        .map(|d| zero(&d.region, Reason::Override))
+        .collect();
+    if dests.is_empty() {
+        return out;
+    }
+    let by_base = |reason| -> Vec<Weight> {
+        let mut w: Vec<f64> = dests.iter().map(|d| d.weight).collect();
+        normalize(&mut w);
+        dests
+            .iter()
+            .zip(w)
+            .map(|(d, weight)| Weight {
+                region: d.region.clone(),
+                weight,
+                reason,
+            })
+            .collect()
+    };
+    if dests.iter().all(|d| !loads.contains_key(&d.region)) {
+        out.extend(by_base(Reason::Override));
+        return out;
+    }
+    let capacity = |r: &str| loads.get(r).map_or(0.0, |l| l.capacity.max(0.0));
+    let total: f64 = dests.iter().map(|d| capacity(&d.region)).sum();
+    let healthy_cap: f64 = dests
+        .iter()
+        .filter(|d| healthy(loads.get(&d.region), s))
+        .map(|d| capacity(&d.region))
+        .sum();
+    let share = if total > 0.0 {
+        healthy_cap / total
+    } else {
+        0.0
+    };
+    if share * s.overprovisioning < s.panic_threshold {
+        out.extend(by_base(Reason::Panic));
+        return out;
+    }
+
+    // Healthy destinations by level; drained ones get zero.
+    let mut levels: Vec<u32> = dests.iter().map(|d| d.priority).collect();
+    levels.sort_unstable();
+    levels.dedup();
+    let mut weights: BTreeMap<String, (f64, Reason)> = BTreeMap::new();
+    for d in &dests {
+        if !healthy(loads.get(&d.region), s) {
+            weights.insert(d.region.clone(), (0.0, Reason::Drained));
+        }
+    }
+    // `remaining` is the share of traffic still to place, level by level.
+    let mut remaining = 1.0;
+    for (i, level) in levels.iter().enumerate() {
+        let members: Vec<_> = dests
+            .iter()
+            .filter(|d| d.priority == *level && healthy(loads.get(&d.region), s))
+            .collect();
+        if members.is_empty() || remaining <= 0.0 {
+            for d in members {
+                weights.insert(d.region.clone(), (0.0, Reason::Spill));
+            }
+            continue;
+        }
+        let cap: f64 = members.iter().map(|d| capacity(&d.region)).sum();
+        let in_flight: f64 = members
+            .iter()
+            .map(|d| loads[&d.region].in_flight.max(0.0))
+            .sum();
+        let utilization = in_flight / cap;
+        let last = i + 1 == levels.len()
+            || dests
+                .iter()
+                .filter(|d| d.priority > *level)
+                .all(|d| !healthy(loads.get(&d.region), s));
+        let reason = if i == 0 {
+            Reason::Headroom
+        } else {
+            Reason::Spill
+        };
+        if utilization <= s.target_utilization || last {
+            // This level takes everything left, split by base weight.
+            let mut w: Vec<f64> = members.iter().map(|d| d.weight).collect();
+            normalize(&mut w);
+            for (d, w) in members.iter().zip(w) {
+                weights.insert(d.region.clone(), (remaining * w, reason));
+            }
+            remaining = 0.0;
+        } else {
+            let keep = s.target_utilization / utilization;
+            let mut w: Vec<f64> = members.iter().map(|d| d.weight).collect();
+            normalize(&mut w);
+            for (d, w) in members.iter().zip(w) {
+                weights.insert(d.region.clone(), (remaining * keep * w, reason));
+            }
+            remaining *= 1.0 - keep;
+            // The excess goes to the next levels by spare capacity.
+            let next: Vec<_> = dests
+                .iter()
+                .filter(|d| d.priority > *level && healthy(loads.get(&d.region), s))
+                .collect();
+            let mut spare: Vec<f64> = next
+                .iter()
+                .map(|d| {
+                    let l = &loads[&d.region];
+                    (s.target_utilization * l.capacity - l.in_flight).max(0.0)
+                })
+                .collect();
+            normalize(&mut spare);
+            for (d, sp) in next.iter().zip(spare) {
+                weights.insert(d.region.clone(), (remaining * sp, Reason::Spill));
+            }
+            break;
+        }
+    }
+    for d in &dests {
+        weights
+            .entry(d.region.clone())
+            .or_insert((0.0, Reason::Spill));
+    }
+    out.extend(
+        weights
+            .into_iter()
+            .map(|(region, (weight, reason))| Weight {
+                region,
+                weight,
+                reason,
+            }),
+    );
+    out
+}
+
+/// Moves from `previous` toward `target`: drained regions drop at once, the
+/// rest move together by at most `max_step` (the largest change bounds the
+/// interpolation, so the weights keep summing to one), and a change smaller
+/// than the hysteresis band is not made at all. Returns the new weights and
+/// whether they differ from `previous`.
+pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Vec<Weight>, bool) {
+    let prev_of = |region: &str| {
+        previous
+            .iter()
+            .find(|w| w.region == region)
+            .map(|w| w.weight)
+    };
+    if previous.is_empty() || target.iter().any(|t| prev_of(&t.region).is_none()) {
+        return (target.to_vec(), true);
+    }
+    // Drain at once: take drained regions' weight away from the start point.
+    let mut start: Vec<f64> = target
+        .iter()
+        .map(|t| {
+            if t.reason == Reason::Drained {
+                0.0
+            } else {
+                prev_of(&t.region).unwrap_or(0.0)
+            }
+        })
+        .collect();
+    let drained_now = target
+        .iter()
+        .zip(&start)
+        .any(|(t, s0)| t.reason == Reason::Drained && prev_of(&t.region).unwrap_or(0.0) > *s0);
+    let has_target_mass = target.iter().any(|t| t.weight > 0.0);
+    if start.iter().sum::<f64>() <= 0.0 && has_target_mass {
+        return (target.to_vec(), true);
+    }
+    normalize(&mut start);
+    let delta = target
+        .iter()
+        .zip(&start)
+        .map(|(t, p)| (t.weight - p).abs())
+        .fold(0.0, f64::max);
+    if delta < s.hysteresis && !drained_now {
+        return (previous.to_vec(), false);
+    }
+    let alpha = if delta > s.max_step {
+        s.max_step / delta
+    } else {
+        1.0
+    };
+    let next = target
+        .iter()
+        .zip(&start)
+        .map(|(t, p)| Weight {
+            region: t.region.clone(),
+            weight: (p + alpha * (t.weight - p)).max(0.0),
+            reason: t.reason,
+        })
+        .collect();
+    (next, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use spillway_proto::model::RouteDestination;
+
+    fn table(d: &[(&str, f64, u32)]) -> RouteTable {
+        RouteTable {
+            profile: "p".into(),
+            source_region: "a".into(),
+            destinations: d
+                .iter()
+                .map(|(r, w, p)| RouteDestination {
+                    region: r.to_string(),
+                    weight: *w,
+                    priority: *p,
+                })
+                .collect(),
+            revision: 0,
+        }
+    }
+
+    fn load(capacity: f64, in_flight: f64) -> RegionLoad {
+        RegionLoad {
+            capacity,
+            in_flight,
+            error_rate: 0.0,
+            fresh: true,
+        }
+    }
+
+    fn w<'a>(ws: &'a [Weight], r: &str) -> &'a Weight {
+        ws.iter().find(|x| x.region == r).unwrap()
+    }
+
+    fn source_first() -> RouteTable {
+        table(&[("a", 1.0, 0), ("b", 1.0, 1), ("c", 1.0, 1)])
+    }
+
+    #[test]
+    fn the_source_keeps_everything_under_the_target() {
+        let loads = BTreeMap::from([
+            ("a".into(), load(10.0, 5.0)),
+            ("b".into(), load(10.0, 0.0)),
+            ("c".into(), load(10.0, 0.0)),
+        ]);
+        let t = target(&source_first(), &loads, &EngineSettings::default());
+        assert_eq!(
+            (w(&t, "a").weight, w(&t, "a").reason),
+            (1.0, Reason::Headroom)
+        );
+        assert_eq!(w(&t, "b").weight, 0.0);
+    }
+
+    #[test]
+    fn the_excess_spills_by_spare_capacity() {
+        // a at 100% of capacity: 20% of its traffic spills; b has three
+        // times c's spare capacity.
+        let loads = BTreeMap::from([
+            ("a".into(), load(10.0, 10.0)),
+            ("b".into(), load(10.0, 2.0)),
+            ("c".into(), load(10.0, 6.0)),
+        ]);
+        let t = target(&source_first(), &loads, &EngineSettings::default());
+        assert!((w(&t, "a").weight - 0.8).abs() < 1e-9);
+        assert!((w(&t, "b").weight - 0.15).abs() < 1e-9, "{t:?}");
+        assert!((w(&t, "c").weight - 0.05).abs() < 1e-9, "{t:?}");
+        assert_eq!(w(&t, "b").reason, Reason::Spill);
+    }
+
+    #[test]
+    fn failing_and_silent_regions_are_drained_and_too_few_panics() {
+        let mut loads = BTreeMap::from([
+            ("a".into(), load(10.0, 1.0)),
+            ("b".into(), load(10.0, 0.0)),
+            ("c".into(), load(10.0, 0.0)),
+        ]);
+        loads.get_mut("a").unwrap().error_rate = 0.9;
+        let t = target(&source_first(), &loads, &EngineSettings::default());
+        assert_eq!(
+            (w(&t, "a").weight, w(&t, "a").reason),
+            (0.0, Reason::Drained)
+        );
+        assert!((w(&t, "b").weight - 0.5).abs() < 1e-9);
+        loads.get_mut("b").unwrap().fresh = false;
+        loads.get_mut("c").unwrap().fresh = false;
+        let t = target(&source_first(), &loads, &EngineSettings::default());
+        assert!(t.iter().all(|x| x.reason == Reason::Panic), "{t:?}");
+    }
+
+    #[test]
+    fn without_load_figures_the_operator_decides() {
+        let t = target(
+            &table(&[("a", 3.0, 0), ("b", 1.0, 0)]),
+            &BTreeMap::new(),
+            &EngineSettings::default(),
+        );
+        assert_eq!(
+            (w(&t, "a").weight, w(&t, "a").reason),
+            (0.75, Reason::Override)
+        );
+    }
+
+    fn arb_load() -> impl Strategy<Value = RegionLoad> {
+        (0.0f64..100.0, 0.0f64..150.0, 0.0f64..1.0, any::<bool>()).prop_map(
+            |(capacity, in_flight, error_rate, fresh)| RegionLoad {
+                capacity,
+                in_flight,
+                error_rate,
+                fresh,
+            },
+        )
+    }
+
+    fn arb_case() -> impl Strategy<Value = (RouteTable, BTreeMap<String, RegionLoad>)> {
+        let regions = ["a", "b", "c", "d"];
+        (
+            proptest::collection::vec((0.0f64..10.0, 0u32..3), 4),
+            proptest::collection::vec(proptest::option::of(arb_load()), 4),
+        )
+            .prop_map(move |(dests, loads)| {
+                let mut d: Vec<(&str, f64, u32)> = regions
+                    .iter()
+                    .zip(dests)
+                    .map(|(r, (w, p))| (*r, w, p))
+                    .collect();
+                // At least one positive weight, as validation guarantees.
+                d[0].1 += 0.5;
+                let loads = regions
+                    .iter()
+                    .zip(loads)
+                    .filter_map(|(r, l)| l.map(|l| (r.to_string(), l)))
+                    .collect();
+                (table(&d), loads)
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn weights_are_finite_non_negative_and_sum_to_one((t, loads) in arb_case()) {
+            let s = EngineSettings::default();
+            let out = target(&t, &loads, &s);
+            prop_assert_eq!(out.len(), t.destinations.len());
+            let sum: f64 = out.iter().map(|x| x.weight).sum();
+            prop_assert!(out.iter().all(|x| x.weight.is_finite() && x.weight >= 0.0), "{:?}", out);
+            prop_assert!((sum - 1.0).abs() < 1e-9, "sum {} of {:?}", sum, out);
+        }
+
+        #[test]
+        fn unhealthy_regions_get_nothing_unless_in_panic((t, loads) in arb_case()) {
+            let s = EngineSettings::default();
+            let out = target(&t, &loads, &s);
+            let panic = out.iter().any(|x| x.reason == Reason::Panic);
+            let any_data = t.destinations.iter().any(|d| loads.contains_key(&d.region));
+            if !panic && any_data {
+                for x in &out {
+                    if !healthy(loads.get(&x.region), &s) {
+                        prop_assert_eq!(x.weight, 0.0, "{:?}", out);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn a_healthy_source_under_the_target_keeps_full_share(cap in 1.0f64..100.0, u in 0.0f64..0.8, others in proptest::collection::vec(arb_load(), 2)) {
+            let s = EngineSettings::default();
+            let mut loads = BTreeMap::from([("a".to_string(), load(cap, cap * u))]);
+            loads.insert("b".into(), others[0].clone());
+            loads.insert("c".into(), others[1].clone());
+            let out = target(&source_first(), &loads, &s);
+            if !out.iter().any(|x| x.reason == Reason::Panic) {
+                prop_assert_eq!(w(&out, "a").weight, 1.0, "{:?}", out);
+            }
+        }
+
+        #[test]
+        fn each_update_moves_by_a_bounded_step((t, before) in arb_case(), (_, after) in arb_case()) {
+            let s = EngineSettings::default();
+            let prev = target(&t, &before, &s);
+            let goal = target(&t, &after, &s);
+            let (next, _) = smooth(&prev, &goal, &s);
+            let sum: f64 = next.iter().map(|x| x.weight).sum();
+            prop_assert!((sum - 1.0).abs() < 1e-9, "{:?}", next);
+            for (n, p) in next.iter().zip(&prev) {
+                if n.reason != Reason::Drained {
+                    // Draining others may raise a weight by their share too;
+                    // beyond that, the step bound holds.
+                    let drained: f64 = prev.iter().zip(&goal).filter(|(_, g)| g.reason == Reason::Drained).map(|(p, _)| p.weight).sum();
+                    prop_assert!(n.weight - p.weight <= s.max_step + drained + 1e-9, "{:?} -> {:?}", prev, next);
+                    prop_assert!(p.weight - n.weight <= s.max_step + 1e-9, "{:?} -> {:?}", prev, next);
+                } else {
+                    prop_assert_eq!(n.weight, 0.0);
+                }
+            }
+        }
+
+        #[test]
+        fn a_steady_load_settles_and_stays((t, loads) in arb_case()) {
+            let s = EngineSettings::default();
+            let goal = target(&t, &loads, &s);
+            let start: Vec<Weight> = goal.iter().map(|g| Weight { weight: 1.0 / goal.len() as f64, ..g.clone() }).collect();
+            let mut cur = start;
+            let mut changes = 0;
+            for _ in 0..50 {
+                let (next, changed) = smooth(&cur, &goal, &s);
+                changes += usize::from(changed);
+                cur = next;
+            }
+            // It converges within a few steps and then never moves again.
+            let (_, changed) = smooth(&cur, &goal, &s);
+            prop_assert!(!changed, "still moving after 50 updates: {:?}", cur);
+            prop_assert!(changes <= 1 + (1.0 / s.max_step).ceil() as usize + 2, "{} changes", changes);
+        }
+    }
+}
