@@ -21,7 +21,9 @@ use spillway_proto::pb::{
     self, control_service_client::ControlServiceClient,
     inference_service_client::InferenceServiceClient,
 };
-use spillway_tests::bench::{Sample, Stats, closed_loop, closed_loop_sample, percentile_ms, timed};
+use spillway_tests::bench::{
+    Sample, Stats, closed_loop, closed_loop_sample, open_loop, percentile_ms, timed,
+};
 use spillway_tests::{AgentProcess, ControlPlane, SimProcess, rss_bytes};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -415,6 +417,30 @@ async fn main() -> Result<()> {
         });
     }
 
+    // Open loop: calls start at a fixed rate whatever the answers take, so
+    // that queueing shows in the latency (a closed loop slows down instead).
+    let mut open_rows = Vec::new();
+    for rate in [1000u32, 5000] {
+        eprintln!("bench: open loop at {rate} calls/s");
+        let mut figures = BTreeMap::new();
+        for (name, target, body) in [
+            ("direct", uri(fast.addr, completions), body.clone()),
+            ("agent", uri(east.http, completions), profile_body.clone()),
+        ] {
+            let client = client.clone();
+            let stats = open_loop(rate, plan.duration / 2, move || {
+                let (client, target, body) = (client.clone(), target.clone(), body.clone());
+                async move { timed(post(&client, &target, &body)).await }
+            })
+            .await;
+            figures.insert(name.to_string(), stats);
+        }
+        open_rows.push(Row {
+            concurrency: rate as usize,
+            figures,
+        });
+    }
+
     let mut ttft_rows = Vec::new();
     for c in [1, 16] {
         eprintln!("bench: time to first token at concurrency {c}");
@@ -508,6 +534,7 @@ async fn main() -> Result<()> {
         "relay_http": relay_rows,
         "grpc": grpc_rows,
         "ttft": ttft_rows,
+        "open_loop": open_rows,
         "propagation": propagation,
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
@@ -532,6 +559,7 @@ async fn main() -> Result<()> {
         ("relay", &relay_rows),
         ("grpc", &grpc_rows),
         ("ttft", &ttft_rows),
+        ("open", &open_rows),
     ] {
         for r in rows.iter() {
             for (name, s) in &r.figures {
@@ -894,6 +922,10 @@ fn markdown(r: &Value) -> String {
             "grpc",
         ),
         ("Time to first token, streaming", "ttft"),
+        (
+            "Open loop at a fixed rate (the concurrency column is calls per second)",
+            "open_loop",
+        ),
     ] {
         md.push_str(&format!("\n## {title}\n\n| concurrency | path | p50 µs | p99 µs | req/s | errors |\n| --- | --- | --- | --- | --- | --- |\n"));
         for row in r[key].as_array().into_iter().flatten() {
