@@ -44,6 +44,8 @@ impl AgentSettings {
                 local: local_capabilities(&args.model_servers),
                 backoff_base: Duration::from_millis(100),
                 backoff_max: Duration::from_secs(5),
+                load: None,
+                report_interval: Duration::from_secs(1),
             },
             model_servers: args.model_servers.clone(),
             upstream: UpstreamSettings {
@@ -98,11 +100,13 @@ pub async fn start(
 ) -> Result<RunningAgent, RunError> {
     let region = settings.sync.region.clone();
     let agent_id = settings.sync.agent_id.clone();
-    let config = sync::start(settings.sync, shutdown.clone()).await;
     let upstreams = Arc::new(Upstreams::new(
         settings.model_servers,
         settings.upstream.clone(),
     ));
+    let mut sync_settings = settings.sync;
+    sync_settings.load = Some(upstreams.clone());
+    let config = sync::start(sync_settings, shutdown.clone()).await;
     let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone());
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),

@@ -16,6 +16,7 @@ use tonic::transport::Endpoint;
 
 use crate::persist;
 use crate::snapshot::{AgentConfig, LocalCapabilities};
+use crate::upstream::Upstreams;
 
 /// Snapshots larger than this are refused by the transport (a receive
 /// limit, so that a broken control plane cannot exhaust the agent).
@@ -32,6 +33,9 @@ pub struct SyncSettings {
     pub local: LocalCapabilities,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Where load reports come from, and how often they are sent.
+    pub load: Option<Arc<Upstreams>>,
+    pub report_interval: Duration,
 }
 
 /// The latest good config; `None` until one was received or loaded.
@@ -118,8 +122,23 @@ async fn stream_once(
         .into_inner();
     tracing::info!(control_plane = %endpoint, "config stream open");
     let mut got_any = false;
+    let mut reports = tokio::time::interval(settings.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report = tokio::time::Instant::now();
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = reports.tick() => {
+                if let Some(upstreams) = &settings.load {
+                    let now = tokio::time::Instant::now();
+                    let report = upstreams.load_report(now - last_report);
+                    last_report = now;
+                    send(&out, pb::agent_message::Message::Load(report)).await?;
+                }
+                continue;
+            }
+        };
+        let msg = match next {
             Ok(Some(m)) => m,
             Ok(None) if got_any => return Ok(()),
             Ok(None) => return Err("closed before the first update".into()),

@@ -97,6 +97,10 @@ pub struct ModelServer {
     in_flight: AtomicU32,
     /// Time to response headers, EWMA, in microseconds (0 = no sample yet).
     latency_us: AtomicU64,
+    /// Counters since the last load report.
+    calls: AtomicU64,
+    errors: AtomicU64,
+    throttles: AtomicU64,
 }
 
 impl ModelServer {
@@ -182,6 +186,14 @@ pub struct Upstreams {
     ejected: Outliers<String>,
 }
 
+impl std::fmt::Debug for Upstreams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstreams")
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
 impl Upstreams {
     pub fn new(specs: Vec<ModelServerSpec>, settings: UpstreamSettings) -> Upstreams {
         let mut connector = HttpConnector::new();
@@ -206,6 +218,9 @@ impl Upstreams {
                     completions,
                     in_flight: AtomicU32::new(0),
                     latency_us: AtomicU64::new(0),
+                    calls: AtomicU64::new(0),
+                    errors: AtomicU64::new(0),
+                    throttles: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -220,6 +235,29 @@ impl Upstreams {
 
     pub fn servers(&self) -> &[Arc<ModelServer>] {
         &self.servers
+    }
+
+    /// What the servers did since the last call of this, for the load
+    /// report (the counters restart).
+    pub fn load_report(&self, interval: Duration) -> spillway_proto::pb::LoadReport {
+        let servers = self
+            .servers
+            .iter()
+            .map(|s| spillway_proto::pb::ServerLoad {
+                url: s.spec.url.clone(),
+                models: s.spec.models.iter().cloned().collect(),
+                capacity: s.spec.capacity,
+                in_flight: s.in_flight(),
+                calls: s.calls.swap(0, Ordering::Relaxed),
+                errors: s.errors.swap(0, Ordering::Relaxed),
+                throttles: s.throttles.swap(0, Ordering::Relaxed),
+                latency_ewma_us: s.latency_us.load(Ordering::Relaxed),
+            })
+            .collect();
+        spillway_proto::pb::LoadReport {
+            servers,
+            interval_seconds: interval.as_secs_f64(),
+        }
     }
 
     /// Every model some server here serves.
@@ -302,6 +340,16 @@ impl Upstreams {
         let result = self.send(&server, slot, body, stream).await;
         // Passive health: a server that throttles or fails calls in a row is
         // left out of the picks for a while.
+        server.calls.fetch_add(1, Ordering::Relaxed);
+        match &result {
+            Err(CallError::Throttled(_)) => {
+                server.throttles.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if e.retriable() => {
+                server.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
         match &result {
             Ok(_) => self.ejected.success(&server.spec.url),
             Err(e) if e.retriable() => {

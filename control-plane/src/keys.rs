@@ -10,6 +10,9 @@ pub const REGIONS: &str = "regions/";
 pub const PROFILES: &str = "profiles/";
 pub const ROUTES: &str = "routes/";
 pub const AGENTS: &str = "agents/";
+pub const HEALTH: &str = "health/";
+pub const WEIGHTS: &str = "weights/";
+pub const LEADER: &str = "leader";
 /// Written with every catalog change; a catalog write is guarded by this
 /// key's revision, so that writes checked against one version of the whole
 /// catalog cannot interleave (see `catalog_store`).
@@ -29,6 +32,47 @@ pub fn route(profile: &str, source: &str) -> String {
 
 pub fn agent(region: &str, agent_id: &str) -> String {
     format!("{AGENTS}{region}/{agent_id}")
+}
+
+pub fn health(region: &str, agent_id: &str) -> String {
+    format!("{HEALTH}{region}/{agent_id}")
+}
+
+pub fn weights(profile: &str, source: &str) -> String {
+    format!("{WEIGHTS}{profile}/{source}")
+}
+
+/// One agent's last load report, leased like its record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthRecord {
+    pub agent_id: String,
+    pub region: String,
+    /// Milliseconds since the Unix epoch when the replica received it.
+    pub received_at_ms: u64,
+    pub interval_seconds: f64,
+    pub servers: Vec<ServerHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerHealth {
+    pub url: String,
+    pub models: Vec<String>,
+    pub capacity: u32,
+    pub in_flight: u32,
+    pub calls: u64,
+    pub errors: u64,
+    pub throttles: u64,
+    pub latency_ewma_us: u64,
+}
+
+/// The effective weights of one route table, written by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsRecord {
+    pub profile: String,
+    pub source_region: String,
+    pub weights: Vec<crate::weights::Weight>,
+    /// The replica that computed them.
+    pub leader: String,
 }
 
 /// An agent as its control-plane replica records it, under a lease of that
@@ -57,6 +101,8 @@ pub enum Object {
     Profile(Profile),
     Route(RouteTable),
     Agent(AgentRecord),
+    Health(HealthRecord),
+    Weights(WeightsRecord),
     Other,
 }
 
@@ -78,6 +124,10 @@ pub fn decode(kv: &KeyValue) -> Result<Object, String> {
         Object::Route(t)
     } else if key.starts_with(AGENTS) {
         Object::Agent(serde_json::from_slice(&kv.value).map_err(bad)?)
+    } else if key.starts_with(HEALTH) {
+        Object::Health(serde_json::from_slice(&kv.value).map_err(bad)?)
+    } else if key.starts_with(WEIGHTS) {
+        Object::Weights(serde_json::from_slice(&kv.value).map_err(bad)?)
     } else {
         Object::Other
     })
@@ -95,7 +145,7 @@ pub fn insert(catalog: &mut Catalog, object: Object) {
         Object::Route(t) => {
             catalog.routes.insert(t.key(), t);
         }
-        Object::Agent(_) | Object::Other => {}
+        Object::Agent(_) | Object::Health(_) | Object::Weights(_) | Object::Other => {}
     }
 }
 
@@ -116,4 +166,8 @@ pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
 
 pub fn encode_agent(record: &AgentRecord) -> Vec<u8> {
     json(record)
+}
+
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    json(value)
 }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod catalog_store;
 pub mod error;
 pub mod keys;
+pub mod leader;
 pub mod server;
 pub mod snapshot;
 pub mod state;

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::admin::Admin;
+use crate::leader::{self, LeaderSettings};
 use spillway_proto::backoff::Backoff;
 use spillway_proto::shutdown::{self, Shutdown};
 
@@ -31,6 +32,7 @@ pub struct Settings {
     /// after it dies.
     pub lease_ttl: Duration,
     pub debounce: Duration,
+    pub leader: LeaderSettings,
 }
 
 impl Default for Settings {
@@ -41,6 +43,7 @@ impl Default for Settings {
             replica_id: default_replica_id(),
             lease_ttl: Duration::from_secs(10),
             debounce: Duration::from_millis(20),
+            leader: LeaderSettings::default(),
         }
     }
 }
@@ -104,6 +107,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let state = state::spawn(store.clone());
+    let leader = tokio::spawn(leader::run(
+        settings.replica_id.clone(),
+        store.clone(),
+        state.clone(),
+        lease_rx.clone(),
+        settings.leader.clone(),
+        shutdown.clone(),
+    ));
     let replica = Arc::new(Replica::new(
         settings.replica_id.clone(),
         store.clone(),
@@ -155,6 +166,7 @@ pub async fn run(
         )
         .await?;
     keeper.abort();
+    leader.abort();
     let lease = *lease_rx.borrow();
     if let Err(e) = store.revoke_lease(lease).await {
         tracing::warn!(error = %e, "could not revoke the replica's lease; it will expire");

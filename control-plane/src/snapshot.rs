@@ -3,6 +3,7 @@
 use spillway_proto::pb;
 
 use crate::state::State;
+use crate::weights::{Reason, Weight};
 
 /// The snapshot for agents of `region`: every region, every agent's relay
 /// endpoint, the profiles callable from `region` (application profiles
@@ -43,7 +44,15 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         let Ok(resolved) = catalog.resolve(&p.id) else {
             continue;
         };
+        let table_owner = resolved
+            .profile
+            .base_profile
+            .clone()
+            .unwrap_or_else(|| p.id.clone());
         let mut route: pb::RouteTable = catalog.route_for(&resolved, region).into();
+        if let Some(effective) = state.weights.get(&(table_owner, region.to_string())) {
+            apply_effective(&mut route, &effective.weights);
+        }
         route.revision = 0;
         let mut profile: pb::InferenceProfile = resolved.profile.into();
         profile.model = resolved.model;
@@ -53,4 +62,24 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         snapshot.routes.push(route);
     }
     snapshot
+}
+
+/// Puts the leader's effective weights into a route table: regions with
+/// weight share the first level by it; healthy regions at zero (the source
+/// has headroom, say) stay behind them as failover targets at their base
+/// weight; drained regions get nothing.
+fn apply_effective(route: &mut pb::RouteTable, effective: &[Weight]) {
+    if !effective.iter().any(|w| w.weight > 0.0) {
+        return;
+    }
+    for d in &mut route.destinations {
+        match effective.iter().find(|w| w.region == d.region) {
+            Some(w) if w.weight > 0.0 => {
+                d.weight = w.weight;
+                d.priority = 0;
+            }
+            Some(w) if w.reason == Reason::Drained => d.weight = 0.0,
+            _ => d.priority = 1,
+        }
+    }
 }

@@ -11,7 +11,7 @@ use spillway_proto::backoff::Backoff;
 use spillway_proto::model::Catalog;
 use tokio::sync::watch;
 
-use crate::keys::{self, AgentRecord, Object};
+use crate::keys::{self, AgentRecord, HealthRecord, Object, WeightsRecord};
 use crate::store::{Store, StoreError, WatchEvent, WatchMessage};
 
 /// Everything the sync streams need, at one store revision.
@@ -22,8 +22,13 @@ pub struct State {
     /// The store revision this state reflects.
     pub revision: i64,
     pub catalog: Catalog,
-    /// The revision at which the catalog last changed.
+    /// The revision at which the catalog or the effective weights last
+    /// changed.
     pub catalog_version: i64,
+    /// Effective weights by (profile, source region), from the leader.
+    pub weights: BTreeMap<(String, String), WeightsRecord>,
+    /// Agents' latest load reports by store key (these never wake streams).
+    pub health: BTreeMap<String, HealthRecord>,
     /// Connected agents by store key.
     pub agents: BTreeMap<String, AgentRecord>,
     /// The revision at which an agent's relay endpoint last appeared,
@@ -119,6 +124,14 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
             Ok(Object::Agent(a)) => {
                 fresh.agents.insert(kv.key.clone(), a);
             }
+            Ok(Object::Health(h)) => {
+                fresh.health.insert(kv.key.clone(), h);
+            }
+            Ok(Object::Weights(w)) => {
+                fresh
+                    .weights
+                    .insert((w.profile.clone(), w.source_region.clone()), w);
+            }
             Ok(object) => keys::insert(&mut fresh.catalog, object),
             Err(e) => tracing::warn!("{e}; skipped"),
         }
@@ -126,11 +139,12 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
     let old = tx.borrow().clone();
     // Versions move only when content moved, so that a relist of the same
     // data does not push anything to agents.
-    fresh.catalog_version = if old.loaded && old.catalog == fresh.catalog {
-        old.catalog_version
-    } else {
-        revision
-    };
+    fresh.catalog_version =
+        if old.loaded && old.catalog == fresh.catalog && old.weights == fresh.weights {
+            old.catalog_version
+        } else {
+            revision
+        };
     fresh.endpoints_version = if old.loaded && old.endpoints() == fresh.endpoints() {
         old.endpoints_version
     } else {
@@ -181,6 +195,16 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                 Ok(Object::Agent(a)) => {
                     state.agents.insert(kv.key.clone(), a);
                 }
+                Ok(Object::Health(h)) => {
+                    state.health.insert(kv.key.clone(), h);
+                }
+                Ok(Object::Weights(w)) => {
+                    let key = (w.profile.clone(), w.source_region.clone());
+                    if state.weights.get(&key) != Some(&w) {
+                        state.weights.insert(key, w);
+                        catalog_changed = true;
+                    }
+                }
                 Ok(Object::Other) => {}
                 Ok(object) => {
                     keys::insert(&mut state.catalog, object);
@@ -191,6 +215,15 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
             WatchEvent::Delete { key, .. } => {
                 if key.starts_with(keys::AGENTS) {
                     state.agents.remove(key);
+                } else if key.starts_with(keys::HEALTH) {
+                    state.health.remove(key);
+                } else if let Some(rest) = key.strip_prefix(keys::WEIGHTS)
+                    && let Some((p, s)) = rest.rsplit_once('/')
+                {
+                    catalog_changed |= state
+                        .weights
+                        .remove(&(p.to_string(), s.to_string()))
+                        .is_some();
                 } else if let Some(name) = key.strip_prefix(keys::REGIONS) {
                     catalog_changed |= state.catalog.regions.remove(name).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::PROFILES) {

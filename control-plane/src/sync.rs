@@ -395,9 +395,49 @@ impl Session {
             pb::agent_message::Message::Hello(_) => {
                 return Err("a second hello on one stream".to_string());
             }
+            pb::agent_message::Message::Load(report) => {
+                self.record_load(report).await;
+                return Ok(());
+            }
         }
         let lease = *self.replica.lease.borrow();
         self.write_record(self.record_revision, lease).await
+    }
+
+    /// Keeps the agent's latest load report in the store, under the
+    /// replica's lease, where the leader's weight engine reads it. A store
+    /// that is away only delays it: the next report will do.
+    async fn record_load(&mut self, report: pb::LoadReport) {
+        let record = keys::HealthRecord {
+            agent_id: self.record.agent_id.clone(),
+            region: self.record.region.clone(),
+            received_at_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            interval_seconds: report.interval_seconds,
+            servers: report
+                .servers
+                .into_iter()
+                .map(|s| keys::ServerHealth {
+                    url: s.url,
+                    models: s.models,
+                    capacity: s.capacity,
+                    in_flight: s.in_flight,
+                    calls: s.calls,
+                    errors: s.errors,
+                    throttles: s.throttles,
+                    latency_ewma_us: s.latency_ewma_us,
+                })
+                .collect(),
+        };
+        let put = Op::Put {
+            key: keys::health(&self.record.region, &self.record.agent_id),
+            value: keys::encode(&record),
+            lease: Some(*self.replica.lease.borrow()),
+        };
+        if let Err(e) = self.replica.store.txn(vec![], vec![put]).await {
+            tracing::debug!(agent = %self.key, error = %e, "could not record a load report");
+        }
     }
 
     /// The replica's lease was replaced (the old one expired while the store

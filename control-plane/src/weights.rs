@@ -71,7 +71,7 @@ impl Default for EngineSettings {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     Headroom,
@@ -81,7 +81,7 @@ pub enum Reason {
     Override,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Weight {
     pub region: String,
     pub weight: f64,
@@ -145,7 +145,19 @@ pub fn target(
             .collect()
     };
     if dests.iter().all(|d| !loads.contains_key(&d.region)) {
-        out.extend(by_base(Reason::Override));
+        // No figures at all: the operator's table as it stands, the first
+        // priority level by base weight and the rest behind it.
+        let first = dests.iter().map(|d| d.priority).min().unwrap_or(0);
+        let mut parts: Vec<f64> = dests
+            .iter()
+            .map(|d| if d.priority == first { d.weight } else { 0.0 })
+            .collect();
+        normalize(&mut parts);
+        out.extend(dests.iter().zip(parts).map(|(d, weight)| Weight {
+            region: d.region.clone(),
+            weight,
+            reason: Reason::Override,
+        }));
         return out;
     }
     let capacity = |r: &str| loads.get(r).map_or(0.0, |l| l.capacity.max(0.0));

@@ -419,6 +419,7 @@ pub struct AgentOptions<'a> {
     pub pipeline: PipelineSettings,
     pub max_body_bytes: usize,
     pub upstream_timeout: Duration,
+    pub report_interval: Duration,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -437,6 +438,7 @@ impl<'a> AgentOptions<'a> {
             pipeline: PipelineSettings::default(),
             max_body_bytes: 4 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(5),
+            report_interval: Duration::from_millis(250),
         }
     }
 }
@@ -486,6 +488,8 @@ impl TestAgent {
                 local: local_capabilities(&opts.model_servers),
                 backoff_base: Duration::from_millis(50),
                 backoff_max: Duration::from_millis(500),
+                load: None,
+                report_interval: opts.report_interval,
             },
             model_servers: opts.model_servers,
             upstream: UpstreamSettings {

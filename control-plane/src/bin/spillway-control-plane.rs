@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
+use spillway_control_plane::leader::LeaderSettings;
 use spillway_control_plane::server::{self, Settings};
 use spillway_control_plane::store::DEFAULT_PREFIX;
 
@@ -31,6 +32,13 @@ struct Args {
     /// Milliseconds that changes are gathered before one update goes out.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     debounce_ms: u64,
+    /// Milliseconds between weight updates by the leader.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    weights_interval_ms: u64,
+    /// Milliseconds without a load report after which a region counts as
+    /// silent (and is drained).
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    report_silence_ms: u64,
     /// Serve plaintext gRPC. For development only: every hop is meant to be
     /// TLS, which this build does not configure yet, so the flag is required.
     #[arg(long)]
@@ -66,6 +74,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         replica_id: args.replica_id.unwrap_or_else(server::default_replica_id),
         lease_ttl: Duration::from_secs(args.lease_ttl_secs),
         debounce: Duration::from_millis(args.debounce_ms),
+        leader: LeaderSettings {
+            interval: Duration::from_millis(args.weights_interval_ms),
+            silence: Duration::from_millis(args.report_silence_ms),
+            ..LeaderSettings::default()
+        },
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -1,0 +1,241 @@
+//! Leadership and the weights loop. One replica at a time holds the
+//! `leader` key (created only when absent, under the replica's lease, so it
+//! goes when the replica does); the leader turns the agents' load reports
+//! into effective weights every interval and writes the ones that changed,
+//! each write guarded by the revision of its leader key, so that a deposed
+//! leader cannot overwrite a newer one's weights.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spillway_proto::model::ProfileKind;
+use spillway_proto::shutdown::Shutdown;
+use tokio::sync::watch;
+
+use crate::keys::{self, WeightsRecord};
+use crate::state::State;
+use crate::store::{Compare, LeaseId, Op, Store};
+use crate::weights::{self, EngineSettings, RegionLoad};
+
+#[derive(Debug, Clone)]
+pub struct LeaderSettings {
+    /// How often the leader recomputes weights.
+    pub interval: Duration,
+    /// A region whose agents sent no report for this long counts as silent.
+    pub silence: Duration,
+    pub engine: EngineSettings,
+}
+
+impl Default for LeaderSettings {
+    fn default() -> Self {
+        LeaderSettings {
+            interval: Duration::from_secs(1),
+            silence: Duration::from_secs(3),
+            engine: EngineSettings::default(),
+        }
+    }
+}
+
+/// Campaigns for leadership and, while leader, runs the weights loop, until
+/// shutdown.
+pub async fn run(
+    replica: String,
+    store: Store,
+    state: watch::Receiver<Arc<State>>,
+    lease: watch::Receiver<LeaseId>,
+    settings: LeaderSettings,
+    mut shutdown: Shutdown,
+) {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut leading: Option<i64> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = tick.tick() => {}
+        }
+        let current_lease = *lease.borrow();
+        let fence = match campaign(&replica, &store, current_lease).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "leadership check failed");
+                None
+            }
+        };
+        if fence != leading {
+            match fence {
+                Some(rev) => {
+                    tracing::info!(replica = %replica, fence = rev, "became the weights leader")
+                }
+                None if leading.is_some() => {
+                    tracing::warn!(replica = %replica, "lost the weights leadership")
+                }
+                None => {}
+            }
+            leading = fence;
+        }
+        if let Some(fence) = leading {
+            let st = state.borrow().clone();
+            if st.loaded
+                && let Err(e) = update_weights(&replica, &store, &st, fence, &settings).await
+            {
+                tracing::warn!(error = %e, "could not write weights");
+            }
+        }
+    }
+}
+
+/// Holds or takes the leader key; returns its revision (the fence) while
+/// this replica leads.
+async fn campaign(
+    replica: &str,
+    store: &Store,
+    lease: LeaseId,
+) -> Result<Option<i64>, crate::store::StoreError> {
+    match store.get(keys::LEADER).await? {
+        Some(kv) if kv.value == replica.as_bytes() => Ok(Some(kv.mod_revision)),
+        Some(_) => Ok(None),
+        None => {
+            let take = Op::Put {
+                key: keys::LEADER.to_string(),
+                value: replica.as_bytes().to_vec(),
+                lease: Some(lease),
+            };
+            let absent = Compare {
+                key: keys::LEADER.to_string(),
+                mod_revision: 0,
+            };
+            let outcome = store.txn(vec![absent], vec![take]).await?;
+            Ok(outcome.succeeded.then_some(outcome.revision))
+        }
+    }
+}
+
+/// Each region's load for `model`, from the agents' latest reports.
+pub fn loads_for(
+    state: &State,
+    model: &str,
+    now_ms: u64,
+    silence: Duration,
+) -> BTreeMap<String, RegionLoad> {
+    let mut loads: BTreeMap<String, RegionLoad> = BTreeMap::new();
+    let mut calls: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for h in state.health.values() {
+        let fresh = now_ms.saturating_sub(h.received_at_ms) <= silence.as_millis() as u64;
+        let entry = loads.entry(h.region.clone()).or_insert(RegionLoad {
+            capacity: 0.0,
+            in_flight: 0.0,
+            error_rate: 0.0,
+            fresh: false,
+        });
+        if !fresh {
+            continue;
+        }
+        entry.fresh = true;
+        for s in h
+            .servers
+            .iter()
+            .filter(|s| s.models.iter().any(|m| m == model))
+        {
+            entry.capacity += f64::from(s.capacity);
+            entry.in_flight += f64::from(s.in_flight);
+            let c = calls.entry(h.region.clone()).or_default();
+            c.0 += s.calls;
+            c.1 += s.errors;
+        }
+    }
+    for (region, (n, errors)) in calls {
+        if n > 0
+            && let Some(l) = loads.get_mut(&region)
+        {
+            l.error_rate = errors as f64 / n as f64;
+        }
+    }
+    loads
+}
+
+/// Recomputes every route table's weights and writes those that moved.
+async fn update_weights(
+    replica: &str,
+    store: &Store,
+    st: &State,
+    fence: i64,
+    settings: &LeaderSettings,
+) -> Result<(), crate::store::StoreError> {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let catalog = &st.catalog;
+    let mut writes = Vec::new();
+    for p in catalog
+        .profiles
+        .values()
+        .filter(|p| p.kind != ProfileKind::Application)
+    {
+        let Ok(resolved) = catalog.resolve(&p.id) else {
+            continue;
+        };
+        let loads = loads_for(st, &resolved.model, now_ms, settings.silence);
+        for source in catalog
+            .regions
+            .values()
+            .filter(|r| catalog.callable_from(p, r))
+        {
+            let base = catalog.route_for(&resolved, &source.name);
+            let goal = weights::target(&base, &loads, &settings.engine);
+            let key = (p.id.clone(), source.name.clone());
+            let previous = st
+                .weights
+                .get(&key)
+                .map(|w| w.weights.clone())
+                .unwrap_or_default();
+            let (next, changed) = weights::smooth(&previous, &goal, &settings.engine);
+            if !changed && !previous.is_empty() {
+                continue;
+            }
+            // Reasons alone can change without weights moving: keep them
+            // current too, but never write the same thing twice.
+            if previous == next {
+                continue;
+            }
+            let record = WeightsRecord {
+                profile: p.id.clone(),
+                source_region: source.name.clone(),
+                weights: next,
+                leader: replica.to_string(),
+            };
+            writes.push(Op::Put {
+                key: keys::weights(&p.id, &source.name),
+                value: keys::encode(&record),
+                lease: None,
+            });
+        }
+    }
+    // Weights of tables that no longer exist go too.
+    for (profile, source) in st.weights.keys() {
+        let exists = catalog.profiles.get(profile).is_some_and(|p| {
+            catalog
+                .regions
+                .get(source)
+                .is_some_and(|r| catalog.callable_from(p, r))
+        });
+        if !exists {
+            writes.push(Op::Delete {
+                key: keys::weights(profile, source),
+            });
+        }
+    }
+    for chunk in writes.chunks(64) {
+        let fenced = Compare {
+            key: keys::LEADER.to_string(),
+            mod_revision: fence,
+        };
+        let outcome = store.txn(vec![fenced], chunk.to_vec()).await?;
+        if !outcome.succeeded {
+            tracing::warn!("a newer leader holds the fence; weights not written");
+            break;
+        }
+    }
+    Ok(())
+}
