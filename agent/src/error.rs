@@ -26,6 +26,10 @@ pub enum CallError {
     /// The region (or a model server) is saturated; another region may do.
     #[error("{0}")]
     Throttled(String),
+    /// Every model server of this region is at its configured capacity: no
+    /// call was made, so trying another region costs nothing extra.
+    #[error("{0}")]
+    AtCapacity(String),
     /// A destination could not be reached or failed before answering;
     /// another region may do.
     #[error("{0}")]
@@ -64,7 +68,10 @@ fn describe(attempts: &[(String, String)]) -> String {
 impl CallError {
     /// Whether the next region may be tried.
     pub fn retriable(&self) -> bool {
-        matches!(self, CallError::Throttled(_) | CallError::Unavailable(_))
+        matches!(
+            self,
+            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Unavailable(_)
+        )
     }
 
     pub fn http_status(&self) -> StatusCode {
@@ -74,7 +81,9 @@ impl CallError {
             }
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::Throttled(_) | CallError::Exhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             CallError::Unavailable(_) | CallError::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Upstream(_) => StatusCode::BAD_GATEWAY,
             CallError::RelayRefused(_) => StatusCode::FORBIDDEN,
@@ -91,7 +100,7 @@ impl CallError {
                 Some("model_not_available_in_region"),
             ),
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
-            CallError::Throttled(_) | CallError::Exhausted { .. } => {
+            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 ("rate_limit_error", Some("rate_limit_exceeded"))
             }
             CallError::Unavailable(_) | CallError::NoConfig => {
@@ -117,7 +126,7 @@ impl CallError {
             CallError::ProfileNotFound(_) => Status::not_found(msg),
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
-            CallError::Throttled(_) | CallError::Exhausted { .. } => {
+            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 Status::resource_exhausted(msg)
             }
             CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => {

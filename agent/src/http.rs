@@ -48,7 +48,10 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
 
 fn error_response(e: &CallError) -> Response {
     let mut r = (e.http_status(), axum_json(&e.openai_json())).into_response();
-    if matches!(e, CallError::Throttled(_) | CallError::Exhausted { .. }) {
+    if matches!(
+        e,
+        CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. }
+    ) {
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

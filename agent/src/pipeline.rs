@@ -138,12 +138,15 @@ impl Pipeline {
         }
         self.budget.deposit();
         let mut failed = Vec::new();
+        let mut spent_call = false;
         for (i, region) in plan
             .into_iter()
             .enumerate()
             .take(self.settings.max_attempts)
         {
-            if i > 0 && !self.budget.withdraw() {
+            // Only a retry after a call that was really made spends the
+            // budget: moving on from a region at capacity made no call.
+            if i > 0 && spent_call && !self.budget.withdraw() {
                 failed.push((
                     region.to_string(),
                     "not tried: the retry budget is spent".to_string(),
@@ -193,7 +196,10 @@ impl Pipeline {
                         failed_attempts: failed,
                     });
                 }
-                Err(e) if e.retriable() => failed.push((region.to_string(), e.to_string())),
+                Err(e) if e.retriable() => {
+                    spent_call |= !matches!(e, CallError::AtCapacity(_));
+                    failed.push((region.to_string(), e.to_string()));
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -294,7 +294,7 @@ impl RelayService for RelayServer {
             .call(&req.model, req.body, req.stream)
             .await
             .map_err(|e| match e {
-                CallError::Throttled(m) => Status::resource_exhausted(m),
+                CallError::Throttled(m) | CallError::AtCapacity(m) => Status::resource_exhausted(m),
                 CallError::Upstream(m) => Status::data_loss(m),
                 other => Status::unavailable(other.to_string()),
             })?;

@@ -323,7 +323,7 @@ impl Upstreams {
                 return Ok((server.clone(), InFlight(server.clone())));
             }
         }
-        Err(CallError::Throttled(format!(
+        Err(CallError::AtCapacity(format!(
             "every model server for `{model}` in this region is at capacity"
         )))
     }
@@ -510,7 +510,7 @@ mod tests {
         // Both servers were filled evenly, then the region is at capacity.
         assert_eq!(up.servers()[0].in_flight(), 2);
         assert_eq!(up.servers()[1].in_flight(), 2);
-        assert!(matches!(up.pick("m"), Err(CallError::Throttled(_))));
+        assert!(matches!(up.pick("m"), Err(CallError::AtCapacity(_))));
         slots.pop();
         assert!(up.pick("m").is_ok());
         assert!(matches!(up.pick("other"), Err(CallError::Unavailable(_))));

@@ -239,3 +239,58 @@ async fn update_weights(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deposed_leader_cannot_write_past_the_fence() {
+        let store = Store::memory();
+        let lease_a = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+        let fence_a = campaign("a", &store, lease_a)
+            .await
+            .unwrap()
+            .expect("a leads");
+        let lease_b = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+        assert_eq!(
+            campaign("b", &store, lease_b).await.unwrap(),
+            None,
+            "one leader at a time"
+        );
+        assert_eq!(
+            campaign("a", &store, lease_a).await.unwrap(),
+            Some(fence_a),
+            "a keeps leading"
+        );
+
+        // a's lease goes (it stalled, or died): b takes over.
+        store.revoke_lease(lease_a).await.unwrap();
+        let fence_b = campaign("b", &store, lease_b)
+            .await
+            .unwrap()
+            .expect("b leads");
+        assert_ne!(fence_a, fence_b);
+        let write = |fence: i64| {
+            let store = store.clone();
+            async move {
+                let guard = Compare {
+                    key: keys::LEADER.to_string(),
+                    mod_revision: fence,
+                };
+                let put = Op::Put {
+                    key: keys::weights("p", "r"),
+                    value: b"{}".to_vec(),
+                    lease: None,
+                };
+                store.txn(vec![guard], vec![put]).await.unwrap().succeeded
+            }
+        };
+        assert!(
+            !write(fence_a).await,
+            "the deposed leader's write is refused"
+        );
+        assert!(write(fence_b).await);
+        assert_eq!(campaign("a", &store, lease_a).await.unwrap(), None);
+    }
+}

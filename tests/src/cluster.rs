@@ -47,6 +47,8 @@ pub struct ClusterSpec {
     pub sims_per_region: usize,
     pub sim: BTreeMap<&'static str, SimConfig>,
     pub max_body_bytes: usize,
+    /// Extra control-plane flags.
+    pub cp_args: Vec<&'static str>,
 }
 
 impl Default for ClusterSpec {
@@ -58,13 +60,14 @@ impl Default for ClusterSpec {
                 .map(|(r, _)| (*r, SimConfig::default()))
                 .collect(),
             max_body_bytes: 64 * 1024,
+            cp_args: Vec::new(),
         }
     }
 }
 
 impl Cluster {
     pub async fn start(spec: ClusterSpec) -> Cluster {
-        let cp = ControlPlane::start(None, "cp").await;
+        let cp = ControlPlane::start_with(None, "cp", &spec.cp_args).await;
         let mut admin = cp.admin().await;
         for (name, geo) in REGIONS {
             let region = pb::Region {

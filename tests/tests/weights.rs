@@ -1,0 +1,255 @@
+//! Health-driven weights end to end: agents report load, the leader turns it
+//! into effective weights, and the source region's agents receive them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use spillway_agent::snapshot::AgentConfig;
+use spillway_tests::cluster::{Cluster, ClusterSpec, Http, US, chat};
+use spillway_tests::sim::SimConfig;
+
+/// The effective share of `region` in the agent's table for `profile`:
+/// its weight among the first priority level, 0 if it is not in it.
+fn share(c: &AgentConfig, profile: &str, region: &str) -> f64 {
+    let t = &c.routes[profile];
+    let first = t.destinations.iter().map(|d| d.priority).min().unwrap_or(0);
+    let level: Vec<_> = t
+        .destinations
+        .iter()
+        .filter(|d| d.priority == first)
+        .collect();
+    let total: f64 = level.iter().map(|d| d.weight).sum();
+    level
+        .iter()
+        .find(|d| d.region == region)
+        .map_or(0.0, |d| d.weight / total)
+}
+
+fn fast_weights() -> ClusterSpec {
+    // Weights every 250 ms; agents report every 250 ms (the harness).
+    ClusterSpec {
+        cp_args: vec!["--weights-interval-ms", "250"],
+        ..ClusterSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls() {
+    let mut spec = fast_weights();
+    spec.sim.insert(
+        "us-east",
+        SimConfig {
+            ttft: Duration::from_millis(400),
+            max_concurrent: 2,
+            ..SimConfig::default()
+        },
+    );
+    let cluster = Cluster::start(spec).await;
+    let east = &cluster.region("us-east").agent;
+    let idle = east
+        .wait_for("source-first weights", |c| share(c, US, "us-east") == 1.0)
+        .await;
+    assert_eq!(share(&idle, US, "us-west"), 0.0);
+
+    // More callers than us-east's 4 slots, back to back, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = Http::default();
+    let mut callers = Vec::new();
+    for _ in 0..8 {
+        let (http, stop, addr) = (http.clone(), stop.clone(), east.http);
+        callers.push(tokio::spawn(async move {
+            let mut failed = 0;
+            for _ in 0..200 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let a = http
+                    .post(addr, "/v1/chat/completions", chat(US, false))
+                    .await;
+                failed += usize::from(a.status != 200);
+            }
+            failed
+        }));
+    }
+    let spilled = east
+        .wait_for("us-west to get a share while us-east is saturated", |c| {
+            share(c, US, "us-west") > 0.0
+        })
+        .await;
+    assert!(share(&spilled, US, "us-east") < 1.0);
+    stop.store(true, Ordering::Relaxed);
+    let mut failed = 0;
+    for c in callers {
+        failed += c.await.unwrap();
+    }
+    assert_eq!(failed, 0, "no call failed while spilling");
+    // With the load gone, us-east takes it all back.
+    east.wait_for("us-east to take its share back", |c| {
+        share(c, US, "us-east") == 1.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
+    let cluster = Cluster::start(fast_weights()).await;
+    // us-east's calls split evenly between us-east and us-west.
+    cluster
+        .set_route(US, "us-east", &[("us-east", 1.0), ("us-west", 1.0)])
+        .await;
+    let east = &cluster.region("us-east").agent;
+    east.wait_for("an even split", |c| {
+        (share(c, US, "us-west") - 0.5).abs() < 1e-9
+    })
+    .await;
+    for sim in &cluster.region("us-west").sims {
+        sim.state.down.store(true, Ordering::Relaxed);
+    }
+    // Traffic through us-west's own agent shows its failures in its reports.
+    let http = Http::default();
+    let west = cluster.region("us-west").agent.http;
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = {
+        let (http, stop) = (http.clone(), stop.clone());
+        tokio::spawn(async move {
+            for _ in 0..2000 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = http
+                    .post(west, "/v1/chat/completions", chat(US, false))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    east.wait_for("us-west to be drained", |c| share(c, US, "us-west") == 0.0)
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    feeder.await.unwrap();
+    for sim in &cluster.region("us-west").sims {
+        sim.state.down.store(false, Ordering::Relaxed);
+    }
+    // It comes back, and not in one jump: a share between 0 and the full
+    // half is seen on the way.
+    let mut rx = east.config.clone();
+    let mut seen_partial = false;
+    let back = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let s = rx
+                .borrow_and_update()
+                .as_deref()
+                .map_or(0.0, |c| share(c, US, "us-west"));
+            if s > 0.0 && s < 0.5 - 1e-9 {
+                seen_partial = true;
+            }
+            if (s - 0.5).abs() < 1e-9 {
+                return;
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "us-west never came back to its half");
+    assert!(seen_partial, "us-west came back in one jump");
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
+    use spillway_proto::pb;
+    use spillway_tests::{AgentOptions, ControlPlane, Etcd, TestAgent, TestSim, model_server};
+
+    let etcd = Etcd::start().await;
+    let fast = ["--weights-interval-ms", "250"];
+    let mut a = ControlPlane::start_with(Some(&etcd.endpoint), "cp-a", &fast).await;
+    let mut b = ControlPlane::start_with(Some(&etcd.endpoint), "cp-b", &fast).await;
+    let mut admin = b.admin().await;
+    for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
+        let region = pb::Region {
+            name: name.into(),
+            geography: geo.into(),
+            ..Default::default()
+        };
+        admin
+            .create_region(pb::CreateRegionRequest {
+                region: Some(region),
+            })
+            .await
+            .unwrap();
+    }
+    let profile = pb::InferenceProfile {
+        id: US.into(),
+        destinations: vec!["us-east".into(), "us-west".into()],
+        ..Default::default()
+    };
+    admin
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(profile),
+        })
+        .await
+        .unwrap();
+    let planes = [a.url(), b.url()];
+    let slow = SimConfig {
+        ttft: Duration::from_millis(400),
+        max_concurrent: 2,
+        ..SimConfig::default()
+    };
+    let east_sim = TestSim::start(slow).await;
+    let west_sim = TestSim::start(SimConfig::default()).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut east = AgentOptions::new("e", "us-east", &planes, d1.path());
+    east.model_servers = vec![model_server(east_sim.addr, &["llama-3.1-8b"], 2)];
+    let east = TestAgent::start_with(east).await;
+    let mut west = AgentOptions::new("w", "us-west", &planes, d2.path());
+    west.model_servers = vec![model_server(west_sim.addr, &["llama-3.1-8b"], 64)];
+    let _west = TestAgent::start_with(west).await;
+    east.wait_for("source-first weights from the leader", |c| {
+        c.routes
+            .get(US)
+            .is_some_and(|_| share(c, US, "us-east") == 1.0)
+            && c.relays.contains_key("us-west")
+    })
+    .await;
+
+    // Kill whichever replica leads.
+    let leader = etcd
+        .etcdctl(&["get", "/spillway/v1/leader", "--print-value-only"])
+        .await;
+    let (dead, survivor) = if leader.trim() == "cp-a" {
+        (&mut a, "cp-b")
+    } else {
+        (&mut b, "cp-a")
+    };
+    dead.kill().await;
+
+    // Saturate us-east: only a live leader can move the weights.
+    let stop = Arc::new(AtomicBool::new(false));
+    let http = Http::default();
+    let mut callers = Vec::new();
+    for _ in 0..6 {
+        let (http, stop, addr) = (http.clone(), stop.clone(), east.http);
+        callers.push(tokio::spawn(async move {
+            for _ in 0..500 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let _ = http
+                    .post(addr, "/v1/chat/completions", chat(US, false))
+                    .await;
+            }
+        }));
+    }
+    east.wait_for("the new leader to spill us-east's excess", |c| {
+        share(c, US, "us-west") > 0.0
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let leader = etcd
+        .etcdctl(&["get", "/spillway/v1/leader", "--print-value-only"])
+        .await;
+    assert_eq!(leader.trim(), survivor);
+}
