@@ -13,11 +13,14 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct Admin {
     store: Store,
+    /// How long without a load report makes a region silent (as the
+    /// leader counts it), for `ExplainRoute`.
+    silence: std::time::Duration,
 }
 
 impl Admin {
-    pub fn new(store: Store) -> Self {
-        Admin { store }
+    pub fn new(store: Store, silence: std::time::Duration) -> Self {
+        Admin { store, silence }
     }
 
     async fn read(&self) -> Result<Catalog, Status> {
@@ -238,6 +241,13 @@ impl AdminService for Admin {
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 
+    async fn explain_route(
+        &self,
+        req: Request<pb::ExplainRouteRequest>,
+    ) -> Reply<pb::ExplainRouteResponse> {
+        Ok(Response::new(self.explain(req.into_inner()).await?))
+    }
+
     async fn list_agents(
         &self,
         req: Request<pb::ListAgentsRequest>,
@@ -264,6 +274,88 @@ impl AdminService for Admin {
             _ => None,
         })?;
         Ok(Response::new(pb::ListAgentsResponse { agents }))
+    }
+}
+
+impl Admin {
+    async fn explain(
+        &self,
+        req: pb::ExplainRouteRequest,
+    ) -> Result<pb::ExplainRouteResponse, Status> {
+        let catalog = self.read().await?;
+        let profile = catalog.profile(&req.profile).map_err(model_status)?;
+        let source = catalog.region(&req.source_region).map_err(model_status)?;
+        if !catalog.callable_from(profile, source) {
+            return Err(Status::failed_precondition(format!(
+                "profile `{}` is not callable from region `{}`",
+                req.profile, req.source_region
+            )));
+        }
+        let resolved = catalog.resolve(&req.profile).map_err(model_status)?;
+        let table = catalog.route_for(&resolved, &req.source_region);
+        let owner = profile
+            .base_profile
+            .clone()
+            .unwrap_or_else(|| profile.id.clone());
+        let effective = match self
+            .store
+            .get(&keys::weights(&owner, &req.source_region))
+            .await
+            .map_err(store_status)?
+        {
+            Some(kv) => match keys::decode(&kv).map_err(Status::data_loss)? {
+                Object::Weights(w) => Some(w),
+                _ => None,
+            },
+            None => None,
+        };
+        let (health, _) = self.store.list(keys::HEALTH).await.map_err(store_status)?;
+        let mut state = crate::state::State::default();
+        for kv in &health {
+            if let Ok(Object::Health(h)) = keys::decode(kv) {
+                state.health.insert(kv.key.clone(), h);
+            }
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let loads = crate::leader::loads_for(&state, &resolved.model, now_ms, self.silence);
+        let destinations = table
+            .destinations
+            .iter()
+            .map(|d| {
+                let w = effective
+                    .as_ref()
+                    .and_then(|e| e.weights.iter().find(|w| w.region == d.region));
+                let load = loads.get(&d.region);
+                pb::ExplainedDestination {
+                    region: d.region.clone(),
+                    base_weight: d.weight,
+                    priority: d.priority,
+                    weight: w.map_or(0.0, |w| w.weight),
+                    reason: w.map_or_else(
+                        || "not computed yet".to_string(),
+                        |w| {
+                            serde_json::to_value(w.reason)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default()
+                        },
+                    ),
+                    capacity: load.map_or(0.0, |l| l.capacity),
+                    in_flight: load.map_or(0.0, |l| l.in_flight),
+                    error_rate: load.map_or(0.0, |l| l.error_rate),
+                    reporting: load.is_some_and(|l| l.fresh),
+                }
+            })
+            .collect();
+        Ok(pb::ExplainRouteResponse {
+            profile: req.profile,
+            source_region: req.source_region,
+            model: resolved.model,
+            destinations,
+            leader: effective.map(|e| e.leader).unwrap_or_default(),
+        })
     }
 }
 

@@ -155,7 +155,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::admin_service_server::AdminServiceServer::new(
-            Admin::new(store.clone()),
+            Admin::new(store.clone(), settings.leader.silence),
         ))
         .add_service(pb::control_service_server::ControlServiceServer::new(
             Sync::new(replica),

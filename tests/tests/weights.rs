@@ -78,6 +78,60 @@ async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls()
         })
         .await;
     assert!(share(&spilled, US, "us-east") < 1.0);
+    // spillctl explains the weights with their reasons and load figures.
+    let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))
+        .args([
+            "--control-plane",
+            &cluster.cp.url(),
+            "routes",
+            "explain",
+            US,
+            "--source",
+            "us-east",
+            "-o",
+            "json",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dest = |r: &str| {
+        explained["destinations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["region"] == r)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(explained["leader"], "cp");
+    assert_eq!(dest("us-east")["reason"], "headroom", "{explained}");
+    assert_eq!(dest("us-west")["reason"], "spill", "{explained}");
+    assert_eq!(dest("us-east")["capacity"], 4.0, "{explained}");
+    assert_eq!(dest("us-east")["reporting"], true);
+    let table = tokio::process::Command::new(spillway_tests::bin("spillctl"))
+        .args([
+            "--control-plane",
+            &cluster.cp.url(),
+            "routes",
+            "explain",
+            US,
+            "--source",
+            "us-east",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("REASON") && table.contains("in flight"),
+        "{table}"
+    );
     stop.store(true, Ordering::Relaxed);
     let mut failed = 0;
     for c in callers {

@@ -185,6 +185,14 @@ enum RouteCmd {
         #[arg(long)]
         profile: Option<String>,
     },
+    /// Show the effective weights that calls from SOURCE follow now, the
+    /// reason for each (headroom, spill, drained, panic, override), and the
+    /// load figures they came from.
+    Explain {
+        profile: String,
+        #[arg(long, short = 's')]
+        source: String,
+    },
     /// Delete a route table; calls then follow the default (source first).
     Delete {
         profile: String,
@@ -599,6 +607,78 @@ async fn routes(
                 out,
                 list.route_tables.iter().map(route_json).collect(),
                 ROUTE_COLS,
+            )
+        }
+        RouteCmd::Explain { profile, source } => {
+            let req = pb::ExplainRouteRequest {
+                profile,
+                source_region: source,
+            };
+            let e = c
+                .explain_route(req)
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            if out == Output::Json {
+                let dests: Vec<Value> = e
+                    .destinations
+                    .iter()
+                    .map(|d| {
+                        json!({
+                            "region": d.region, "base_weight": d.base_weight, "priority": d.priority,
+                            "weight": d.weight, "reason": d.reason, "capacity": d.capacity,
+                            "in_flight": d.in_flight, "error_rate": d.error_rate, "reporting": d.reporting,
+                        })
+                    })
+                    .collect();
+                let v = json!({
+                    "profile": e.profile, "source_region": e.source_region, "model": e.model,
+                    "leader": e.leader, "destinations": dests,
+                });
+                return Ok(serde_json::to_string_pretty(&v)?);
+            }
+            let rows: Vec<Value> = e
+                .destinations
+                .iter()
+                .map(|d| {
+                    let load = if d.reporting {
+                        format!(
+                            "{:.0}/{:.0} in flight, {:.0}% errors",
+                            d.in_flight,
+                            d.capacity,
+                            d.error_rate * 100.0
+                        )
+                    } else {
+                        "no reports".to_string()
+                    };
+                    json!({
+                        "region": d.region,
+                        "base": format!("{}:{}", d.base_weight, d.priority),
+                        "weight": format!("{:.3}", d.weight),
+                        "reason": d.reason,
+                        "load": load,
+                    })
+                })
+                .collect();
+            let leader = if e.leader.is_empty() {
+                "nobody yet"
+            } else {
+                e.leader.as_str()
+            };
+            let head = format!(
+                "{} from {} (model {}), weights computed by {leader}\n",
+                e.profile, e.source_region, e.model
+            );
+            head + &render(
+                Output::Table,
+                rows,
+                &[
+                    ("REGION", "region"),
+                    ("BASE WEIGHT:PRIORITY", "base"),
+                    ("WEIGHT", "weight"),
+                    ("REASON", "reason"),
+                    ("LOAD", "load"),
+                ],
             )
         }
         RouteCmd::Delete {
