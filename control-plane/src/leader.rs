@@ -30,7 +30,7 @@ pub struct LeaderSettings {
 impl Default for LeaderSettings {
     fn default() -> Self {
         LeaderSettings {
-            interval: Duration::from_secs(1),
+            interval: Duration::from_millis(500),
             silence: Duration::from_secs(3),
             engine: EngineSettings::default(),
         }
@@ -50,6 +50,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading: Option<i64> = None;
+    let mut holds = Holds::default();
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
@@ -78,7 +79,8 @@ pub async fn run(
         if let Some(fence) = leading {
             let st = state.borrow().clone();
             if st.loaded
-                && let Err(e) = update_weights(&replica, &store, &st, fence, &settings).await
+                && let Err(e) =
+                    update_weights(&replica, &store, &st, fence, &settings, &mut holds).await
             {
                 tracing::warn!(error = %e, "could not write weights");
             }
@@ -155,6 +157,47 @@ pub fn loads_for(
     loads
 }
 
+/// Regions drained for errors are held out for a while (doubling at each
+/// repeat, up to a cap): a drained region gets no calls, so its reports show
+/// no errors, and without the hold it would flap straight back in. When the
+/// hold ends it is let back gradually (the smoothing), and drained again,
+/// for longer, if it still fails.
+#[derive(Debug, Default)]
+pub struct Holds {
+    by_region_model: BTreeMap<(String, String), (tokio::time::Instant, u32)>,
+}
+
+const HOLD_BASE: Duration = Duration::from_secs(2);
+const HOLD_MAX: Duration = Duration::from_secs(60);
+
+impl Holds {
+    /// Applies and updates the holds for `model`'s loads.
+    pub fn apply(
+        &mut self,
+        model: &str,
+        loads: &mut BTreeMap<String, RegionLoad>,
+        drain_error_rate: f64,
+    ) {
+        let now = tokio::time::Instant::now();
+        for (region, load) in loads.iter_mut() {
+            let key = (region.clone(), model.to_string());
+            let held = self
+                .by_region_model
+                .get(&key)
+                .is_some_and(|(until, _)| *until > now);
+            if held {
+                load.error_rate = 1.0;
+            } else if load.error_rate >= drain_error_rate {
+                let repeats = self.by_region_model.get(&key).map_or(0, |(_, n)| *n);
+                let hold = HOLD_BASE
+                    .saturating_mul(2u32.saturating_pow(repeats.min(10)))
+                    .min(HOLD_MAX);
+                self.by_region_model.insert(key, (now + hold, repeats + 1));
+            }
+        }
+    }
+}
+
 /// Recomputes every route table's weights and writes those that moved.
 async fn update_weights(
     replica: &str,
@@ -162,6 +205,7 @@ async fn update_weights(
     st: &State,
     fence: i64,
     settings: &LeaderSettings,
+    holds: &mut Holds,
 ) -> Result<(), crate::store::StoreError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -176,7 +220,12 @@ async fn update_weights(
         let Ok(resolved) = catalog.resolve(&p.id) else {
             continue;
         };
-        let loads = loads_for(st, &resolved.model, now_ms, settings.silence);
+        let mut loads = loads_for(st, &resolved.model, now_ms, settings.silence);
+        holds.apply(
+            &resolved.model,
+            &mut loads,
+            settings.engine.drain_error_rate,
+        );
         for source in catalog
             .regions
             .values()
@@ -243,6 +292,40 @@ async fn update_weights(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_region_drained_for_errors_is_held_out_then_for_longer() {
+        let mut holds = Holds::default();
+        let failing = RegionLoad {
+            capacity: 4.0,
+            in_flight: 0.0,
+            error_rate: 1.0,
+            fresh: true,
+        };
+        let quiet = RegionLoad {
+            error_rate: 0.0,
+            ..failing.clone()
+        };
+        let mut loads = BTreeMap::from([("r".to_string(), failing.clone())]);
+        holds.apply("m", &mut loads, 0.5);
+        // No calls reach it while drained: its reports look clean, but the
+        // hold keeps it out.
+        tokio::time::advance(Duration::from_millis(1900)).await;
+        let mut loads = BTreeMap::from([("r".to_string(), quiet.clone())]);
+        holds.apply("m", &mut loads, 0.5);
+        assert_eq!(loads["r"].error_rate, 1.0);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        let mut loads = BTreeMap::from([("r".to_string(), quiet.clone())]);
+        holds.apply("m", &mut loads, 0.5);
+        assert_eq!(loads["r"].error_rate, 0.0, "let back after 2 s");
+        // Failing again: held twice as long.
+        let mut loads = BTreeMap::from([("r".to_string(), failing)]);
+        holds.apply("m", &mut loads, 0.5);
+        tokio::time::advance(Duration::from_millis(3900)).await;
+        let mut loads = BTreeMap::from([("r".to_string(), quiet)]);
+        holds.apply("m", &mut loads, 0.5);
+        assert_eq!(loads["r"].error_rate, 1.0);
+    }
 
     #[tokio::test]
     async fn a_deposed_leader_cannot_write_past_the_fence() {

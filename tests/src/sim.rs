@@ -105,6 +105,21 @@ pub fn router(state: Arc<SimState>) -> Router {
         .route("/v1/chat/completions", post(completions))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
+        // Test and benchmark controls: an outage on and off.
+        .route(
+            "/admin/down",
+            post(|State(s): State<Arc<SimState>>| async move {
+                s.down.store(true, Ordering::Relaxed);
+                "down"
+            }),
+        )
+        .route(
+            "/admin/up",
+            post(|State(s): State<Arc<SimState>>| async move {
+                s.down.store(false, Ordering::Relaxed);
+                "up"
+            }),
+        )
         .with_state(state)
 }
 

@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     debounce_ms: u64,
     /// Milliseconds between weight updates by the leader.
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
     weights_interval_ms: u64,
     /// Milliseconds without a load report after which a region counts as
     /// silent (and is drained).

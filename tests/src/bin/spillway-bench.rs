@@ -235,6 +235,7 @@ async fn main() -> Result<()> {
         ("global.bench-m", vec!["us-east", "us-west"]),
         ("us.stream-m", vec!["us-east"]),
         ("us.long-m", vec!["us-east"]),
+        ("us.drain-m", vec!["us-east", "us-west"]),
     ] {
         let profile = pb::InferenceProfile {
             id: id.into(),
@@ -260,6 +261,26 @@ async fn main() -> Result<()> {
     admin
         .create_route_table(pb::CreateRouteTableRequest {
             route_table: Some(relay_route),
+        })
+        .await?;
+    // us.drain-m: us-east's calls split evenly with us-west, whose model
+    // server the failover scenario takes down and up.
+    let split = pb::RouteTable {
+        profile: "us.drain-m".into(),
+        source_region: "us-east".into(),
+        destinations: ["us-east", "us-west"]
+            .iter()
+            .map(|r| pb::RouteDestination {
+                region: r.to_string(),
+                weight: 1.0,
+                priority: 0,
+            })
+            .collect(),
+        revision: 0,
+    };
+    admin
+        .create_route_table(pb::CreateRouteTableRequest {
+            route_table: Some(split),
         })
         .await?;
     let fast = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
@@ -291,14 +312,28 @@ async fn main() -> Result<()> {
         "us-east",
         &planes,
         &[
-            format!("http://{},models=bench-m,capacity=1000000", fast.addr),
+            format!(
+                "http://{},models=bench-m|drain-m,capacity=1000000",
+                fast.addr
+            ),
             format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
             format!("http://{},models=long-m,capacity=1000000", long.addr),
         ],
         &threads,
     )
     .await;
-    let west = AgentProcess::start_with("west-1", "us-west", &planes, &[], &threads).await;
+    let flaky = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
+    let west = AgentProcess::start_with(
+        "west-1",
+        "us-west",
+        &planes,
+        &[format!(
+            "http://{},models=drain-m,capacity=1000000",
+            flaky.addr
+        )],
+        &threads,
+    )
+    .await;
     let client = http_client();
     let body = chat_body("bench-m", false);
     let profile_body = chat_body("global.bench-m", false);
@@ -466,6 +501,9 @@ async fn main() -> Result<()> {
     eprintln!("bench: agent memory at {} concurrent streams", plan.streams);
     let agent_streams_rss = streams_rss(&client, &east, long.addr, plan.streams).await?;
 
+    eprintln!("bench: a failing region's drain and recovery");
+    let failover = failover(&cp, &client, &east, flaky.addr).await?;
+
     eprintln!("bench: config propagation");
     let (propagation, cp_rss) = propagation(&plan).await?;
 
@@ -511,6 +549,18 @@ async fn main() -> Result<()> {
             met: p.p99_ms < limit,
         });
     }
+    targets.push(Target {
+        name: "a failing region drained from the weights".into(),
+        measured: format!("{:.1} s", failover.drain_s),
+        target: "≤ 2 s".into(),
+        met: failover.drain_s <= 2.0,
+    });
+    targets.push(Target {
+        name: "failed non-streaming calls through the region's outage".into(),
+        measured: format!("{} of {}", failover.failed, failover.calls),
+        target: "0".into(),
+        met: failover.failed == 0,
+    });
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     targets.push(Target {
         name: "agent RSS, idle".into(),
@@ -536,6 +586,7 @@ async fn main() -> Result<()> {
         "ttft": ttft_rows,
         "open_loop": open_rows,
         "propagation": propagation,
+        "failover": failover,
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
             "agent_streams": plan.streams,
@@ -955,6 +1006,15 @@ fn markdown(r: &Value) -> String {
             p["max_ms"].as_f64().unwrap_or(f64::NAN)
         ));
     }
+    let f = &r["failover"];
+    md.push_str(&format!(
+        "\n## A failing region (us-west's model server down, then up; us-east's calls split evenly)\n\n| drained after | share again after | full share after | calls | failed |\n| --- | --- | --- | --- | --- |\n| {:.2} s | {:.2} s | {:.2} s | {} | {} |\n",
+        f["drain_s"].as_f64().unwrap_or(f64::NAN),
+        f["recover_start_s"].as_f64().unwrap_or(f64::NAN),
+        f["recover_full_s"].as_f64().unwrap_or(f64::NAN),
+        f["calls"],
+        f["failed"],
+    ));
     let mem = &r["memory"];
     md.push_str(&format!(
         "\n## Memory (RSS)\n\n| process | load | MB |\n| --- | --- | --- |\n| agent | idle | {:.1} |\n| agent | {} concurrent streams | {:.1} |\n| control plane | {} sync streams | {:.1} |\n",
@@ -965,4 +1025,111 @@ fn markdown(r: &Value) -> String {
         mem["control_plane_mb"].as_f64().unwrap_or(f64::NAN),
     ));
     md
+}
+
+/// Drain and recovery of a failing region, as the weight engine does them.
+#[derive(Serialize)]
+struct Failover {
+    /// From the model server going down to its region's weight reaching 0.
+    drain_s: f64,
+    /// From it coming back to its region getting a share again, and to the
+    /// full share.
+    recover_start_s: f64,
+    recover_full_s: f64,
+    /// Calls made during the scenario, and how many failed.
+    calls: u64,
+    failed: u64,
+}
+
+/// us-west's share of us.drain-m from us-east, as the control plane
+/// explains it.
+async fn west_share(
+    admin: &mut pb::admin_service_client::AdminServiceClient<Channel>,
+) -> Option<f64> {
+    let req = pb::ExplainRouteRequest {
+        profile: "us.drain-m".into(),
+        source_region: "us-east".into(),
+    };
+    let e = admin.explain_route(req).await.ok()?.into_inner();
+    if e.leader.is_empty() {
+        return None;
+    }
+    e.destinations
+        .iter()
+        .find(|d| d.region == "us-west")
+        .map(|d| d.weight)
+}
+
+async fn wait_share(
+    admin: &mut pb::admin_service_client::AdminServiceClient<Channel>,
+    what: &str,
+    ok: impl Fn(f64) -> bool,
+) -> Result<Duration> {
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(60);
+    loop {
+        if west_share(admin).await.is_some_and(&ok) {
+            return Ok(t.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn failover(
+    cp: &ControlPlane,
+    client: &HttpClient,
+    east: &AgentProcess,
+    flaky: SocketAddr,
+) -> Result<Failover> {
+    let mut admin = cp.admin().await;
+    let even = |s: f64| (s - 0.5).abs() < 1e-6;
+    wait_share(&mut admin, "the even split", even).await?;
+    // Steady traffic through us-east for the whole scenario (bounded).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (client, stop) = (client.clone(), stop.clone());
+        let target = uri(east.http, "/v1/chat/completions");
+        let body = chat_body("us.drain-m", false);
+        tokio::spawn(async move {
+            let (mut calls, mut failed) = (0u64, 0u64);
+            for _ in 0..200_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                calls += 1;
+                failed += u64::from(!post(&client, &target, &body).await);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (calls, failed)
+        })
+    };
+    let admin_call = |path: &'static str| {
+        let client = client.clone();
+        async move {
+            let req = Request::post(uri(flaky, path))
+                .body(Full::new(Bytes::new()))
+                .expect("a request");
+            client.request(req).await.map(|_| ())
+        }
+    };
+    admin_call("/admin/down").await?;
+    let drain = wait_share(&mut admin, "us-west to be drained", |s| s == 0.0).await?;
+    admin_call("/admin/up").await?;
+    let start = Instant::now();
+    wait_share(&mut admin, "us-west to get a share again", |s| s > 0.0).await?;
+    let recover_start = start.elapsed();
+    wait_share(&mut admin, "us-west's full share", even).await?;
+    let recover_full = start.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (calls, failed) = load.await?;
+    Ok(Failover {
+        drain_s: drain.as_secs_f64(),
+        recover_start_s: recover_start.as_secs_f64(),
+        recover_full_s: recover_full.as_secs_f64(),
+        calls,
+        failed,
+    })
 }
