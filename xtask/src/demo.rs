@@ -285,6 +285,34 @@ pub fn demo(exit_after: bool) -> Result<()> {
         "\n{spilled} of {BURST} calls spilled over from us-east; every answer names its region in x-spillway-inference-region."
     );
 
+    // Sustained saturation: the agents' load reports reach the control
+    // plane, whose weight engine moves part of us-east's share to us-west;
+    // when the load stops, us-east takes it back.
+    println!("\nkeeping us-east saturated for 4 s; the weight engine follows the load reports...");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..3 * EAST_CAPACITY as usize)
+        .map(|_| {
+            let (stop, body, port) = (stop.clone(), body.clone(), east.http);
+            std::thread::spawn(move || {
+                for _ in 0..1000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let _ = post(port, "/v1/chat/completions", &body);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(4));
+    println!("{}", spillctl(&["routes", "explain", &us, "--source", "us-east"])?);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in callers {
+        let _ = c.join();
+    }
+    println!("load stopped; 5 s later:");
+    std::thread::sleep(Duration::from_secs(5));
+    println!("{}", spillctl(&["routes", "explain", &us, "--source", "us-east"])?);
+
     write_cluster_json(&dir, &cp_url, &agents, &[&us, &eu, &global, "team-search"])?;
     let e = east.http;
     println!(
