@@ -4,6 +4,7 @@
 //! region on throttling or unavailability before the first byte, within an
 //! attempt limit and a retry budget.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,16 @@ pub struct Pipeline {
     settings: PipelineSettings,
     /// Other regions ejected after failing calls in a row.
     ejected: Outliers<String>,
+    /// Relayed calls per destination region since the last load report.
+    relayed: std::sync::Mutex<HashMap<String, RelayCounters>>,
+}
+
+#[derive(Debug, Default)]
+struct RelayCounters {
+    calls: u64,
+    errors: u64,
+    throttles: u64,
+    latency_us: u64,
 }
 
 impl Pipeline {
@@ -90,7 +101,46 @@ impl Pipeline {
             budget,
             settings,
             ejected: Outliers::new(OutlierSettings::default()),
+            relayed: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Relayed calls per region since the last call of this (counters
+    /// restart; latencies carry on).
+    pub fn relay_report(&self) -> Vec<spillway_proto::pb::RelayLoad> {
+        let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        relayed
+            .iter_mut()
+            .map(|(region, c)| spillway_proto::pb::RelayLoad {
+                region: region.clone(),
+                calls: std::mem::take(&mut c.calls),
+                errors: std::mem::take(&mut c.errors),
+                throttles: std::mem::take(&mut c.throttles),
+                latency_ewma_us: c.latency_us,
+            })
+            .collect()
+    }
+
+    fn record_relay(
+        &self,
+        region: &str,
+        result: &Result<crate::upstream::UpstreamAnswer, CallError>,
+        took: Duration,
+    ) {
+        let mut relayed = self.relayed.lock().unwrap_or_else(|p| p.into_inner());
+        let c = relayed.entry(region.to_string()).or_default();
+        c.calls += 1;
+        match result {
+            Err(CallError::Throttled(_)) => c.throttles += 1,
+            Err(e) if e.retriable() => c.errors += 1,
+            _ => {}
+        }
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        c.latency_us = if c.latency_us == 0 {
+            sample
+        } else {
+            (c.latency_us * 4 + sample) / 5
+        };
     }
 
     pub fn region(&self) -> &str {
@@ -158,7 +208,9 @@ impl Pipeline {
                     .call(&call.model, call.body.clone(), call.stream)
                     .await
             } else {
-                self.relays
+                let started = tokio::time::Instant::now();
+                let result = self
+                    .relays
                     .call(
                         &cfg,
                         region,
@@ -167,7 +219,9 @@ impl Pipeline {
                         call.body.clone(),
                         call.stream,
                     )
-                    .await
+                    .await;
+                self.record_relay(region, &result, started.elapsed());
+                result
             };
             if region != self.region {
                 match &result {

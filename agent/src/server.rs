@@ -18,7 +18,7 @@ use crate::http::{self, HttpDoor};
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
-use crate::sync::{self, ConfigWatch, SyncSettings};
+use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
 
 /// Everything an agent needs to start.
@@ -104,8 +104,19 @@ pub async fn start(
         settings.model_servers,
         settings.upstream.clone(),
     ));
+    // The pipeline needs the config watch, and load reports need the
+    // pipeline: the report reads it through a slot filled just below.
+    let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =
+        Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
-    sync_settings.load = Some(upstreams.clone());
+    let (reporting, slot) = (upstreams.clone(), pipeline_slot.clone());
+    sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
+        let mut report = reporting.load_report(interval);
+        if let Some(p) = slot.get() {
+            report.relays = p.relay_report();
+        }
+        report
+    })));
     let config = sync::start(sync_settings, shutdown.clone()).await;
     let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone());
     let pipeline = Arc::new(Pipeline::new(
@@ -115,6 +126,7 @@ pub async fn start(
         relays,
         settings.pipeline,
     ));
+    let _ = pipeline_slot.set(pipeline.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let reflection = tonic_reflection::server::Builder::configure()

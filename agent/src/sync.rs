@@ -16,7 +16,6 @@ use tonic::transport::Endpoint;
 
 use crate::persist;
 use crate::snapshot::{AgentConfig, LocalCapabilities};
-use crate::upstream::Upstreams;
 
 /// Snapshots larger than this are refused by the transport (a receive
 /// limit, so that a broken control plane cannot exhaust the agent).
@@ -34,8 +33,18 @@ pub struct SyncSettings {
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     /// Where load reports come from, and how often they are sent.
-    pub load: Option<Arc<Upstreams>>,
+    pub load: Option<LoadSource>,
     pub report_interval: Duration,
+}
+
+/// Makes a load report covering the given interval (counters restart).
+#[derive(Clone)]
+pub struct LoadSource(pub Arc<dyn Fn(Duration) -> pb::LoadReport + Send + Sync>);
+
+impl std::fmt::Debug for LoadSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoadSource")
+    }
 }
 
 /// The latest good config; `None` until one was received or loaded.
@@ -129,9 +138,9 @@ async fn stream_once(
         let next = tokio::select! {
             m = inbound.message() => m,
             _ = reports.tick() => {
-                if let Some(upstreams) = &settings.load {
+                if let Some(load) = &settings.load {
                     let now = tokio::time::Instant::now();
-                    let report = upstreams.load_report(now - last_report);
+                    let report = (load.0)(now - last_report);
                     last_report = now;
                     send(&out, pb::agent_message::Message::Load(report)).await?;
                 }

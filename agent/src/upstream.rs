@@ -101,6 +101,10 @@ pub struct ModelServer {
     calls: AtomicU64,
     errors: AtomicU64,
     throttles: AtomicU64,
+    output_tokens: AtomicU64,
+    /// Time to the answer's first byte and to its end, EWMAs in µs.
+    ttft_us: AtomicU64,
+    total_us: AtomicU64,
 }
 
 impl ModelServer {
@@ -119,14 +123,7 @@ impl ModelServer {
     }
 
     fn observe(&self, took: Duration) {
-        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        let old = self.latency_us.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            (old * 4 + sample) / 5
-        };
-        self.latency_us.store(new.max(1), Ordering::Relaxed);
+        ewma(&self.latency_us, took);
     }
 }
 
@@ -221,6 +218,9 @@ impl Upstreams {
                     calls: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
                     throttles: AtomicU64::new(0),
+                    output_tokens: AtomicU64::new(0),
+                    ttft_us: AtomicU64::new(0),
+                    total_us: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -252,11 +252,15 @@ impl Upstreams {
                 errors: s.errors.swap(0, Ordering::Relaxed),
                 throttles: s.throttles.swap(0, Ordering::Relaxed),
                 latency_ewma_us: s.latency_us.load(Ordering::Relaxed),
+                ttft_ewma_us: s.ttft_us.load(Ordering::Relaxed),
+                total_ewma_us: s.total_us.load(Ordering::Relaxed),
+                output_tokens: s.output_tokens.swap(0, Ordering::Relaxed),
             })
             .collect();
         spillway_proto::pb::LoadReport {
             servers,
             interval_seconds: interval.as_secs_f64(),
+            relays: Vec::new(),
         }
     }
 
@@ -426,12 +430,33 @@ impl Upstreams {
         let url = server.spec.url.clone();
         if stream && status.is_success() {
             // The slot travels with the stream and is released when it ends.
-            let body = resp.into_body().into_data_stream().map(move |chunk| {
-                let _slot = &slot;
-                chunk.map_err(|e| {
-                    CallError::Upstream(format!("model server {url} broke off the stream: {e}"))
+            let (first, end) = (server.clone(), server.clone());
+            let mut seen_first = false;
+            let body = resp
+                .into_body()
+                .into_data_stream()
+                .map(move |chunk| {
+                    let _slot = &slot;
+                    if let Ok(c) = &chunk {
+                        if !seen_first {
+                            seen_first = true;
+                            ewma(&first.ttft_us, started.elapsed());
+                        }
+                        first
+                            .output_tokens
+                            .fetch_add(count_events(c), Ordering::Relaxed);
+                    }
+                    chunk.map_err(|e| {
+                        CallError::Upstream(format!("model server {url} broke off the stream: {e}"))
+                    })
                 })
-            });
+                .chain(
+                    futures_util::stream::once(async move {
+                        ewma(&end.total_us, started.elapsed());
+                        None
+                    })
+                    .filter_map(|x: Option<Result<Bytes, CallError>>| async move { x }),
+                );
             return Ok(UpstreamAnswer {
                 status,
                 body: AnswerBody::Stream(body.boxed()),
@@ -449,11 +474,55 @@ impl Upstreams {
             })?
             .to_bytes();
         drop(slot);
+        ewma(&server.ttft_us, started.elapsed());
+        ewma(&server.total_us, started.elapsed());
+        if status.is_success() {
+            server
+                .output_tokens
+                .fetch_add(completion_tokens(&body), Ordering::Relaxed);
+        }
         Ok(UpstreamAnswer {
             status,
             body: AnswerBody::Full(body),
         })
     }
+}
+
+/// Folds a sample into an EWMA kept in microseconds (0 = no sample yet).
+fn ewma(slot: &AtomicU64, took: Duration) {
+    let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+    let old = slot.load(Ordering::Relaxed);
+    let new = if old == 0 {
+        sample
+    } else {
+        (old * 4 + sample) / 5
+    };
+    slot.store(new.max(1), Ordering::Relaxed);
+}
+
+/// Output tokens of a unary answer, from its usage (0 when it gives none).
+fn completion_tokens(body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Usage {
+        completion_tokens: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .ok()
+        .and_then(|a| a.usage)
+        .and_then(|u| u.completion_tokens)
+        .unwrap_or(0)
+}
+
+/// Server-sent events in a chunk that carry data (one token each, roughly),
+/// not counting the final `[DONE]`.
+fn count_events(chunk: &[u8]) -> u64 {
+    let events = chunk.windows(5).filter(|w| w == b"data:").count();
+    let done = chunk.windows(6).filter(|w| w == b"[DONE]").count();
+    events.saturating_sub(done) as u64
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -514,5 +583,25 @@ mod tests {
         slots.pop();
         assert!(up.pick("m").is_ok());
         assert!(matches!(up.pick("other"), Err(CallError::Unavailable(_))));
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[test]
+    fn counts_output_tokens_from_usage_or_events() {
+        assert_eq!(
+            completion_tokens(br#"{"usage":{"completion_tokens":7}}"#),
+            7
+        );
+        assert_eq!(completion_tokens(br#"{"choices":[]}"#), 0);
+        assert_eq!(completion_tokens(b"not json"), 0);
+        assert_eq!(
+            count_events(b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n"),
+            2
+        );
+        assert_eq!(count_events(b": comment\n\n"), 0);
     }
 }

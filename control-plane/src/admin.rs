@@ -328,6 +328,7 @@ impl Admin {
                     .as_ref()
                     .and_then(|e| e.weights.iter().find(|w| w.region == d.region));
                 let load = loads.get(&d.region);
+                let (ttft_ms, tokens_per_s) = region_speed(&state, &d.region, &resolved.model);
                 pb::ExplainedDestination {
                     region: d.region.clone(),
                     base_weight: d.weight,
@@ -346,6 +347,8 @@ impl Admin {
                     in_flight: load.map_or(0.0, |l| l.in_flight),
                     error_rate: load.map_or(0.0, |l| l.error_rate),
                     reporting: load.is_some_and(|l| l.fresh),
+                    ttft_ms,
+                    output_tokens_per_second: tokens_per_s,
                 }
             })
             .collect();
@@ -357,6 +360,26 @@ impl Admin {
             leader: effective.map(|e| e.leader).unwrap_or_default(),
         })
     }
+}
+
+/// A region's time to first token (the slowest server's EWMA) and output
+/// tokens per second for `model`, over its agents' latest reports.
+fn region_speed(state: &crate::state::State, region: &str, model: &str) -> (f64, f64) {
+    let mut ttft_us = 0u64;
+    let mut tokens_per_s = 0.0;
+    for h in state.health.values().filter(|h| h.region == region) {
+        for s in h
+            .servers
+            .iter()
+            .filter(|s| s.models.iter().any(|m| m == model))
+        {
+            ttft_us = ttft_us.max(s.ttft_ewma_us);
+            if h.interval_seconds > 0.0 {
+                tokens_per_s += s.output_tokens as f64 / h.interval_seconds;
+            }
+        }
+    }
+    (ttft_us as f64 / 1000.0, tokens_per_s)
 }
 
 fn decode_all<T>(

@@ -51,6 +51,18 @@ pub struct HealthRecord {
     pub received_at_ms: u64,
     pub interval_seconds: f64,
     pub servers: Vec<ServerHealth>,
+    /// Calls the agent relayed, by destination region.
+    #[serde(default)]
+    pub relays: Vec<RelayHealth>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayHealth {
+    pub region: String,
+    pub calls: u64,
+    pub errors: u64,
+    pub throttles: u64,
+    pub latency_ewma_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +75,12 @@ pub struct ServerHealth {
     pub errors: u64,
     pub throttles: u64,
     pub latency_ewma_us: u64,
+    #[serde(default)]
+    pub ttft_ewma_us: u64,
+    #[serde(default)]
+    pub total_ewma_us: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
 }
 
 /// The effective weights of one route table, written by the leader.

@@ -427,6 +427,20 @@ impl Session {
                     errors: s.errors,
                     throttles: s.throttles,
                     latency_ewma_us: s.latency_ewma_us,
+                    ttft_ewma_us: s.ttft_ewma_us,
+                    total_ewma_us: s.total_ewma_us,
+                    output_tokens: s.output_tokens,
+                })
+                .collect(),
+            relays: report
+                .relays
+                .into_iter()
+                .map(|r| keys::RelayHealth {
+                    region: r.region,
+                    calls: r.calls,
+                    errors: r.errors,
+                    throttles: r.throttles,
+                    latency_ewma_us: r.latency_ewma_us,
                 })
                 .collect(),
         };

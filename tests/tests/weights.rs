@@ -114,6 +114,17 @@ async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls()
     assert_eq!(dest("us-west")["reason"], "spill", "{explained}");
     assert_eq!(dest("us-east")["capacity"], 4.0, "{explained}");
     assert_eq!(dest("us-east")["reporting"], true);
+    assert!(
+        dest("us-east")["ttft_ms"].as_f64().unwrap() > 0.0,
+        "{explained}"
+    );
+    assert!(
+        dest("us-west")["output_tokens_per_second"]
+            .as_f64()
+            .unwrap()
+            >= 0.0,
+        "{explained}"
+    );
     let table = tokio::process::Command::new(spillway_tests::bin("spillctl"))
         .args([
             "--control-plane",
@@ -298,6 +309,23 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
         share(c, US, "us-west") > 0.0
     })
     .await;
+    // us-east's reports carry what it relayed to us-west.
+    let mut relayed = false;
+    for _ in 0..200 {
+        let health = etcd
+            .etcdctl(&["get", "/spillway/v1/health/us-east/e", "--print-value-only"])
+            .await;
+        let v: serde_json::Value = serde_json::from_str(health.trim()).unwrap_or_default();
+        relayed = v["relays"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|x| x["region"] == "us-west" && x["calls"].as_u64() > Some(0))
+        });
+        if relayed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(relayed, "no load report showed calls relayed to us-west");
     stop.store(true, Ordering::Relaxed);
     for c in callers {
         c.await.unwrap();

@@ -304,14 +304,20 @@ pub fn demo(exit_after: bool) -> Result<()> {
         })
         .collect();
     std::thread::sleep(Duration::from_secs(4));
-    println!("{}", spillctl(&["routes", "explain", &us, "--source", "us-east"])?);
+    println!(
+        "{}",
+        spillctl(&["routes", "explain", &us, "--source", "us-east"])?
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in callers {
         let _ = c.join();
     }
     println!("load stopped; 5 s later:");
     std::thread::sleep(Duration::from_secs(5));
-    println!("{}", spillctl(&["routes", "explain", &us, "--source", "us-east"])?);
+    println!(
+        "{}",
+        spillctl(&["routes", "explain", &us, "--source", "us-east"])?
+    );
 
     write_cluster_json(&dir, &cp_url, &agents, &[&us, &eu, &global, "team-search"])?;
     let e = east.http;

@@ -628,6 +628,7 @@ async fn routes(
                             "region": d.region, "base_weight": d.base_weight, "priority": d.priority,
                             "weight": d.weight, "reason": d.reason, "capacity": d.capacity,
                             "in_flight": d.in_flight, "error_rate": d.error_rate, "reporting": d.reporting,
+                            "ttft_ms": d.ttft_ms, "output_tokens_per_second": d.output_tokens_per_second,
                         })
                     })
                     .collect();
@@ -643,10 +644,12 @@ async fn routes(
                 .map(|d| {
                     let load = if d.reporting {
                         format!(
-                            "{:.0}/{:.0} in flight, {:.0}% errors",
+                            "{:.0}/{:.0} in flight, {:.0}% errors, ttft {:.1} ms, {:.0} tokens/s",
                             d.in_flight,
                             d.capacity,
-                            d.error_rate * 100.0
+                            d.error_rate * 100.0,
+                            d.ttft_ms,
+                            d.output_tokens_per_second
                         )
                     } else {
                         "no reports".to_string()

@@ -236,6 +236,7 @@ async fn main() -> Result<()> {
         ("us.stream-m", vec!["us-east"]),
         ("us.long-m", vec!["us-east"]),
         ("us.drain-m", vec!["us-east", "us-west"]),
+        ("us.spill-m", vec!["us-east", "us-west"]),
     ] {
         let profile = pb::InferenceProfile {
             id: id.into(),
@@ -302,6 +303,17 @@ async fn main() -> Result<()> {
         "50",
     ])
     .await;
+    // us.spill-m: us-east serves it on a slow simulator that takes 8 calls
+    // at once, us-west on the fast one (the spill scenario).
+    let slow = SimProcess::start(&[
+        "--max-concurrent",
+        "8",
+        "--output-tokens",
+        "16",
+        "--ttft-ms",
+        "200",
+    ])
+    .await;
     let planes = [cp.url()];
     // One worker thread per agent: on a 2-core machine shared by the load
     // generator, the simulators and two agents, a second thread costs more
@@ -318,6 +330,7 @@ async fn main() -> Result<()> {
             ),
             format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
             format!("http://{},models=long-m,capacity=1000000", long.addr),
+            format!("http://{},models=spill-m,capacity=8", slow.addr),
         ],
         &threads,
     )
@@ -327,10 +340,10 @@ async fn main() -> Result<()> {
         "west-1",
         "us-west",
         &planes,
-        &[format!(
-            "http://{},models=drain-m,capacity=1000000",
-            flaky.addr
-        )],
+        &[
+            format!("http://{},models=drain-m,capacity=1000000", flaky.addr),
+            format!("http://{},models=spill-m,capacity=1000000", fast.addr),
+        ],
         &threads,
     )
     .await;
@@ -503,6 +516,8 @@ async fn main() -> Result<()> {
 
     eprintln!("bench: a failing region's drain and recovery");
     let failover = failover(&cp, &client, &east, flaky.addr).await?;
+    eprintln!("bench: the source saturated and relieved");
+    let spill = spill(&cp, &client, &east).await?;
 
     eprintln!("bench: config propagation");
     let (propagation, cp_rss) = propagation(&plan).await?;
@@ -550,6 +565,12 @@ async fn main() -> Result<()> {
         });
     }
     targets.push(Target {
+        name: "a saturated source spills by weight (agents report every 1 s)".into(),
+        measured: format!("{:.1} s", spill.spill_s),
+        target: "within 2 report intervals (2 s)".into(),
+        met: spill.spill_s <= 2.0,
+    });
+    targets.push(Target {
         name: "a failing region drained from the weights".into(),
         measured: format!("{:.1} s", failover.drain_s),
         target: "≤ 2 s".into(),
@@ -587,6 +608,7 @@ async fn main() -> Result<()> {
         "open_loop": open_rows,
         "propagation": propagation,
         "failover": failover,
+        "spill": spill,
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
             "agent_streams": plan.streams,
@@ -1015,6 +1037,14 @@ fn markdown(r: &Value) -> String {
         f["calls"],
         f["failed"],
     ));
+    let s = &r["spill"];
+    md.push_str(&format!(
+        "\n## The source saturated (24 callers on 8 slots), then relieved\n\n| spill after | full share back after | calls | failed |\n| --- | --- | --- | --- |\n| {:.2} s | {:.2} s | {} | {} |\n",
+        s["spill_s"].as_f64().unwrap_or(f64::NAN),
+        s["take_back_s"].as_f64().unwrap_or(f64::NAN),
+        s["calls"],
+        s["failed"],
+    ));
     let mem = &r["memory"];
     md.push_str(&format!(
         "\n## Memory (RSS)\n\n| process | load | MB |\n| --- | --- | --- |\n| agent | idle | {:.1} |\n| agent | {} concurrent streams | {:.1} |\n| control plane | {} sync streams | {:.1} |\n",
@@ -1041,13 +1071,15 @@ struct Failover {
     failed: u64,
 }
 
-/// us-west's share of us.drain-m from us-east, as the control plane
-/// explains it.
-async fn west_share(
+/// A region's share of `profile` from us-east, as the control plane
+/// explains it (`None` before the leader's first update).
+async fn share_of(
     admin: &mut pb::admin_service_client::AdminServiceClient<Channel>,
+    profile: &str,
+    region: &str,
 ) -> Option<f64> {
     let req = pb::ExplainRouteRequest {
-        profile: "us.drain-m".into(),
+        profile: profile.into(),
         source_region: "us-east".into(),
     };
     let e = admin.explain_route(req).await.ok()?.into_inner();
@@ -1056,19 +1088,22 @@ async fn west_share(
     }
     e.destinations
         .iter()
-        .find(|d| d.region == "us-west")
+        .find(|d| d.region == region)
         .map(|d| d.weight)
 }
 
+/// Waits (bounded) until `region`'s share of `profile` satisfies `ok`.
 async fn wait_share(
     admin: &mut pb::admin_service_client::AdminServiceClient<Channel>,
+    profile: &str,
+    region: &str,
     what: &str,
     ok: impl Fn(f64) -> bool,
 ) -> Result<Duration> {
     let t = Instant::now();
     let deadline = t + Duration::from_secs(60);
     loop {
-        if west_share(admin).await.is_some_and(&ok) {
+        if share_of(admin, profile, region).await.is_some_and(&ok) {
             return Ok(t.elapsed());
         }
         if Instant::now() > deadline {
@@ -1076,6 +1111,78 @@ async fn wait_share(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The source region saturated, then relieved.
+#[derive(Serialize)]
+struct Spill {
+    /// From the load starting to us-west getting a share of us-east's calls.
+    spill_s: f64,
+    /// From the load stopping to us-east having its full share back.
+    take_back_s: f64,
+    calls: u64,
+    failed: u64,
+}
+
+async fn spill(cp: &ControlPlane, client: &HttpClient, east: &AgentProcess) -> Result<Spill> {
+    let mut admin = cp.admin().await;
+    let profile = "us.spill-m";
+    wait_share(
+        &mut admin,
+        profile,
+        "us-east",
+        "us-east's full share",
+        |s| s == 1.0,
+    )
+    .await?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..24)
+        .map(|_| {
+            let (client, stop) = (client.clone(), stop.clone());
+            let target = uri(east.http, "/v1/chat/completions");
+            let body = chat_body(profile, false);
+            tokio::spawn(async move {
+                let (mut calls, mut failed) = (0u64, 0u64);
+                for _ in 0..10_000 {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    calls += 1;
+                    failed += u64::from(!post(&client, &target, &body).await);
+                }
+                (calls, failed)
+            })
+        })
+        .collect();
+    let spilled = wait_share(
+        &mut admin,
+        profile,
+        "us-west",
+        "us-west to get a share",
+        |s| s > 0.0,
+    )
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut calls, mut failed) = (0, 0);
+    for c in callers {
+        let (n, f) = c.await?;
+        calls += n;
+        failed += f;
+    }
+    let back = wait_share(
+        &mut admin,
+        profile,
+        "us-east",
+        "us-east's full share back",
+        |s| s == 1.0,
+    )
+    .await?;
+    Ok(Spill {
+        spill_s: spilled.as_secs_f64(),
+        take_back_s: back.as_secs_f64(),
+        calls,
+        failed,
+    })
 }
 
 async fn failover(
@@ -1086,7 +1193,8 @@ async fn failover(
 ) -> Result<Failover> {
     let mut admin = cp.admin().await;
     let even = |s: f64| (s - 0.5).abs() < 1e-6;
-    wait_share(&mut admin, "the even split", even).await?;
+    let (profile, west) = ("us.drain-m", "us-west");
+    wait_share(&mut admin, profile, west, "the even split", even).await?;
     // Steady traffic through us-east for the whole scenario (bounded).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
@@ -1116,12 +1224,22 @@ async fn failover(
         }
     };
     admin_call("/admin/down").await?;
-    let drain = wait_share(&mut admin, "us-west to be drained", |s| s == 0.0).await?;
+    let drain = wait_share(&mut admin, profile, west, "us-west to be drained", |s| {
+        s == 0.0
+    })
+    .await?;
     admin_call("/admin/up").await?;
     let start = Instant::now();
-    wait_share(&mut admin, "us-west to get a share again", |s| s > 0.0).await?;
+    wait_share(
+        &mut admin,
+        profile,
+        west,
+        "us-west to get a share again",
+        |s| s > 0.0,
+    )
+    .await?;
     let recover_start = start.elapsed();
-    wait_share(&mut admin, "us-west's full share", even).await?;
+    wait_share(&mut admin, profile, west, "us-west's full share", even).await?;
     let recover_full = start.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (calls, failed) = load.await?;
