@@ -115,20 +115,15 @@ fn ensure_etcd() -> Result<()> {
             "etcd is not installed; run `sudo apt-get install etcd-server etcd-client` and run again"
         );
     }
-    let mut update = Command::new("apt-get");
-    update.args(["update", "-q"]);
-    run(update, "apt-get update (to install etcd)")?;
-    let mut install = Command::new("apt-get");
-    install
-        .args([
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "etcd-server",
-            "etcd-client",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive");
+    run(apt(&["update", "-q"]), "apt-get update (to install etcd)")?;
+    let install = apt(&[
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        "etcd-server",
+        "etcd-client",
+    ]);
     run(install, "apt-get install etcd-server etcd-client")?;
     if find("etcd").is_none() || find("etcdctl").is_none() {
         bail!("installed etcd-server and etcd-client, but etcd or etcdctl is still not on PATH");
@@ -174,6 +169,13 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// An apt-get command that never asks questions.
+fn apt(args: &[&str]) -> Command {
+    let mut c = Command::new("apt-get");
+    c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    c
+}
+
 /// nginx for the reverse-proxy floor, installed from Debian's packages when
 /// missing (as root); without it the benchmark runs and says so.
 fn ensure_nginx() -> Option<PathBuf> {
@@ -192,35 +194,23 @@ fn ensure_nginx() -> Option<PathBuf> {
             .args(["+x", "/usr/sbin/policy-rc.d"])
             .status();
     }
-    let mut install = Command::new("apt-get");
-    install
-        .args([
+    let install = || {
+        apt(&[
             "install",
             "-y",
             "-q",
             "--no-install-recommends",
             "nginx-light",
         ])
-        .env("DEBIAN_FRONTEND", "noninteractive");
+    };
     let mut result = run(
-        install,
+        install(),
         "apt-get install nginx-light (the benchmark's proxy floor)",
     );
     if result.is_err() {
-        let mut update = Command::new("apt-get");
-        update.args(["update", "-q"]);
-        let mut install = Command::new("apt-get");
-        install
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "--no-install-recommends",
-                "nginx-light",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive");
-        result =
-            run(update, "apt-get update").and_then(|_| run(install, "apt-get install nginx-light"));
+        // The package lists may be missing or stale: refresh them once.
+        result = run(apt(&["update", "-q"]), "apt-get update")
+            .and_then(|_| run(install(), "apt-get install nginx-light"));
     }
     if placed {
         let _ = std::fs::remove_file(policy);
