@@ -142,7 +142,12 @@ async fn stream_once(
                     let now = tokio::time::Instant::now();
                     let report = (load.0)(now - last_report);
                     last_report = now;
-                    send(&out, pb::agent_message::Message::Load(report)).await?;
+                    // A report never waits: when the stream is backed up, this
+                    // one is dropped (the next carries the counters on).
+                    let msg = pb::AgentMessage { message: Some(pb::agent_message::Message::Load(report)) };
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(msg) {
+                        return Err("the stream is gone".into());
+                    }
                 }
                 continue;
             }

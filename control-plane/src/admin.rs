@@ -313,7 +313,9 @@ impl Admin {
         let mut state = crate::state::State::default();
         for kv in &health {
             if let Ok(Object::Health(h)) = keys::decode(kv) {
-                state.health.insert(kv.key.clone(), h);
+                state
+                    .health
+                    .insert(kv.key.clone(), crate::state::Seen { value: h, at: None });
             }
         }
         let now_ms = std::time::SystemTime::now()
@@ -367,7 +369,12 @@ impl Admin {
 fn region_speed(state: &crate::state::State, region: &str, model: &str) -> (f64, f64) {
     let mut ttft_us = 0u64;
     let mut tokens_per_s = 0.0;
-    for h in state.health.values().filter(|h| h.region == region) {
+    for h in state
+        .health
+        .values()
+        .map(|s| &s.value)
+        .filter(|h| h.region == region)
+    {
         for s in h
             .servers
             .iter()

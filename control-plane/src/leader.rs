@@ -123,8 +123,14 @@ pub fn loads_for(
 ) -> BTreeMap<String, RegionLoad> {
     let mut loads: BTreeMap<String, RegionLoad> = BTreeMap::new();
     let mut calls: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for h in state.health.values() {
-        let fresh = now_ms.saturating_sub(h.received_at_ms) <= silence.as_millis() as u64;
+    for seen in state.health.values() {
+        let h = &seen.value;
+        // Fresh by this replica's own clock when it followed the record;
+        // by the record's timestamp otherwise.
+        let fresh = match seen.at {
+            Some(at) => at.elapsed() <= silence,
+            None => now_ms.saturating_sub(h.received_at_ms) <= silence.as_millis() as u64,
+        };
         let entry = loads.entry(h.region.clone()).or_insert(RegionLoad {
             capacity: 0.0,
             in_flight: 0.0,
@@ -143,8 +149,8 @@ pub fn loads_for(
             entry.capacity += f64::from(s.capacity);
             entry.in_flight += f64::from(s.in_flight);
             let c = calls.entry(h.region.clone()).or_default();
-            c.0 += s.calls;
-            c.1 += s.errors;
+            c.0 = c.0.saturating_add(s.calls);
+            c.1 = c.1.saturating_add(s.errors);
         }
     }
     for (region, (n, errors)) in calls {
@@ -188,7 +194,13 @@ impl Holds {
             if held {
                 load.error_rate = 1.0;
             } else if load.error_rate >= drain_error_rate {
-                let repeats = self.by_region_model.get(&key).map_or(0, |(_, n)| *n);
+                // A clean stretch as long as the longest hold forgives the
+                // past: the next hold starts short again.
+                let repeats = self
+                    .by_region_model
+                    .get(&key)
+                    .filter(|(until, _)| now.saturating_duration_since(*until) < HOLD_MAX)
+                    .map_or(0, |(_, n)| *n);
                 let hold = HOLD_BASE
                     .saturating_mul(2u32.saturating_pow(repeats.min(10)))
                     .min(HOLD_MAX);
@@ -232,13 +244,13 @@ async fn update_weights(
             .filter(|r| catalog.callable_from(p, r))
         {
             let base = catalog.route_for(&resolved, &source.name);
-            let goal = weights::target(&base, &loads, &settings.engine);
             let key = (p.id.clone(), source.name.clone());
             let previous = st
                 .weights
                 .get(&key)
                 .map(|w| w.weights.clone())
                 .unwrap_or_default();
+            let goal = weights::target(&base, &loads, &previous, &settings.engine);
             let (next, changed) = weights::smooth(&previous, &goal, &settings.engine);
             if !changed && !previous.is_empty() {
                 continue;

@@ -72,6 +72,7 @@ fn apply_effective(route: &mut pb::RouteTable, effective: &[Weight]) {
     if !effective.iter().any(|w| w.weight > 0.0) {
         return;
     }
+    let base = route.clone();
     for d in &mut route.destinations {
         match effective.iter().find(|w| w.region == d.region) {
             Some(w) if w.weight > 0.0 => {
@@ -81,5 +82,10 @@ fn apply_effective(route: &mut pb::RouteTable, effective: &[Weight]) {
             Some(w) if w.reason == Reason::Drained => d.weight = 0.0,
             _ => d.priority = 1,
         }
+    }
+    // Weights computed for an older table (a destination since removed) may
+    // leave nothing to call: the operator's table is better than that.
+    if !route.destinations.iter().any(|d| d.weight > 0.0) {
+        *route = base;
     }
 }

@@ -14,6 +14,24 @@ use tokio::sync::watch;
 use crate::keys::{self, AgentRecord, HealthRecord, Object, WeightsRecord};
 use crate::store::{Store, StoreError, WatchEvent, WatchMessage};
 
+/// A value with when this replica saw it, on its own monotonic clock, so
+/// that freshness does not depend on the clocks of other machines. `None`
+/// for values read once rather than followed (their own timestamps apply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen<T> {
+    pub value: T,
+    pub at: Option<tokio::time::Instant>,
+}
+
+impl<T> Seen<T> {
+    pub fn now(value: T) -> Self {
+        Seen {
+            value,
+            at: Some(tokio::time::Instant::now()),
+        }
+    }
+}
+
 /// Everything the sync streams need, at one store revision.
 #[derive(Debug, Clone, Default)]
 pub struct State {
@@ -28,7 +46,7 @@ pub struct State {
     /// Effective weights by (profile, source region), from the leader.
     pub weights: BTreeMap<(String, String), WeightsRecord>,
     /// Agents' latest load reports by store key (these never wake streams).
-    pub health: BTreeMap<String, HealthRecord>,
+    pub health: BTreeMap<String, Seen<HealthRecord>>,
     /// Connected agents by store key.
     pub agents: BTreeMap<String, AgentRecord>,
     /// The revision at which an agent's relay endpoint last appeared,
@@ -125,7 +143,7 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
                 fresh.agents.insert(kv.key.clone(), a);
             }
             Ok(Object::Health(h)) => {
-                fresh.health.insert(kv.key.clone(), h);
+                fresh.health.insert(kv.key.clone(), Seen::now(h));
             }
             Ok(Object::Weights(w)) => {
                 fresh
@@ -196,7 +214,7 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                     state.agents.insert(kv.key.clone(), a);
                 }
                 Ok(Object::Health(h)) => {
-                    state.health.insert(kv.key.clone(), h);
+                    state.health.insert(kv.key.clone(), Seen::now(h));
                 }
                 Ok(Object::Weights(w)) => {
                     let key = (w.profile.clone(), w.source_region.clone());

@@ -324,7 +324,16 @@ impl Session {
             let delete = Op::Delete {
                 key: self.key.clone(),
             };
-            match self.replica.store.txn(vec![guard], vec![delete]).await {
+            // The agent's load report goes with it.
+            let health = Op::Delete {
+                key: keys::health(&self.record.region, &self.record.agent_id),
+            };
+            match self
+                .replica
+                .store
+                .txn(vec![guard], vec![delete, health])
+                .await
+            {
                 Ok(_) => return,
                 Err(e) => {
                     tracing::warn!(agent = %self.key, error = %e, "could not remove the agent record; retrying");
@@ -408,6 +417,10 @@ impl Session {
     /// replica's lease, where the leader's weight engine reads it. A store
     /// that is away only delays it: the next report will do.
     async fn record_load(&mut self, report: pb::LoadReport) {
+        if !report.interval_seconds.is_finite() || report.interval_seconds < 0.0 {
+            tracing::debug!(agent = %self.key, "ignored a load report with a bad interval");
+            return;
+        }
         let record = keys::HealthRecord {
             agent_id: self.record.agent_id.clone(),
             region: self.record.region.clone(),
@@ -449,9 +462,14 @@ impl Session {
             value: keys::encode(&record),
             lease: Some(*self.replica.lease.borrow()),
         };
-        if let Err(e) = self.replica.store.txn(vec![], vec![put]).await {
-            tracing::debug!(agent = %self.key, error = %e, "could not record a load report");
-        }
+        // Written beside the stream, not in its way: a slow store must not
+        // hold up config updates and ACKs.
+        let (store, agent) = (self.replica.store.clone(), self.key.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.txn(vec![], vec![put]).await {
+                tracing::debug!(%agent, error = %e, "could not record a load report");
+            }
+        });
     }
 
     /// The replica's lease was replaced (the old one expired while the store

@@ -88,8 +88,12 @@ pub struct Weight {
     pub reason: Reason,
 }
 
+/// A region with no report at all (its agents predate load reports, say) is
+/// not drained: nothing is known against it. One that reported is healthy
+/// while its reports are fresh, it has capacity, and its errors are under
+/// the threshold.
 fn healthy(load: Option<&RegionLoad>, s: &EngineSettings) -> bool {
-    load.is_some_and(|l| l.fresh && l.capacity > 0.0 && l.error_rate < s.drain_error_rate)
+    load.is_none_or(|l| l.fresh && l.capacity > 0.0 && l.error_rate < s.drain_error_rate)
 }
 
 /// Shares proportional to `parts`, or an even split when they are all zero.
@@ -105,11 +109,18 @@ fn normalize(parts: &mut [f64]) {
     }
 }
 
-/// The weights the engine aims at for `table` given the regions' `loads`.
+/// The weights the engine aims at for `table` given the regions' `loads`,
+/// measured while `previous` weights were in force (empty when none were).
 /// Destinations with a zero base weight are kept out (at weight 0).
+///
+/// Utilization is measured under the current weights, so a level's new
+/// share is its current share scaled by target / utilization: it settles at
+/// the share that puts the level at its target, instead of swinging between
+/// "all" (overloaded) and "less" (under target again).
 pub fn target(
     table: &RouteTable,
     loads: &BTreeMap<String, RegionLoad>,
+    previous: &[Weight],
     s: &EngineSettings,
 ) -> Vec<Weight> {
     let dests: Vec<_> = table
@@ -203,9 +214,25 @@ pub fn target(
         let cap: f64 = members.iter().map(|d| capacity(&d.region)).sum();
         let in_flight: f64 = members
             .iter()
-            .map(|d| loads[&d.region].in_flight.max(0.0))
+            .map(|d| loads.get(&d.region).map_or(0.0, |l| l.in_flight.max(0.0)))
             .sum();
-        let utilization = in_flight / cap;
+        let utilization = if cap > 0.0 { in_flight / cap } else { 0.0 };
+        // The share this level had while the load was measured.
+        let had: f64 = if previous.is_empty() {
+            1.0
+        } else {
+            previous
+                .iter()
+                .filter(|w| members.iter().any(|d| d.region == w.region))
+                .map(|w| w.weight)
+                .sum::<f64>()
+                .max(0.1)
+        };
+        let scaled = if utilization > 0.0 {
+            had * s.target_utilization / utilization
+        } else {
+            1.0
+        };
         let last = i + 1 == levels.len()
             || dests
                 .iter()
@@ -216,7 +243,7 @@ pub fn target(
         } else {
             Reason::Spill
         };
-        if utilization <= s.target_utilization || last {
+        if scaled >= 1.0 || last {
             // This level takes everything left, split by base weight.
             let mut w: Vec<f64> = members.iter().map(|d| d.weight).collect();
             normalize(&mut w);
@@ -225,7 +252,8 @@ pub fn target(
             }
             remaining = 0.0;
         } else {
-            let keep = s.target_utilization / utilization;
+            let keep = scaled / remaining.max(f64::EPSILON);
+            let keep = keep.min(1.0);
             let mut w: Vec<f64> = members.iter().map(|d| d.weight).collect();
             normalize(&mut w);
             for (d, w) in members.iter().zip(w) {
@@ -240,8 +268,9 @@ pub fn target(
             let mut spare: Vec<f64> = next
                 .iter()
                 .map(|d| {
-                    let l = &loads[&d.region];
-                    (s.target_utilization * l.capacity - l.in_flight).max(0.0)
+                    loads.get(&d.region).map_or(0.0, |l| {
+                        (s.target_utilization * l.capacity - l.in_flight).max(0.0)
+                    })
                 })
                 .collect();
             normalize(&mut spare);
@@ -309,7 +338,18 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
         .map(|(t, p)| (t.weight - p).abs())
         .fold(0.0, f64::max);
     if delta < s.hysteresis && !drained_now {
-        return (previous.to_vec(), false);
+        // Weights stay; reasons follow the target (a recovered region must
+        // not stay "drained", a failing one must become so).
+        let kept: Vec<Weight> = target
+            .iter()
+            .map(|t| Weight {
+                weight: prev_of(&t.region).unwrap_or(0.0),
+                ..t.clone()
+            })
+            .collect();
+        let changed = kept.iter().zip(previous).any(|(k, p)| k.reason != p.reason)
+            || kept.len() != previous.len();
+        return (kept, changed);
     }
     let alpha = if delta > s.max_step {
         s.max_step / delta
@@ -374,7 +414,7 @@ mod tests {
             ("b".into(), load(10.0, 0.0)),
             ("c".into(), load(10.0, 0.0)),
         ]);
-        let t = target(&source_first(), &loads, &EngineSettings::default());
+        let t = target(&source_first(), &loads, &[], &EngineSettings::default());
         assert_eq!(
             (w(&t, "a").weight, w(&t, "a").reason),
             (1.0, Reason::Headroom)
@@ -391,7 +431,7 @@ mod tests {
             ("b".into(), load(10.0, 2.0)),
             ("c".into(), load(10.0, 6.0)),
         ]);
-        let t = target(&source_first(), &loads, &EngineSettings::default());
+        let t = target(&source_first(), &loads, &[], &EngineSettings::default());
         assert!((w(&t, "a").weight - 0.8).abs() < 1e-9);
         assert!((w(&t, "b").weight - 0.15).abs() < 1e-9, "{t:?}");
         assert!((w(&t, "c").weight - 0.05).abs() < 1e-9, "{t:?}");
@@ -406,7 +446,7 @@ mod tests {
             ("c".into(), load(10.0, 0.0)),
         ]);
         loads.get_mut("a").unwrap().error_rate = 0.9;
-        let t = target(&source_first(), &loads, &EngineSettings::default());
+        let t = target(&source_first(), &loads, &[], &EngineSettings::default());
         assert_eq!(
             (w(&t, "a").weight, w(&t, "a").reason),
             (0.0, Reason::Drained)
@@ -414,20 +454,75 @@ mod tests {
         assert!((w(&t, "b").weight - 0.5).abs() < 1e-9);
         loads.get_mut("b").unwrap().fresh = false;
         loads.get_mut("c").unwrap().fresh = false;
-        let t = target(&source_first(), &loads, &EngineSettings::default());
+        let t = target(&source_first(), &loads, &[], &EngineSettings::default());
         assert!(t.iter().all(|x| x.reason == Reason::Panic), "{t:?}");
     }
 
     #[test]
     fn without_load_figures_the_operator_decides() {
         let t = target(
-            &table(&[("a", 3.0, 0), ("b", 1.0, 0)]),
+            &table(&[("a", 3.0, 0), ("b", 1.0, 0), ("c", 5.0, 1)]),
             &BTreeMap::new(),
+            &[],
             &EngineSettings::default(),
         );
         assert_eq!(
             (w(&t, "a").weight, w(&t, "a").reason),
             (0.75, Reason::Override)
+        );
+        assert_eq!(w(&t, "c").weight, 0.0, "lower levels wait behind the first");
+    }
+
+    #[test]
+    fn a_region_that_never_reported_is_not_drained() {
+        // b's agents send no reports (an older build): it keeps its place.
+        let loads = BTreeMap::from([("a".to_string(), load(10.0, 1.0))]);
+        let t = target(
+            &table(&[("a", 1.0, 0), ("b", 1.0, 0)]),
+            &loads,
+            &[],
+            &EngineSettings::default(),
+        );
+        assert!(
+            w(&t, "b").weight > 0.0 && w(&t, "b").reason != Reason::Drained,
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn a_steady_overload_settles_instead_of_swinging() {
+        // Demand is 1.1 x the source's capacity; what the source sees
+        // depends on the share it is given (the feedback the leader lives
+        // with). The share must settle near 0.8 / 1.1 and stay.
+        let s = EngineSettings::default();
+        let t = source_first();
+        let mut current: Vec<Weight> = Vec::new();
+        let mut shares = Vec::new();
+        for _ in 0..30 {
+            let share = if current.is_empty() {
+                1.0
+            } else {
+                w(&current, "a").weight
+            };
+            let loads = BTreeMap::from([
+                ("a".to_string(), load(10.0, 11.0 * share)),
+                ("b".to_string(), load(10.0, 0.0)),
+                ("c".to_string(), load(10.0, 0.0)),
+            ]);
+            let goal = target(&t, &loads, &current, &s);
+            let (next, _) = smooth(&current, &goal, &s);
+            current = next;
+            shares.push(w(&current, "a").weight);
+        }
+        let settled = &shares[10..];
+        let (lo, hi) = settled
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+        assert!(hi - lo < s.hysteresis, "still swinging: {shares:?}");
+        assert!(
+            (settled[0] - 0.8 / 1.1).abs() < 0.05,
+            "settled at {}",
+            settled[0]
         );
     }
 
@@ -469,7 +564,7 @@ mod tests {
         #[test]
         fn weights_are_finite_non_negative_and_sum_to_one((t, loads) in arb_case()) {
             let s = EngineSettings::default();
-            let out = target(&t, &loads, &s);
+            let out = target(&t, &loads, &[], &s);
             prop_assert_eq!(out.len(), t.destinations.len());
             let sum: f64 = out.iter().map(|x| x.weight).sum();
             prop_assert!(out.iter().all(|x| x.weight.is_finite() && x.weight >= 0.0), "{:?}", out);
@@ -479,7 +574,7 @@ mod tests {
         #[test]
         fn unhealthy_regions_get_nothing_unless_in_panic((t, loads) in arb_case()) {
             let s = EngineSettings::default();
-            let out = target(&t, &loads, &s);
+            let out = target(&t, &loads, &[], &s);
             let panic = out.iter().any(|x| x.reason == Reason::Panic);
             let any_data = t.destinations.iter().any(|d| loads.contains_key(&d.region));
             if !panic && any_data {
@@ -497,7 +592,7 @@ mod tests {
             let mut loads = BTreeMap::from([("a".to_string(), load(cap, cap * u))]);
             loads.insert("b".into(), others[0].clone());
             loads.insert("c".into(), others[1].clone());
-            let out = target(&source_first(), &loads, &s);
+            let out = target(&source_first(), &loads, &[], &s);
             if !out.iter().any(|x| x.reason == Reason::Panic) {
                 prop_assert_eq!(w(&out, "a").weight, 1.0, "{:?}", out);
             }
@@ -506,8 +601,8 @@ mod tests {
         #[test]
         fn each_update_moves_by_a_bounded_step((t, before) in arb_case(), (_, after) in arb_case()) {
             let s = EngineSettings::default();
-            let prev = target(&t, &before, &s);
-            let goal = target(&t, &after, &s);
+            let prev = target(&t, &before, &[], &s);
+            let goal = target(&t, &after, &[], &s);
             let (next, _) = smooth(&prev, &goal, &s);
             let sum: f64 = next.iter().map(|x| x.weight).sum();
             prop_assert!((sum - 1.0).abs() < 1e-9, "{:?}", next);
@@ -527,7 +622,7 @@ mod tests {
         #[test]
         fn a_steady_load_settles_and_stays((t, loads) in arb_case()) {
             let s = EngineSettings::default();
-            let goal = target(&t, &loads, &s);
+            let goal = target(&t, &loads, &[], &s);
             let start: Vec<Weight> = goal.iter().map(|g| Weight { weight: 1.0 / goal.len() as f64, ..g.clone() }).collect();
             let mut cur = start;
             let mut changes = 0;
