@@ -18,6 +18,7 @@ pub mod openai;
 pub mod outlier;
 pub mod persist;
 pub mod pipeline;
+pub mod quota;
 pub mod relay;
 pub mod route;
 pub mod server;

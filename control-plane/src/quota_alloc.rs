@@ -1,0 +1,221 @@
+//! The quota lease allocator, pure: splits one limit (requests or tokens per
+//! minute) among the agents that share it, in proportion to their recent
+//! demand, in the spirit of Doorman's proportional share, so that the sum of
+//! the leases that are alive never exceeds the limit.
+//!
+//! A refresh replaces the leases of the agents it grants to; leases of
+//! others that are still alive (agents that left, or, for a new leader, all
+//! the leases its predecessor may have granted) are subtracted first. A new
+//! leader therefore grants nothing until the longest lease it might not know
+//! of has run out ([`Allocator::learning_until`]).
+//!
+//! This is the building block of shared quotas; running it in the leader and
+//! handing leases out on the sync stream is the rest of that work.
+
+use std::collections::BTreeMap;
+
+/// Grants for one refresh: `limit` minus what `live_others` still hold,
+/// shared max-min fairly by `demands` (nobody gets more than it asks while
+/// another wants more), and what is left over after every demand is met is
+/// spread in proportion to demand, so that growing agents find room at once.
+pub fn allocate(
+    limit: f64,
+    demands: &BTreeMap<String, f64>,
+    live_others: f64,
+) -> BTreeMap<String, f64> {
+    let available = (limit - live_others).max(0.0);
+    let mut grants: BTreeMap<String, f64> = demands.keys().map(|a| (a.clone(), 0.0)).collect();
+    if available <= 0.0 || demands.is_empty() {
+        return grants;
+    }
+    // Water-filling, smallest demand first.
+    let mut order: Vec<(&String, f64)> = demands.iter().map(|(a, d)| (a, d.max(0.0))).collect();
+    order.sort_by(|x, y| x.1.total_cmp(&y.1));
+    let mut left = available;
+    let n = order.len();
+    for (i, (agent, demand)) in order.iter().enumerate() {
+        let fair = left / (n - i) as f64;
+        let give = demand.min(fair);
+        grants.insert((*agent).clone(), give);
+        left -= give;
+    }
+    // Spare capacity, by demand (evenly when nobody asked for anything).
+    if left > 0.0 {
+        let total: f64 = order.iter().map(|(_, d)| d).sum();
+        for (agent, demand) in &order {
+            let extra = if total > 0.0 {
+                left * demand / total
+            } else {
+                left / n as f64
+            };
+            *grants.get_mut(*agent).expect("every agent has a grant") += extra;
+        }
+    }
+    grants
+}
+
+/// A lease the allocator handed out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lease {
+    pub amount: f64,
+    /// Seconds on the allocator's clock.
+    pub expires_at: f64,
+}
+
+/// The leases of one limit, as one leader knows them.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    pub limit: f64,
+    pub lease_seconds: f64,
+    leases: BTreeMap<String, Lease>,
+    /// Before this time a new leader cannot know what its predecessor
+    /// granted, and assumes the whole limit is held.
+    learning_until: f64,
+}
+
+impl Allocator {
+    /// A leader that starts at `now`, after another may have granted leases
+    /// of up to `lease_seconds`.
+    pub fn new_leader(limit: f64, lease_seconds: f64, now: f64) -> Allocator {
+        Allocator {
+            limit,
+            lease_seconds,
+            leases: BTreeMap::new(),
+            learning_until: now + lease_seconds,
+        }
+    }
+
+    pub fn learning_until(&self) -> f64 {
+        self.learning_until
+    }
+
+    /// Grants the agents in `demands` new leases, replacing theirs.
+    pub fn refresh(
+        &mut self,
+        demands: &BTreeMap<String, f64>,
+        now: f64,
+    ) -> BTreeMap<String, Lease> {
+        self.leases.retain(|_, l| l.expires_at > now);
+        if now < self.learning_until {
+            return demands
+                .keys()
+                .map(|a| {
+                    (
+                        a.clone(),
+                        Lease {
+                            amount: 0.0,
+                            expires_at: now,
+                        },
+                    )
+                })
+                .collect();
+        }
+        let others: f64 = self
+            .leases
+            .iter()
+            .filter(|(a, _)| !demands.contains_key(*a))
+            .map(|(_, l)| l.amount)
+            .sum();
+        let grants = allocate(self.limit, demands, others);
+        let mut out = BTreeMap::new();
+        for (agent, amount) in grants {
+            let lease = Lease {
+                amount,
+                expires_at: now + self.lease_seconds,
+            };
+            self.leases.insert(agent.clone(), lease);
+            out.insert(agent, lease);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn demands(d: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        d.iter().map(|(a, x)| (a.to_string(), *x)).collect()
+    }
+
+    #[test]
+    fn shares_by_demand_and_spreads_the_rest() {
+        let g = allocate(
+            600.0,
+            &demands(&[("a", 100.0), ("b", 1000.0), ("c", 1000.0)]),
+            0.0,
+        );
+        assert_eq!(g["a"], 100.0, "a small demand is met in full");
+        assert_eq!((g["b"], g["c"]), (250.0, 250.0));
+        let g = allocate(600.0, &demands(&[("a", 100.0), ("b", 200.0)]), 0.0);
+        // 300 spare, spread by demand.
+        assert_eq!((g["a"], g["b"]), (200.0, 400.0));
+        let g = allocate(600.0, &demands(&[("a", 100.0)]), 550.0);
+        assert_eq!(g["a"], 50.0, "only what others do not still hold");
+    }
+
+    #[test]
+    fn a_new_leader_learns_before_it_grants() {
+        let mut alloc = Allocator::new_leader(600.0, 10.0, 0.0);
+        let d = demands(&[("a", 300.0)]);
+        assert_eq!(alloc.refresh(&d, 5.0)["a"].amount, 0.0);
+        assert_eq!(alloc.refresh(&d, 10.0)["a"].amount, 600.0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Demand(usize, f64),
+        Leave(usize),
+        Refresh,
+        Advance(f64),
+        NewLeader,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0usize..5, 0.0f64..1000.0).prop_map(|(a, d)| Step::Demand(a, d)),
+            (0usize..5).prop_map(Step::Leave),
+            Just(Step::Refresh),
+            (0.0f64..6.0).prop_map(Step::Advance),
+            Just(Step::NewLeader),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn live_leases_never_exceed_the_limit(steps in proptest::collection::vec(step(), 1..80)) {
+            let (limit, lease) = (600.0, 10.0);
+            let mut now = 0.0;
+            let mut alloc = Allocator::new_leader(limit, lease, now);
+            // What agents really hold, whoever granted it.
+            let mut held: BTreeMap<String, Lease> = BTreeMap::new();
+            let mut want: BTreeMap<String, f64> = BTreeMap::new();
+            for s in steps {
+                match s {
+                    Step::Demand(a, d) => { want.insert(format!("agent-{a}"), d); }
+                    Step::Leave(a) => { want.remove(&format!("agent-{a}")); }
+                    Step::Advance(dt) => now += dt,
+                    Step::NewLeader => alloc = Allocator::new_leader(limit, lease, now),
+                    Step::Refresh => {
+                        for (agent, l) in alloc.refresh(&want, now) {
+                            held.insert(agent, l);
+                        }
+                    }
+                }
+                let live: f64 = held.values().filter(|l| l.expires_at > now).map(|l| l.amount).sum();
+                prop_assert!(live <= limit + 1e-6, "{} held of {} at {}", live, limit, now);
+            }
+        }
+
+        #[test]
+        fn an_agent_with_demand_gets_a_share_in_one_refresh(d in proptest::collection::btree_map("[a-e]", 0.001f64..1000.0, 1..5), others in 0.0f64..599.0) {
+            let g = allocate(600.0, &d, others);
+            for (agent, grant) in &g {
+                prop_assert!(*grant > 0.0, "{} got nothing: {:?}", agent, g);
+            }
+            let sum: f64 = g.values().sum();
+            prop_assert!(sum <= 600.0 - others + 1e-6);
+        }
+    }
+}
