@@ -1,7 +1,7 @@
 //! `AdminService`: validated create/get/list/update/delete of regions,
 //! profiles and route tables, and the list of connected agents.
 
-use spillway_proto::model::{Catalog, Profile, Region, RouteTable};
+use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable};
 use spillway_proto::pb::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
@@ -238,6 +238,65 @@ impl AdminService for Admin {
         })
         .await?;
         tracing::info!(profile = %req.profile, source = %req.source_region, "route table deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_quota(&self, req: Request<pb::CreateQuotaRequest>) -> Reply<pb::Quota> {
+        let quota: Quota = req
+            .into_inner()
+            .quota
+            .ok_or_else(|| missing("quota"))?
+            .try_into()
+            .map_err(model_status)?;
+        let id = quota.scope.id();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_quota(quota.clone())).await?;
+        tracing::info!(quota = %id, "quota created");
+        Ok(Response::new(after.quotas[&id].clone().into()))
+    }
+
+    async fn get_quota(&self, req: Request<pb::GetQuotaRequest>) -> Reply<pb::Quota> {
+        let id = req.into_inner().id;
+        let catalog = self.read().await?;
+        Ok(Response::new(
+            catalog.quota(&id).map_err(model_status)?.clone().into(),
+        ))
+    }
+
+    async fn list_quotas(
+        &self,
+        _: Request<pb::ListQuotasRequest>,
+    ) -> Reply<pb::ListQuotasResponse> {
+        let (kvs, revision) = self.store.list(keys::QUOTAS).await.map_err(store_status)?;
+        let quotas = decode_all(&kvs, |o| match o {
+            Object::Quota(q) => Some(q.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListQuotasResponse { quotas, revision }))
+    }
+
+    async fn update_quota(&self, req: Request<pb::UpdateQuotaRequest>) -> Reply<pb::Quota> {
+        let quota: Quota = req
+            .into_inner()
+            .quota
+            .ok_or_else(|| missing("quota"))?
+            .try_into()
+            .map_err(model_status)?;
+        let id = quota.scope.id();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.update_quota(quota.clone())).await?;
+        tracing::info!(quota = %id, "quota updated");
+        Ok(Response::new(after.quotas[&id].clone().into()))
+    }
+
+    async fn delete_quota(
+        &self,
+        req: Request<pb::DeleteQuotaRequest>,
+    ) -> Reply<pb::DeleteResponse> {
+        let req = req.into_inner();
+        let (_, _, revision) =
+            catalog_store::write(&self.store, |c| c.delete_quota(&req.id, req.revision)).await?;
+        tracing::info!(quota = %req.id, "quota deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 

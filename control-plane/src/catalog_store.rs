@@ -40,7 +40,7 @@ pub async fn load(store: &Store) -> Result<(Catalog, i64), WriteError> {
         .await?
         .map_or(0, |kv| kv.mod_revision);
     let mut catalog = Catalog::default();
-    for prefix in [keys::REGIONS, keys::PROFILES, keys::ROUTES] {
+    for prefix in [keys::REGIONS, keys::PROFILES, keys::ROUTES, keys::QUOTAS] {
         let (kvs, _) = store.list(prefix).await?;
         for kv in &kvs {
             let object = keys::decode(kv).map_err(WriteError::Corrupt)?;
@@ -109,6 +109,10 @@ fn stamp(catalog: &mut Catalog, changed: &[String], revision: i64) {
             && let Some(p) = catalog.profiles.get_mut(id)
         {
             p.revision = revision;
+        } else if let Some(id) = key.strip_prefix(keys::QUOTAS)
+            && let Some(q) = catalog.quotas.get_mut(id)
+        {
+            q.revision = revision;
         } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
             && let Some((profile, source)) = rest.rsplit_once('/')
             && let Some(t) = catalog

@@ -2,7 +2,7 @@
 //! values stored under them.
 
 use serde::{Deserialize, Serialize};
-use spillway_proto::model::{Catalog, Profile, Region, RouteTable};
+use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable};
 
 use crate::store::KeyValue;
 
@@ -10,6 +10,7 @@ pub const REGIONS: &str = "regions/";
 pub const PROFILES: &str = "profiles/";
 pub const ROUTES: &str = "routes/";
 pub const AGENTS: &str = "agents/";
+pub const QUOTAS: &str = "quotas/";
 pub const HEALTH: &str = "health/";
 pub const WEIGHTS: &str = "weights/";
 pub const LEADER: &str = "leader";
@@ -28,6 +29,10 @@ pub fn profile(id: &str) -> String {
 
 pub fn route(profile: &str, source: &str) -> String {
     format!("{ROUTES}{profile}/{source}")
+}
+
+pub fn quota(id: &str) -> String {
+    format!("{QUOTAS}{id}")
 }
 
 pub fn agent(region: &str, agent_id: &str) -> String {
@@ -118,6 +123,7 @@ pub enum Object {
     Region(Region),
     Profile(Profile),
     Route(RouteTable),
+    Quota(Quota),
     Agent(AgentRecord),
     Health(HealthRecord),
     Weights(WeightsRecord),
@@ -140,6 +146,10 @@ pub fn decode(kv: &KeyValue) -> Result<Object, String> {
         let mut t: RouteTable = serde_json::from_slice(&kv.value).map_err(bad)?;
         t.revision = kv.mod_revision;
         Object::Route(t)
+    } else if key.starts_with(QUOTAS) {
+        let mut q: Quota = serde_json::from_slice(&kv.value).map_err(bad)?;
+        q.revision = kv.mod_revision;
+        Object::Quota(q)
     } else if key.starts_with(AGENTS) {
         Object::Agent(serde_json::from_slice(&kv.value).map_err(bad)?)
     } else if key.starts_with(HEALTH) {
@@ -163,6 +173,9 @@ pub fn insert(catalog: &mut Catalog, object: Object) {
         Object::Route(t) => {
             catalog.routes.insert(t.key(), t);
         }
+        Object::Quota(q) => {
+            catalog.quotas.insert(q.scope.id(), q);
+        }
         Object::Agent(_) | Object::Health(_) | Object::Weights(_) | Object::Other => {}
     }
 }
@@ -179,7 +192,12 @@ pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
         .routes
         .values()
         .map(|t| (route(&t.profile, &t.source_region), json(t)));
-    regions.chain(profiles).chain(routes).collect()
+    let quotas = catalog.quotas.iter().map(|(id, q)| (quota(id), json(q)));
+    regions
+        .chain(profiles)
+        .chain(routes)
+        .chain(quotas)
+        .collect()
 }
 
 pub fn encode_agent(record: &AgentRecord) -> Vec<u8> {

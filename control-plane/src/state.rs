@@ -244,6 +244,8 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                         .is_some();
                 } else if let Some(name) = key.strip_prefix(keys::REGIONS) {
                     catalog_changed |= state.catalog.regions.remove(name).is_some();
+                } else if let Some(id) = key.strip_prefix(keys::QUOTAS) {
+                    catalog_changed |= state.catalog.quotas.remove(id).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::PROFILES) {
                     catalog_changed |= state.catalog.profiles.remove(id).is_some();
                 } else if let Some(rest) = key.strip_prefix(keys::ROUTES)

@@ -1,7 +1,9 @@
 //! Conversions between the domain model and the generated protobuf types.
 //! This module is the only place where the two meet.
 
-use crate::model::{Profile, ProfileKind, Region, RouteDestination, RouteTable};
+use crate::model::{
+    ModelError, Profile, ProfileKind, Quota, QuotaScope, Region, RouteDestination, RouteTable,
+};
 use crate::pb;
 
 fn non_empty(s: String) -> Option<String> {
@@ -114,6 +116,80 @@ impl From<RouteTable> for pb::RouteTable {
                 })
                 .collect(),
             revision: t.revision,
+        }
+    }
+}
+
+impl TryFrom<pb::Quota> for Quota {
+    type Error = ModelError;
+
+    /// The scope's shape is checked here; what it names, by the catalog.
+    fn try_from(q: pb::Quota) -> Result<Self, ModelError> {
+        let s = q.scope.unwrap_or_default();
+        let scope = match (
+            s.profile.is_empty(),
+            s.source_region.is_empty(),
+            s.tenant.is_empty(),
+        ) {
+            (false, false, true) => QuotaScope::ProfileInRegion {
+                profile: s.profile,
+                source_region: s.source_region,
+            },
+            (false, true, false) => QuotaScope::TenantOnProfile {
+                tenant: s.tenant,
+                profile: s.profile,
+            },
+            (true, true, false) => QuotaScope::Tenant { tenant: s.tenant },
+            _ => {
+                return Err(ModelError::Invalid {
+                    field: "quota.scope".into(),
+                    reason:
+                        "name a profile and a source region, a tenant and a profile, or a tenant"
+                            .into(),
+                });
+            }
+        };
+        Ok(Quota {
+            scope,
+            requests_per_minute: q.requests_per_minute,
+            tokens_per_minute: q.tokens_per_minute,
+            tokens_per_day: q.tokens_per_day,
+            output_burndown: q.output_burndown.unwrap_or(1.0),
+            revision: q.revision,
+        })
+    }
+}
+
+impl From<Quota> for pb::Quota {
+    fn from(q: Quota) -> Self {
+        let id = q.scope.id();
+        let scope = match q.scope {
+            QuotaScope::ProfileInRegion {
+                profile,
+                source_region,
+            } => pb::QuotaScope {
+                profile,
+                source_region,
+                tenant: String::new(),
+            },
+            QuotaScope::TenantOnProfile { tenant, profile } => pb::QuotaScope {
+                profile,
+                source_region: String::new(),
+                tenant,
+            },
+            QuotaScope::Tenant { tenant } => pb::QuotaScope {
+                tenant,
+                ..Default::default()
+            },
+        };
+        pb::Quota {
+            scope: Some(scope),
+            requests_per_minute: q.requests_per_minute,
+            tokens_per_minute: q.tokens_per_minute,
+            tokens_per_day: q.tokens_per_day,
+            output_burndown: Some(q.output_burndown),
+            id,
+            revision: q.revision,
         }
     }
 }

@@ -130,6 +130,87 @@ pub struct RouteTable {
     pub revision: i64,
 }
 
+/// What a quota limits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum QuotaScope {
+    /// A profile's calls from one source region.
+    ProfileInRegion {
+        profile: String,
+        source_region: String,
+    },
+    /// One tenant's calls of one profile.
+    TenantOnProfile { tenant: String, profile: String },
+    /// Everything one tenant calls.
+    Tenant { tenant: String },
+}
+
+impl QuotaScope {
+    /// The quota's id, also its store key suffix.
+    pub fn id(&self) -> String {
+        match self {
+            QuotaScope::ProfileInRegion {
+                profile,
+                source_region,
+            } => format!("profile/{profile}@{source_region}"),
+            QuotaScope::TenantOnProfile { tenant, profile } => format!("tenant/{tenant}/{profile}"),
+            QuotaScope::Tenant { tenant } => format!("tenant/{tenant}"),
+        }
+    }
+}
+
+/// Requests and tokens per minute (and tokens per day) for one scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quota {
+    pub scope: QuotaScope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<i64>,
+    /// Output tokens count this many times (at least 1).
+    pub output_burndown: f64,
+    #[serde(skip)]
+    pub revision: i64,
+}
+
+impl Quota {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let limits = [
+            ("quota.requests_per_minute", self.requests_per_minute),
+            ("quota.tokens_per_minute", self.tokens_per_minute),
+            ("quota.tokens_per_day", self.tokens_per_day),
+        ];
+        for (field, limit) in limits {
+            if let Some(n) = limit
+                && n <= 0
+            {
+                return Err(invalid(
+                    field,
+                    format!("{n} is not a positive whole number"),
+                ));
+            }
+        }
+        if limits.iter().all(|(_, l)| l.is_none()) {
+            return Err(invalid(
+                "quota",
+                "set at least one of requests_per_minute, tokens_per_minute, tokens_per_day",
+            ));
+        }
+        if !self.output_burndown.is_finite() || self.output_burndown < 1.0 {
+            return Err(invalid(
+                "quota.output_burndown",
+                format!(
+                    "{} is under 1: output tokens count at least once",
+                    self.output_burndown
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A profile as an agent sees it: kind and tags kept, model and destination
 /// regions filled in from what it copies.
 #[derive(Debug, Clone, PartialEq)]
@@ -472,6 +553,8 @@ pub struct Catalog {
     pub profiles: BTreeMap<String, Profile>,
     /// Keyed by (profile, source region).
     pub routes: BTreeMap<(String, String), RouteTable>,
+    /// Keyed by their scope's id.
+    pub quotas: BTreeMap<String, Quota>,
 }
 
 /// Checks an update's expected revision against the stored one. Updates must
@@ -562,6 +645,14 @@ impl Catalog {
                 )));
             }
         }
+        if let Some(q) = self.quotas.values().find(|q| {
+            matches!(&q.scope, QuotaScope::ProfileInRegion { source_region, .. } if source_region == name)
+        }) {
+            return Err(ModelError::InUse(format!(
+                "region `{name}` has quota `{}`; delete that first",
+                q.scope.id()
+            )));
+        }
         self.regions.remove(name);
         Ok(())
     }
@@ -611,6 +702,16 @@ impl Catalog {
                 app.id
             )));
         }
+        if let Some(q) = self.quotas.values().find(|q| match &q.scope {
+            QuotaScope::ProfileInRegion { profile, .. }
+            | QuotaScope::TenantOnProfile { profile, .. } => profile == id,
+            QuotaScope::Tenant { .. } => false,
+        }) {
+            return Err(ModelError::InUse(format!(
+                "profile `{id}` has quota `{}`; delete that first",
+                q.scope.id()
+            )));
+        }
         self.profiles.remove(id);
         self.routes.retain(|(p, _), _| p != id);
         Ok(())
@@ -658,6 +759,44 @@ impl Catalog {
         Ok(())
     }
 
+    pub fn create_quota(&mut self, quota: Quota) -> Result<(), ModelError> {
+        quota.validate()?;
+        let id = quota.scope.id();
+        if self.quotas.contains_key(&id) {
+            return Err(ModelError::AlreadyExists {
+                kind: "quota",
+                name: id,
+            });
+        }
+        self.commit(|c| {
+            c.quotas.insert(id, quota);
+        })
+    }
+
+    pub fn update_quota(&mut self, quota: Quota) -> Result<(), ModelError> {
+        quota.validate()?;
+        let id = quota.scope.id();
+        let current = self.quota(&id)?;
+        check_revision("quota", &id, quota.revision, current.revision, true)?;
+        self.commit(|c| {
+            c.quotas.insert(id, quota);
+        })
+    }
+
+    pub fn delete_quota(&mut self, id: &str, revision: i64) -> Result<(), ModelError> {
+        let current = self.quota(id)?;
+        check_revision("quota", id, revision, current.revision, false)?;
+        self.quotas.remove(id);
+        Ok(())
+    }
+
+    pub fn quota(&self, id: &str) -> Result<&Quota, ModelError> {
+        self.quotas.get(id).ok_or_else(|| ModelError::NotFound {
+            kind: "quota",
+            name: id.to_string(),
+        })
+    }
+
     pub fn region(&self, name: &str) -> Result<&Region, ModelError> {
         self.regions.get(name).ok_or_else(|| ModelError::NotFound {
             kind: "region",
@@ -689,6 +828,10 @@ impl Catalog {
         for p in self.profiles.values() {
             self.validate_profile_refs(p)
                 .map_err(|e| in_object(e, "profile", &p.id))?;
+        }
+        for q in self.quotas.values() {
+            self.validate_quota_refs(q)
+                .map_err(|e| in_object(e, "quota", &q.scope.id()))?;
         }
         for r in self.routes.values() {
             self.validate_route_refs(r).map_err(|e| {
@@ -754,6 +897,40 @@ impl Catalog {
             ));
         }
         Ok(())
+    }
+
+    fn validate_quota_refs(&self, q: &Quota) -> Result<(), ModelError> {
+        match &q.scope {
+            QuotaScope::ProfileInRegion {
+                profile,
+                source_region,
+            } => {
+                let p = self.profiles.get(profile).ok_or_else(|| {
+                    invalid(
+                        "quota.scope.profile",
+                        format!("no profile `{profile}` exists"),
+                    )
+                })?;
+                let r = self.regions.get(source_region).ok_or_else(|| {
+                    invalid(
+                        "quota.scope.source_region",
+                        format!("unknown region `{source_region}`"),
+                    )
+                })?;
+                if !self.callable_from(p, r) {
+                    return Err(invalid(
+                        "quota.scope.source_region",
+                        format!("profile `{profile}` is not callable from `{source_region}`"),
+                    ));
+                }
+                Ok(())
+            }
+            // Tenants are not part of the catalog yet, so every tenant is
+            // unknown.
+            QuotaScope::TenantOnProfile { tenant, .. } | QuotaScope::Tenant { tenant } => Err(
+                invalid("quota.scope.tenant", format!("unknown tenant `{tenant}`")),
+            ),
+        }
     }
 
     fn validate_route_refs(&self, r: &RouteTable) -> Result<(), ModelError> {

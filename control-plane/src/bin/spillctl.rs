@@ -40,6 +40,7 @@ Examples:
   spillctl profiles create us.llama-3.1-8b --destinations us-east,us-west
   spillctl profiles create team-search --base-profile us.llama-3.1-8b --tag cost-center=search
   spillctl routes set us.llama-3.1-8b --source us-east --dest us-east=3 --dest us-west=1
+  spillctl quotas create --profile us.llama-3.1-8b --source us-east --rpm 600 --tpm 200000
   spillctl agents list -o json";
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq)]
@@ -60,9 +61,179 @@ enum Command {
     /// with their weights and priorities.
     #[command(subcommand)]
     Routes(RouteCmd),
+    /// Quotas: requests and tokens per minute (and tokens per day) for a
+    /// profile in a source region.
+    #[command(subcommand)]
+    Quotas(QuotaCmd),
     /// Agents connected to the control plane.
     #[command(subcommand)]
     Agents(AgentCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum QuotaCmd {
+    /// Create a quota. Its id comes from its scope, e.g.
+    /// `profile/us.llama-3.1-8b@us-east`.
+    Create {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+    /// Show one quota by id.
+    Get { id: String },
+    /// List every quota.
+    List,
+    /// Change a quota's limits.
+    Update {
+        id: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+    /// Delete a quota.
+    Delete {
+        id: String,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+struct ScopeArgs {
+    /// The profile the quota is for.
+    #[arg(long)]
+    profile: Option<String>,
+    /// The source region whose calls of the profile it limits.
+    #[arg(long, short = 's')]
+    source: Option<String>,
+    /// A tenant (with or without --profile).
+    #[arg(long)]
+    tenant: Option<String>,
+}
+
+#[derive(ClapArgs, Debug)]
+struct LimitArgs {
+    /// Requests per minute.
+    #[arg(long, allow_negative_numbers = true)]
+    rpm: Option<i64>,
+    /// Tokens per minute (input plus output x burndown).
+    #[arg(long, allow_negative_numbers = true)]
+    tpm: Option<i64>,
+    /// Tokens per day.
+    #[arg(long, allow_negative_numbers = true)]
+    tpd: Option<i64>,
+    /// How many times an output token counts (at least 1; default 1).
+    #[arg(long, allow_negative_numbers = true)]
+    burndown: Option<f64>,
+}
+
+fn apply_limits(q: &mut pb::Quota, l: LimitArgs) {
+    if l.rpm.is_some() {
+        q.requests_per_minute = l.rpm;
+    }
+    if l.tpm.is_some() {
+        q.tokens_per_minute = l.tpm;
+    }
+    if l.tpd.is_some() {
+        q.tokens_per_day = l.tpd;
+    }
+    if l.burndown.is_some() {
+        q.output_burndown = l.burndown;
+    }
+}
+
+const QUOTA_COLS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("RPM", "requests_per_minute"),
+    ("TPM", "tokens_per_minute"),
+    ("TOKENS/DAY", "tokens_per_day"),
+    ("BURNDOWN", "output_burndown"),
+    ("REVISION", "revision"),
+];
+
+fn quota_json(q: &pb::Quota) -> Value {
+    json!({
+        "id": q.id, "requests_per_minute": q.requests_per_minute, "tokens_per_minute": q.tokens_per_minute,
+        "tokens_per_day": q.tokens_per_day, "output_burndown": q.output_burndown, "revision": q.revision,
+    })
+}
+
+async fn quotas(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: QuotaCmd,
+    out: Output,
+) -> anyhow::Result<String> {
+    let one = |q: pb::Quota| render(out, vec![quota_json(&q)], QUOTA_COLS);
+    Ok(match cmd {
+        QuotaCmd::Create { scope, limits } => {
+            let mut q = pb::Quota {
+                scope: Some(pb::QuotaScope {
+                    profile: scope.profile.unwrap_or_default(),
+                    source_region: scope.source.unwrap_or_default(),
+                    tenant: scope.tenant.unwrap_or_default(),
+                }),
+                ..Default::default()
+            };
+            apply_limits(&mut q, limits);
+            one(c
+                .create_quota(pb::CreateQuotaRequest { quota: Some(q) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
+        }
+        QuotaCmd::Get { id } => one(c
+            .get_quota(pb::GetQuotaRequest { id })
+            .await
+            .map_err(status_line)?
+            .into_inner()),
+        QuotaCmd::List => {
+            let list = c
+                .list_quotas(pb::ListQuotasRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            render(
+                out,
+                list.quotas.iter().map(quota_json).collect(),
+                QUOTA_COLS,
+            )
+        }
+        QuotaCmd::Update {
+            id,
+            limits,
+            revision,
+        } => {
+            let mut q = c
+                .get_quota(pb::GetQuotaRequest { id })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            apply_limits(&mut q, limits);
+            if let Some(rev) = revision.revision {
+                q.revision = rev;
+            }
+            one(c
+                .update_quota(pb::UpdateQuotaRequest { quota: Some(q) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
+        }
+        QuotaCmd::Delete { id, revision } => {
+            let req = pb::DeleteQuotaRequest {
+                id: id.clone(),
+                revision: revision.revision.unwrap_or(0),
+            };
+            let rev = c
+                .delete_quota(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
+            deleted(out, "quota", &id, rev)
+        }
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -308,6 +479,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Regions(cmd) => regions(&mut c, cmd, out).await,
         Command::Profiles(cmd) => profiles(&mut c, cmd, out).await,
         Command::Routes(cmd) => routes(&mut c, cmd, out).await,
+        Command::Quotas(cmd) => quotas(&mut c, cmd, out).await,
         Command::Agents(AgentCmd::List { region }) => {
             let req = pb::ListAgentsRequest {
                 region: region.unwrap_or_default(),
