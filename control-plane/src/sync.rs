@@ -22,6 +22,10 @@ use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use spillway_proto::shutdown::Shutdown;
 
+/// How long a new stream waits for this replica to catch up with the
+/// version the agent already runs.
+const CATCH_UP: Duration = Duration::from_secs(5);
+
 /// How often a disconnected agent's record removal is tried.
 const DEREGISTER_ATTEMPTS: usize = 20;
 
@@ -272,6 +276,17 @@ impl Session {
         tokio::select! {
             _ = shutdown.wait() => return,
             loaded = state.wait_for(|s| s.loaded) => if loaded.is_err() { return },
+        }
+        // An agent coming from another replica may have a newer config than
+        // this replica has seen yet (its watch lags): wait, briefly, until
+        // it has caught up, so that the agent never steps back.
+        let floor = i64::try_from(self.version_floor).unwrap_or(i64::MAX);
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        while state.borrow().revision < floor && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
         }
         let end = loop {
             if let Err(reason) = self.push_if_changed(&mut state).await {

@@ -12,7 +12,11 @@ use spillway_tests::sim::SimConfig;
 /// The effective share of `region` in the agent's table for `profile`:
 /// its weight among the first priority level, 0 if it is not in it.
 fn share(c: &AgentConfig, profile: &str, region: &str) -> f64 {
-    let t = &c.routes[profile];
+    // A config without the profile (one sent before it reached the replica)
+    // gives nobody a share.
+    let Some(t) = c.routes.get(profile) else {
+        return 0.0;
+    };
     let first = t.destinations.iter().map(|d| d.priority).min().unwrap_or(0);
     let level: Vec<_> = t
         .destinations
