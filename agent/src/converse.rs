@@ -116,12 +116,13 @@ fn prepare(
     let profile = pipeline.resolve(&cfg, &req.model_id)?;
     body.insert("model".into(), Value::String(profile.model.clone()));
     Ok(PreparedCall {
-        profile: profile.id,
-        model: profile.model,
+        profile: profile.id.clone(),
+        model: profile.model.clone(),
         body: serde_json::to_vec(&body)
             .expect("a JSON map serializes")
             .into(),
         stream,
+        config: cfg.clone(),
     })
 }
 

@@ -117,9 +117,10 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
     let profile = pipeline.resolve(&cfg, &req.model)?;
     let call = PreparedCall {
         body: req.body_for(&profile.model),
-        profile: profile.id,
-        model: profile.model,
+        profile: profile.id.clone(),
+        model: profile.model.clone(),
         stream: req.stream,
+        config: cfg.clone(),
     };
     let answer = pipeline.call(call).await?;
     let region =

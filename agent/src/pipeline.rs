@@ -20,9 +20,11 @@ use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
 use crate::upstream::{AnswerBody, Upstreams};
 
-/// A call ready to be routed: the profile the client named, the model it
+/// A call ready to be routed: the config it was resolved against (one read
+/// of the watch per call), the profile the client named, the model it
 /// resolves to, and the chat-completions body with `model` set to it.
 pub struct PreparedCall {
+    pub config: Arc<AgentConfig>,
     pub profile: String,
     pub model: String,
     pub body: Bytes,
@@ -135,16 +137,7 @@ impl Pipeline {
             Err(e) if e.retriable() => c.errors += 1,
             _ => {}
         }
-        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
-        c.latency_us = if c.latency_us == 0 {
-            sample
-        } else {
-            (c.latency_us * 4 + sample) / 5
-        };
-    }
-
-    pub fn region(&self) -> &str {
-        &self.region
+        c.latency_us = crate::upstream::ewma_step(c.latency_us, took);
     }
 
     /// The current config; calls never wait for one.
@@ -153,9 +146,9 @@ impl Pipeline {
     }
 
     /// The profile a client named, if it is callable from this region.
-    pub fn resolve(&self, cfg: &AgentConfig, id: &str) -> Result<Profile, CallError> {
+    pub fn resolve<'c>(&self, cfg: &'c AgentConfig, id: &str) -> Result<&'c Profile, CallError> {
         match cfg.profiles.get(id) {
-            Some(p) => Ok(p.clone()),
+            Some(p) => Ok(p),
             None if cfg.profiles_elsewhere.contains(id) => Err(CallError::NotCallableHere {
                 profile: id.to_string(),
                 region: self.region.clone(),
@@ -166,7 +159,7 @@ impl Pipeline {
 
     /// Routes one call: the planned regions in order until one answers.
     pub async fn call(&self, call: PreparedCall) -> Result<Answer, CallError> {
-        let cfg = self.config()?;
+        let cfg = &call.config;
         let table: &RouteTable = cfg
             .routes
             .get(&call.profile)
@@ -212,7 +205,7 @@ impl Pipeline {
                 let result = self
                     .relays
                     .call(
-                        &cfg,
+                        cfg,
                         region,
                         &call.profile,
                         &call.model,

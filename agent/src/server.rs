@@ -85,7 +85,6 @@ pub enum RunError {
 pub struct RunningAgent {
     pub config: ConfigWatch,
     pub pipeline: Arc<Pipeline>,
-    pub upstreams: Arc<Upstreams>,
     pub grpc: tokio::task::JoinHandle<Result<(), RunError>>,
     pub http: tokio::task::JoinHandle<Result<(), RunError>>,
 }
@@ -195,7 +194,6 @@ pub async fn start(
     Ok(RunningAgent {
         config,
         pipeline,
-        upstreams,
         grpc: grpc_task,
         http: http_task,
     })

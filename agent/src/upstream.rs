@@ -264,14 +264,6 @@ impl Upstreams {
         }
     }
 
-    /// Every model some server here serves.
-    pub fn models(&self) -> BTreeSet<String> {
-        self.servers
-            .iter()
-            .flat_map(|s| s.spec.models.iter().cloned())
-            .collect()
-    }
-
     /// Picks a server for `model` by power of two choices among those with a
     /// free slot, and takes the slot.
     fn pick(&self, model: &str) -> Result<(Arc<ModelServer>, InFlight), CallError> {
@@ -488,16 +480,24 @@ impl Upstreams {
     }
 }
 
-/// Folds a sample into an EWMA kept in microseconds (0 = no sample yet).
-fn ewma(slot: &AtomicU64, took: Duration) {
+/// One step of the EWMAs the agent keeps in microseconds (weight 1/5 for
+/// the new sample; 0 means no sample yet).
+pub fn ewma_step(old_us: u64, took: Duration) -> u64 {
     let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
-    let old = slot.load(Ordering::Relaxed);
-    let new = if old == 0 {
+    let new = if old_us == 0 {
         sample
     } else {
-        (old * 4 + sample) / 5
+        (old_us * 4 + sample) / 5
     };
-    slot.store(new.max(1), Ordering::Relaxed);
+    new.max(1)
+}
+
+/// Folds a sample into an EWMA kept in an atomic.
+fn ewma(slot: &AtomicU64, took: Duration) {
+    slot.store(
+        ewma_step(slot.load(Ordering::Relaxed), took),
+        Ordering::Relaxed,
+    );
 }
 
 /// Output tokens of a unary answer, from its usage (0 when it gives none).

@@ -200,10 +200,6 @@ pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-pub fn encode_agent(record: &AgentRecord) -> Vec<u8> {
-    json(record)
-}
-
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     json(value)
 }

@@ -52,8 +52,6 @@ pub struct State {
     /// The revision at which an agent's relay endpoint last appeared,
     /// changed or went away (acks alone do not count).
     pub endpoints_version: i64,
-    /// How many times the replica had to list again after compaction.
-    pub relists: u64,
 }
 
 impl State {
@@ -113,7 +111,6 @@ async fn follow(store: Store, tx: &watch::Sender<Arc<State>>) {
                     compact_revision,
                     "watch start revision was compacted; relisting"
                 );
-                tx.send_modify(|s| Arc::make_mut(s).relists += 1);
             }
             Err(e) => {
                 let revision = tx.borrow().revision;
@@ -168,7 +165,6 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
     } else {
         revision
     };
-    fresh.relists = old.relists;
     tx.send_replace(Arc::new(fresh));
     Ok(revision)
 }

@@ -243,7 +243,7 @@ impl Session {
                 vec![],
                 vec![Op::Put {
                     key: key.clone(),
-                    value: keys::encode_agent(&record),
+                    value: keys::encode(&record),
                     lease: Some(lease),
                 }],
             )
@@ -500,7 +500,7 @@ impl Session {
         };
         let put = Op::Put {
             key: self.key.clone(),
-            value: keys::encode_agent(&self.record),
+            value: keys::encode(&self.record),
             lease: Some(lease),
         };
         match self.replica.store.txn(vec![guard], vec![put]).await {

@@ -227,7 +227,8 @@ fn etcd_binary(name: &str) -> PathBuf {
 /// A real single-member etcd on free loopback ports, in a temporary folder.
 pub struct Etcd {
     pub endpoint: String,
-    child: Child,
+    /// Held so that etcd is killed when the harness drops it.
+    _child: Child,
     _dir: tempfile::TempDir,
 }
 
@@ -262,7 +263,7 @@ impl Etcd {
             .expect("starting etcd");
         let etcd = Etcd {
             endpoint,
-            child,
+            _child: child,
             _dir: dir,
         };
         let ep = etcd.endpoint.clone();
@@ -300,10 +301,6 @@ impl Etcd {
         etcd_client::Client::connect([self.endpoint.clone()], None)
             .await
             .expect("etcd client")
-    }
-
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
     }
 }
 

@@ -391,3 +391,29 @@ async fn a_failing_model_server_is_ejected_and_its_calls_fail_over() {
     assert_eq!(served_here as u64, east.sims[1].served());
     assert!(served_here >= 16, "{served_here} of 20 served in us-east");
 }
+
+/// Static stability: with the control plane gone, agents keep serving from
+/// their last config, locally and through the relay.
+#[tokio::test]
+async fn traffic_goes_on_when_the_control_plane_is_gone() {
+    let mut cluster = Cluster::start(ClusterSpec::default()).await;
+    cluster
+        .set_route(GLOBAL, "us-east", &[("eu-west", 1.0)])
+        .await;
+    cluster.cp.kill().await;
+    let http = Http::default();
+    let east = cluster.region("us-east").agent.http;
+    for (profile, served_in) in [(US, "us-east"), (GLOBAL, "eu-west")] {
+        for _ in 0..5 {
+            let a = http
+                .post(east, "/v1/chat/completions", chat(profile, false))
+                .await;
+            assert_eq!(
+                (a.status.as_u16(), a.region()),
+                (200, Some(served_in)),
+                "{}",
+                a.text()
+            );
+        }
+    }
+}
