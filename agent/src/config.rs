@@ -65,6 +65,10 @@ pub struct AgentArgs {
     /// before trying the next region.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub upstream_timeout_secs: u64,
+    /// Output tokens a call reserves against a token quota when it sets no
+    /// `max_tokens`.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub default_max_tokens: u64,
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,

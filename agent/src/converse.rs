@@ -24,6 +24,7 @@ use crate::error::CallError;
 use crate::http::INFERENCE_REGION;
 use crate::openai::MAX_TOKENS_LIMIT;
 use crate::pipeline::{Answer, Pipeline, PreparedCall};
+use crate::quota::RateInfo;
 use crate::upstream::AnswerBody;
 
 pub struct ConverseDoor {
@@ -122,8 +123,57 @@ fn prepare(
             .expect("a JSON map serializes")
             .into(),
         stream,
+        max_tokens: req
+            .inference_config
+            .as_ref()
+            .and_then(|c| c.max_tokens)
+            .map(u64::from),
+        tenant: None,
         config: cfg.clone(),
     })
+}
+
+/// The `x-ratelimit-*` figures as gRPC metadata, as over HTTP.
+fn rate_metadata(md: &mut tonic::metadata::MetadataMap, info: &RateInfo) {
+    let mut h = http::HeaderMap::new();
+    crate::http::rate_headers(&mut h, info);
+    for (name, value) in &h {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
+        ) {
+            md.insert(k, v);
+        }
+    }
+}
+
+/// A failed call as a status; a quota refusal carries the rate-limit
+/// metadata and `retry-after`.
+fn status_of(e: &CallError) -> Status {
+    let mut status = e.to_status();
+    if let CallError::Quota(q) = e {
+        rate_metadata(status.metadata_mut(), &q.1);
+        let secs = q.0.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        status.metadata_mut().insert("retry-after", secs.into());
+        status
+            .metadata_mut()
+            .insert(crate::http::THROTTLE, "quota".parse().expect("ascii"));
+    }
+    status
+}
+
+/// Admits and routes a prepared call.
+async fn admit_and_call(
+    pipeline: &Pipeline,
+    call: PreparedCall,
+) -> Result<(Answer, RateInfo), Status> {
+    let admission = pipeline.admit(&call).map_err(|e| status_of(&e))?;
+    let rate = admission.rate.clone();
+    let answer = pipeline
+        .call(call, admission)
+        .await
+        .map_err(|e| status_of(&e))?;
+    Ok((answer, rate))
 }
 
 #[derive(Deserialize, Default)]
@@ -227,7 +277,7 @@ impl InferenceService for ConverseDoor {
     ) -> Result<Response<pb::ConverseResponse>, Status> {
         let started = Instant::now();
         let call = prepare(&self.pipeline, req.get_ref(), false).map_err(|e| e.to_status())?;
-        let answer: Answer = self.pipeline.call(call).await.map_err(|e| e.to_status())?;
+        let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
         let AnswerBody::Full(body) = answer.body else {
             return Err(Status::internal("a unary call got a streamed answer"));
         };
@@ -267,7 +317,9 @@ impl InferenceService for ConverseDoor {
             inference_region: answer.region.clone(),
             request_id: String::new(),
         };
-        Ok(with_region(Response::new(resp), &answer.region))
+        let mut response = with_region(Response::new(resp), &answer.region);
+        rate_metadata(response.metadata_mut(), &rate);
+        Ok(response)
     }
 
     async fn converse_stream(
@@ -276,7 +328,7 @@ impl InferenceService for ConverseDoor {
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
         let call = prepare(&self.pipeline, req.get_ref(), true).map_err(|e| e.to_status())?;
-        let answer = self.pipeline.call(call).await.map_err(|e| e.to_status())?;
+        let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
         let region = answer.region.clone();
         let mut chunks = match answer.body {
             AnswerBody::Stream(s) if answer.status.is_success() => s,
@@ -375,7 +427,9 @@ impl InferenceService for ConverseDoor {
             .await;
         });
         let stream: EventStream = Box::pin(ReceiverStream::new(rx));
-        Ok(with_region(Response::new(stream), &region))
+        let mut response = with_region(Response::new(stream), &region);
+        rate_metadata(response.metadata_mut(), &rate);
+        Ok(response)
     }
 }
 

@@ -5,6 +5,8 @@ use http::StatusCode;
 use serde_json::json;
 use tonic::Status;
 
+use crate::quota::{RateInfo, Refused};
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
     /// The request is malformed; `param` names the field.
@@ -49,6 +51,10 @@ pub enum CallError {
     /// A relay call from something that is not a known agent.
     #[error("{0}")]
     RelayRefused(String),
+    /// A quota of the source region refused the call (not spilled), with
+    /// what the rate-limit headers report.
+    #[error("{}", .0.0)]
+    Quota(Box<(Refused, RateInfo)>),
 }
 
 fn describe(attempts: &[(String, String)]) -> String {
@@ -81,9 +87,10 @@ impl CallError {
             }
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            CallError::Throttled(_)
+            | CallError::AtCapacity(_)
+            | CallError::Exhausted { .. }
+            | CallError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             CallError::Unavailable(_) | CallError::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Upstream(_) => StatusCode::BAD_GATEWAY,
             CallError::RelayRefused(_) => StatusCode::FORBIDDEN,
@@ -103,6 +110,7 @@ impl CallError {
             CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 ("rate_limit_error", Some("rate_limit_exceeded"))
             }
+            CallError::Quota(_) => ("rate_limit_error", Some("quota_exceeded")),
             CallError::Unavailable(_) | CallError::NoConfig => {
                 ("server_error", Some("service_unavailable"))
             }
@@ -126,9 +134,10 @@ impl CallError {
             CallError::ProfileNotFound(_) => Status::not_found(msg),
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
-            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
-                Status::resource_exhausted(msg)
-            }
+            CallError::Throttled(_)
+            | CallError::AtCapacity(_)
+            | CallError::Exhausted { .. }
+            | CallError::Quota(_) => Status::resource_exhausted(msg),
             CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => {
                 Status::unavailable(msg)
             }

@@ -18,6 +18,7 @@ use serde_json::json;
 use crate::error::CallError;
 use crate::openai::{ChatRequest, check_answer};
 use crate::pipeline::{Pipeline, PreparedCall};
+use crate::quota::RateInfo;
 use crate::upstream::AnswerBody;
 
 pub const INFERENCE_REGION: &str = "x-spillway-inference-region";
@@ -46,16 +47,54 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
         .with_state(door)
 }
 
+/// On a 429: why, `quota` (the source region's quota, not spilled) or
+/// `capacity` (every region tried was saturated).
+pub const THROTTLE: &str = "x-spillway-throttle";
+
 fn error_response(e: &CallError) -> Response {
     let mut r = (e.http_status(), axum_json(&e.openai_json())).into_response();
-    if matches!(
-        e,
-        CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. }
-    ) {
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    let h = r.headers_mut();
+    match e {
+        CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            h.insert(THROTTLE, HeaderValue::from_static("capacity"));
+        }
+        CallError::Quota(q) => {
+            let secs = q.0.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            h.insert(THROTTLE, HeaderValue::from_static("quota"));
+            rate_headers(h, &q.1);
+        }
+        _ => {}
     }
     r
+}
+
+/// A duration the way OpenAI's reset headers write it: `250ms`, `1.5s`.
+fn reset(d: std::time::Duration) -> HeaderValue {
+    let text = if d < std::time::Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        let secs = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
+    };
+    HeaderValue::from_str(&text).expect("digits and units are valid header values")
+}
+
+/// The `x-ratelimit-*` headers of OpenAI's API, for the tightest quota
+/// covering the call: its limit, and what this agent can still admit now.
+pub fn rate_headers(h: &mut http::HeaderMap, info: &RateInfo) {
+    for (kind, state) in [("requests", &info.requests), ("tokens", &info.tokens)] {
+        if let Some(state) = state {
+            let name = |what: &str| {
+                http::HeaderName::from_bytes(format!("x-ratelimit-{what}-{kind}").as_bytes())
+                    .expect("a valid header name")
+            };
+            h.insert(name("limit"), HeaderValue::from(state.limit));
+            h.insert(name("remaining"), HeaderValue::from(state.remaining));
+            h.insert(name("reset"), reset(state.reset));
+        }
+    }
 }
 
 fn axum_json(v: &serde_json::Value) -> Response {
@@ -90,13 +129,16 @@ async fn models(State(door): State<Arc<HttpDoor>>) -> Response {
 }
 
 async fn chat_completions(State(door): State<Arc<HttpDoor>>, body: Body) -> Response {
-    match serve(&door, body).await {
+    let mut rate = RateInfo::default();
+    let mut r = match serve(&door, body, &mut rate).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
-    }
+    };
+    rate_headers(r.headers_mut(), &rate);
+    r
 }
 
-async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
+async fn serve(door: &HttpDoor, body: Body, rate: &mut RateInfo) -> Result<Response, CallError> {
     let bytes = Limited::new(body, door.max_body_bytes)
         .collect()
         .await
@@ -120,9 +162,13 @@ async fn serve(door: &HttpDoor, body: Body) -> Result<Response, CallError> {
         profile: profile.id.clone(),
         model: profile.model.clone(),
         stream: req.stream,
+        max_tokens: req.max_tokens,
+        tenant: None,
         config: cfg.clone(),
     };
-    let answer = pipeline.call(call).await?;
+    let admission = pipeline.admit(&call)?;
+    *rate = admission.rate.clone();
+    let answer = pipeline.call(call, admission).await?;
     let region =
         HeaderValue::from_str(&answer.region).expect("region names are valid header values");
     let mut response = match answer.body {

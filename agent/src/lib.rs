@@ -14,6 +14,7 @@ pub mod config;
 pub mod converse;
 pub mod error;
 pub mod http;
+pub mod meter;
 pub mod openai;
 pub mod outlier;
 pub mod persist;

@@ -13,7 +13,9 @@ use spillway_proto::model::{Profile, RouteTable};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::error::CallError;
+use crate::meter::Meter;
 use crate::outlier::{OutlierSettings, Outliers};
+use crate::quota::{CallScope, Quotas, RateInfo, estimate_input_tokens};
 use crate::relay::RelayClients;
 use crate::route;
 use crate::snapshot::AgentConfig;
@@ -29,6 +31,17 @@ pub struct PreparedCall {
     pub model: String,
     pub body: Bytes,
     pub stream: bool,
+    /// The client's `max_tokens`, if it set one.
+    pub max_tokens: Option<u64>,
+    /// The caller's tenant, once keys identify one.
+    pub tenant: Option<String>,
+}
+
+/// A call admitted by the quotas that cover it (none, maybe), with what the
+/// `x-ratelimit-*` headers report.
+pub struct Admission {
+    meter: Option<Meter>,
+    pub rate: RateInfo,
 }
 
 /// A successful answer and where it came from.
@@ -49,6 +62,8 @@ pub struct PipelineSettings {
     /// floor per second: an outage cannot multiply the load.
     pub retry_ratio: f32,
     pub retry_floor_per_sec: u32,
+    /// Output tokens reserved for a call that sets no `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 impl Default for PipelineSettings {
@@ -57,6 +72,7 @@ impl Default for PipelineSettings {
             max_attempts: 3,
             retry_ratio: 0.5,
             retry_floor_per_sec: 10,
+            default_max_tokens: 1024,
         }
     }
 }
@@ -66,6 +82,7 @@ pub struct Pipeline {
     config: ConfigWatch,
     upstreams: Arc<Upstreams>,
     relays: RelayClients,
+    quotas: Arc<Quotas>,
     budget: TpsBudget,
     settings: PipelineSettings,
     /// Other regions ejected after failing calls in a row.
@@ -88,6 +105,7 @@ impl Pipeline {
         config: ConfigWatch,
         upstreams: Arc<Upstreams>,
         relays: RelayClients,
+        quotas: Arc<Quotas>,
         settings: PipelineSettings,
     ) -> Pipeline {
         let budget = TpsBudget::new(
@@ -100,6 +118,7 @@ impl Pipeline {
             config,
             upstreams,
             relays,
+            quotas,
             budget,
             settings,
             ejected: Outliers::new(OutlierSettings::default()),
@@ -157,8 +176,65 @@ impl Pipeline {
         }
     }
 
-    /// Routes one call: the planned regions in order until one answers.
-    pub async fn call(&self, call: PreparedCall) -> Result<Answer, CallError> {
+    fn scope<'a>(&'a self, call: &'a PreparedCall) -> CallScope<'a> {
+        CallScope {
+            profile: &call.profile,
+            region: &self.region,
+            tenant: call.tenant.as_deref(),
+        }
+    }
+
+    /// Admits a call against the quotas that cover it, before it is routed:
+    /// a refusal is the source region's answer and is never spilled.
+    pub fn admit(&self, call: &PreparedCall) -> Result<Admission, CallError> {
+        if self.quotas.is_empty() {
+            return Ok(Admission {
+                meter: None,
+                rate: RateInfo::default(),
+            });
+        }
+        let input = estimate_input_tokens(call.body.len());
+        let max_tokens = call.max_tokens.unwrap_or(self.settings.default_max_tokens);
+        match self.quotas.admit(&self.scope(call), input, max_tokens) {
+            Ok((reservation, rate)) => Ok(Admission {
+                meter: (!reservation.is_empty())
+                    .then(|| Meter::new(self.quotas.clone(), reservation)),
+                rate,
+            }),
+            Err(refused) if refused.too_large.is_some() => {
+                Err(CallError::bad("max_tokens", refused.to_string()))
+            }
+            Err(refused) => {
+                let rate = self.quotas.rate_info(&self.scope(call));
+                tracing::debug!(profile = %call.profile, quota = %refused.quota, "throttled by quota");
+                Err(CallError::Quota(Box::new((refused, rate))))
+            }
+        }
+    }
+
+    /// Routes one admitted call; its reservation is settled with the
+    /// answer's usage (or refunded when nothing answered).
+    pub async fn call(
+        &self,
+        call: PreparedCall,
+        admission: Admission,
+    ) -> Result<Answer, CallError> {
+        let result = self.route(call).await;
+        match (admission.meter, result) {
+            (None, result) => result,
+            (Some(meter), Ok(mut answer)) => {
+                answer.body = meter.body(answer.body);
+                Ok(answer)
+            }
+            (Some(meter), Err(e)) => {
+                meter.refund();
+                Err(e)
+            }
+        }
+    }
+
+    /// The planned regions in order until one answers.
+    async fn route(&self, call: PreparedCall) -> Result<Answer, CallError> {
         let cfg = &call.config;
         let table: &RouteTable = cfg
             .routes

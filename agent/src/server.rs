@@ -16,6 +16,7 @@ use crate::config::AgentArgs;
 use crate::converse::ConverseDoor;
 use crate::http::{self, HttpDoor};
 use crate::pipeline::{Pipeline, PipelineSettings};
+use crate::quota::Quotas;
 use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
@@ -46,6 +47,7 @@ impl AgentSettings {
                 backoff_max: Duration::from_secs(5),
                 load: None,
                 report_interval: Duration::from_secs(1),
+                quotas: Arc::new(Quotas::new()),
             },
             model_servers: args.model_servers.clone(),
             upstream: UpstreamSettings {
@@ -54,6 +56,7 @@ impl AgentSettings {
             },
             pipeline: PipelineSettings {
                 max_attempts: usize::from(args.max_attempts),
+                default_max_tokens: args.default_max_tokens,
                 ..PipelineSettings::default()
             },
             max_body_bytes: args.max_body_bytes,
@@ -108,21 +111,37 @@ pub async fn start(
     let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
-    let (reporting, slot) = (upstreams.clone(), pipeline_slot.clone());
+    let quotas = sync_settings.quotas.clone();
+    let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
         let mut report = reporting.load_report(interval);
         if let Some(p) = slot.get() {
             report.relays = p.relay_report();
         }
+        report.quotas = demand.demand_report(interval);
         report
     })));
     let config = sync::start(sync_settings, shutdown.clone()).await;
+    // Quotas follow the config.
+    let (mut watch, mut stop, enforced) = (config.clone(), shutdown.clone(), quotas.clone());
+    tokio::spawn(async move {
+        loop {
+            if let Some(cfg) = watch.borrow_and_update().clone() {
+                enforced.configure(&cfg.quotas, cfg.region_agents());
+            }
+            tokio::select! {
+                _ = stop.wait() => return,
+                changed = watch.changed() => if changed.is_err() { return },
+            }
+        }
+    });
     let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone());
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
         config.clone(),
         upstreams.clone(),
         relays,
+        quotas,
         settings.pipeline,
     ));
     let _ = pipeline_slot.set(pipeline.clone());

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use spillway_proto::model::{Profile, Region, RouteTable};
+use spillway_proto::model::{Profile, Quota, Region, RouteTable};
 use spillway_proto::pb;
 
 /// A validated snapshot from the control plane.
@@ -20,6 +20,18 @@ pub struct AgentConfig {
     pub routes: BTreeMap<String, RouteTable>,
     /// Profiles that exist but are not callable from this region.
     pub profiles_elsewhere: BTreeSet<String>,
+    /// The quotas this region's agents enforce.
+    pub quotas: Vec<Quota>,
+}
+
+impl AgentConfig {
+    /// Agents of this region the control plane knew of (at least one: this
+    /// one), among which a quota's safe share is split.
+    pub fn region_agents(&self) -> u32 {
+        self.relays
+            .get(&self.region)
+            .map_or(1, |a| a.len().max(1) as u32)
+    }
 }
 
 /// What this agent can serve locally: the check that only the agent can
@@ -130,7 +142,15 @@ impl AgentConfig {
                 return Err(format!("profile `{id}` has no route table"));
             }
         }
+        let mut quotas = Vec::new();
+        for q in &snapshot.quotas {
+            let quota = Quota::try_from(q.clone())
+                .and_then(|q| q.validate().map(|()| q))
+                .map_err(|e| format!("quota `{}`: {e}", q.id))?;
+            quotas.push(quota);
+        }
         Ok(AgentConfig {
+            quotas,
             version: update.version,
             region: own_region.to_string(),
             regions,

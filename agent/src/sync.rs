@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::persist;
+use crate::quota::Quotas;
 use crate::snapshot::{AgentConfig, LocalCapabilities};
 
 /// Snapshots larger than this are refused by the transport (a receive
@@ -35,6 +36,8 @@ pub struct SyncSettings {
     /// Where load reports come from, and how often they are sent.
     pub load: Option<LoadSource>,
     pub report_interval: Duration,
+    /// Where the leader's quota leases go.
+    pub quotas: Arc<Quotas>,
 }
 
 /// Makes a load report covering the given interval (counters restart).
@@ -162,8 +165,13 @@ async fn stream_once(
             }
             Err(s) => return Err(s.message().to_string()),
         };
-        let Some(pb::control_message::Message::Update(update)) = msg.message else {
-            continue;
+        let update = match msg.message {
+            Some(pb::control_message::Message::Update(update)) => update,
+            Some(pb::control_message::Message::Leases(leases)) => {
+                settings.quotas.apply_leases(&leases);
+                continue;
+            }
+            None => continue,
         };
         got_any = true;
         let reply = apply(&update, settings, tx).await;

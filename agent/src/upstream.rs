@@ -261,6 +261,7 @@ impl Upstreams {
             servers,
             interval_seconds: interval.as_secs_f64(),
             relays: Vec::new(),
+            quotas: Vec::new(),
         }
     }
 

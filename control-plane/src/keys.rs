@@ -13,6 +13,7 @@ pub const AGENTS: &str = "agents/";
 pub const QUOTAS: &str = "quotas/";
 pub const HEALTH: &str = "health/";
 pub const WEIGHTS: &str = "weights/";
+pub const LEASES: &str = "leases/";
 pub const LEADER: &str = "leader";
 /// Written with every catalog change; a catalog write is guarded by this
 /// key's revision, so that writes checked against one version of the whole
@@ -43,6 +44,10 @@ pub fn health(region: &str, agent_id: &str) -> String {
     format!("{HEALTH}{region}/{agent_id}")
 }
 
+pub fn leases(region: &str, agent_id: &str) -> String {
+    format!("{LEASES}{region}/{agent_id}")
+}
+
 pub fn weights(profile: &str, source: &str) -> String {
     format!("{WEIGHTS}{profile}/{source}")
 }
@@ -59,6 +64,42 @@ pub struct HealthRecord {
     /// Calls the agent relayed, by destination region.
     #[serde(default)]
     pub relays: Vec<RelayHealth>,
+    /// Demand on the quotas it enforces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<QuotaDemand>,
+}
+
+/// What callers asked of one quota at one agent, per minute, and what the
+/// agent holds under a live lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaDemand {
+    pub quota_id: String,
+    pub requests_per_minute: f64,
+    pub tokens_per_minute: f64,
+    #[serde(default)]
+    pub held: [f64; 3],
+}
+
+/// The quota leases of one agent, written by the leader.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub agent_id: String,
+    pub region: String,
+    /// The replica that granted them.
+    pub leader: String,
+    /// Milliseconds since the Unix epoch, on the leader's clock.
+    pub granted_at_ms: u64,
+    pub lease_ms: u64,
+    pub grants: Vec<QuotaGrant>,
+}
+
+/// One agent's share of one quota: amounts per minute (per day for the
+/// daily limit), by limit: requests, tokens, tokens per day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaGrant {
+    pub quota_id: String,
+    pub amounts: [f64; 3],
+    pub sharing_agents: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +168,7 @@ pub enum Object {
     Agent(AgentRecord),
     Health(HealthRecord),
     Weights(WeightsRecord),
+    Leases(LeaseRecord),
     Other,
 }
 
@@ -156,6 +198,8 @@ pub fn decode(kv: &KeyValue) -> Result<Object, String> {
         Object::Health(serde_json::from_slice(&kv.value).map_err(bad)?)
     } else if key.starts_with(WEIGHTS) {
         Object::Weights(serde_json::from_slice(&kv.value).map_err(bad)?)
+    } else if key.starts_with(LEASES) {
+        Object::Leases(serde_json::from_slice(&kv.value).map_err(bad)?)
     } else {
         Object::Other
     })
@@ -176,7 +220,11 @@ pub fn insert(catalog: &mut Catalog, object: Object) {
         Object::Quota(q) => {
             catalog.quotas.insert(q.scope.id(), q);
         }
-        Object::Agent(_) | Object::Health(_) | Object::Weights(_) | Object::Other => {}
+        Object::Agent(_)
+        | Object::Health(_)
+        | Object::Weights(_)
+        | Object::Leases(_)
+        | Object::Other => {}
     }
 }
 

@@ -14,6 +14,7 @@ use spillway_proto::shutdown::Shutdown;
 use tokio::sync::watch;
 
 use crate::keys::{self, WeightsRecord};
+use crate::leases::{self, QuotaLeader};
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use crate::weights::{self, EngineSettings, RegionLoad};
@@ -25,6 +26,10 @@ pub struct LeaderSettings {
     /// A region whose agents sent no report for this long counts as silent.
     pub silence: Duration,
     pub engine: EngineSettings,
+    /// How long a quota lease lasts, and how often the leader refreshes
+    /// them.
+    pub quota_lease: Duration,
+    pub quota_refresh: Duration,
 }
 
 impl Default for LeaderSettings {
@@ -33,6 +38,8 @@ impl Default for LeaderSettings {
             interval: Duration::from_millis(500),
             silence: Duration::from_secs(3),
             engine: EngineSettings::default(),
+            quota_lease: Duration::from_secs(10),
+            quota_refresh: Duration::from_secs(1),
         }
     }
 }
@@ -49,12 +56,26 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut quota_tick = tokio::time::interval(settings.quota_refresh);
+    quota_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading: Option<i64> = None;
     let mut holds = Holds::default();
+    let mut quotas = QuotaLeader::new(settings.quota_lease);
     loop {
         tokio::select! {
             _ = shutdown.wait() => return,
             _ = tick.tick() => {}
+            _ = quota_tick.tick() => {
+                if let Some(fence) = leading {
+                    let st = state.borrow().clone();
+                    if st.loaded
+                        && let Err(e) = leases::update(&replica, &store, &st, fence, &mut quotas, settings.silence).await
+                    {
+                        tracing::warn!(error = %e, "could not write quota leases");
+                    }
+                }
+                continue;
+            }
         }
         let current_lease = *lease.borrow();
         let fence = match campaign(&replica, &store, current_lease).await {
@@ -67,10 +88,12 @@ pub async fn run(
         if fence != leading {
             match fence {
                 Some(rev) => {
-                    tracing::info!(replica = %replica, fence = rev, "became the weights leader")
+                    tracing::info!(replica = %replica, fence = rev, "became the leader");
+                    // A new term learns the leases before granting more.
+                    quotas = QuotaLeader::new(settings.quota_lease);
                 }
                 None if leading.is_some() => {
-                    tracing::warn!(replica = %replica, "lost the weights leadership")
+                    tracing::warn!(replica = %replica, "lost the leadership")
                 }
                 None => {}
             }

@@ -12,6 +12,7 @@ pub mod catalog_store;
 pub mod error;
 pub mod keys;
 pub mod leader;
+pub mod leases;
 pub mod quota_alloc;
 pub mod server;
 pub mod snapshot;

@@ -9,8 +9,7 @@
 //! leader therefore grants nothing until the longest lease it might not know
 //! of has run out ([`Allocator::learning_until`]).
 //!
-//! This is the building block of shared quotas; running it in the leader and
-//! handing leases out on the sync stream is the rest of that work.
+//! The leader runs one allocator per limit of every quota (see `leader`).
 
 use std::collections::BTreeMap;
 
@@ -89,34 +88,47 @@ impl Allocator {
         self.learning_until
     }
 
-    /// Grants the agents in `demands` new leases, replacing theirs.
+    /// Grants the agents in `demands` new leases, replacing theirs. Each
+    /// demand is (what the agent wants, what it holds now under a live
+    /// lease). While learning, an agent gets at most what it holds: those
+    /// amounts were granted within the limit by the previous leader, so
+    /// renewing them keeps the sum, and nobody starves meanwhile.
     pub fn refresh(
         &mut self,
-        demands: &BTreeMap<String, f64>,
+        demands: &BTreeMap<String, (f64, f64)>,
         now: f64,
     ) -> BTreeMap<String, Lease> {
         self.leases.retain(|_, l| l.expires_at > now);
-        if now < self.learning_until {
-            return demands
-                .keys()
-                .map(|a| {
-                    (
-                        a.clone(),
-                        Lease {
-                            amount: 0.0,
-                            expires_at: now,
-                        },
-                    )
+        let grants = if now < self.learning_until {
+            let mut renew: BTreeMap<String, f64> = demands
+                .iter()
+                .map(|(a, (_, has))| {
+                    let known = self.leases.get(a).map_or(0.0, |l| l.amount);
+                    (a.clone(), has.max(known).max(0.0))
                 })
                 .collect();
-        }
-        let others: f64 = self
-            .leases
-            .iter()
-            .filter(|(a, _)| !demands.contains_key(*a))
-            .map(|(_, l)| l.amount)
-            .sum();
-        let grants = allocate(self.limit, demands, others);
+            // Reports cross lease changes in flight: never renew more than
+            // the limit in all.
+            let sum: f64 = renew.values().sum();
+            if sum > self.limit {
+                for v in renew.values_mut() {
+                    *v *= self.limit / sum;
+                }
+            }
+            renew
+        } else {
+            let others: f64 = self
+                .leases
+                .iter()
+                .filter(|(a, _)| !demands.contains_key(*a))
+                .map(|(_, l)| l.amount)
+                .sum();
+            let wants = demands
+                .iter()
+                .map(|(a, (want, _))| (a.clone(), *want))
+                .collect();
+            allocate(self.limit, &wants, others)
+        };
         let mut out = BTreeMap::new();
         for (agent, amount) in grants {
             let lease = Lease {
@@ -158,9 +170,12 @@ mod tests {
     #[test]
     fn a_new_leader_learns_before_it_grants() {
         let mut alloc = Allocator::new_leader(600.0, 10.0, 0.0);
-        let d = demands(&[("a", 300.0)]);
-        assert_eq!(alloc.refresh(&d, 5.0)["a"].amount, 0.0);
-        assert_eq!(alloc.refresh(&d, 10.0)["a"].amount, 600.0);
+        let d = BTreeMap::from([("a".to_string(), (300.0, 0.0)), ("b".to_string(), (300.0, 250.0))]);
+        let g = alloc.refresh(&d, 5.0);
+        assert_eq!(g["a"].amount, 0.0, "nothing new while learning");
+        assert_eq!(g["b"].amount, 250.0, "what b holds is renewed");
+        let g = alloc.refresh(&d, 10.0);
+        assert_eq!((g["a"].amount, g["b"].amount), (300.0, 300.0));
     }
 
     #[derive(Debug, Clone)]
@@ -198,7 +213,18 @@ mod tests {
                     Step::Advance(dt) => now += dt,
                     Step::NewLeader => alloc = Allocator::new_leader(limit, lease, now),
                     Step::Refresh => {
-                        for (agent, l) in alloc.refresh(&want, now) {
+                        // Agents report what they want and what they hold.
+                        let demands = want
+                            .iter()
+                            .map(|(a, w)| {
+                                let has = held
+                                    .get(a)
+                                    .filter(|l| l.expires_at > now)
+                                    .map_or(0.0, |l| l.amount);
+                                (a.clone(), (*w, has))
+                            })
+                            .collect();
+                        for (agent, l) in alloc.refresh(&demands, now) {
                             held.insert(agent, l);
                         }
                     }

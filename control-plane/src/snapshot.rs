@@ -1,5 +1,6 @@
 //! What one agent receives: the part of the state its region needs.
 
+use spillway_proto::model::QuotaScope;
 use spillway_proto::pb;
 
 use crate::state::State;
@@ -26,6 +27,19 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         profiles: Vec::new(),
         routes: Vec::new(),
         profiles_elsewhere: Vec::new(),
+        quotas: catalog
+            .quotas
+            .values()
+            .filter(|q| match &q.scope {
+                QuotaScope::ProfileInRegion { source_region, .. } => source_region == region,
+                QuotaScope::TenantOnProfile { .. } | QuotaScope::Tenant { .. } => true,
+            })
+            .map(|q| {
+                let mut q: pb::Quota = q.clone().into();
+                q.revision = 0;
+                q
+            })
+            .collect(),
     };
     // Revisions are store bookkeeping; leaving them out keeps snapshots equal
     // when only a revision moved.

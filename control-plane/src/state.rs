@@ -11,7 +11,7 @@ use spillway_proto::backoff::Backoff;
 use spillway_proto::model::Catalog;
 use tokio::sync::watch;
 
-use crate::keys::{self, AgentRecord, HealthRecord, Object, WeightsRecord};
+use crate::keys::{self, AgentRecord, HealthRecord, LeaseRecord, Object, WeightsRecord};
 use crate::store::{Store, StoreError, WatchEvent, WatchMessage};
 
 /// A value with when this replica saw it, on its own monotonic clock, so
@@ -49,6 +49,8 @@ pub struct State {
     pub health: BTreeMap<String, Seen<HealthRecord>>,
     /// Connected agents by store key.
     pub agents: BTreeMap<String, AgentRecord>,
+    /// Quota leases by (region, agent id), from the leader.
+    pub leases: BTreeMap<(String, String), LeaseRecord>,
     /// The revision at which an agent's relay endpoint last appeared,
     /// changed or went away (acks alone do not count).
     pub endpoints_version: i64,
@@ -147,6 +149,11 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
                     .weights
                     .insert((w.profile.clone(), w.source_region.clone()), w);
             }
+            Ok(Object::Leases(l)) => {
+                fresh
+                    .leases
+                    .insert((l.region.clone(), l.agent_id.clone()), l);
+            }
             Ok(object) => keys::insert(&mut fresh.catalog, object),
             Err(e) => tracing::warn!("{e}; skipped"),
         }
@@ -194,8 +201,8 @@ async fn watch_from(
     Err(StoreError::Unavailable("the watch ended".into()))
 }
 
-/// Applies events; returns whether the catalog or the relay endpoints
-/// changed.
+/// Applies events; returns whether the catalog, the relay endpoints or a
+/// quota lease changed.
 fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
     let endpoints_before: Vec<(String, String, String)> = state
         .endpoints()
@@ -203,6 +210,7 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         .collect();
     let mut catalog_changed = false;
+    let mut leases_changed = false;
     for ev in events {
         match ev {
             WatchEvent::Put(kv) => match keys::decode(kv) {
@@ -219,6 +227,12 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                         catalog_changed = true;
                     }
                 }
+                Ok(Object::Leases(l)) => {
+                    state
+                        .leases
+                        .insert((l.region.clone(), l.agent_id.clone()), l);
+                    leases_changed = true;
+                }
                 Ok(Object::Other) => {}
                 Ok(object) => {
                     keys::insert(&mut state.catalog, object);
@@ -231,6 +245,13 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                     state.agents.remove(key);
                 } else if key.starts_with(keys::HEALTH) {
                     state.health.remove(key);
+                } else if let Some(rest) = key.strip_prefix(keys::LEASES)
+                    && let Some((r, a)) = rest.split_once('/')
+                {
+                    leases_changed |= state
+                        .leases
+                        .remove(&(r.to_string(), a.to_string()))
+                        .is_some();
                 } else if let Some(rest) = key.strip_prefix(keys::WEIGHTS)
                     && let Some((p, s)) = rest.rsplit_once('/')
                 {
@@ -269,5 +290,5 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
     if !same {
         state.endpoints_version = revision;
     }
-    catalog_changed || !same
+    catalog_changed || !same || leases_changed
 }

@@ -208,6 +208,8 @@ struct Session {
     /// what this stream sent).
     version_floor: u64,
     lease: watch::Receiver<LeaseId>,
+    /// The quota leases last sent.
+    last_lease: Option<keys::LeaseRecord>,
 }
 
 impl Session {
@@ -265,6 +267,7 @@ impl Session {
             built_from: (-1, -1),
             version_floor,
             lease: lease_rx,
+            last_lease: None,
         })
     }
 
@@ -339,14 +342,17 @@ impl Session {
             let delete = Op::Delete {
                 key: self.key.clone(),
             };
-            // The agent's load report goes with it.
+            // The agent's load report and quota leases go with it.
             let health = Op::Delete {
                 key: keys::health(&self.record.region, &self.record.agent_id),
+            };
+            let leases = Op::Delete {
+                key: keys::leases(&self.record.region, &self.record.agent_id),
             };
             match self
                 .replica
                 .store
-                .txn(vec![guard], vec![delete, health])
+                .txn(vec![guard], vec![delete, health, leases])
                 .await
             {
                 Ok(_) => return,
@@ -364,12 +370,61 @@ impl Session {
         state: &mut watch::Receiver<Arc<State>>,
     ) -> Result<(), String> {
         let st = state.borrow_and_update().clone();
+        self.push_config(&st).await?;
+        self.push_leases(&st).await
+    }
+
+    /// Sends the agent its quota leases when the leader wrote new ones,
+    /// each valid for what is left of it by this replica's clock.
+    async fn push_leases(&mut self, st: &State) -> Result<(), String> {
+        let key = (self.record.region.clone(), self.record.agent_id.clone());
+        let Some(record) = st.leases.get(&key) else {
+            return Ok(());
+        };
+        if self.last_lease.as_ref() == Some(record) {
+            return Ok(());
+        }
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let valid_for_ms = (record.granted_at_ms + record.lease_ms).saturating_sub(now_ms);
+        let leases = pb::QuotaLeases {
+            leases: record
+                .grants
+                .iter()
+                .map(|g| pb::QuotaLease {
+                    quota_id: g.quota_id.clone(),
+                    requests_per_minute: g.amounts[0],
+                    tokens_per_minute: g.amounts[1],
+                    tokens_per_day: g.amounts[2],
+                    valid_for_ms,
+                    sharing_agents: g.sharing_agents,
+                })
+                .collect(),
+        };
+        self.send(pb::control_message::Message::Leases(leases))
+            .await?;
+        self.last_lease = Some(record.clone());
+        Ok(())
+    }
+
+    async fn send(&self, m: pb::control_message::Message) -> Result<(), String> {
+        let msg = pb::ControlMessage { message: Some(m) };
+        // An agent that stops reading must not hold up shutdown.
+        let mut shutdown = self.replica.shutdown.clone();
+        tokio::select! {
+            sent = self.tx.send(Ok(msg)) => sent.map_err(|_| "agent went away".to_string()),
+            _ = shutdown.wait() => Err("control plane shutting down".to_string()),
+        }
+    }
+
+    async fn push_config(&mut self, st: &State) -> Result<(), String> {
         let from = (st.catalog_version, st.endpoints_version);
         if from == self.built_from {
             return Ok(());
         }
         self.built_from = from;
-        let built = self.replica.snapshot(&st, &self.record.region);
+        let built = self.replica.snapshot(st, &self.record.region);
         if built.hash == self.last_sent {
             return Ok(());
         }
@@ -387,15 +442,8 @@ impl Session {
         };
         tracing::debug!(agent = %self.key, version = update.version, "sending config update");
         self.record.sent_version = update.version;
-        let msg = pb::ControlMessage {
-            message: Some(pb::control_message::Message::Update(update)),
-        };
-        // An agent that stops reading must not hold up shutdown.
-        let mut shutdown = self.replica.shutdown.clone();
-        tokio::select! {
-            sent = self.tx.send(Ok(msg)) => sent.map_err(|_| "agent went away".to_string())?,
-            _ = shutdown.wait() => return Err("control plane shutting down".to_string()),
-        }
+        self.send(pb::control_message::Message::Update(update))
+            .await?;
         self.last_sent = encoded;
         Ok(())
     }
@@ -469,6 +517,25 @@ impl Session {
                     errors: r.errors,
                     throttles: r.throttles,
                     latency_ewma_us: r.latency_ewma_us,
+                })
+                .collect(),
+            quotas: report
+                .quotas
+                .into_iter()
+                .filter(|q| {
+                    [q.requests_per_minute, q.tokens_per_minute]
+                        .iter()
+                        .all(|x| x.is_finite() && *x >= 0.0)
+                })
+                .map(|q| keys::QuotaDemand {
+                    quota_id: q.quota_id,
+                    requests_per_minute: q.requests_per_minute,
+                    tokens_per_minute: q.tokens_per_minute,
+                    held: [
+                        q.held_requests_per_minute,
+                        q.held_tokens_per_minute,
+                        q.held_tokens_per_day,
+                    ],
                 })
                 .collect(),
         };

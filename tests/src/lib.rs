@@ -487,6 +487,7 @@ impl TestAgent {
                 backoff_max: Duration::from_millis(500),
                 load: None,
                 report_interval: opts.report_interval,
+                quotas: Default::default(),
             },
             model_servers: opts.model_servers,
             upstream: UpstreamSettings {

@@ -39,6 +39,14 @@ struct Args {
     /// silent (and is drained).
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     report_silence_ms: u64,
+    /// Seconds a quota lease lasts: an agent that loses the control plane
+    /// keeps its share this long, then falls back to a safe share. A new
+    /// leader only renews leases for this long after taking over.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    quota_lease_secs: u64,
+    /// Milliseconds between quota lease refreshes by the leader.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    quota_refresh_ms: u64,
     /// Serve plaintext gRPC. For development only: every hop is meant to be
     /// TLS, which this build does not configure yet, so the flag is required.
     #[arg(long)]
@@ -77,6 +85,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         leader: LeaderSettings {
             interval: Duration::from_millis(args.weights_interval_ms),
             silence: Duration::from_millis(args.report_silence_ms),
+            quota_lease: Duration::from_secs(args.quota_lease_secs),
+            quota_refresh: Duration::from_millis(args.quota_refresh_ms),
             ..LeaderSettings::default()
         },
     };
