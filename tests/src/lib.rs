@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 pub mod bench;
 pub mod cluster;
 pub mod proxy;
+pub mod quota_load;
 pub mod sim;
 
 /// Logs of the harness and the in-process agents, on when SPILLWAY_TEST_LOG

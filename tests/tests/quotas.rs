@@ -197,3 +197,49 @@ async fn bad_quotas_are_refused_with_the_field_named() {
         "nothing changed"
     );
 }
+
+/// Three agents of us-east share 600 requests per minute under 2,000 a
+/// minute sent unevenly (1,300 / 550 / 150): the minute with the control
+/// plane up admits within 2% over the limit and above 95% of it; the minute
+/// after it is killed (leases run out, then safe shares of 200 each) still
+/// holds the limit. Every refusal is a quota 429 with Retry-After, never
+/// spilled to us-west.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_agents_share_one_limit_with_and_without_the_control_plane() {
+    use spillway_tests::quota_load::{self, QuotaScenario};
+    let etcd = spillway_tests::Etcd::start().await;
+    let run = quota_load::run(QuotaScenario {
+        etcd: Some(etcd.endpoint.clone()),
+        ..QuotaScenario::default()
+    })
+    .await;
+    let up = run.admitted_per_minute(0);
+    let down = run.admitted_per_minute(1);
+    eprintln!("admitted per minute: {up} with the control plane, {down} without");
+    assert!(
+        (570.0..=612.0).contains(&up),
+        "with the control plane: {up} admitted in a minute, limit 600"
+    );
+    assert!(
+        down <= 612.0,
+        "without the control plane: {down} admitted in a minute, limit 600"
+    );
+    assert!(
+        down >= 500.0,
+        "without the control plane the safe shares still admit: {down}"
+    );
+    let ok = run.calls.iter().filter(|c| c.status == 200).count();
+    let refused: Vec<_> = run.calls.iter().filter(|c| c.status != 200).collect();
+    assert!(refused.len() > 1000, "the load was over the limit");
+    for c in &refused {
+        assert_eq!(c.status, 429, "{c:?}");
+        assert_eq!(c.throttle.as_deref(), Some("quota"), "{c:?}");
+        assert_eq!(c.code.as_deref(), Some("quota_exceeded"), "{c:?}");
+        assert!(c.retry_after.is_some(), "{c:?}");
+    }
+    for c in &run.calls {
+        assert_eq!(c.limit_header.as_deref(), Some("600"), "{c:?}");
+    }
+    assert_eq!(run.other_region_received, 0, "a quota refusal never spills");
+    assert_eq!(run.source_served, ok as u64, "every admitted call was served");
+}
