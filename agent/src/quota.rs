@@ -337,8 +337,9 @@ pub struct Quotas {
     by_id: Mutex<BTreeMap<String, Enforced>>,
 }
 
-/// Smoothing of demand: about this long to follow a change.
-const DEMAND_TIME_CONSTANT: f64 = 5.0;
+/// Smoothing of demand: about this long to follow a change (an idle
+/// agent's share goes to the others within a few of these).
+const DEMAND_TIME_CONSTANT: f64 = 2.0;
 
 impl Quotas {
     pub fn new() -> Quotas {
@@ -785,9 +786,9 @@ mod tests {
             let _ = q.admit(&CALL, 10, 10);
         }
         // 30 asked in 1 s = 1,800 a minute (refused ones count too); the
-        // first report moves 1 - e^(-1/5) of the way there.
+        // first report moves 1 - e^(-1/2) of the way there.
         let d = q.demand_report(Duration::from_secs(1));
-        let alpha = 1.0 - (-0.2f64).exp();
+        let alpha = 1.0 - (-0.5f64).exp();
         assert!((d[0].requests_per_minute - 1_800.0 * alpha).abs() < 1e-6);
         assert!((d[0].tokens_per_minute - 36_000.0 * alpha).abs() < 1e-6);
     }

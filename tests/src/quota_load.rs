@@ -28,6 +28,9 @@ pub struct QuotaScenario {
     /// Windows with the control plane up, then after it is killed.
     pub windows_up: usize,
     pub windows_down: usize,
+    /// Between the up and the down windows: the first agent goes quiet for
+    /// this long, and the others should take over its share.
+    pub reclaim: Duration,
     pub lease_secs: u64,
     /// An etcd endpoint, or the embedded store.
     pub etcd: Option<String>,
@@ -42,6 +45,7 @@ impl Default for QuotaScenario {
             window: Duration::from_secs(60),
             windows_up: 1,
             windows_down: 1,
+            reclaim: Duration::ZERO,
             lease_secs: 5,
             etcd: None,
         }
@@ -77,7 +81,10 @@ impl QuotaRun {
     /// Admitted calls in window `i` (up windows first), scaled to a minute.
     pub fn admitted_per_minute(&self, i: usize) -> f64 {
         let s = &self.scenario;
-        let start = s.warmup + s.window * i as u32;
+        let mut start = s.warmup + s.window * i as u32;
+        if i >= s.windows_up {
+            start += s.reclaim;
+        }
         let end = start + s.window;
         let n = self
             .calls
@@ -92,6 +99,34 @@ impl QuotaRun {
         let limit = self.scenario.limit_rpm as f64;
         let admitted = self.admitted_per_minute(i);
         ((admitted - limit).max(0.0) / limit, admitted / limit)
+    }
+
+    fn up_until(&self) -> Duration {
+        let s = &self.scenario;
+        s.warmup + s.window * u32::try_from(s.windows_up).unwrap_or(1)
+    }
+
+    /// Seconds from the first agent going quiet until the others admit 90%
+    /// of the limit (over a 2 s span ending then); `None` if they never do
+    /// within the quiet stretch.
+    pub fn reclaim_seconds(&self) -> Option<f64> {
+        let quiet = self.up_until();
+        let span = Duration::from_secs(2);
+        let needed = 0.9 * self.scenario.limit_rpm as f64 * span.as_secs_f64() / 60.0;
+        let mut t = Duration::ZERO;
+        while t + span <= self.scenario.reclaim {
+            let (from, to) = (quiet + t, quiet + t + span);
+            let admitted = self
+                .calls
+                .iter()
+                .filter(|c| c.at >= from && c.at < to && c.status == StatusCode::OK)
+                .count();
+            if admitted as f64 >= needed {
+                return Some((t + span).as_secs_f64());
+            }
+            t += Duration::from_millis(250);
+        }
+        None
     }
 }
 
@@ -180,8 +215,9 @@ pub async fn run(scenario: QuotaScenario) -> QuotaRun {
 
     let calls: Arc<Mutex<Vec<Sent>>> = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
-    let up_until =
+    let quiet_from =
         scenario.warmup + scenario.window * u32::try_from(scenario.windows_up).unwrap_or(1);
+    let up_until = quiet_from + scenario.reclaim;
     let end = up_until + scenario.window * u32::try_from(scenario.windows_down).unwrap_or(0);
     let http = Http::default();
     let mut senders = Vec::new();
@@ -197,6 +233,9 @@ pub async fn run(scenario: QuotaScenario) -> QuotaRun {
                 let at = start.elapsed();
                 if at >= end {
                     break;
+                }
+                if i == 0 && at >= quiet_from && at < up_until {
+                    continue;
                 }
                 let (http, calls) = (http.clone(), calls.clone());
                 inflight.push(tokio::spawn(async move {

@@ -522,6 +522,9 @@ async fn main() -> Result<()> {
     eprintln!("bench: config propagation");
     let (propagation, cp_rss) = propagation(&plan).await?;
 
+    eprintln!("bench: a shared quota (three agents, 600 requests a minute)");
+    let quota = quota(&plan).await;
+
     // The verdicts against the targets, and the report.
     let at = |rows: &[Row], c: usize, name: &str| -> Stats {
         rows.iter()
@@ -582,6 +585,34 @@ async fn main() -> Result<()> {
         target: "0".into(),
         met: failover.failed == 0,
     });
+    targets.push(Target {
+        name: "shared quota overshoot, control plane up".into(),
+        measured: format!("{:.1}%", quota.overshoot_up * 100.0),
+        target: "< 2%".into(),
+        met: quota.overshoot_up < 0.02,
+    });
+    targets.push(Target {
+        name: "shared quota utilization under uneven load, control plane up".into(),
+        measured: format!("{:.1}%", quota.utilization_up * 100.0),
+        target: "> 95%".into(),
+        met: quota.utilization_up > 0.95,
+    });
+    if let Some(down) = quota.overshoot_down {
+        targets.push(Target {
+            name: "shared quota overshoot, control plane killed".into(),
+            measured: format!("{:.1}%", down * 100.0),
+            target: "< 2%".into(),
+            met: down < 0.02,
+        });
+    }
+    targets.push(Target {
+        name: "an idle agent's quota share reclaimed by the others".into(),
+        measured: quota
+            .reclaim_s
+            .map_or("never".to_string(), |s| format!("{s:.2} s")),
+        target: format!("within one lease ({} s)", quota.lease_s),
+        met: quota.reclaim_s.is_some_and(|s| s <= quota.lease_s as f64),
+    });
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     targets.push(Target {
         name: "agent RSS, idle".into(),
@@ -609,6 +640,7 @@ async fn main() -> Result<()> {
         "propagation": propagation,
         "failover": failover,
         "spill": spill,
+        "quota": quota,
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
             "agent_streams": plan.streams,
@@ -1045,6 +1077,30 @@ fn markdown(r: &Value) -> String {
         s["calls"],
         s["failed"],
     ));
+    let q = &r["quota"];
+    md.push_str(&format!(
+        "\n## A shared quota: three agents of one region, {} requests a minute, load {} a minute\n\nAdmitted calls in a {:.0} s window, scaled to a minute; then the busiest agent goes quiet; then the control plane is killed (leases of {} s run out, then safe shares).\n\n| phase | admitted per minute | overshoot | utilization |\n| --- | --- | --- | --- |\n| control plane up | {:.0} | {:.1}% | {:.1}% |\n",
+        q["limit_rpm"],
+        q["load_per_minute"],
+        q["window_s"].as_f64().unwrap_or(f64::NAN),
+        q["lease_s"],
+        q["admitted_up"].as_f64().unwrap_or(f64::NAN),
+        q["overshoot_up"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        q["utilization_up"].as_f64().unwrap_or(f64::NAN) * 100.0,
+    ));
+    if let Some(down) = q["admitted_down"].as_f64() {
+        md.push_str(&format!(
+            "| control plane killed | {down:.0} | {:.1}% | {:.1}% |\n",
+            q["overshoot_down"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            down / q["limit_rpm"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        ));
+    }
+    md.push_str(&format!(
+        "\nThe busiest agent's share went to the others (90% of the limit admitted over 2 s) after {}.\n",
+        q["reclaim_s"]
+            .as_f64()
+            .map_or("never".to_string(), |s| format!("{s:.2} s"))
+    ));
     let mem = &r["memory"];
     md.push_str(&format!(
         "\n## Memory (RSS)\n\n| process | load | MB |\n| --- | --- | --- |\n| agent | idle | {:.1} |\n| agent | {} concurrent streams | {:.1} |\n| control plane | {} sync streams | {:.1} |\n",
@@ -1250,4 +1306,47 @@ async fn failover(
         calls,
         failed,
     })
+}
+
+#[derive(Serialize)]
+struct QuotaFigures {
+    limit_rpm: i64,
+    load_per_minute: Vec<f64>,
+    window_s: f64,
+    lease_s: u64,
+    admitted_up: f64,
+    overshoot_up: f64,
+    utilization_up: f64,
+    admitted_down: Option<f64>,
+    overshoot_down: Option<f64>,
+    reclaim_s: Option<f64>,
+}
+
+/// The shared-quota scenario of the end-to-end test, measured: overshoot
+/// and utilization with the control plane up (and, in the full run, after
+/// it is killed), and how fast an idle agent's share is reclaimed.
+async fn quota(plan: &Plan) -> QuotaFigures {
+    use spillway_tests::quota_load::{self, QuotaScenario};
+    let quick = plan.rounds == 1;
+    let scenario = QuotaScenario {
+        window: Duration::from_secs(if quick { 20 } else { 60 }),
+        windows_down: usize::from(!quick),
+        reclaim: Duration::from_secs(if quick { 8 } else { 15 }),
+        ..QuotaScenario::default()
+    };
+    let run = quota_load::run(scenario.clone()).await;
+    let (overshoot_up, utilization_up) = run.figures(0);
+    let down = (!quick).then(|| (run.admitted_per_minute(1), run.figures(1).0));
+    QuotaFigures {
+        limit_rpm: scenario.limit_rpm,
+        load_per_minute: scenario.load_per_minute.to_vec(),
+        window_s: scenario.window.as_secs_f64(),
+        lease_s: scenario.lease_secs,
+        admitted_up: run.admitted_per_minute(0),
+        overshoot_up,
+        utilization_up,
+        admitted_down: down.map(|d| d.0),
+        overshoot_down: down.map(|d| d.1),
+        reclaim_s: run.reclaim_seconds(),
+    }
 }
