@@ -69,6 +69,10 @@ pub struct AgentArgs {
     /// `max_tokens`.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub default_max_tokens: u64,
+    /// Serve calls that present no API key, as no tenant (for trials and
+    /// development). A key that is presented is checked all the same.
+    #[arg(long)]
+    pub allow_anonymous: bool,
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{authorize, bearer};
 use crate::error::CallError;
 use crate::http::INFERENCE_REGION;
 use crate::openai::MAX_TOKENS_LIMIT;
@@ -44,7 +45,10 @@ fn prepare(
     pipeline: &Pipeline,
     req: &pb::ConverseRequest,
     stream: bool,
+    key: Option<&str>,
 ) -> Result<PreparedCall, CallError> {
+    let cfg = pipeline.config()?;
+    let caller = pipeline.authenticate(&cfg, key)?;
     if req.model_id.is_empty() {
         return Err(CallError::bad(
             "model_id",
@@ -113,8 +117,8 @@ fn prepare(
         body.insert("stream".into(), Value::Bool(true));
         body.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    let cfg = pipeline.config()?;
     let profile = pipeline.resolve(&cfg, &req.model_id)?;
+    authorize(&cfg, &caller, &profile.id)?;
     body.insert("model".into(), Value::String(profile.model.clone()));
     Ok(PreparedCall {
         profile: profile.id.clone(),
@@ -128,9 +132,17 @@ fn prepare(
             .as_ref()
             .and_then(|c| c.max_tokens)
             .map(u64::from),
-        tenant: None,
+        tenant: caller.tenant,
         config: cfg.clone(),
     })
+}
+
+/// The API key of the `authorization: Bearer <key>` metadata, if any.
+fn presented_key<T>(req: &Request<T>) -> Option<&str> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
 }
 
 /// The `x-ratelimit-*` figures as gRPC metadata, as over HTTP.
@@ -276,7 +288,8 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<pb::ConverseResponse>, Status> {
         let started = Instant::now();
-        let call = prepare(&self.pipeline, req.get_ref(), false).map_err(|e| e.to_status())?;
+        let call = prepare(&self.pipeline, req.get_ref(), false, presented_key(&req))
+            .map_err(|e| e.to_status())?;
         let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
         let AnswerBody::Full(body) = answer.body else {
             return Err(Status::internal("a unary call got a streamed answer"));
@@ -327,7 +340,8 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
-        let call = prepare(&self.pipeline, req.get_ref(), true).map_err(|e| e.to_status())?;
+        let call = prepare(&self.pipeline, req.get_ref(), true, presented_key(&req))
+            .map_err(|e| e.to_status())?;
         let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
         let region = answer.region.clone();
         let mut chunks = match answer.body {

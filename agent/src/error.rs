@@ -51,6 +51,13 @@ pub enum CallError {
     /// A relay call from something that is not a known agent.
     #[error("{0}")]
     RelayRefused(String),
+    /// No API key, or one that is not (or no longer) valid.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The tenant may not call this profile, or its region policy leaves no
+    /// destination.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A quota of the source region refused the call (not spilled), with
     /// what the rate-limit headers report.
     #[error("{}", .0.0)]
@@ -93,7 +100,8 @@ impl CallError {
             | CallError::Quota(_) => StatusCode::TOO_MANY_REQUESTS,
             CallError::Unavailable(_) | CallError::NoConfig => StatusCode::SERVICE_UNAVAILABLE,
             CallError::Upstream(_) => StatusCode::BAD_GATEWAY,
-            CallError::RelayRefused(_) => StatusCode::FORBIDDEN,
+            CallError::RelayRefused(_) | CallError::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            CallError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -116,6 +124,8 @@ impl CallError {
             }
             CallError::Upstream(_) => ("server_error", Some("bad_gateway")),
             CallError::RelayRefused(_) => ("permission_error", Some("forbidden")),
+            CallError::PermissionDenied(_) => ("permission_error", Some("permission_denied")),
+            CallError::Unauthenticated(_) => ("invalid_request_error", Some("invalid_api_key")),
         };
         let param = match self {
             CallError::BadRequest { param, .. } => param.clone(),
@@ -141,7 +151,10 @@ impl CallError {
             CallError::Unavailable(_) | CallError::NoConfig | CallError::Upstream(_) => {
                 Status::unavailable(msg)
             }
-            CallError::RelayRefused(_) => Status::permission_denied(msg),
+            CallError::RelayRefused(_) | CallError::PermissionDenied(_) => {
+                Status::permission_denied(msg)
+            }
+            CallError::Unauthenticated(_) => Status::unauthenticated(msg),
         }
     }
 

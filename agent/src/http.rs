@@ -15,6 +15,7 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
+use crate::auth::{authorize, bearer};
 use crate::error::CallError;
 use crate::openai::{ChatRequest, check_answer};
 use crate::pipeline::{Pipeline, PreparedCall};
@@ -115,22 +116,40 @@ async fn health(State(door): State<Arc<HttpDoor>>) -> Response {
     }
 }
 
-async fn models(State(door): State<Arc<HttpDoor>>) -> Response {
+/// The API key of `Authorization: Bearer <key>`, if any.
+fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(bearer)
+}
+
+async fn models(State(door): State<Arc<HttpDoor>>, headers: http::HeaderMap) -> Response {
     let cfg = match door.pipeline.config() {
         Ok(c) => c,
         Err(e) => return error_response(&e),
     };
+    let caller = match door.pipeline.authenticate(&cfg, presented_key(&headers)) {
+        Ok(c) => c,
+        Err(e) => return error_response(&e),
+    };
+    // A tenant sees the profiles it may call.
     let data: Vec<serde_json::Value> = cfg
         .profiles
         .values()
+        .filter(|p| authorize(&cfg, &caller, &p.id).is_ok())
         .map(|p| json!({"id": p.id, "object": "model", "created": 0, "owned_by": "spillway", "kind": p.kind.as_str(), "model": p.model}))
         .collect();
     axum_json(&json!({"object": "list", "data": data}))
 }
 
-async fn chat_completions(State(door): State<Arc<HttpDoor>>, body: Body) -> Response {
+async fn chat_completions(
+    State(door): State<Arc<HttpDoor>>,
+    headers: http::HeaderMap,
+    body: Body,
+) -> Response {
     let mut rate = RateInfo::default();
-    let mut r = match serve(&door, body, &mut rate).await {
+    let mut r = match serve(&door, &headers, body, &mut rate).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -138,7 +157,12 @@ async fn chat_completions(State(door): State<Arc<HttpDoor>>, body: Body) -> Resp
     r
 }
 
-async fn serve(door: &HttpDoor, body: Body, rate: &mut RateInfo) -> Result<Response, CallError> {
+async fn serve(
+    door: &HttpDoor,
+    headers: &http::HeaderMap,
+    body: Body,
+    rate: &mut RateInfo,
+) -> Result<Response, CallError> {
     let bytes = Limited::new(body, door.max_body_bytes)
         .collect()
         .await
@@ -153,17 +177,19 @@ async fn serve(door: &HttpDoor, body: Body, rate: &mut RateInfo) -> Result<Respo
             }
         })?
         .to_bytes();
-    let req = ChatRequest::parse(bytes)?;
     let pipeline = &door.pipeline;
     let cfg = pipeline.config()?;
+    let caller = pipeline.authenticate(&cfg, presented_key(headers))?;
+    let req = ChatRequest::parse(bytes)?;
     let profile = pipeline.resolve(&cfg, &req.model)?;
+    authorize(&cfg, &caller, &profile.id)?;
     let call = PreparedCall {
         body: req.body_for(&profile.model),
         profile: profile.id.clone(),
         model: profile.model.clone(),
         stream: req.stream,
         max_tokens: req.max_tokens,
-        tenant: None,
+        tenant: caller.tenant,
         config: cfg.clone(),
     };
     let admission = pipeline.admit(&call)?;

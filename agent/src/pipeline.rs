@@ -12,6 +12,7 @@ use bytes::Bytes;
 use spillway_proto::model::{Profile, RouteTable};
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::auth::{self, Caller};
 use crate::error::CallError;
 use crate::meter::Meter;
 use crate::outlier::{OutlierSettings, Outliers};
@@ -64,6 +65,9 @@ pub struct PipelineSettings {
     pub retry_floor_per_sec: u32,
     /// Output tokens reserved for a call that sets no `max_tokens`.
     pub default_max_tokens: u64,
+    /// Serve calls that present no API key (as no tenant). A key that is
+    /// presented is checked all the same.
+    pub allow_anonymous: bool,
 }
 
 impl Default for PipelineSettings {
@@ -73,6 +77,7 @@ impl Default for PipelineSettings {
             retry_ratio: 0.5,
             retry_floor_per_sec: 10,
             default_max_tokens: 1024,
+            allow_anonymous: false,
         }
     }
 }
@@ -164,6 +169,11 @@ impl Pipeline {
         self.config.borrow().clone().ok_or(CallError::NoConfig)
     }
 
+    /// The caller of a call that presented `key` (or none).
+    pub fn authenticate(&self, cfg: &AgentConfig, key: Option<&str>) -> Result<Caller, CallError> {
+        auth::authenticate(cfg, key, self.settings.allow_anonymous)
+    }
+
     /// The profile a client named, if it is callable from this region.
     pub fn resolve<'c>(&self, cfg: &'c AgentConfig, id: &str) -> Result<&'c Profile, CallError> {
         match cfg.profiles.get(id) {
@@ -241,6 +251,32 @@ impl Pipeline {
             .get(&call.profile)
             .ok_or_else(|| CallError::ProfileNotFound(call.profile.clone()))?;
         let mut plan = route::plan(table, fastrand::f64);
+        // The tenant's region policy: a denied region never gets the call,
+        // not even by failover; when nothing is left, the call fails closed.
+        if let Some(tenant) = call.tenant.as_ref().and_then(|t| cfg.tenants.get(t))
+            && !tenant.policy.is_open()
+        {
+            let mut denied = Vec::new();
+            plan.retain(|r| {
+                let geography = cfg.regions.get(*r).map_or("", |g| g.geography.as_str());
+                match tenant.policy.check(r, geography) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        denied.push(format!("{r}: {why}"));
+                        false
+                    }
+                }
+            });
+            if plan.is_empty() {
+                return Err(CallError::PermissionDenied(format!(
+                    "the region policy of tenant `{}` allows no destination of inference profile `{}` from {} ({})",
+                    tenant.name,
+                    call.profile,
+                    self.region,
+                    denied.join("; ")
+                )));
+            }
+        }
         // Other regions that failed calls in a row are skipped for a while
         // (outlier ejection), unless that would leave nothing to try.
         // The cap on ejections counts every planned region, the source

@@ -393,11 +393,7 @@ impl Quotas {
         }
         for l in &leases.leases {
             if let Some(e) = by_id.get_mut(&l.quota_id) {
-                let share = Share([
-                    l.requests_per_minute,
-                    l.tokens_per_minute,
-                    l.tokens_per_day,
-                ]);
+                let share = Share([l.requests_per_minute, l.tokens_per_minute, l.tokens_per_day]);
                 if share.0.iter().all(|x| x.is_finite()) {
                     e.lease = Some((share, now + Duration::from_millis(l.valid_for_ms)));
                     e.sharing_agents = l.sharing_agents.max(1);
@@ -430,7 +426,10 @@ impl Quotas {
             max_tokens,
         };
         let mut refused = None;
-        for (id, e) in by_id.iter_mut().filter(|(_, e)| covers(&e.quota.scope, call)) {
+        for (id, e) in by_id
+            .iter_mut()
+            .filter(|(_, e)| covers(&e.quota.scope, call))
+        {
             let reserve = reservation.tokens(e.quota.output_burndown);
             e.asked_requests += 1.0;
             e.asked_tokens += reserve;
@@ -443,7 +442,11 @@ impl Quotas {
                 let Some(bucket) = &mut e.buckets[limit.index()] else {
                     continue;
                 };
-                let n = if limit == Limit::Requests { 1.0 } else { reserve };
+                let n = if limit == Limit::Requests {
+                    1.0
+                } else {
+                    reserve
+                };
                 let limit_value = limit.of(&e.quota).unwrap_or(0);
                 let outcome = if n > limit_value as f64 {
                     Err(Refused {
@@ -488,7 +491,11 @@ impl Quotas {
                 if let Some(e) = by_id.get_mut(&id) {
                     let reserve = reservation.tokens(burndown);
                     for limit in LIMITS {
-                        let n = if limit == Limit::Requests { 1.0 } else { reserve };
+                        let n = if limit == Limit::Requests {
+                            1.0
+                        } else {
+                            reserve
+                        };
                         if let Some(b) = &mut e.buckets[limit.index()] {
                             b.give(n, now);
                         }

@@ -57,6 +57,7 @@ impl AgentSettings {
             pipeline: PipelineSettings {
                 max_attempts: usize::from(args.max_attempts),
                 default_max_tokens: args.default_max_tokens,
+                allow_anonymous: args.allow_anonymous,
                 ..PipelineSettings::default()
             },
             max_body_bytes: args.max_body_bytes,

@@ -1,8 +1,8 @@
 //! The configuration an agent runs with, checked before it is applied.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use spillway_proto::model::{Profile, Quota, Region, RouteTable};
+use spillway_proto::model::{ApiKey, Profile, Quota, Region, RouteTable, Tenant};
 use spillway_proto::pb;
 
 /// A validated snapshot from the control plane.
@@ -22,6 +22,9 @@ pub struct AgentConfig {
     pub profiles_elsewhere: BTreeSet<String>,
     /// The quotas this region's agents enforce.
     pub quotas: Vec<Quota>,
+    pub tenants: BTreeMap<String, Tenant>,
+    /// API keys (hashes) by id.
+    pub keys: HashMap<String, ApiKey>,
 }
 
 impl AgentConfig {
@@ -149,8 +152,30 @@ impl AgentConfig {
                 .map_err(|e| format!("quota `{}`: {e}", q.id))?;
             quotas.push(quota);
         }
+        let mut tenants = BTreeMap::new();
+        for t in &snapshot.tenants {
+            let tenant: Tenant = t.clone().into();
+            tenant
+                .validate()
+                .map_err(|e| format!("tenant `{}`: {e}", t.name))?;
+            tenants.insert(tenant.name.clone(), tenant);
+        }
+        let mut keys = HashMap::new();
+        for k in &snapshot.keys {
+            let key: ApiKey = k.clone().into();
+            key.validate().map_err(|e| format!("key `{}`: {e}", k.id))?;
+            if !tenants.contains_key(&key.tenant) {
+                return Err(format!(
+                    "key `{}` names unknown tenant `{}`",
+                    key.id, key.tenant
+                ));
+            }
+            keys.insert(key.id.clone(), key);
+        }
         Ok(AgentConfig {
             quotas,
+            tenants,
+            keys,
             version: update.version,
             region: own_region.to_string(),
             regions,

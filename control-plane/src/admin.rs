@@ -1,8 +1,9 @@
 //! `AdminService`: validated create/get/list/update/delete of regions,
 //! profiles and route tables, and the list of connected agents.
 
-use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable};
+use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable, Tenant};
 use spillway_proto::pb::{self, admin_service_server::AdminService};
+use spillway_proto::tenant::new_key;
 use tonic::{Request, Response, Status};
 
 use crate::catalog_store;
@@ -297,6 +298,103 @@ impl AdminService for Admin {
         let (_, _, revision) =
             catalog_store::write(&self.store, |c| c.delete_quota(&req.id, req.revision)).await?;
         tracing::info!(quota = %req.id, "quota deleted");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_tenant(&self, req: Request<pb::CreateTenantRequest>) -> Reply<pb::Tenant> {
+        let tenant: Tenant = req
+            .into_inner()
+            .tenant
+            .ok_or_else(|| missing("tenant"))?
+            .into();
+        let name = tenant.name.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_tenant(tenant.clone())).await?;
+        tracing::info!(tenant = %name, "tenant created");
+        Ok(Response::new(after.tenants[&name].clone().into()))
+    }
+
+    async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Reply<pb::Tenant> {
+        let name = req.into_inner().name;
+        let catalog = self.read().await?;
+        Ok(Response::new(
+            catalog.tenant(&name).map_err(model_status)?.clone().into(),
+        ))
+    }
+
+    async fn list_tenants(
+        &self,
+        _: Request<pb::ListTenantsRequest>,
+    ) -> Reply<pb::ListTenantsResponse> {
+        let (kvs, revision) = self.store.list(keys::TENANTS).await.map_err(store_status)?;
+        let tenants = decode_all(&kvs, |o| match o {
+            Object::Tenant(t) => Some(t.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListTenantsResponse { tenants, revision }))
+    }
+
+    async fn update_tenant(&self, req: Request<pb::UpdateTenantRequest>) -> Reply<pb::Tenant> {
+        let tenant: Tenant = req
+            .into_inner()
+            .tenant
+            .ok_or_else(|| missing("tenant"))?
+            .into();
+        let name = tenant.name.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.update_tenant(tenant.clone())).await?;
+        tracing::info!(tenant = %name, "tenant updated");
+        Ok(Response::new(after.tenants[&name].clone().into()))
+    }
+
+    async fn delete_tenant(
+        &self,
+        req: Request<pb::DeleteTenantRequest>,
+    ) -> Reply<pb::DeleteResponse> {
+        let req = req.into_inner();
+        let (_, _, revision) =
+            catalog_store::write(&self.store, |c| c.delete_tenant(&req.name, req.revision)).await?;
+        tracing::info!(tenant = %req.name, "tenant deleted with its keys");
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+
+    async fn create_key(&self, req: Request<pb::CreateKeyRequest>) -> Reply<pb::CreateKeyResponse> {
+        let req = req.into_inner();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (record, secret) = new_key(&req.tenant, &req.description, now);
+        if !req.tenant.is_empty() {
+            // A clearer answer than the key's own check would give.
+            self.read()
+                .await?
+                .tenant(&req.tenant)
+                .map_err(model_status)?;
+        }
+        let id = record.id.clone();
+        let (_, after, _) =
+            catalog_store::write(&self.store, |c| c.create_key(record.clone())).await?;
+        tracing::info!(key = %id, tenant = %req.tenant, "API key created");
+        Ok(Response::new(pb::CreateKeyResponse {
+            key: Some(after.keys[&id].clone().into()),
+            secret,
+        }))
+    }
+
+    async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
+        let tenant = req.into_inner().tenant;
+        let (kvs, _) = self.store.list(keys::KEYS).await.map_err(store_status)?;
+        let keys = decode_all(&kvs, |o| match o {
+            Object::Key(k) if tenant.is_empty() || k.tenant == tenant => Some(k.into()),
+            _ => None,
+        })?;
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Reply<pb::DeleteResponse> {
+        let id = req.into_inner().id;
+        let (gone, _, revision) = catalog_store::write(&self.store, |c| c.delete_key(&id)).await?;
+        tracing::info!(key = %id, tenant = %gone.tenant, "API key revoked");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
 

@@ -40,7 +40,14 @@ pub async fn load(store: &Store) -> Result<(Catalog, i64), WriteError> {
         .await?
         .map_or(0, |kv| kv.mod_revision);
     let mut catalog = Catalog::default();
-    for prefix in [keys::REGIONS, keys::PROFILES, keys::ROUTES, keys::QUOTAS] {
+    for prefix in [
+        keys::REGIONS,
+        keys::PROFILES,
+        keys::ROUTES,
+        keys::QUOTAS,
+        keys::TENANTS,
+        keys::KEYS,
+    ] {
         let (kvs, _) = store.list(prefix).await?;
         for kv in &kvs {
             let object = keys::decode(kv).map_err(WriteError::Corrupt)?;
@@ -113,6 +120,14 @@ fn stamp(catalog: &mut Catalog, changed: &[String], revision: i64) {
             && let Some(q) = catalog.quotas.get_mut(id)
         {
             q.revision = revision;
+        } else if let Some(name) = key.strip_prefix(keys::TENANTS)
+            && let Some(t) = catalog.tenants.get_mut(name)
+        {
+            t.revision = revision;
+        } else if let Some(id) = key.strip_prefix(keys::KEYS)
+            && let Some(k) = catalog.keys.get_mut(id)
+        {
+            k.revision = revision;
         } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
             && let Some((profile, source)) = rest.rsplit_once('/')
             && let Some(t) = catalog

@@ -2,7 +2,7 @@
 //! values stored under them.
 
 use serde::{Deserialize, Serialize};
-use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable};
+use spillway_proto::model::{ApiKey, Catalog, Profile, Quota, Region, RouteTable, Tenant};
 
 use crate::store::KeyValue;
 
@@ -11,6 +11,9 @@ pub const PROFILES: &str = "profiles/";
 pub const ROUTES: &str = "routes/";
 pub const AGENTS: &str = "agents/";
 pub const QUOTAS: &str = "quotas/";
+pub const TENANTS: &str = "tenants/";
+/// API keys: hashes only, never a key itself.
+pub const KEYS: &str = "keys/";
 pub const HEALTH: &str = "health/";
 pub const WEIGHTS: &str = "weights/";
 pub const LEASES: &str = "leases/";
@@ -34,6 +37,14 @@ pub fn route(profile: &str, source: &str) -> String {
 
 pub fn quota(id: &str) -> String {
     format!("{QUOTAS}{id}")
+}
+
+pub fn tenant(name: &str) -> String {
+    format!("{TENANTS}{name}")
+}
+
+pub fn api_key(id: &str) -> String {
+    format!("{KEYS}{id}")
 }
 
 pub fn agent(region: &str, agent_id: &str) -> String {
@@ -165,6 +176,8 @@ pub enum Object {
     Profile(Profile),
     Route(RouteTable),
     Quota(Quota),
+    Tenant(Tenant),
+    Key(ApiKey),
     Agent(AgentRecord),
     Health(HealthRecord),
     Weights(WeightsRecord),
@@ -192,6 +205,14 @@ pub fn decode(kv: &KeyValue) -> Result<Object, String> {
         let mut q: Quota = serde_json::from_slice(&kv.value).map_err(bad)?;
         q.revision = kv.mod_revision;
         Object::Quota(q)
+    } else if key.starts_with(TENANTS) {
+        let mut t: Tenant = serde_json::from_slice(&kv.value).map_err(bad)?;
+        t.revision = kv.mod_revision;
+        Object::Tenant(t)
+    } else if key.starts_with(KEYS) {
+        let mut k: ApiKey = serde_json::from_slice(&kv.value).map_err(bad)?;
+        k.revision = kv.mod_revision;
+        Object::Key(k)
     } else if key.starts_with(AGENTS) {
         Object::Agent(serde_json::from_slice(&kv.value).map_err(bad)?)
     } else if key.starts_with(HEALTH) {
@@ -220,6 +241,12 @@ pub fn insert(catalog: &mut Catalog, object: Object) {
         Object::Quota(q) => {
             catalog.quotas.insert(q.scope.id(), q);
         }
+        Object::Tenant(t) => {
+            catalog.tenants.insert(t.name.clone(), t);
+        }
+        Object::Key(k) => {
+            catalog.keys.insert(k.id.clone(), k);
+        }
         Object::Agent(_)
         | Object::Health(_)
         | Object::Weights(_)
@@ -241,10 +268,14 @@ pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
         .values()
         .map(|t| (route(&t.profile, &t.source_region), json(t)));
     let quotas = catalog.quotas.iter().map(|(id, q)| (quota(id), json(q)));
+    let tenants = catalog.tenants.values().map(|t| (tenant(&t.name), json(t)));
+    let keys = catalog.keys.values().map(|k| (api_key(&k.id), json(k)));
     regions
         .chain(profiles)
         .chain(routes)
         .chain(quotas)
+        .chain(tenants)
+        .chain(keys)
         .collect()
 }
 

@@ -152,10 +152,7 @@ impl QuotaLeader {
 }
 
 /// Demand by (region, agent, quota id), from reports fresher than `silence`.
-fn fresh_demand(
-    st: &State,
-    silence: Duration,
-) -> BTreeMap<(String, String, String), &QuotaDemand> {
+fn fresh_demand(st: &State, silence: Duration) -> BTreeMap<(String, String, String), &QuotaDemand> {
     let now_ms = unix_ms();
     let mut out = BTreeMap::new();
     for seen in st.health.values() {
@@ -184,7 +181,8 @@ fn unix_ms() -> u64 {
 
 /// Whether `new` must replace the grants an agent holds under `old`.
 fn must_rewrite(old: &LeaseRecord, new: &[QuotaGrant], now_ms: u64) -> bool {
-    if now_ms.saturating_sub(old.granted_at_ms) > old.lease_ms / 2 || old.grants.len() != new.len() {
+    if now_ms.saturating_sub(old.granted_at_ms) > old.lease_ms / 2 || old.grants.len() != new.len()
+    {
         return true;
     }
     old.grants.iter().zip(new).any(|(o, n)| {

@@ -170,7 +170,10 @@ mod tests {
     #[test]
     fn a_new_leader_learns_before_it_grants() {
         let mut alloc = Allocator::new_leader(600.0, 10.0, 0.0);
-        let d = BTreeMap::from([("a".to_string(), (300.0, 0.0)), ("b".to_string(), (300.0, 250.0))]);
+        let d = BTreeMap::from([
+            ("a".to_string(), (300.0, 0.0)),
+            ("b".to_string(), (300.0, 250.0)),
+        ]);
         let g = alloc.refresh(&d, 5.0);
         assert_eq!(g["a"].amount, 0.0, "nothing new while learning");
         assert_eq!(g["b"].amount, 250.0, "what b holds is renewed");

@@ -40,6 +40,25 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
                 q
             })
             .collect(),
+        tenants: catalog
+            .tenants
+            .values()
+            .map(|t| pb::Tenant {
+                revision: 0,
+                ..t.clone().into()
+            })
+            .collect(),
+        keys: catalog
+            .keys
+            .values()
+            .map(|k| pb::ApiKey {
+                id: k.id.clone(),
+                tenant: k.tenant.clone(),
+                hash: k.hash.clone(),
+                // Agents need nothing else of a key.
+                ..Default::default()
+            })
+            .collect(),
     };
     // Revisions are store bookkeeping; leaving them out keeps snapshots equal
     // when only a revision moved.

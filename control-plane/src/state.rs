@@ -263,6 +263,10 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                     catalog_changed |= state.catalog.regions.remove(name).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::QUOTAS) {
                     catalog_changed |= state.catalog.quotas.remove(id).is_some();
+                } else if let Some(name) = key.strip_prefix(keys::TENANTS) {
+                    catalog_changed |= state.catalog.tenants.remove(name).is_some();
+                } else if let Some(id) = key.strip_prefix(keys::KEYS) {
+                    catalog_changed |= state.catalog.keys.remove(id).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::PROFILES) {
                     catalog_changed |= state.catalog.profiles.remove(id).is_some();
                 } else if let Some(rest) = key.strip_prefix(keys::ROUTES)

@@ -2,7 +2,8 @@
 //! This module is the only place where the two meet.
 
 use crate::model::{
-    ModelError, Profile, ProfileKind, Quota, QuotaScope, Region, RouteDestination, RouteTable,
+    ApiKey, ModelError, Profile, ProfileKind, Quota, QuotaScope, Region, RegionPolicy,
+    RouteDestination, RouteTable, Tenant,
 };
 use crate::pb;
 
@@ -190,6 +191,78 @@ impl From<Quota> for pb::Quota {
             output_burndown: Some(q.output_burndown),
             id,
             revision: q.revision,
+        }
+    }
+}
+
+impl From<pb::RegionPolicy> for RegionPolicy {
+    fn from(p: pb::RegionPolicy) -> Self {
+        RegionPolicy {
+            allow_regions: p.allow_regions,
+            deny_regions: p.deny_regions,
+            allow_geographies: p.allow_geographies,
+            deny_geographies: p.deny_geographies,
+        }
+    }
+}
+
+impl From<RegionPolicy> for pb::RegionPolicy {
+    fn from(p: RegionPolicy) -> Self {
+        pb::RegionPolicy {
+            allow_regions: p.allow_regions,
+            deny_regions: p.deny_regions,
+            allow_geographies: p.allow_geographies,
+            deny_geographies: p.deny_geographies,
+        }
+    }
+}
+
+impl From<pb::Tenant> for Tenant {
+    fn from(t: pb::Tenant) -> Self {
+        Tenant {
+            name: t.name,
+            description: t.description,
+            profiles: t.profiles,
+            policy: t.policy.map(Into::into).unwrap_or_default(),
+            revision: t.revision,
+        }
+    }
+}
+
+impl From<Tenant> for pb::Tenant {
+    fn from(t: Tenant) -> Self {
+        pb::Tenant {
+            name: t.name,
+            description: t.description,
+            profiles: t.profiles,
+            policy: Some(t.policy.into()),
+            revision: t.revision,
+        }
+    }
+}
+
+impl From<pb::ApiKey> for ApiKey {
+    fn from(k: pb::ApiKey) -> Self {
+        ApiKey {
+            id: k.id,
+            tenant: k.tenant,
+            hash: k.hash,
+            description: k.description,
+            created_at_unix: k.created_at_unix,
+            revision: k.revision,
+        }
+    }
+}
+
+impl From<ApiKey> for pb::ApiKey {
+    fn from(k: ApiKey) -> Self {
+        pb::ApiKey {
+            id: k.id,
+            tenant: k.tenant,
+            hash: k.hash,
+            description: k.description,
+            created_at_unix: k.created_at_unix,
+            revision: k.revision,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod convert;
 pub mod model;
 pub mod shutdown;
+pub mod tenant;
 
 /// Generated protobuf and gRPC code for `spillway.v1`.
 #[allow(clippy::all, missing_docs)]

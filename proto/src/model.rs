@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::tenant::{ApiKey, RegionPolicy, Tenant};
+
 /// The id prefix of global profiles; no region may use it as its geography.
 pub const GLOBAL: &str = "global";
 
@@ -555,6 +557,9 @@ pub struct Catalog {
     pub routes: BTreeMap<(String, String), RouteTable>,
     /// Keyed by their scope's id.
     pub quotas: BTreeMap<String, Quota>,
+    pub tenants: BTreeMap<String, Tenant>,
+    /// API keys (hashes only) by id.
+    pub keys: BTreeMap<String, ApiKey>,
 }
 
 /// Checks an update's expected revision against the stored one. Updates must
@@ -651,6 +656,15 @@ impl Catalog {
             return Err(ModelError::InUse(format!(
                 "region `{name}` has quota `{}`; delete that first",
                 q.scope.id()
+            )));
+        }
+        if let Some(t) = self.tenants.values().find(|t| {
+            t.policy.allow_regions.iter().any(|r| r == name)
+                || t.policy.deny_regions.iter().any(|r| r == name)
+        }) {
+            return Err(ModelError::InUse(format!(
+                "region `{name}` is named by the region policy of tenant `{}`; change that first",
+                t.name
             )));
         }
         self.regions.remove(name);
@@ -790,6 +804,83 @@ impl Catalog {
         Ok(())
     }
 
+    pub fn create_tenant(&mut self, tenant: Tenant) -> Result<(), ModelError> {
+        tenant.validate()?;
+        if self.tenants.contains_key(&tenant.name) {
+            return Err(ModelError::AlreadyExists {
+                kind: "tenant",
+                name: tenant.name,
+            });
+        }
+        self.commit(|c| {
+            c.tenants.insert(tenant.name.clone(), tenant);
+        })
+    }
+
+    pub fn update_tenant(&mut self, tenant: Tenant) -> Result<(), ModelError> {
+        tenant.validate()?;
+        let current = self.tenant(&tenant.name)?;
+        check_revision(
+            "tenant",
+            &tenant.name,
+            tenant.revision,
+            current.revision,
+            true,
+        )?;
+        self.commit(|c| {
+            c.tenants.insert(tenant.name.clone(), tenant);
+        })
+    }
+
+    /// Deletes a tenant and its keys; refused while a quota names it.
+    pub fn delete_tenant(&mut self, name: &str, revision: i64) -> Result<(), ModelError> {
+        let current = self.tenant(name)?;
+        check_revision("tenant", name, revision, current.revision, false)?;
+        if let Some(q) = self.quotas.values().find(|q| match &q.scope {
+            QuotaScope::TenantOnProfile { tenant, .. } | QuotaScope::Tenant { tenant } => {
+                tenant == name
+            }
+            QuotaScope::ProfileInRegion { .. } => false,
+        }) {
+            return Err(ModelError::InUse(format!(
+                "tenant `{name}` has quota `{}`; delete that first",
+                q.scope.id()
+            )));
+        }
+        self.tenants.remove(name);
+        self.keys.retain(|_, k| k.tenant != name);
+        Ok(())
+    }
+
+    pub fn tenant(&self, name: &str) -> Result<&Tenant, ModelError> {
+        self.tenants.get(name).ok_or_else(|| ModelError::NotFound {
+            kind: "tenant",
+            name: name.to_string(),
+        })
+    }
+
+    pub fn create_key(&mut self, key: ApiKey) -> Result<(), ModelError> {
+        key.validate()?;
+        if self.keys.contains_key(&key.id) {
+            return Err(ModelError::AlreadyExists {
+                kind: "key",
+                name: key.id,
+            });
+        }
+        self.commit(|c| {
+            c.keys.insert(key.id.clone(), key);
+        })
+    }
+
+    /// Revokes a key: it is gone from the store and, with the next push,
+    /// from every agent.
+    pub fn delete_key(&mut self, id: &str) -> Result<ApiKey, ModelError> {
+        self.keys.remove(id).ok_or_else(|| ModelError::NotFound {
+            kind: "key",
+            name: id.to_string(),
+        })
+    }
+
     pub fn quota(&self, id: &str) -> Result<&Quota, ModelError> {
         self.quotas.get(id).ok_or_else(|| ModelError::NotFound {
             kind: "quota",
@@ -828,6 +919,33 @@ impl Catalog {
         for p in self.profiles.values() {
             self.validate_profile_refs(p)
                 .map_err(|e| in_object(e, "profile", &p.id))?;
+        }
+        for t in self.tenants.values() {
+            for (name, list) in [
+                ("allow_regions", &t.policy.allow_regions),
+                ("deny_regions", &t.policy.deny_regions),
+            ] {
+                for (i, r) in list.iter().enumerate() {
+                    if !self.regions.contains_key(r) {
+                        return Err(in_object(
+                            invalid(
+                                format!("tenant.policy.{name}[{i}]"),
+                                format!("unknown region `{r}`"),
+                            ),
+                            "tenant",
+                            &t.name,
+                        ));
+                    }
+                }
+            }
+        }
+        for k in self.keys.values() {
+            if !self.tenants.contains_key(&k.tenant) {
+                return Err(invalid(
+                    "key.tenant",
+                    format!("unknown tenant `{}`", k.tenant),
+                ));
+            }
         }
         for q in self.quotas.values() {
             self.validate_quota_refs(q)
@@ -925,11 +1043,28 @@ impl Catalog {
                 }
                 Ok(())
             }
-            // Tenants are not part of the catalog yet, so every tenant is
-            // unknown.
-            QuotaScope::TenantOnProfile { tenant, .. } | QuotaScope::Tenant { tenant } => Err(
-                invalid("quota.scope.tenant", format!("unknown tenant `{tenant}`")),
-            ),
+            QuotaScope::TenantOnProfile { tenant, profile } => {
+                self.check_quota_tenant(tenant)?;
+                if !self.profiles.contains_key(profile) {
+                    return Err(invalid(
+                        "quota.scope.profile",
+                        format!("no profile `{profile}` exists"),
+                    ));
+                }
+                Ok(())
+            }
+            QuotaScope::Tenant { tenant } => self.check_quota_tenant(tenant),
+        }
+    }
+
+    fn check_quota_tenant(&self, tenant: &str) -> Result<(), ModelError> {
+        if self.tenants.contains_key(tenant) {
+            Ok(())
+        } else {
+            Err(invalid(
+                "quota.scope.tenant",
+                format!("unknown tenant `{tenant}`"),
+            ))
         }
     }
 

@@ -49,6 +49,8 @@ pub struct ClusterSpec {
     pub max_body_bytes: usize,
     /// Extra control-plane flags.
     pub cp_args: Vec<&'static str>,
+    /// Whether agents serve calls without an API key.
+    pub anonymous: bool,
 }
 
 impl Default for ClusterSpec {
@@ -61,6 +63,7 @@ impl Default for ClusterSpec {
                 .collect(),
             max_body_bytes: 64 * 1024,
             cp_args: Vec::new(),
+            anonymous: true,
         }
     }
 }
@@ -114,6 +117,7 @@ impl Cluster {
                 .map(|s| model_server(s.addr, &[MODEL], config.max_concurrent))
                 .collect();
             opts.max_body_bytes = spec.max_body_bytes;
+            opts.pipeline.allow_anonymous = spec.anonymous;
             opts.upstream_timeout = Duration::from_secs(5);
             let agent = TestAgent::start_with(opts).await;
             regions.insert(
@@ -229,18 +233,58 @@ impl Default for Http {
 
 impl Http {
     pub async fn post(&self, addr: SocketAddr, path: &str, body: impl Into<Bytes>) -> HttpAnswer {
-        let req = Request::post(format!("http://{addr}{path}"))
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .unwrap();
-        self.send(req).await
+        self.post_with(addr, path, &[], body).await
+    }
+
+    /// A POST with extra headers.
+    pub async fn post_with(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> HttpAnswer {
+        let mut req = Request::post(format!("http://{addr}{path}"))
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(body.into())).unwrap()).await
+    }
+
+    /// A POST presenting an API key.
+    pub async fn post_key(
+        &self,
+        addr: SocketAddr,
+        key: &str,
+        body: impl Into<Bytes>,
+    ) -> HttpAnswer {
+        let auth = format!("Bearer {key}");
+        self.post_with(
+            addr,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            body,
+        )
+        .await
     }
 
     pub async fn get(&self, addr: SocketAddr, path: &str) -> HttpAnswer {
-        let req = Request::get(format!("http://{addr}{path}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        self.send(req).await
+        self.get_with(addr, path, &[]).await
+    }
+
+    /// A GET with extra headers.
+    pub async fn get_with(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> HttpAnswer {
+        let mut req = Request::get(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.send(req.body(Full::new(Bytes::new())).unwrap()).await
     }
 
     async fn send(&self, req: Request<Full<Bytes>>) -> HttpAnswer {

@@ -433,7 +433,11 @@ impl<'a> AgentOptions<'a> {
             control_planes,
             state_dir,
             model_servers: Vec::new(),
-            pipeline: PipelineSettings::default(),
+            // Tests that are not about keys call without one.
+            pipeline: PipelineSettings {
+                allow_anonymous: true,
+                ..PipelineSettings::default()
+            },
             max_body_bytes: 4 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(250),

@@ -274,7 +274,10 @@ pub async fn run(scenario: QuotaScenario) -> QuotaRun {
     QuotaRun {
         scenario,
         calls,
-        other_region_received: west_sim.state.received.load(std::sync::atomic::Ordering::Relaxed),
+        other_region_received: west_sim
+            .state
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed),
         source_served: east_sim.served(),
     }
 }

@@ -241,5 +241,8 @@ async fn three_agents_share_one_limit_with_and_without_the_control_plane() {
         assert_eq!(c.limit_header.as_deref(), Some("600"), "{c:?}");
     }
     assert_eq!(run.other_region_received, 0, "a quota refusal never spills");
-    assert_eq!(run.source_served, ok as u64, "every admitted call was served");
+    assert_eq!(
+        run.source_served, ok as u64,
+        "every admitted call was served"
+    );
 }

@@ -201,6 +201,7 @@ async fn retries_stay_within_the_retry_budget() {
         max_attempts: 3,
         retry_ratio: 0.0,
         retry_floor_per_sec: 0,
+        allow_anonymous: true,
         ..PipelineSettings::default()
     };
     let east = TestAgent::start_with(east).await;

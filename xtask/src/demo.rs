@@ -166,6 +166,24 @@ pub fn demo(exit_after: bool) -> Result<()> {
         "cost-center=search",
     ])?;
 
+    // Two tenants, each with a key: acme may call everything; free-tier
+    // may call the us profiles, under a quota of 30 requests a minute.
+    spillctl(&["tenants", "create", "acme", "--profiles", "*"])?;
+    spillctl(&[
+        "tenants",
+        "create",
+        "free-tier",
+        "--profiles",
+        "us.*,team-search",
+    ])?;
+    spillctl(&["quotas", "create", "--tenant", "free-tier", "--rpm", "30"])?;
+    let key_of = |tenant: &str| -> Result<String> {
+        let out = spillctl(&["keys", "create", "--tenant", tenant, "-o", "json"])?;
+        json_string(&out, "key").context("spillctl keys create printed no key")
+    };
+    let acme_key = key_of("acme")?;
+    let free_key = key_of("free-tier")?;
+
     // Two simulated model servers and one agent per region.
     let mut agents = Vec::new();
     for (region, _) in REGIONS {
@@ -220,7 +238,7 @@ pub fn demo(exit_after: bool) -> Result<()> {
     )?;
     for a in &agents {
         wait_for("the agents' HTTP doors", Duration::from_secs(10), || {
-            get(a.http, "/health").is_ok_and(|(status, _)| status == 200)
+            get(a.http, "/health").is_ok_and(|r| r.status == 200)
         })?;
     }
     println!("\nprofiles:\n{}", spillctl(&["profiles", "list"])?);
@@ -241,9 +259,9 @@ pub fn demo(exit_after: bool) -> Result<()> {
     );
     let handles: Vec<_> = (0..BURST)
         .map(|_| {
-            let body = body.clone();
+            let (body, key) = (body.clone(), acme_key.clone());
             let port = east.http;
-            std::thread::spawn(move || post(port, "/v1/chat/completions", &body))
+            std::thread::spawn(move || post(port, "/v1/chat/completions", &key, &body))
         })
         .collect();
     let mut served: Vec<(String, usize)> =
@@ -251,12 +269,16 @@ pub fn demo(exit_after: bool) -> Result<()> {
     let (mut throttled, mut failed) = (0, 0);
     for h in handles {
         match h.join().expect("a request thread") {
-            Ok((200, Some(region))) => {
+            Ok(Answer {
+                status: 200,
+                region: Some(region),
+                ..
+            }) => {
                 if let Some(row) = served.iter_mut().find(|(r, _)| *r == region) {
                     row.1 += 1;
                 }
             }
-            Ok((429, _)) => throttled += 1,
+            Ok(Answer { status: 429, .. }) => throttled += 1,
             _ => failed += 1,
         }
     }
@@ -292,13 +314,13 @@ pub fn demo(exit_after: bool) -> Result<()> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let callers: Vec<_> = (0..3 * EAST_CAPACITY as usize)
         .map(|_| {
-            let (stop, body, port) = (stop.clone(), body.clone(), east.http);
+            let (stop, body, port, key) = (stop.clone(), body.clone(), east.http, acme_key.clone());
             std::thread::spawn(move || {
                 for _ in 0..1000 {
                     if stop.load(std::sync::atomic::Ordering::Relaxed) {
                         break;
                     }
-                    let _ = post(port, "/v1/chat/completions", &body);
+                    let _ = post(port, "/v1/chat/completions", &key, &body);
                 }
             })
         })
@@ -319,13 +341,63 @@ pub fn demo(exit_after: bool) -> Result<()> {
         spillctl(&["routes", "explain", &us, "--source", "us-east"])?
     );
 
-    write_cluster_json(&dir, &cp_url, &agents, &[&us, &eu, &global, "team-search"])?;
+    // A throttled tenant: the same ten calls from each tenant, one after
+    // the other; free-tier's quota lets one through every two seconds.
+    println!(
+        "\nten calls in a row from each tenant to us-east (free-tier: 30 requests a minute)..."
+    );
+    println!(
+        "{:<12} {:>6} {:>20}",
+        "TENANT", "SERVED", "THROTTLED BY QUOTA"
+    );
+    let mut example = None;
+    for (tenant, key) in [("acme", &acme_key), ("free-tier", &free_key)] {
+        let (mut ok, mut quota) = (0, 0);
+        for _ in 0..10 {
+            let a = post(east.http, "/v1/chat/completions", key, &body)?;
+            match (a.status, a.throttle.as_deref()) {
+                (200, _) => ok += 1,
+                (429, Some("quota")) => {
+                    quota += 1;
+                    example.get_or_insert(a);
+                }
+                _ => {}
+            }
+        }
+        println!("{tenant:<12} {ok:>6} {quota:>20}");
+    }
+    if let Some(a) = example {
+        println!(
+            "\na throttled answer (429, not spilled to another region: the quota is the source region's):\n{}\n{}",
+            a.head
+                .lines()
+                .filter(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.starts_with("retry-after")
+                        || l.starts_with("x-ratelimit")
+                        || l.starts_with("x-spillway-throttle")
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+            a.body.trim()
+        );
+    }
+
+    write_cluster_json(
+        &dir,
+        &cp_url,
+        &agents,
+        &[&us, &eu, &global, "team-search"],
+        &[("acme", &acme_key), ("free-tier", &free_key)],
+    )?;
     let e = east.http;
     println!(
-        "\nThe cluster is described in target/demo/cluster.json. Call it:\n\n  \
-         curl -s http://127.0.0.1:{e}/v1/chat/completions -H 'content-type: application/json' \\\n    \
+        "\nThe cluster is described in target/demo/cluster.json (with the tenants' API keys). Call it:\n\n  \
+         export SPILLWAY_KEY={acme_key}\n  \
+         curl -s http://127.0.0.1:{e}/v1/chat/completions -H \"Authorization: Bearer $SPILLWAY_KEY\" \\\n    \
+         -H 'content-type: application/json' \\\n    \
          -d '{{\"model\":\"{us}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' -i\n\n  \
-         python3 -c 'from openai import OpenAI; c = OpenAI(base_url=\"http://127.0.0.1:{e}/v1\", api_key=\"unused\"); \
+         python3 -c 'import os; from openai import OpenAI; c = OpenAI(base_url=\"http://127.0.0.1:{e}/v1\", api_key=os.environ[\"SPILLWAY_KEY\"]); \
          print(c.chat.completions.create(model=\"{us}\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}]))'\n"
     );
     if exit_after {
@@ -374,6 +446,7 @@ fn write_cluster_json(
     cp: &str,
     agents: &[Agent],
     profiles: &[&str],
+    keys: &[(&str, &str)],
 ) -> Result<PathBuf> {
     let regions: Vec<String> = agents
         .iter()
@@ -385,45 +458,84 @@ fn write_cluster_json(
         })
         .collect();
     let profiles: Vec<String> = profiles.iter().map(|p| format!("\"{p}\"")).collect();
+    let keys: Vec<String> = keys
+        .iter()
+        .map(|(t, k)| format!(r#"    {{"tenant": "{t}", "api_key": "{k}"}}"#))
+        .collect();
     let json = format!(
-        "{{\n  \"control_plane\": \"{cp}\",\n  \"regions\": [\n{}\n  ],\n  \"profiles\": [{}]\n}}\n",
+        "{{\n  \"control_plane\": \"{cp}\",\n  \"regions\": [\n{}\n  ],\n  \"profiles\": [{}],\n  \"keys\": [\n{}\n  ]\n}}\n",
         regions.join(",\n"),
-        profiles.join(", ")
+        profiles.join(", "),
+        keys.join(",\n")
     );
     let path = dir.join("cluster.json");
     std::fs::write(&path, json)?;
     Ok(path)
 }
 
-fn request(port: u16, head: &str, body: &str) -> Result<(u16, Option<String>)> {
+/// An HTTP answer as the demo reads it.
+struct Answer {
+    status: u16,
+    region: Option<String>,
+    throttle: Option<String>,
+    head: String,
+    body: String,
+}
+
+fn request(port: u16, head: &str, key: &str, body: &str) -> Result<Answer> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = if key.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {key}\r\n")
+    };
     write!(
         s,
-        "{head} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{head} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let status = resp
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .context("no HTTP status in the answer")?;
-    let region = resp.lines().take_while(|l| !l.is_empty()).find_map(|l| {
-        l.to_ascii_lowercase()
-            .strip_prefix("x-spillway-inference-region:")
-            .map(|v| v.trim().to_string())
-    });
-    Ok((status, region))
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    Ok(Answer {
+        status,
+        region: header("x-spillway-inference-region"),
+        throttle: header("x-spillway-throttle"),
+        head: head.to_string(),
+        body: body.to_string(),
+    })
 }
 
-fn post(port: u16, path: &str, body: &str) -> Result<(u16, Option<String>)> {
-    request(port, &format!("POST {path}"), body)
+fn post(port: u16, path: &str, key: &str, body: &str) -> Result<Answer> {
+    request(port, &format!("POST {path}"), key, body)
 }
 
-fn get(port: u16, path: &str) -> Result<(u16, Option<String>)> {
-    request(port, &format!("GET {path}"), "")
+fn get(port: u16, path: &str) -> Result<Answer> {
+    request(port, &format!("GET {path}"), "", "")
+}
+
+/// The string value of `"name": "..."` in JSON printed by spillctl (a
+/// plain parse that keeps xtask free of a JSON dependency).
+fn json_string(json: &str, name: &str) -> Option<String> {
+    let at = json.find(&format!("\"{name}\""))?;
+    let rest = &json[at + name.len() + 2..];
+    let start = rest.find('"')? + 1;
+    let end = start + rest[start..].find('"')?;
+    Some(rest[start..end].to_string())
 }
 
 /// How many agents in `spillctl agents list -o json` ACKed what they were

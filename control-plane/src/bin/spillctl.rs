@@ -41,6 +41,9 @@ Examples:
   spillctl profiles create team-search --base-profile us.llama-3.1-8b --tag cost-center=search
   spillctl routes set us.llama-3.1-8b --source us-east --dest us-east=3 --dest us-west=1
   spillctl quotas create --profile us.llama-3.1-8b --source us-east --rpm 600 --tpm 200000
+  spillctl tenants create acme --profiles 'us.*' --deny-regions us-west
+  spillctl keys create --tenant acme
+  spillctl quotas create --tenant acme --rpm 60
   spillctl agents list -o json";
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq)]
@@ -62,12 +65,277 @@ enum Command {
     #[command(subcommand)]
     Routes(RouteCmd),
     /// Quotas: requests and tokens per minute (and tokens per day) for a
-    /// profile in a source region.
+    /// profile in a source region, a tenant on a profile, or a tenant.
     #[command(subcommand)]
     Quotas(QuotaCmd),
+    /// Tenants: who calls with API keys, which profiles they may call, and
+    /// where their requests may be served.
+    #[command(subcommand)]
+    Tenants(TenantCmd),
+    /// API keys of tenants: created (shown once), listed, revoked.
+    #[command(subcommand)]
+    Keys(KeyCmd),
     /// Agents connected to the control plane.
     #[command(subcommand)]
     Agents(AgentCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum TenantCmd {
+    /// Create a tenant.
+    Create {
+        name: String,
+        #[command(flatten)]
+        fields: TenantArgs,
+    },
+    /// Show one tenant.
+    Get { name: String },
+    /// List every tenant.
+    List,
+    /// Change a tenant: each list given replaces the old one.
+    Update {
+        name: String,
+        #[command(flatten)]
+        fields: TenantArgs,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+    /// Delete a tenant and its keys.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        revision: RevisionArg,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+struct TenantArgs {
+    /// Profiles it may call, comma-separated: ids or patterns (`us.*`, `*`).
+    #[arg(long, value_delimiter = ',')]
+    profiles: Option<Vec<String>>,
+    /// Regions that may serve its requests (none: every region not denied).
+    #[arg(long, value_delimiter = ',')]
+    allow_regions: Option<Vec<String>>,
+    /// Regions that must never receive its requests.
+    #[arg(long, value_delimiter = ',')]
+    deny_regions: Option<Vec<String>>,
+    /// Geographies that may serve its requests.
+    #[arg(long, value_delimiter = ',')]
+    allow_geographies: Option<Vec<String>>,
+    /// Geographies that must never receive its requests.
+    #[arg(long, value_delimiter = ',')]
+    deny_geographies: Option<Vec<String>>,
+    #[arg(long)]
+    description: Option<String>,
+}
+
+fn apply_tenant(t: &mut pb::Tenant, a: TenantArgs) {
+    let policy = t.policy.get_or_insert_with(Default::default);
+    let lists = [
+        (a.allow_regions, &mut policy.allow_regions),
+        (a.deny_regions, &mut policy.deny_regions),
+        (a.allow_geographies, &mut policy.allow_geographies),
+        (a.deny_geographies, &mut policy.deny_geographies),
+    ];
+    for (given, list) in lists {
+        if let Some(v) = given {
+            *list = v.into_iter().filter(|x| !x.is_empty()).collect();
+        }
+    }
+    if let Some(p) = a.profiles {
+        t.profiles = p;
+    }
+    if let Some(d) = a.description {
+        t.description = d;
+    }
+}
+
+const TENANT_COLS: &[(&str, &str)] = &[
+    ("NAME", "name"),
+    ("PROFILES", "profiles"),
+    ("REGION POLICY", "policy"),
+    ("REVISION", "revision"),
+];
+
+fn tenant_json(t: &pb::Tenant) -> Value {
+    let p = t.policy.clone().unwrap_or_default();
+    let mut policy = Vec::new();
+    for (name, list) in [
+        ("allow", &p.allow_regions),
+        ("deny", &p.deny_regions),
+        ("allow geo", &p.allow_geographies),
+        ("deny geo", &p.deny_geographies),
+    ] {
+        if !list.is_empty() {
+            policy.push(format!("{name} {}", list.join(",")));
+        }
+    }
+    json!({
+        "name": t.name, "description": t.description, "profiles": t.profiles.join(","),
+        "policy": if policy.is_empty() { "any region".to_string() } else { policy.join("; ") },
+        "allow_regions": p.allow_regions, "deny_regions": p.deny_regions,
+        "allow_geographies": p.allow_geographies, "deny_geographies": p.deny_geographies,
+        "revision": t.revision,
+    })
+}
+
+async fn tenants(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: TenantCmd,
+    out: Output,
+) -> anyhow::Result<String> {
+    let one = |t: pb::Tenant| render(out, vec![tenant_json(&t)], TENANT_COLS);
+    Ok(match cmd {
+        TenantCmd::Create { name, fields } => {
+            let mut t = pb::Tenant {
+                name,
+                ..Default::default()
+            };
+            apply_tenant(&mut t, fields);
+            one(c
+                .create_tenant(pb::CreateTenantRequest { tenant: Some(t) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
+        }
+        TenantCmd::Get { name } => one(c
+            .get_tenant(pb::GetTenantRequest { name })
+            .await
+            .map_err(status_line)?
+            .into_inner()),
+        TenantCmd::List => {
+            let list = c
+                .list_tenants(pb::ListTenantsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            render_list(
+                out,
+                list.tenants.iter().map(tenant_json).collect(),
+                TENANT_COLS,
+            )
+        }
+        TenantCmd::Update {
+            name,
+            fields,
+            revision,
+        } => {
+            let mut t = c
+                .get_tenant(pb::GetTenantRequest { name })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            apply_tenant(&mut t, fields);
+            if let Some(rev) = revision.revision {
+                t.revision = rev;
+            }
+            one(c
+                .update_tenant(pb::UpdateTenantRequest { tenant: Some(t) })
+                .await
+                .map_err(status_line)?
+                .into_inner())
+        }
+        TenantCmd::Delete { name, revision } => {
+            let req = pb::DeleteTenantRequest {
+                name: name.clone(),
+                revision: revision.revision.unwrap_or(0),
+            };
+            let rev = c
+                .delete_tenant(req)
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
+            deleted(out, "tenant", &name, rev)
+        }
+    })
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCmd {
+    /// Create an API key for a tenant and print it: the only time it is
+    /// shown (only its hash is kept).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List keys (ids and tenants, never the keys).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Revoke a key by id: agents refuse it from their next update on.
+    Revoke { id: String },
+}
+
+const KEY_COLS: &[(&str, &str)] = &[
+    ("ID", "id"),
+    ("TENANT", "tenant"),
+    ("DESCRIPTION", "description"),
+    ("CREATED", "created_at_unix"),
+];
+
+fn key_json(k: &pb::ApiKey) -> Value {
+    json!({"id": k.id, "tenant": k.tenant, "description": k.description, "created_at_unix": k.created_at_unix})
+}
+
+async fn api_keys(
+    c: &mut AdminServiceClient<Channel>,
+    cmd: KeyCmd,
+    out: Output,
+) -> anyhow::Result<String> {
+    Ok(match cmd {
+        KeyCmd::Create {
+            tenant,
+            description,
+        } => {
+            let created = c
+                .create_key(pb::CreateKeyRequest {
+                    tenant,
+                    description,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let k = created.key.unwrap_or_default();
+            match out {
+                Output::Json => serde_json::to_string_pretty(
+                    &json!({"id": k.id, "tenant": k.tenant, "key": created.secret}),
+                )?,
+                Output::Table => format!(
+                    "key {} for tenant {}:\n{}\nStore it now: it is not shown again (only its hash is kept).",
+                    k.id, k.tenant, created.secret
+                ),
+            }
+        }
+        KeyCmd::List { tenant } => {
+            let keys = c
+                .list_keys(pb::ListKeysRequest {
+                    tenant: tenant.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .keys;
+            render_list(out, keys.iter().map(key_json).collect(), KEY_COLS)
+        }
+        KeyCmd::Revoke { id } => {
+            let rev = c
+                .revoke_key(pb::RevokeKeyRequest { id: id.clone() })
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .revision;
+            match out {
+                Output::Json => {
+                    serde_json::to_string_pretty(&json!({"revoked": id, "revision": rev}))?
+                }
+                Output::Table => format!("key {id} revoked (revision {rev})"),
+            }
+        }
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,7 +462,7 @@ async fn quotas(
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            render(
+            render_list(
                 out,
                 list.quotas.iter().map(quota_json).collect(),
                 QUOTA_COLS,
@@ -480,6 +748,8 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
         Command::Profiles(cmd) => profiles(&mut c, cmd, out).await,
         Command::Routes(cmd) => routes(&mut c, cmd, out).await,
         Command::Quotas(cmd) => quotas(&mut c, cmd, out).await,
+        Command::Tenants(cmd) => tenants(&mut c, cmd, out).await,
+        Command::Keys(cmd) => api_keys(&mut c, cmd, out).await,
         Command::Agents(AgentCmd::List { region }) => {
             let req = pb::ListAgentsRequest {
                 region: region.unwrap_or_default(),
@@ -490,7 +760,7 @@ async fn run(cli: Cli) -> anyhow::Result<String> {
                 .map_err(status_line)?
                 .into_inner()
                 .agents;
-            Ok(render(
+            Ok(render_list(
                 out,
                 agents.iter().map(agent_json).collect(),
                 &[
@@ -552,7 +822,7 @@ async fn regions(
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            render(
+            render_list(
                 out,
                 list.regions.iter().map(region_json).collect(),
                 REGION_COLS,
@@ -661,7 +931,7 @@ async fn profiles(
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            render(
+            render_list(
                 out,
                 list.profiles.iter().map(profile_json).collect(),
                 PROFILE_COLS,
@@ -775,7 +1045,7 @@ async fn routes(
                 .await
                 .map_err(status_line)?
                 .into_inner();
-            render(
+            render_list(
                 out,
                 list.route_tables.iter().map(route_json).collect(),
                 ROUTE_COLS,
@@ -932,6 +1202,15 @@ fn agent_json(a: &pb::AgentStatus) -> Value {
 
 /// Renders rows as JSON (one object, or an array for lists) or as an
 /// aligned table of the given columns.
+/// A list: in JSON always an array, however many rows.
+fn render_list(out: Output, rows: Vec<Value>, cols: &[(&str, &str)]) -> String {
+    if out == Output::Json {
+        return serde_json::to_string_pretty(&Value::Array(rows)).expect("json values serialize");
+    }
+    render(out, rows, cols)
+}
+
+/// One object, or rows of a table.
 fn render(out: Output, rows: Vec<Value>, cols: &[(&str, &str)]) -> String {
     if out == Output::Json {
         let v = if rows.len() == 1 {

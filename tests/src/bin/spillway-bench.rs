@@ -71,10 +71,19 @@ fn chat_body(model: &str, stream: bool) -> Bytes {
         .into()
 }
 
+/// The bench tenant's API key: every call through an agent presents it, as
+/// production calls do (the direct and nginx paths ignore it).
+static API_KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn authorization() -> String {
+    format!("Bearer {}", API_KEY.get().map_or("", String::as_str))
+}
+
 /// One unary chat completion, read to the end; true on 200.
 async fn post(client: &HttpClient, uri: &http::Uri, body: &Bytes) -> bool {
     let req = Request::post(uri.clone())
         .header("content-type", "application/json")
+        .header("authorization", authorization())
         .body(Full::new(body.clone()))
         .expect("a request");
     match client.request(req).await {
@@ -91,6 +100,7 @@ async fn first_token(client: &HttpClient, uri: &http::Uri, body: &Bytes) -> Opti
     let t = Instant::now();
     let req = Request::post(uri.clone())
         .header("content-type", "application/json")
+        .header("authorization", authorization())
         .body(Full::new(body.clone()))
         .ok()?;
     let resp = client.request(req).await.ok()?;
@@ -159,9 +169,11 @@ async fn closed_grpc(
 ) -> Sample {
     let client = client.clone();
     let req = converse_request(model);
+    let key: tonic::metadata::MetadataValue<_> = authorization().parse().expect("an ASCII key");
     let duration = plan.duration / plan.rounds as u32;
     closed_loop_sample(c, plan.warmup / plan.rounds as u32, duration, move || {
-        let (mut client, req) = (client.clone(), req.clone());
+        let (mut client, mut req) = (client.clone(), tonic::Request::new(req.clone()));
+        req.metadata_mut().insert("authorization", key.clone());
         async move { timed(async { client.converse(req).await.is_ok() }).await }
     })
     .await
@@ -282,6 +294,39 @@ async fn main() -> Result<()> {
     admin
         .create_route_table(pb::CreateRouteTableRequest {
             route_table: Some(split),
+        })
+        .await?;
+    // Calls present a tenant's key and meet a quota (one too large to
+    // refuse anything), so that authentication and admission are measured.
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                name: "bench".into(),
+                profiles: vec!["*".into()],
+                ..Default::default()
+            }),
+        })
+        .await?;
+    let key = admin
+        .create_key(pb::CreateKeyRequest {
+            tenant: "bench".into(),
+            description: "spillway-bench".into(),
+        })
+        .await?
+        .into_inner()
+        .secret;
+    let _ = API_KEY.set(key);
+    admin
+        .create_quota(pb::CreateQuotaRequest {
+            quota: Some(pb::Quota {
+                scope: Some(pb::QuotaScope {
+                    tenant: "bench".into(),
+                    ..Default::default()
+                }),
+                requests_per_minute: Some(1_000_000_000),
+                tokens_per_minute: Some(1_000_000_000_000),
+                ..Default::default()
+            }),
         })
         .await?;
     let fast = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
