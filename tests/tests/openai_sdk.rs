@@ -7,24 +7,54 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use futures_util::StreamExt;
+use spillway_proto::pb;
 use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, US};
 use spillway_tests::sim::token;
 
-fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
+/// A client with a tenant's API key, as a user would configure it.
+async fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
     // The client is built with rustls; the calls here are plain HTTP.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let base = format!("{}/v1", cluster.region(region).agent.base_url());
+    let mut admin = cluster.cp.admin().await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                name: "sdk".into(),
+                profiles: vec!["*".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let key = admin
+        .create_key(pb::CreateKeyRequest {
+            tenant: "sdk".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let agent = &cluster.region(region).agent;
+    let id = key.key.unwrap().id;
+    agent
+        .wait_for("the key", |c| c.keys.contains_key(&id))
+        .await;
+    let base = format!("{}/v1", agent.base_url());
     Client::with_config(
         OpenAIConfig::new()
             .with_api_base(base)
-            .with_api_key("unused"),
+            .with_api_key(key.secret),
     )
 }
 
 #[tokio::test]
 async fn the_openai_client_works_unchanged() {
-    let cluster = Cluster::start(ClusterSpec::default()).await;
-    let openai = client(&cluster, "us-east");
+    let cluster = Cluster::start(ClusterSpec {
+        anonymous: false,
+        ..ClusterSpec::default()
+    })
+    .await;
+    let openai = client(&cluster, "us-east").await;
 
     let models = openai.models().list().await.expect("listing models");
     let ids: Vec<&str> = models.data.iter().map(|m| m.id.as_str()).collect();
