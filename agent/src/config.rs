@@ -73,6 +73,16 @@ pub struct AgentArgs {
     /// development). A key that is presented is checked all the same.
     #[arg(long)]
     pub allow_anonymous: bool,
+    /// Folder for the audit log (one JSON line per call this agent took as
+    /// the source agent; never a prompt or an answer). None when unset.
+    #[arg(long, env = "SPILLWAY_AUDIT_DIR")]
+    pub audit_dir: Option<PathBuf>,
+    /// Size past which the audit log is rotated.
+    #[arg(long, default_value_t = 100 * 1024 * 1024)]
+    pub audit_max_bytes: u64,
+    /// Rotated audit files kept.
+    #[arg(long, default_value_t = 10)]
+    pub audit_keep: usize,
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,

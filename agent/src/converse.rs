@@ -26,6 +26,7 @@ use crate::http::INFERENCE_REGION;
 use crate::openai::MAX_TOKENS_LIMIT;
 use crate::pipeline::{Answer, Pipeline, PreparedCall};
 use crate::quota::RateInfo;
+use crate::record::CallContext;
 use crate::upstream::AnswerBody;
 
 pub struct ConverseDoor {
@@ -46,9 +47,14 @@ fn prepare(
     req: &pb::ConverseRequest,
     stream: bool,
     key: Option<&str>,
+    ctx: &mut CallContext,
 ) -> Result<PreparedCall, CallError> {
     let cfg = pipeline.config()?;
     let caller = pipeline.authenticate(&cfg, key)?;
+    ctx.tenant = caller.tenant.clone();
+    ctx.key_id = caller.key_id.clone();
+    ctx.stream = stream;
+    ctx.profile = (!req.model_id.is_empty()).then(|| req.model_id.clone());
     if req.model_id.is_empty() {
         return Err(CallError::bad(
             "model_id",
@@ -118,6 +124,7 @@ fn prepare(
         body.insert("stream_options".into(), json!({"include_usage": true}));
     }
     let profile = pipeline.resolve(&cfg, &req.model_id)?;
+    ctx.model = Some(profile.model.clone());
     authorize(&cfg, &caller, &profile.id)?;
     body.insert("model".into(), Value::String(profile.model.clone()));
     Ok(PreparedCall {
@@ -132,7 +139,7 @@ fn prepare(
             .as_ref()
             .and_then(|c| c.max_tokens)
             .map(u64::from),
-        tenant: caller.tenant,
+        ctx: ctx.clone(),
         config: cfg.clone(),
     })
 }
@@ -174,18 +181,26 @@ fn status_of(e: &CallError) -> Status {
     status
 }
 
-/// Admits and routes a prepared call.
+/// Checks, admits and routes a call; a call that gets no answer is recorded
+/// here.
 async fn admit_and_call(
     pipeline: &Pipeline,
-    call: PreparedCall,
+    req: &Request<pb::ConverseRequest>,
+    stream: bool,
+    ctx: &mut CallContext,
 ) -> Result<(Answer, RateInfo), Status> {
-    let admission = pipeline.admit(&call).map_err(|e| status_of(&e))?;
-    let rate = admission.rate.clone();
-    let answer = pipeline
-        .call(call, admission)
-        .await
-        .map_err(|e| status_of(&e))?;
-    Ok((answer, rate))
+    let result = async {
+        let call = prepare(pipeline, req.get_ref(), stream, presented_key(req), ctx)?;
+        let admission = pipeline.admit(&call)?;
+        let rate = admission.rate.clone();
+        let answer = pipeline.call(call, admission).await?;
+        Ok((answer, rate))
+    }
+    .await;
+    result.map_err(|e: CallError| {
+        pipeline.record_error(ctx, &e);
+        status_of(&e)
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -288,9 +303,8 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<pb::ConverseResponse>, Status> {
         let started = Instant::now();
-        let call = prepare(&self.pipeline, req.get_ref(), false, presented_key(&req))
-            .map_err(|e| e.to_status())?;
-        let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
+        let mut ctx = CallContext::new("grpc");
+        let (answer, rate) = admit_and_call(&self.pipeline, &req, false, &mut ctx).await?;
         let AnswerBody::Full(body) = answer.body else {
             return Err(Status::internal("a unary call got a streamed answer"));
         };
@@ -328,7 +342,7 @@ impl InferenceService for ConverseDoor {
                 time_to_first_token_ms: latency_ms,
             }),
             inference_region: answer.region.clone(),
-            request_id: String::new(),
+            request_id: ctx.request_id.clone(),
         };
         let mut response = with_region(Response::new(resp), &answer.region);
         rate_metadata(response.metadata_mut(), &rate);
@@ -340,9 +354,8 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
-        let call = prepare(&self.pipeline, req.get_ref(), true, presented_key(&req))
-            .map_err(|e| e.to_status())?;
-        let (answer, rate) = admit_and_call(&self.pipeline, call).await?;
+        let mut ctx = CallContext::new("grpc");
+        let (answer, rate) = admit_and_call(&self.pipeline, &req, true, &mut ctx).await?;
         let region = answer.region.clone();
         let mut chunks = match answer.body {
             AnswerBody::Stream(s) if answer.status.is_success() => s,
@@ -357,7 +370,7 @@ impl InferenceService for ConverseDoor {
             event: Some(Event::MessageStart(pb::MessageStart {
                 role: pb::Role::Assistant.into(),
                 inference_region: region.clone(),
-                request_id: String::new(),
+                request_id: ctx.request_id.clone(),
             })),
         };
         tokio::spawn(async move {

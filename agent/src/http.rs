@@ -20,9 +20,12 @@ use crate::error::CallError;
 use crate::openai::{ChatRequest, check_answer};
 use crate::pipeline::{Pipeline, PreparedCall};
 use crate::quota::RateInfo;
+use crate::record::CallContext;
 use crate::upstream::AnswerBody;
 
 pub const INFERENCE_REGION: &str = "x-spillway-inference-region";
+/// The call's id, as in its audit record.
+pub const REQUEST_ID: &str = "x-request-id";
 
 pub struct HttpDoor {
     pub pipeline: Arc<Pipeline>,
@@ -34,6 +37,7 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async {
             let e = CallError::BadRequest {
                 param: None,
@@ -149,11 +153,27 @@ async fn chat_completions(
     body: Body,
 ) -> Response {
     let mut rate = RateInfo::default();
-    let mut r = match serve(&door, &headers, body, &mut rate).await {
+    let mut ctx = CallContext::new("http");
+    let mut r = match serve(&door, &headers, body, &mut rate, &mut ctx).await {
         Ok(r) => r,
-        Err(e) => error_response(&e),
+        Err(e) => {
+            door.pipeline.record_error(&ctx, &e);
+            error_response(&e)
+        }
     };
     rate_headers(r.headers_mut(), &rate);
+    if let Ok(id) = HeaderValue::from_str(&ctx.request_id) {
+        r.headers_mut().insert(REQUEST_ID, id);
+    }
+    r
+}
+
+async fn metrics(State(door): State<Arc<HttpDoor>>) -> Response {
+    let mut r = Response::new(Body::from(door.pipeline.recorder().metrics.render()));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     r
 }
 
@@ -162,6 +182,7 @@ async fn serve(
     headers: &http::HeaderMap,
     body: Body,
     rate: &mut RateInfo,
+    ctx: &mut CallContext,
 ) -> Result<Response, CallError> {
     let bytes = Limited::new(body, door.max_body_bytes)
         .collect()
@@ -180,8 +201,13 @@ async fn serve(
     let pipeline = &door.pipeline;
     let cfg = pipeline.config()?;
     let caller = pipeline.authenticate(&cfg, presented_key(headers))?;
+    ctx.tenant = caller.tenant.clone();
+    ctx.key_id = caller.key_id.clone();
     let req = ChatRequest::parse(bytes)?;
+    ctx.profile = Some(req.model.clone());
+    ctx.stream = req.stream;
     let profile = pipeline.resolve(&cfg, &req.model)?;
+    ctx.model = Some(profile.model.clone());
     authorize(&cfg, &caller, &profile.id)?;
     let call = PreparedCall {
         body: req.body_for(&profile.model),
@@ -189,7 +215,7 @@ async fn serve(
         model: profile.model.clone(),
         stream: req.stream,
         max_tokens: req.max_tokens,
-        tenant: caller.tenant,
+        ctx: ctx.clone(),
         config: cfg.clone(),
     };
     let admission = pipeline.admit(&call)?;

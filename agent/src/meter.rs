@@ -1,17 +1,20 @@
-//! Settles a quota reservation with the real usage of the answer: the
-//! model server's `usage` (prompt and completion tokens) when it gives one,
-//! else the input estimate and a count of the answer (one token per
-//! streamed event, or four bytes per token of a unary answer). A stream
-//! that ends early (the client left) settles with what was sent.
+//! Follows an answer to its end: its usage (the model server's `usage`, or
+//! else the input estimate and a count of the answer: one token per
+//! streamed event, four bytes per token of a unary answer), its first byte,
+//! and whether it completed. When it ends (or the client leaves), the quota
+//! reservation is settled with that usage, and the call's finish hook runs
+//! (metrics, audit).
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
 use serde::Deserialize;
+use tokio::time::Instant;
 
 use crate::converse::SseParser;
 use crate::error::CallError;
@@ -36,36 +39,70 @@ fn usage_of(json: &[u8]) -> Option<(Option<u64>, Option<u64>)> {
         .map(|u| (u.prompt_tokens, u.completion_tokens))
 }
 
-/// A reservation waiting for its answer's usage; settles once, at the
-/// latest when dropped.
+/// What an answer came to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// From the call's start to the answer's first byte.
+    pub ttft: Option<Duration>,
+    /// The answer ended normally (not broken off, nor left by the client).
+    pub complete: bool,
+}
+
+pub type OnFinish = Box<dyn FnOnce(&Finished) + Send>;
+
+/// An answer being followed; finishes once, at the latest when dropped.
 pub struct Meter {
-    quotas: Arc<Quotas>,
-    reservation: Option<Reservation>,
+    started: Instant,
+    input_estimate: u64,
+    reservation: Option<(Arc<Quotas>, Reservation)>,
+    on_finish: Option<OnFinish>,
     input: Option<u64>,
     output: Option<u64>,
     events: u64,
+    first_byte: Option<Duration>,
+    complete: bool,
+    done: bool,
 }
 
 impl Meter {
-    pub fn new(quotas: Arc<Quotas>, reservation: Reservation) -> Meter {
+    pub fn new(started: Instant, input_estimate: u64) -> Meter {
         Meter {
-            quotas,
-            reservation: Some(reservation),
+            started,
+            input_estimate,
+            reservation: None,
+            on_finish: None,
             input: None,
             output: None,
             events: 0,
+            first_byte: None,
+            complete: false,
+            done: false,
         }
     }
 
-    /// Settles with no usage: the call was not served.
+    /// Settles `reservation` when the answer ends.
+    pub fn with_reservation(mut self, quotas: Arc<Quotas>, reservation: Reservation) -> Meter {
+        self.reservation = Some((quotas, reservation));
+        self
+    }
+
+    /// Runs `f` when the answer ends.
+    pub fn on_finish(mut self, f: OnFinish) -> Meter {
+        self.on_finish = Some(f);
+        self
+    }
+
+    /// Finishes with no usage: the call was not served.
     pub fn refund(mut self) {
-        if let Some(r) = self.reservation.take() {
-            self.quotas.settle(r, 0, 0);
-        }
+        self.input = Some(0);
+        self.output = Some(0);
+        self.finish();
     }
 
-    /// Settles against a unary answer.
-    pub fn full(mut self, body: &[u8]) {
+    fn full(&mut self, body: &[u8]) {
+        self.first_byte = Some(self.started.elapsed());
         if let Some((input, output)) = usage_of(body) {
             self.input = input;
             self.output = output;
@@ -73,19 +110,30 @@ impl Meter {
         if self.output.is_none() {
             self.events = body.len().div_ceil(4) as u64;
         }
+        self.complete = true;
         self.finish();
     }
 
     fn finish(&mut self) {
-        if let Some(r) = self.reservation.take() {
-            let input = self.input.unwrap_or(r.input_estimate);
-            let output = self.output.unwrap_or(self.events);
-            self.quotas.settle(r, input, output);
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let finished = Finished {
+            input_tokens: self.input.unwrap_or(self.input_estimate),
+            output_tokens: self.output.unwrap_or(self.events),
+            ttft: self.first_byte,
+            complete: self.complete,
+        };
+        if let Some((quotas, r)) = self.reservation.take() {
+            quotas.settle(r, finished.input_tokens, finished.output_tokens);
+        }
+        if let Some(f) = self.on_finish.take() {
+            f(&finished);
         }
     }
 
-    /// Wraps a body so that its usage settles the reservation.
-    pub fn body(self, body: AnswerBody) -> AnswerBody {
+    /// Wraps a body so that its end finishes the meter.
+    pub fn body(mut self, body: AnswerBody) -> AnswerBody {
         match body {
             AnswerBody::Full(b) => {
                 self.full(&b);
@@ -120,20 +168,28 @@ impl Stream for Metered {
         let next = this.inner.as_mut().poll_next(cx);
         match &next {
             Poll::Ready(Some(Ok(chunk))) => {
+                let m = &mut this.meter;
+                if m.first_byte.is_none() {
+                    m.first_byte = Some(m.started.elapsed());
+                }
                 for data in this.sse.push(chunk) {
                     if data == "[DONE]" {
                         continue;
                     }
-                    this.meter.events += 1;
+                    m.events += 1;
                     if data.contains("\"usage\"")
                         && let Some((input, output)) = usage_of(data.as_bytes())
                     {
-                        this.meter.input = input.or(this.meter.input);
-                        this.meter.output = output.or(this.meter.output);
+                        m.input = input.or(m.input);
+                        m.output = output.or(m.output);
                     }
                 }
             }
-            Poll::Ready(_) => this.meter.finish(),
+            Poll::Ready(None) => {
+                this.meter.complete = true;
+                this.meter.finish();
+            }
+            Poll::Ready(Some(Err(_))) => this.meter.finish(),
             Poll::Pending => {}
         }
         next
@@ -183,8 +239,18 @@ mod tests {
         let (r, _) = q.admit(&CALL, 100, 500).unwrap();
         assert_eq!(left(&q), 400);
         let body = br#"{"choices":[],"usage":{"prompt_tokens":80,"completion_tokens":20}}"#;
-        Meter::new(q.clone(), r).full(body);
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let hook = seen.clone();
+        let _ = Meter::new(Instant::now(), 100)
+            .with_reservation(q.clone(), r)
+            .on_finish(Box::new(move |f| *hook.lock().unwrap() = Some(f.clone())))
+            .body(AnswerBody::Full(Bytes::from_static(body)));
         assert_eq!(left(&q), 900);
+        let f = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            (f.input_tokens, f.output_tokens, f.complete),
+            (80, 20, true)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -197,9 +263,11 @@ mod tests {
                 b"ices\":[]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":50,\"completion_tokens\":2}}\n\ndata: [DONE]\n\n",
             )),
         ];
-        let body = Meter::new(q.clone(), r).body(AnswerBody::Stream(
-            futures_util::stream::iter(chunks).boxed(),
-        ));
+        let body = Meter::new(Instant::now(), 100)
+            .with_reservation(q.clone(), r)
+            .body(AnswerBody::Stream(
+                futures_util::stream::iter(chunks).boxed(),
+            ));
         let AnswerBody::Stream(mut s) = body else {
             unreachable!()
         };
@@ -211,10 +279,16 @@ mod tests {
         let chunks: Vec<Result<Bytes, CallError>> = vec![Ok(Bytes::from_static(
             b"data: {\"choices\":[]}\n\ndata: {\"choices\":[]}\n\ndata: [DONE]\n\n",
         ))];
-        let body = Meter::new(q.clone(), r).body(AnswerBody::Stream(
-            futures_util::stream::iter(chunks).boxed(),
-        ));
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let hook = seen.clone();
+        let body = Meter::new(Instant::now(), 100)
+            .with_reservation(q.clone(), r)
+            .on_finish(Box::new(move |f| *hook.lock().unwrap() = Some(f.clone())))
+            .body(AnswerBody::Stream(
+                futures_util::stream::iter(chunks).boxed(),
+            ));
         drop(body);
+        assert!(!seen.lock().unwrap().clone().unwrap().complete);
         assert_eq!(left(&q), 848, "a client that left: the input estimate");
     }
 }

@@ -16,7 +16,8 @@ use crate::auth::{self, Caller};
 use crate::error::CallError;
 use crate::meter::Meter;
 use crate::outlier::{OutlierSettings, Outliers};
-use crate::quota::{CallScope, Quotas, RateInfo, estimate_input_tokens};
+use crate::quota::{CallScope, Quotas, RateInfo, Reservation, estimate_input_tokens};
+use crate::record::{CallContext, Outcome, Recorder};
 use crate::relay::RelayClients;
 use crate::route;
 use crate::snapshot::AgentConfig;
@@ -34,14 +35,14 @@ pub struct PreparedCall {
     pub stream: bool,
     /// The client's `max_tokens`, if it set one.
     pub max_tokens: Option<u64>,
-    /// The caller's tenant, once keys identify one.
-    pub tenant: Option<String>,
+    /// Who calls, and what is recorded of the call.
+    pub ctx: CallContext,
 }
 
 /// A call admitted by the quotas that cover it (none, maybe), with what the
 /// `x-ratelimit-*` headers report.
 pub struct Admission {
-    meter: Option<Meter>,
+    reservation: Option<Reservation>,
     pub rate: RateInfo,
 }
 
@@ -88,6 +89,7 @@ pub struct Pipeline {
     upstreams: Arc<Upstreams>,
     relays: RelayClients,
     quotas: Arc<Quotas>,
+    recorder: Arc<Recorder>,
     budget: TpsBudget,
     settings: PipelineSettings,
     /// Other regions ejected after failing calls in a row.
@@ -111,6 +113,7 @@ impl Pipeline {
         upstreams: Arc<Upstreams>,
         relays: RelayClients,
         quotas: Arc<Quotas>,
+        recorder: Arc<Recorder>,
         settings: PipelineSettings,
     ) -> Pipeline {
         let budget = TpsBudget::new(
@@ -124,6 +127,7 @@ impl Pipeline {
             upstreams,
             relays,
             quotas,
+            recorder,
             budget,
             settings,
             ejected: Outliers::new(OutlierSettings::default()),
@@ -190,8 +194,17 @@ impl Pipeline {
         CallScope {
             profile: &call.profile,
             region: &self.region,
-            tenant: call.tenant.as_deref(),
+            tenant: call.ctx.tenant.as_deref(),
         }
+    }
+
+    /// Records a call that ended without an answer.
+    pub fn record_error(&self, ctx: &CallContext, e: &CallError) {
+        self.recorder.finish(ctx, &Outcome::of_error(e));
+    }
+
+    pub fn recorder(&self) -> &Arc<Recorder> {
+        &self.recorder
     }
 
     /// Admits a call against the quotas that cover it, before it is routed:
@@ -199,7 +212,7 @@ impl Pipeline {
     pub fn admit(&self, call: &PreparedCall) -> Result<Admission, CallError> {
         if self.quotas.is_empty() {
             return Ok(Admission {
-                meter: None,
+                reservation: None,
                 rate: RateInfo::default(),
             });
         }
@@ -207,8 +220,7 @@ impl Pipeline {
         let max_tokens = call.max_tokens.unwrap_or(self.settings.default_max_tokens);
         match self.quotas.admit(&self.scope(call), input, max_tokens) {
             Ok((reservation, rate)) => Ok(Admission {
-                meter: (!reservation.is_empty())
-                    .then(|| Meter::new(self.quotas.clone(), reservation)),
+                reservation: (!reservation.is_empty()).then_some(reservation),
                 rate,
             }),
             Err(refused) if refused.too_large.is_some() => {
@@ -222,21 +234,49 @@ impl Pipeline {
         }
     }
 
-    /// Routes one admitted call; its reservation is settled with the
-    /// answer's usage (or refunded when nothing answered).
+    /// Routes one admitted call. Its answer is followed to its end, when
+    /// the reservation is settled with its usage and the call is recorded;
+    /// when nothing answered the reservation is refunded (the door records
+    /// the error, as it does those before routing).
     pub async fn call(
         &self,
         call: PreparedCall,
         admission: Admission,
     ) -> Result<Answer, CallError> {
-        let result = self.route(call).await;
-        match (admission.meter, result) {
-            (None, result) => result,
-            (Some(meter), Ok(mut answer)) => {
+        let ctx = call.ctx.clone();
+        let mut meter = Meter::new(ctx.started, estimate_input_tokens(call.body.len()));
+        if let Some(r) = admission.reservation {
+            meter = meter.with_reservation(self.quotas.clone(), r);
+        }
+        match self.route(call).await {
+            Ok(mut answer) => {
+                let recorder = self.recorder.clone();
+                let (region, attempts) = (answer.region.clone(), answer.failed_attempts.clone());
+                let status = answer.status;
+                meter = meter.on_finish(Box::new(move |f| {
+                    let outcome = match (status.is_success(), f.complete) {
+                        (true, true) => "ok",
+                        (true, false) => "incomplete",
+                        (false, _) if status.is_client_error() => "bad_request",
+                        (false, _) => "error",
+                    };
+                    recorder.finish(
+                        &ctx,
+                        &Outcome {
+                            status: status.as_u16(),
+                            outcome,
+                            inference_region: Some(region),
+                            attempts,
+                            input_tokens: f.input_tokens,
+                            output_tokens: f.output_tokens,
+                            ttft: f.ttft,
+                        },
+                    );
+                }));
                 answer.body = meter.body(answer.body);
                 Ok(answer)
             }
-            (Some(meter), Err(e)) => {
+            Err(e) => {
                 meter.refund();
                 Err(e)
             }
@@ -253,7 +293,7 @@ impl Pipeline {
         let mut plan = route::plan(table, fastrand::f64);
         // The tenant's region policy: a denied region never gets the call,
         // not even by failover; when nothing is left, the call fails closed.
-        if let Some(tenant) = call.tenant.as_ref().and_then(|t| cfg.tenants.get(t))
+        if let Some(tenant) = call.ctx.tenant.as_ref().and_then(|t| cfg.tenants.get(t))
             && !tenant.policy.is_open()
         {
             let mut denied = Vec::new();

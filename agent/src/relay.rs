@@ -25,6 +25,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::CallError;
+use crate::metrics::Metrics;
 use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
@@ -221,14 +222,23 @@ pub struct RelayServer {
     region: String,
     config: ConfigWatch,
     upstreams: Arc<Upstreams>,
+    /// Counts served relays by source region; nothing about the call itself
+    /// is kept here (it belongs to the source region).
+    metrics: Arc<Metrics>,
 }
 
 impl RelayServer {
-    pub fn new(region: String, config: ConfigWatch, upstreams: Arc<Upstreams>) -> RelayServer {
+    pub fn new(
+        region: String,
+        config: ConfigWatch,
+        upstreams: Arc<Upstreams>,
+        metrics: Arc<Metrics>,
+    ) -> RelayServer {
         RelayServer {
             region,
             config,
             upstreams,
+            metrics,
         }
     }
 
@@ -277,6 +287,13 @@ impl RelayService for RelayServer {
     async fn relay(&self, req: Request<pb::RelayRequest>) -> Result<Response<RelayStream>, Status> {
         self.check_caller(&req)?;
         let req = req.into_inner();
+        let count = |outcome: &str| {
+            self.metrics.add(
+                "spillway_agent_relay_served_total",
+                &[("source_region", &req.source_region), ("outcome", outcome)],
+                1,
+            );
+        };
         // The body must ask for the model the relay names: the destination
         // serves what the source resolved, nothing else.
         let body_model = serde_json::from_slice::<ModelOnly>(&req.body)
@@ -293,11 +310,17 @@ impl RelayService for RelayServer {
             .upstreams
             .call(&req.model, req.body, req.stream)
             .await
-            .map_err(|e| match e {
-                CallError::Throttled(m) | CallError::AtCapacity(m) => Status::resource_exhausted(m),
-                CallError::Upstream(m) => Status::data_loss(m),
-                other => Status::unavailable(other.to_string()),
+            .map_err(|e| {
+                count("refused");
+                match e {
+                    CallError::Throttled(m) | CallError::AtCapacity(m) => {
+                        Status::resource_exhausted(m)
+                    }
+                    CallError::Upstream(m) => Status::data_loss(m),
+                    other => Status::unavailable(other.to_string()),
+                }
             })?;
+        count("served");
         let head = Event::Head(pb::RelayHead {
             status: u32::from(answer.status.as_u16()),
             inference_region: self.region.clone(),

@@ -17,6 +17,7 @@ use crate::converse::ConverseDoor;
 use crate::http::{self, HttpDoor};
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::quota::Quotas;
+use crate::record::{AuditSettings, Recorder};
 use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
@@ -30,6 +31,8 @@ pub struct AgentSettings {
     pub upstream: UpstreamSettings,
     pub pipeline: PipelineSettings,
     pub max_body_bytes: usize,
+    /// Where audit records go; none when unset.
+    pub audit: Option<AuditSettings>,
 }
 
 impl AgentSettings {
@@ -61,6 +64,11 @@ impl AgentSettings {
                 ..PipelineSettings::default()
             },
             max_body_bytes: args.max_body_bytes,
+            audit: args.audit_dir.clone().map(|dir| AuditSettings {
+                dir,
+                max_bytes: args.audit_max_bytes,
+                keep: args.audit_keep,
+            }),
         }
     }
 }
@@ -113,6 +121,7 @@ pub async fn start(
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
     let quotas = sync_settings.quotas.clone();
+    let recorder = Recorder::start(region.clone(), settings.audit);
     let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
         let mut report = reporting.load_report(interval);
@@ -123,12 +132,14 @@ pub async fn start(
         report
     })));
     let config = sync::start(sync_settings, shutdown.clone()).await;
-    // Quotas follow the config.
+    // Quotas, and the version gauge, follow the config.
     let (mut watch, mut stop, enforced) = (config.clone(), shutdown.clone(), quotas.clone());
+    let gauge = recorder.metrics.clone();
     tokio::spawn(async move {
         loop {
             if let Some(cfg) = watch.borrow_and_update().clone() {
                 enforced.configure(&cfg.quotas, cfg.region_agents());
+                gauge.set_config_version(cfg.version);
             }
             tokio::select! {
                 _ = stop.wait() => return,
@@ -143,6 +154,7 @@ pub async fn start(
         upstreams.clone(),
         relays,
         quotas,
+        recorder.clone(),
         settings.pipeline,
     ));
     let _ = pipeline_slot.set(pipeline.clone());
@@ -170,7 +182,12 @@ pub async fn start(
         }
     });
 
-    let relay = RelayServer::new(region, config.clone(), upstreams.clone());
+    let relay = RelayServer::new(
+        region,
+        config.clone(),
+        upstreams.clone(),
+        recorder.metrics.clone(),
+    );
     let converse = ConverseDoor {
         pipeline: pipeline.clone(),
     };

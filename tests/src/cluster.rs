@@ -30,6 +30,27 @@ pub struct Region {
 }
 
 impl Region {
+    /// Where its agent writes audit records (with `ClusterSpec::audit`).
+    pub fn audit_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("audit")
+    }
+
+    /// Its agent's audit records so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.audit_dir()) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str(l).expect("an audit line is JSON")),
+            );
+        }
+        out
+    }
+
     /// Calls its model servers served.
     pub fn served(&self) -> u64 {
         self.sims.iter().map(TestSim::served).sum()
@@ -51,6 +72,8 @@ pub struct ClusterSpec {
     pub cp_args: Vec<&'static str>,
     /// Whether agents serve calls without an API key.
     pub anonymous: bool,
+    /// Whether agents write audit records (see `Region::audit`).
+    pub audit: bool,
 }
 
 impl Default for ClusterSpec {
@@ -64,6 +87,7 @@ impl Default for ClusterSpec {
             max_body_bytes: 64 * 1024,
             cp_args: Vec::new(),
             anonymous: true,
+            audit: false,
         }
     }
 }
@@ -118,6 +142,9 @@ impl Cluster {
                 .collect();
             opts.max_body_bytes = spec.max_body_bytes;
             opts.pipeline.allow_anonymous = spec.anonymous;
+            if spec.audit {
+                opts.audit_dir = Some(dir.path().join("audit"));
+            }
             opts.upstream_timeout = Duration::from_secs(5);
             let agent = TestAgent::start_with(opts).await;
             regions.insert(

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use spillway_agent::pipeline::PipelineSettings;
+use spillway_agent::record::AuditSettings;
 use spillway_agent::server::{AgentSettings, local_capabilities};
 use spillway_agent::snapshot::AgentConfig;
 use spillway_agent::sync::{ConfigWatch, SyncSettings};
@@ -418,6 +419,7 @@ pub struct AgentOptions<'a> {
     pub max_body_bytes: usize,
     pub upstream_timeout: Duration,
     pub report_interval: Duration,
+    pub audit_dir: Option<PathBuf>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -441,6 +443,7 @@ impl<'a> AgentOptions<'a> {
             max_body_bytes: 4 * 1024 * 1024,
             upstream_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(250),
+            audit_dir: None,
         }
     }
 }
@@ -501,6 +504,11 @@ impl TestAgent {
             },
             pipeline: opts.pipeline,
             max_body_bytes: opts.max_body_bytes,
+            audit: opts.audit_dir.map(|dir| AuditSettings {
+                dir,
+                max_bytes: 64 * 1024 * 1024,
+                keep: 2,
+            }),
         };
         let (trigger, shutdown) = shutdown::channel();
         let running = spillway_agent::server::start(settings, grpc, http, shutdown)

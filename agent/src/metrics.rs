@@ -1,0 +1,203 @@
+//! The agent's metrics, served as Prometheus text at `GET /metrics`: calls
+//! by outcome, latency and time-to-first-token histograms, tokens,
+//! throttles by cause, spills, relayed calls served, ejections, and the
+//! config version; labelled by profile and region, never by tenant secret
+//! or content.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// (name, type, help) of every family, in the order they are written.
+const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "spillway_agent_calls_total",
+        "counter",
+        "Calls taken by this agent's front doors, by profile, serving region and outcome.",
+    ),
+    (
+        "spillway_agent_call_duration_seconds",
+        "histogram",
+        "Time from a call's arrival to the end of its answer.",
+    ),
+    (
+        "spillway_agent_time_to_first_token_seconds",
+        "histogram",
+        "Time from a streamed call's arrival to the first byte of its answer.",
+    ),
+    (
+        "spillway_agent_tokens_total",
+        "counter",
+        "Tokens of answered calls, by profile and direction (input, output).",
+    ),
+    (
+        "spillway_agent_throttled_total",
+        "counter",
+        "Calls refused 429, by profile and cause: quota (a quota of this region) or capacity (every region tried was saturated).",
+    ),
+    (
+        "spillway_agent_spilled_total",
+        "counter",
+        "Calls served by another region than this agent's, by profile and serving region.",
+    ),
+    (
+        "spillway_agent_relay_served_total",
+        "counter",
+        "Calls relayed to this agent by another region's agent, by source region and outcome.",
+    ),
+    (
+        "spillway_agent_ejections_total",
+        "counter",
+        "Regions ejected after failing calls in a row, by region.",
+    ),
+    (
+        "spillway_agent_config_version",
+        "gauge",
+        "The config version this agent runs.",
+    ),
+];
+
+#[derive(Debug, Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// The registry. Each call updates it a few times under one short lock.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
+    config_version: AtomicU64,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// `{a="x",b="y"}` for the given pairs.
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics::default()
+    }
+
+    pub fn add(&self, name: &'static str, pairs: &[(&str, &str)], n: u64) {
+        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        *c.entry((name, labels(pairs))).or_default() += n;
+    }
+
+    pub fn observe(&self, name: &'static str, pairs: &[(&str, &str)], d: Duration) {
+        let secs = d.as_secs_f64();
+        let mut h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = h.entry((name, labels(pairs))).or_default();
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            if secs <= *bound {
+                entry.counts[i] += 1;
+            }
+        }
+        entry.count += 1;
+        entry.sum += secs;
+    }
+
+    pub fn set_config_version(&self, v: u64) {
+        self.config_version.store(v, Ordering::Relaxed);
+    }
+
+    /// Everything, in the Prometheus text format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let counters = self
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let histograms = self
+            .histograms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut out = String::new();
+        for (name, kind, help) in FAMILIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            match *kind {
+                "counter" => {
+                    for ((n, l), v) in counters.iter().filter(|((n, _), _)| n == name) {
+                        let _ = writeln!(out, "{n}{l} {v}");
+                    }
+                }
+                "histogram" => {
+                    for ((n, l), h) in histograms.iter().filter(|((n, _), _)| n == name) {
+                        // `{a="x"}` becomes `{a="x",le="0.1"}`.
+                        let open = &l[..l.len() - 1];
+                        let sep = if open.len() > 1 { "," } else { "" };
+                        for (i, bound) in BUCKETS.iter().enumerate() {
+                            let _ = writeln!(
+                                out,
+                                "{n}_bucket{open}{sep}le=\"{bound}\"}} {}",
+                                h.counts[i]
+                            );
+                        }
+                        let _ = writeln!(out, "{n}_bucket{open}{sep}le=\"+Inf\"}} {}", h.count);
+                        let _ = writeln!(out, "{n}_sum{l} {}", h.sum);
+                        let _ = writeln!(out, "{n}_count{l} {}", h.count);
+                    }
+                }
+                _ => {
+                    let _ = writeln!(
+                        out,
+                        "{name} {}",
+                        self.config_version.load(Ordering::Relaxed)
+                    );
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_the_gauge() {
+        let m = Metrics::new();
+        m.add(
+            "spillway_agent_throttled_total",
+            &[("profile", "us.m"), ("cause", "quota")],
+            2,
+        );
+        m.observe(
+            "spillway_agent_call_duration_seconds",
+            &[("profile", "us.m"), ("inference_region", "us-east")],
+            Duration::from_millis(30),
+        );
+        m.set_config_version(7);
+        let text = m.render();
+        assert!(
+            text.contains("spillway_agent_throttled_total{profile=\"us.m\",cause=\"quota\"} 2")
+        );
+        assert!(text.contains("spillway_agent_call_duration_seconds_bucket{profile=\"us.m\",inference_region=\"us-east\",le=\"0.025\"} 0"));
+        assert!(text.contains("spillway_agent_call_duration_seconds_bucket{profile=\"us.m\",inference_region=\"us-east\",le=\"0.05\"} 1"));
+        assert!(text.contains("spillway_agent_call_duration_seconds_count{profile=\"us.m\",inference_region=\"us-east\"} 1"));
+        assert!(text.contains("spillway_agent_config_version 7"));
+        assert_eq!(labels(&[("p", "a\"b")]), "{p=\"a\\\"b\"}");
+    }
+}

@@ -1,0 +1,411 @@
+//! What the source agent records about each call it takes, when the call
+//! ends: its metrics, and one audit record (JSON Lines, rotated by size)
+//! with who called what, where it was served, every attempt, the tokens and
+//! the timings, never the prompt or the answer. A relayed call is recorded
+//! by its source agent only; the destination keeps nothing about it.
+//!
+//! Audit records are written by a task of their own, off the request path:
+//! a call hands its record over a bounded channel and never waits; when the
+//! writer falls behind, records are dropped and counted (and logged).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::CallError;
+use crate::metrics::Metrics;
+
+/// What is known of a call as it goes through the door.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    pub request_id: String,
+    pub started: Instant,
+    pub at_unix_ms: u64,
+    /// `http` or `grpc`.
+    pub door: &'static str,
+    pub tenant: Option<String>,
+    pub key_id: Option<String>,
+    pub profile: Option<String>,
+    pub model: Option<String>,
+    pub stream: bool,
+}
+
+impl CallContext {
+    pub fn new(door: &'static str) -> CallContext {
+        CallContext {
+            request_id: format!("req_{:016x}{:08x}", fastrand::u64(..), fastrand::u32(..)),
+            started: Instant::now(),
+            at_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            door,
+            tenant: None,
+            key_id: None,
+            profile: None,
+            model: None,
+            stream: false,
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub status: u16,
+    /// `ok`, `throttled_quota`, `throttled_capacity`, `unauthenticated`,
+    /// `permission_denied`, `bad_request`, `not_found`, `error`, or
+    /// `incomplete` (the stream broke off or the client left).
+    pub outcome: &'static str,
+    pub inference_region: Option<String>,
+    /// Regions tried before the serving one, with why they did not serve.
+    pub attempts: Vec<(String, String)>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub ttft: Option<Duration>,
+}
+
+impl Outcome {
+    /// The outcome of a call that got no answer.
+    pub fn of_error(e: &CallError) -> Outcome {
+        let outcome = match e {
+            CallError::Quota(_) => "throttled_quota",
+            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
+                "throttled_capacity"
+            }
+            CallError::Unauthenticated(_) => "unauthenticated",
+            CallError::PermissionDenied(_) | CallError::RelayRefused(_) => "permission_denied",
+            CallError::BadRequest { .. }
+            | CallError::TooLarge(_)
+            | CallError::NotCallableHere { .. } => "bad_request",
+            CallError::ProfileNotFound(_) => "not_found",
+            CallError::Unavailable(_) | CallError::Upstream(_) | CallError::NoConfig => "error",
+        };
+        let attempts = match e {
+            CallError::Exhausted { attempts, .. } => attempts.clone(),
+            _ => Vec::new(),
+        };
+        Outcome {
+            status: e.http_status().as_u16(),
+            outcome,
+            attempts,
+            ..Outcome::default()
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Attempt<'a> {
+    region: &'a str,
+    outcome: &'a str,
+}
+
+/// One line of the audit log.
+#[derive(Serialize)]
+struct AuditRecord<'a> {
+    time: String,
+    request_id: &'a str,
+    door: &'a str,
+    tenant: Option<&'a str>,
+    key_id: Option<&'a str>,
+    profile: Option<&'a str>,
+    model: Option<&'a str>,
+    source_region: &'a str,
+    inference_region: Option<&'a str>,
+    attempts: Vec<Attempt<'a>>,
+    status: u16,
+    outcome: &'a str,
+    stream: bool,
+    input_tokens: u64,
+    output_tokens: u64,
+    latency_ms: f64,
+    ttft_ms: Option<f64>,
+}
+
+/// Where audit records go: a folder of JSON Lines files, the current one
+/// `audit.jsonl`, rotated to `audit-<unix-ms>.jsonl` past `max_bytes`, the
+/// oldest removed past `keep` files.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub max_bytes: u64,
+    pub keep: usize,
+}
+
+/// Records calls: metrics always, audit records when configured.
+pub struct Recorder {
+    pub region: String,
+    pub metrics: Arc<Metrics>,
+    audit: Option<mpsc::Sender<Vec<u8>>>,
+    dropped: AtomicU64,
+}
+
+const AUDIT_QUEUE: usize = 8192;
+
+impl Recorder {
+    /// A recorder; with audit settings, also the writer task.
+    pub fn start(region: String, audit: Option<AuditSettings>) -> Arc<Recorder> {
+        let audit = audit.map(|settings| {
+            let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
+            tokio::spawn(write_audit(settings, rx));
+            tx
+        });
+        Arc::new(Recorder {
+            region,
+            metrics: Arc::new(Metrics::new()),
+            audit,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Records one call that ended with `outcome`.
+    pub fn finish(&self, ctx: &CallContext, o: &Outcome) {
+        let latency = ctx.started.elapsed();
+        let profile = ctx.profile.as_deref().unwrap_or("");
+        let served = o.inference_region.as_deref().unwrap_or("");
+        let m = &self.metrics;
+        m.add(
+            "spillway_agent_calls_total",
+            &[
+                ("profile", profile),
+                ("inference_region", served),
+                ("outcome", o.outcome),
+            ],
+            1,
+        );
+        let by = [("profile", profile), ("inference_region", served)];
+        if o.outcome == "ok" || o.outcome == "incomplete" {
+            m.observe("spillway_agent_call_duration_seconds", &by, latency);
+            if ctx.stream
+                && let Some(t) = o.ttft
+            {
+                m.observe("spillway_agent_time_to_first_token_seconds", &by, t);
+            }
+            m.add(
+                "spillway_agent_tokens_total",
+                &[("profile", profile), ("direction", "input")],
+                o.input_tokens,
+            );
+            m.add(
+                "spillway_agent_tokens_total",
+                &[("profile", profile), ("direction", "output")],
+                o.output_tokens,
+            );
+            if !served.is_empty() && served != self.region {
+                m.add(
+                    "spillway_agent_spilled_total",
+                    &[("profile", profile), ("inference_region", served)],
+                    1,
+                );
+            }
+        }
+        let cause = match o.outcome {
+            "throttled_quota" => Some("quota"),
+            "throttled_capacity" => Some("capacity"),
+            _ => None,
+        };
+        if let Some(cause) = cause {
+            m.add(
+                "spillway_agent_throttled_total",
+                &[("profile", profile), ("cause", cause)],
+                1,
+            );
+        }
+        let Some(tx) = &self.audit else { return };
+        let record = AuditRecord {
+            time: rfc3339(ctx.at_unix_ms),
+            request_id: &ctx.request_id,
+            door: ctx.door,
+            tenant: ctx.tenant.as_deref(),
+            key_id: ctx.key_id.as_deref(),
+            profile: ctx.profile.as_deref(),
+            model: ctx.model.as_deref(),
+            source_region: &self.region,
+            inference_region: o.inference_region.as_deref(),
+            attempts: o
+                .attempts
+                .iter()
+                .map(|(region, outcome)| Attempt { region, outcome })
+                .chain(o.inference_region.as_deref().map(|r| Attempt {
+                    region: r,
+                    outcome: "served",
+                }))
+                .collect(),
+            status: o.status,
+            outcome: o.outcome,
+            stream: ctx.stream,
+            input_tokens: o.input_tokens,
+            output_tokens: o.output_tokens,
+            latency_ms: latency.as_secs_f64() * 1000.0,
+            ttft_ms: o.ttft.map(|t| t.as_secs_f64() * 1000.0),
+        };
+        let mut line = serde_json::to_vec(&record).expect("audit records serialize");
+        line.push(b'\n');
+        if tx.try_send(line).is_err() {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "the audit writer is behind; records dropped");
+            }
+        }
+    }
+}
+
+async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<Vec<u8>>) {
+    if let Err(e) = tokio::fs::create_dir_all(&settings.dir).await {
+        tracing::error!(dir = %settings.dir.display(), error = %e, "cannot create the audit folder; audit records are lost");
+        return;
+    }
+    let current = settings.dir.join("audit.jsonl");
+    let mut file: Option<tokio::fs::File> = None;
+    let mut size = tokio::fs::metadata(&current).await.map_or(0, |m| m.len());
+    while let Some(first) = rx.recv().await {
+        // Whatever else is waiting goes in the same write.
+        let mut batch = first;
+        while let Ok(more) = rx.try_recv() {
+            batch.extend_from_slice(&more);
+            if batch.len() > 1 << 20 {
+                break;
+            }
+        }
+        if size > 0 && size + batch.len() as u64 > settings.max_bytes {
+            file = None;
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let rotated = settings.dir.join(format!("audit-{stamp}.jsonl"));
+            if let Err(e) = tokio::fs::rename(&current, &rotated).await {
+                tracing::warn!(error = %e, "cannot rotate the audit log");
+            }
+            size = 0;
+            prune(&settings).await;
+        }
+        if file.is_none() {
+            match tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&current)
+                .await
+            {
+                Ok(f) => file = Some(f),
+                Err(e) => {
+                    tracing::error!(file = %current.display(), error = %e, "cannot open the audit log");
+                    continue;
+                }
+            }
+        }
+        let failed = match &mut file {
+            Some(f) => match f.write_all(&batch).await {
+                Ok(()) => {
+                    size += batch.len() as u64;
+                    f.flush().await.err()
+                }
+                Err(e) => Some(e),
+            },
+            None => None,
+        };
+        if let Some(e) = failed {
+            tracing::error!(error = %e, "cannot write the audit log");
+            file = None;
+        }
+    }
+}
+
+/// Removes the oldest rotated files beyond `keep`.
+async fn prune(settings: &AuditSettings) {
+    let Ok(mut dir) = tokio::fs::read_dir(&settings.dir).await else {
+        return;
+    };
+    let mut rotated = Vec::new();
+    while let Ok(Some(e)) = dir.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("audit-") && name.ends_with(".jsonl") {
+            rotated.push(name);
+        }
+    }
+    rotated.sort();
+    let excess = rotated.len().saturating_sub(settings.keep);
+    for name in &rotated[..excess] {
+        let _ = tokio::fs::remove_file(settings.dir.join(name)).await;
+    }
+}
+
+/// `2026-11-27T16:43:00.123Z` for milliseconds since the Unix epoch.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_797_780_123), "2026-11-27T16:43:00.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[tokio::test]
+    async fn audit_files_rotate_by_size_and_old_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = AuditSettings {
+            dir: dir.path().to_path_buf(),
+            max_bytes: 600,
+            keep: 2,
+        };
+        let recorder = Recorder::start("us-east".into(), Some(settings));
+        for i in 0..20 {
+            let mut ctx = CallContext::new("http");
+            ctx.tenant = Some("acme".into());
+            ctx.profile = Some(format!("us.m{i}"));
+            recorder.finish(
+                &ctx,
+                &Outcome {
+                    status: 200,
+                    outcome: "ok",
+                    inference_region: Some("us-west".into()),
+                    ..Outcome::default()
+                },
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert!(names.contains(&"audit.jsonl".to_string()), "{names:?}");
+        assert_eq!(names.len(), 3, "the current file and 2 rotated: {names:?}");
+        let current = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+        let last: serde_json::Value =
+            serde_json::from_str(current.lines().last().unwrap()).unwrap();
+        assert_eq!(last["profile"], "us.m19");
+        assert_eq!(last["tenant"], "acme");
+        assert_eq!(last["source_region"], "us-east");
+        assert_eq!(last["attempts"][0]["region"], "us-west");
+    }
+}

@@ -1,0 +1,241 @@
+//! What agents record: the audit log (one line per call, in the source
+//! region only, never the prompt or the answer) and the Prometheus metrics
+//! (which parse as Prometheus text, and count throttles by cause: a quota
+//! of the source region apart from every region being saturated).
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use spillway_proto::pb;
+use spillway_tests::cluster::{Cluster, ClusterSpec, Http, US, chat};
+use spillway_tests::sim::SimConfig;
+
+/// Checks that `text` is Prometheus text exposition: `# HELP` / `# TYPE`
+/// comments, and samples `name{label="value",...} number`; returns the
+/// samples.
+fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    let mut samples = Vec::new();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let kind = parts.next().unwrap();
+            assert!(kind == "HELP" || kind == "TYPE", "comment `{line}`");
+            assert!(name_ok(parts.next().unwrap_or("")), "comment `{line}`");
+            if kind == "TYPE" {
+                let t = parts.next().unwrap_or("");
+                assert!(
+                    ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                    "type `{line}`"
+                );
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value of `{line}`"));
+        let name = series.split('{').next().unwrap();
+        assert!(name_ok(name), "metric name in `{line}`");
+        if let Some(labels) = series.strip_prefix(name).filter(|l| !l.is_empty()) {
+            let inner = labels
+                .strip_prefix('{')
+                .and_then(|l| l.strip_suffix('}'))
+                .unwrap_or_else(|| panic!("labels of `{line}`"));
+            for pair in inner.split("\",").filter(|p| !p.is_empty()) {
+                let (k, v) = pair
+                    .split_once("=\"")
+                    .unwrap_or_else(|| panic!("label `{pair}`"));
+                assert!(name_ok(k), "label name `{k}` in `{line}`");
+                assert!(!v.contains('\n'));
+            }
+        }
+        samples.push((series.to_string(), value));
+    }
+    samples
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> f64 {
+    samples
+        .iter()
+        .find(|(s, _)| s == series)
+        .map_or(0.0, |(_, v)| *v)
+}
+
+#[tokio::test]
+async fn metrics_parse_and_count_throttles_by_cause() {
+    // Every region takes 2 x 1 slow call at a time: a burst finds them all
+    // saturated (capacity); a quota of 6 a minute refuses the rest (quota).
+    let slow = SimConfig {
+        ttft: Duration::from_millis(400),
+        max_concurrent: 1,
+        ..SimConfig::default()
+    };
+    let mut spec = ClusterSpec::default();
+    for r in ["us-east", "us-west", "eu-west"] {
+        spec.sim.insert(r, slow.clone());
+    }
+    let cluster = Cluster::start(spec).await;
+    let east = &cluster.region("us-east").agent;
+    let http = Http::default();
+    let burst = join_all((0..12).map(|_| {
+        let http = http.clone();
+        async move {
+            http.post(east.http, "/v1/chat/completions", chat(US, false))
+                .await
+        }
+    }))
+    .await;
+    let capacity = burst.iter().filter(|a| a.status == 429).count();
+    assert!(capacity > 0, "12 calls on 4 slots: some are throttled");
+    for a in burst.iter().filter(|a| a.status == 429) {
+        assert_eq!(a.headers["x-spillway-throttle"], "capacity");
+        assert_eq!(a.json()["error"]["code"], "rate_limit_exceeded");
+    }
+
+    let mut admin = cluster.cp.admin().await;
+    admin
+        .create_quota(pb::CreateQuotaRequest {
+            quota: Some(pb::Quota {
+                scope: Some(pb::QuotaScope {
+                    profile: US.into(),
+                    source_region: "us-east".into(),
+                    tenant: String::new(),
+                }),
+                requests_per_minute: Some(6),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    east.wait_for("the quota", |c| !c.quotas.is_empty()).await;
+    let mut quota = 0;
+    for _ in 0..4 {
+        let a = http
+            .post(east.http, "/v1/chat/completions", chat(US, false))
+            .await;
+        if a.status == 429 {
+            assert_eq!(a.headers["x-spillway-throttle"], "quota");
+            quota += 1;
+        }
+    }
+    assert!(quota > 0);
+
+    let text = http.get(east.http, "/metrics").await;
+    assert_eq!(text.status, 200);
+    assert!(
+        text.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let samples = parse_prometheus(&text.text());
+    let by_cause = |cause: &str| {
+        sample(
+            &samples,
+            &format!("spillway_agent_throttled_total{{profile=\"{US}\",cause=\"{cause}\"}}"),
+        )
+    };
+    assert_eq!(by_cause("capacity"), capacity as f64);
+    assert_eq!(by_cause("quota"), quota as f64);
+    let served_here = format!(
+        "spillway_agent_calls_total{{profile=\"{US}\",inference_region=\"us-east\",outcome=\"ok\"}}"
+    );
+    assert!(sample(&samples, &served_here) >= 1.0);
+    assert!(
+        sample(
+            &samples,
+            &format!(
+                "spillway_agent_call_duration_seconds_count{{profile=\"{US}\",inference_region=\"us-east\"}}"
+            )
+        ) >= 1.0
+    );
+    assert!(sample(&samples, "spillway_agent_config_version") > 0.0);
+    // No tenant, key or content in any label.
+    assert!(!text.text().contains("hello"));
+}
+
+#[tokio::test]
+async fn audit_records_are_kept_in_the_source_region_only() {
+    let cluster = Cluster::start(ClusterSpec {
+        audit: true,
+        ..ClusterSpec::default()
+    })
+    .await;
+    let mut admin = cluster.cp.admin().await;
+    admin
+        .create_tenant(pb::CreateTenantRequest {
+            tenant: Some(pb::Tenant {
+                name: "acme".into(),
+                profiles: vec!["*".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let key = admin
+        .create_key(pb::CreateKeyRequest {
+            tenant: "acme".into(),
+            description: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let key_id = key.key.unwrap().id;
+    // us-east sends every call of the profile to us-west.
+    cluster.set_route(US, "us-east", &[("us-west", 1.0)]).await;
+    let east = &cluster.region("us-east").agent;
+    east.wait_for("the key", |c| c.keys.contains_key(&key_id))
+        .await;
+    let http = Http::default();
+    let a = http.post_key(east.http, &key.secret, chat(US, false)).await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.region(), Some("us-west"));
+    let request_id = a.headers["x-request-id"].to_str().unwrap().to_string();
+    let streamed = http.post_key(east.http, &key.secret, chat(US, true)).await;
+    assert_eq!(streamed.status, 200);
+    let refused = http.post_key(east.http, "spw_x_y", chat(US, false)).await;
+    assert_eq!(refused.status, 401);
+
+    // Written off the request path: wait for the three lines.
+    spillway_tests::wait_until("three audit records", Duration::from_secs(5), || {
+        let n = cluster.region("us-east").audit().len();
+        async move { n == 3 }
+    })
+    .await;
+    let records = cluster.region("us-east").audit();
+    let unary = records
+        .iter()
+        .find(|r| r["request_id"] == request_id.as_str())
+        .expect("the unary call's record");
+    assert_eq!(unary["tenant"], "acme");
+    assert_eq!(unary["key_id"], key_id.as_str());
+    assert_eq!(unary["profile"], US);
+    assert_eq!(unary["model"], "llama-3.1-8b");
+    assert_eq!(unary["source_region"], "us-east");
+    assert_eq!(unary["inference_region"], "us-west");
+    assert_eq!(unary["status"], 200);
+    assert_eq!(unary["outcome"], "ok");
+    assert_eq!(unary["attempts"][0]["region"], "us-west");
+    assert!(unary["output_tokens"].as_u64().unwrap() > 0);
+    assert!(unary["latency_ms"].as_f64().unwrap() > 0.0);
+    let stream = records.iter().find(|r| r["stream"] == true).unwrap();
+    assert_eq!(stream["inference_region"], "us-west");
+    assert!(stream["ttft_ms"].as_f64().is_some());
+    let denied = records
+        .iter()
+        .find(|r| r["outcome"] == "unauthenticated")
+        .unwrap();
+    assert_eq!(denied["status"], 401);
+    // Never the prompt or the answer.
+    let all = serde_json::to_string(&records).unwrap();
+    assert!(!all.contains("hello") && !all.contains("tok0"), "{all}");
+    // The destination served both calls and kept no record of them.
+    assert_eq!(cluster.region("us-west").served(), 2);
+    assert!(cluster.region("us-west").audit().is_empty());
+}
