@@ -83,6 +83,11 @@ pub struct AgentArgs {
     /// Rotated audit files kept.
     #[arg(long, default_value_t = 10)]
     pub audit_keep: usize,
+    /// This region's OpenTelemetry collector (OTLP over gRPC, e.g.
+    /// `http://127.0.0.1:4317`). The agent exports the traces of the calls
+    /// it takes, with the spans of any region that served them.
+    #[arg(long, env = "SPILLWAY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,

@@ -47,9 +47,11 @@ fn prepare(
     req: &pb::ConverseRequest,
     stream: bool,
     key: Option<&str>,
+    traceparent: Option<&str>,
     ctx: &mut CallContext,
 ) -> Result<PreparedCall, CallError> {
     let cfg = pipeline.config()?;
+    ctx.join_trace(traceparent);
     let caller = pipeline.authenticate(&cfg, key)?;
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();
@@ -125,6 +127,11 @@ fn prepare(
     }
     let profile = pipeline.resolve(&cfg, &req.model_id)?;
     ctx.model = Some(profile.model.clone());
+    ctx.max_tokens = req
+        .inference_config
+        .as_ref()
+        .and_then(|c| c.max_tokens)
+        .map(u64::from);
     authorize(&cfg, &caller, &profile.id)?;
     body.insert("model".into(), Value::String(profile.model.clone()));
     Ok(PreparedCall {
@@ -134,11 +141,7 @@ fn prepare(
             .expect("a JSON map serializes")
             .into(),
         stream,
-        max_tokens: req
-            .inference_config
-            .as_ref()
-            .and_then(|c| c.max_tokens)
-            .map(u64::from),
+        max_tokens: ctx.max_tokens,
         ctx: ctx.clone(),
         config: cfg.clone(),
     })
@@ -190,7 +193,18 @@ async fn admit_and_call(
     ctx: &mut CallContext,
 ) -> Result<(Answer, RateInfo), Status> {
     let result = async {
-        let call = prepare(pipeline, req.get_ref(), stream, presented_key(req), ctx)?;
+        let traceparent = req
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok());
+        let call = prepare(
+            pipeline,
+            req.get_ref(),
+            stream,
+            presented_key(req),
+            traceparent,
+            ctx,
+        )?;
         let admission = pipeline.admit(&call)?;
         let rate = admission.rate.clone();
         let answer = pipeline.call(call, admission).await?;

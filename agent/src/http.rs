@@ -200,12 +200,14 @@ async fn serve(
         .to_bytes();
     let pipeline = &door.pipeline;
     let cfg = pipeline.config()?;
+    ctx.join_trace(headers.get("traceparent").and_then(|v| v.to_str().ok()));
     let caller = pipeline.authenticate(&cfg, presented_key(headers))?;
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();
     let req = ChatRequest::parse(bytes)?;
     ctx.profile = Some(req.model.clone());
     ctx.stream = req.stream;
+    ctx.max_tokens = req.max_tokens;
     let profile = pipeline.resolve(&cfg, &req.model)?;
     ctx.model = Some(profile.model.clone());
     authorize(&cfg, &caller, &profile.id)?;

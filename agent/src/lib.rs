@@ -28,4 +28,5 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod sync;
+pub mod trace;
 pub mod upstream;

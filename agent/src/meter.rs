@@ -32,6 +32,23 @@ struct Usage {
     completion_tokens: Option<u64>,
 }
 
+#[derive(Deserialize)]
+struct WithChoices {
+    #[serde(default)]
+    choices: Vec<Choice>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    finish_reason: Option<String>,
+}
+
+fn finish_reasons(json: &[u8], into: &mut Vec<String>) {
+    if let Ok(c) = serde_json::from_slice::<WithChoices>(json) {
+        into.extend(c.choices.into_iter().filter_map(|c| c.finish_reason));
+    }
+}
+
 fn usage_of(json: &[u8]) -> Option<(Option<u64>, Option<u64>)> {
     serde_json::from_slice::<WithUsage>(json)
         .ok()
@@ -48,6 +65,8 @@ pub struct Finished {
     pub ttft: Option<Duration>,
     /// The answer ended normally (not broken off, nor left by the client).
     pub complete: bool,
+    /// The choices' `finish_reason`s (`stop`, `length`, ...).
+    pub finish_reasons: Vec<String>,
 }
 
 pub type OnFinish = Box<dyn FnOnce(&Finished) + Send>;
@@ -64,6 +83,7 @@ pub struct Meter {
     first_byte: Option<Duration>,
     complete: bool,
     done: bool,
+    finish_reasons: Vec<String>,
 }
 
 impl Meter {
@@ -79,6 +99,7 @@ impl Meter {
             first_byte: None,
             complete: false,
             done: false,
+            finish_reasons: Vec::new(),
         }
     }
 
@@ -110,6 +131,7 @@ impl Meter {
         if self.output.is_none() {
             self.events = body.len().div_ceil(4) as u64;
         }
+        finish_reasons(body, &mut self.finish_reasons);
         self.complete = true;
         self.finish();
     }
@@ -123,6 +145,7 @@ impl Meter {
             output_tokens: self.output.unwrap_or(self.events),
             ttft: self.first_byte,
             complete: self.complete,
+            finish_reasons: std::mem::take(&mut self.finish_reasons),
         };
         if let Some((quotas, r)) = self.reservation.take() {
             quotas.settle(r, finished.input_tokens, finished.output_tokens);
@@ -177,6 +200,9 @@ impl Stream for Metered {
                         continue;
                     }
                     m.events += 1;
+                    if data.contains("\"finish_reason\":\"") {
+                        finish_reasons(data.as_bytes(), &mut m.finish_reasons);
+                    }
                     if data.contains("\"usage\"")
                         && let Some((input, output)) = usage_of(data.as_bytes())
                     {

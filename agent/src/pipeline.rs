@@ -17,11 +17,13 @@ use crate::error::CallError;
 use crate::meter::Meter;
 use crate::outlier::{OutlierSettings, Outliers};
 use crate::quota::{CallScope, Quotas, RateInfo, Reservation, estimate_input_tokens};
-use crate::record::{CallContext, Outcome, Recorder};
+use crate::record::{AttemptSpan, CallContext, Outcome, Recorder};
 use crate::relay::RelayClients;
+use crate::relay::RelayedCall;
 use crate::route;
 use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
+use crate::trace::{self, RemoteSpans, TraceParent};
 use crate::upstream::{AnswerBody, Upstreams};
 
 /// A call ready to be routed: the config it was resolved against (one read
@@ -54,6 +56,10 @@ pub struct Answer {
     pub body: AnswerBody,
     /// Regions tried before this one, with why they did not serve.
     pub failed_attempts: Vec<(String, String)>,
+    /// Every attempt as a span (the serving one last, still open).
+    pub attempt_spans: Vec<AttemptSpan>,
+    /// Where a destination's spans land, for a relayed call.
+    pub remote_spans: RemoteSpans,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +259,8 @@ impl Pipeline {
                 let recorder = self.recorder.clone();
                 let (region, attempts) = (answer.region.clone(), answer.failed_attempts.clone());
                 let status = answer.status;
+                let (attempt_spans, remote) =
+                    (answer.attempt_spans.clone(), answer.remote_spans.clone());
                 meter = meter.on_finish(Box::new(move |f| {
                     let outcome = match (status.is_success(), f.complete) {
                         (true, true) => "ok",
@@ -270,6 +278,11 @@ impl Pipeline {
                             input_tokens: f.input_tokens,
                             output_tokens: f.output_tokens,
                             ttft: f.ttft,
+                            finish_reasons: f.finish_reasons.clone(),
+                            attempt_spans,
+                            remote_spans: std::mem::take(
+                                &mut *remote.lock().unwrap_or_else(|p| p.into_inner()),
+                            ),
                         },
                     );
                 }));
@@ -333,6 +346,8 @@ impl Pipeline {
         }
         self.budget.deposit();
         let mut failed = Vec::new();
+        let mut spans: Vec<AttemptSpan> = Vec::new();
+        let remote: RemoteSpans = RemoteSpans::default();
         let mut spent_call = false;
         for (i, region) in plan
             .into_iter()
@@ -348,21 +363,38 @@ impl Pipeline {
                 ));
                 break;
             }
+            let attempt = AttemptSpan {
+                region: region.to_string(),
+                span_id: trace::new_span_id(),
+                start_ns: trace::now_ns(),
+                end_ns: None,
+                error: None,
+                relayed: region != self.region,
+            };
             let result = if region == self.region {
                 self.upstreams
                     .call(&call.model, call.body.clone(), call.stream)
                     .await
             } else {
                 let started = tokio::time::Instant::now();
+                let traceparent = TraceParent {
+                    trace_id: call.ctx.trace_id,
+                    span_id: attempt.span_id,
+                };
                 let result = self
                     .relays
                     .call(
                         cfg,
                         region,
-                        &call.profile,
-                        &call.model,
-                        call.body.clone(),
-                        call.stream,
+                        RelayedCall {
+                            profile: &call.profile,
+                            model: &call.model,
+                            body: call.body.clone(),
+                            stream: call.stream,
+                            request_id: &call.ctx.request_id,
+                            traceparent,
+                            spans: &remote,
+                        },
                     )
                     .await;
                 self.record_relay(region, &result, started.elapsed());
@@ -388,16 +420,24 @@ impl Pipeline {
                     if !failed.is_empty() {
                         tracing::debug!(profile = %call.profile, served_in = region, ?failed, "served after failover");
                     }
+                    spans.push(attempt);
                     return Ok(Answer {
                         region: region.to_string(),
                         status: answer.status,
                         body: answer.body,
                         failed_attempts: failed,
+                        attempt_spans: spans,
+                        remote_spans: remote,
                     });
                 }
                 Err(e) if e.retriable() => {
                     spent_call |= !matches!(e, CallError::AtCapacity(_));
                     failed.push((region.to_string(), e.to_string()));
+                    spans.push(AttemptSpan {
+                        end_ns: Some(trace::now_ns()),
+                        error: Some(e.to_string()),
+                        ..attempt
+                    });
                 }
                 Err(e) => return Err(e),
             }

@@ -18,8 +18,12 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
 use crate::error::CallError;
 use crate::metrics::Metrics;
+use crate::trace::{self, TraceParent, Tracer, kv};
 
 /// What is known of a call as it goes through the door.
 #[derive(Debug, Clone)]
@@ -34,6 +38,13 @@ pub struct CallContext {
     pub profile: Option<String>,
     pub model: Option<String>,
     pub stream: bool,
+    pub max_tokens: Option<u64>,
+    /// The trace the call belongs to (the client's, from `traceparent`, or
+    /// a new one), the client's span, and this call's own span.
+    pub trace_id: [u8; 16],
+    pub client_span: Option<[u8; 8]>,
+    pub span_id: [u8; 8],
+    pub started_ns: u64,
 }
 
 impl CallContext {
@@ -50,8 +61,33 @@ impl CallContext {
             profile: None,
             model: None,
             stream: false,
+            max_tokens: None,
+            trace_id: trace::new_trace_id(),
+            client_span: None,
+            span_id: trace::new_span_id(),
+            started_ns: trace::now_ns(),
         }
     }
+
+    /// Joins the client's trace, from its `traceparent`.
+    pub fn join_trace(&mut self, traceparent: Option<&str>) {
+        if let Some(tp) = traceparent.and_then(TraceParent::parse) {
+            self.trace_id = tp.trace_id;
+            self.client_span = Some(tp.span_id);
+        }
+    }
+}
+
+/// One region a call was tried in, as a span.
+#[derive(Debug, Clone)]
+pub struct AttemptSpan {
+    pub region: String,
+    pub span_id: [u8; 8],
+    pub start_ns: u64,
+    /// `None` for the attempt that served: it ends with the answer.
+    pub end_ns: Option<u64>,
+    pub error: Option<String>,
+    pub relayed: bool,
 }
 
 /// How a call ended.
@@ -68,6 +104,10 @@ pub struct Outcome {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub ttft: Option<Duration>,
+    pub finish_reasons: Vec<String>,
+    pub attempt_spans: Vec<AttemptSpan>,
+    /// Spans a destination recorded for a relayed call.
+    pub remote_spans: Vec<ResourceSpans>,
 }
 
 impl Outcome {
@@ -137,10 +177,12 @@ pub struct AuditSettings {
     pub keep: usize,
 }
 
-/// Records calls: metrics always, audit records when configured.
+/// Records calls: metrics always, audit records and traces when
+/// configured.
 pub struct Recorder {
     pub region: String,
     pub metrics: Arc<Metrics>,
+    pub tracer: Arc<Tracer>,
     audit: Option<mpsc::Sender<Vec<u8>>>,
     dropped: AtomicU64,
 }
@@ -149,7 +191,11 @@ const AUDIT_QUEUE: usize = 8192;
 
 impl Recorder {
     /// A recorder; with audit settings, also the writer task.
-    pub fn start(region: String, audit: Option<AuditSettings>) -> Arc<Recorder> {
+    pub fn start(
+        region: String,
+        audit: Option<AuditSettings>,
+        tracer: Arc<Tracer>,
+    ) -> Arc<Recorder> {
         let audit = audit.map(|settings| {
             let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
             tokio::spawn(write_audit(settings, rx));
@@ -158,6 +204,7 @@ impl Recorder {
         Arc::new(Recorder {
             region,
             metrics: Arc::new(Metrics::new()),
+            tracer,
             audit,
             dropped: AtomicU64::new(0),
         })
@@ -216,6 +263,9 @@ impl Recorder {
                 1,
             );
         }
+        if self.tracer.enabled() {
+            self.tracer.export(self.spans(ctx, o));
+        }
         let Some(tx) = &self.audit else { return };
         let record = AuditRecord {
             time: rfc3339(ctx.at_unix_ms),
@@ -252,6 +302,85 @@ impl Recorder {
                 tracing::warn!(dropped = n, "the audit writer is behind; records dropped");
             }
         }
+    }
+}
+
+impl Recorder {
+    /// The call's spans: its own (the door's server span, then one client
+    /// span per attempt: the model-server call with the GenAI attributes,
+    /// or the relay), and those the destination sent back.
+    fn spans(&self, ctx: &CallContext, o: &Outcome) -> Vec<ResourceSpans> {
+        let end = trace::now_ns();
+        let served = o.inference_region.as_deref().unwrap_or("");
+        let model = ctx.model.clone().unwrap_or_default();
+        let mut genai = vec![
+            kv("gen_ai.operation.name", "chat"),
+            kv("gen_ai.request.model", model.as_str()),
+            kv("spillway.source_region", self.region.as_str()),
+            kv("spillway.inference_region", served),
+        ];
+        if let Some(n) = ctx.max_tokens {
+            genai.push(kv("gen_ai.request.max_tokens", n));
+        }
+        let mut usage = vec![
+            kv("gen_ai.usage.input_tokens", o.input_tokens),
+            kv("gen_ai.usage.output_tokens", o.output_tokens),
+            kv("gen_ai.response.finish_reasons", o.finish_reasons.clone()),
+        ];
+        if let Some(t) = o.ttft {
+            usage.push(kv("spillway.time_to_first_token_ms", t.as_millis() as u64));
+        }
+        let mut attrs = genai.clone();
+        attrs.extend(usage.iter().cloned());
+        attrs.push(kv("spillway.request_id", ctx.request_id.as_str()));
+        attrs.push(kv("spillway.outcome", o.outcome));
+        attrs.push(kv("http.response.status_code", u64::from(o.status)));
+        let failed = (o.outcome != "ok").then(|| o.outcome.to_string());
+        let mut spans = vec![trace::span(
+            ctx.trace_id,
+            ctx.span_id,
+            ctx.client_span,
+            format!("chat {}", ctx.profile.as_deref().unwrap_or("")),
+            SpanKind::Server,
+            ctx.started_ns,
+            end,
+            attrs,
+            failed,
+        )];
+        for a in &o.attempt_spans {
+            let (name, mut attrs) = if a.relayed {
+                (
+                    format!("relay {}", a.region),
+                    vec![kv("spillway.destination_region", a.region.as_str())],
+                )
+            } else {
+                let mut attrs = genai.clone();
+                attrs.push(kv("gen_ai.provider.name", "openai_compatible"));
+                if a.end_ns.is_none() {
+                    attrs.extend(usage.iter().cloned());
+                }
+                (format!("chat {model}"), attrs)
+            };
+            attrs.push(kv("spillway.attempt_region", a.region.as_str()));
+            spans.push(trace::span(
+                ctx.trace_id,
+                a.span_id,
+                Some(ctx.span_id),
+                name,
+                SpanKind::Client,
+                a.start_ns,
+                a.end_ns.unwrap_or(end),
+                attrs,
+                a.error.clone(),
+            ));
+        }
+        let mut out = vec![trace::resource_spans(
+            &self.region,
+            &self.tracer.agent_id,
+            spans,
+        )];
+        out.extend(o.remote_spans.iter().cloned());
+        out
     }
 }
 
@@ -376,7 +505,8 @@ mod tests {
             max_bytes: 600,
             keep: 2,
         };
-        let recorder = Recorder::start("us-east".into(), Some(settings));
+        let tracer = Tracer::start(None, "us-east".into(), "a".into());
+        let recorder = Recorder::start("us-east".into(), Some(settings), tracer);
         for i in 0..20 {
             let mut ctx = CallContext::new("http");
             ctx.tenant = Some("acme".into());

@@ -25,10 +25,13 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
 use crate::error::CallError;
+use crate::meter::Meter;
 use crate::metrics::Metrics;
 use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
+use crate::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
@@ -73,16 +76,23 @@ impl RelayClients {
 
     /// Relays a call to an agent of `region`; returns once the destination
     /// has answered with its head (the first byte), so that failing over
-    /// stays possible until then.
+    /// stays possible until then. The destination's spans, which come in
+    /// the trailer, go to `call.spans`.
     pub async fn call(
         &self,
         cfg: &AgentConfig,
         region: &str,
-        profile: &str,
-        model: &str,
-        body: Bytes,
-        stream: bool,
+        call: RelayedCall<'_>,
     ) -> Result<UpstreamAnswer, CallError> {
+        let RelayedCall {
+            profile,
+            model,
+            body,
+            stream,
+            request_id,
+            traceparent,
+            spans,
+        } = call;
         let agents = cfg
             .relays
             .get(region)
@@ -100,13 +110,13 @@ impl RelayClients {
             self.settings.body_timeout
         };
         let mut req = Request::new(pb::RelayRequest {
-            request_id: String::new(),
+            request_id: request_id.to_string(),
             source_region: cfg.region.clone(),
             profile: profile.to_string(),
             model: model.to_string(),
             body,
             stream,
-            traceparent: String::new(),
+            traceparent: traceparent.header(),
         });
         req.metadata_mut().insert(
             SOURCE_AGENT,
@@ -141,7 +151,7 @@ impl RelayClients {
         // A refusal by the model server (4xx) is one JSON body even for a
         // stream, so that the front door answers it as JSON.
         if stream && status.is_success() {
-            let body = async_stream(events, region);
+            let body = async_stream(events, region, spans.clone());
             return Ok(UpstreamAnswer {
                 status,
                 body: AnswerBody::Stream(body.boxed()),
@@ -153,6 +163,9 @@ impl RelayClients {
                 Ok(Some(pb::RelayEvent {
                     event: Some(Event::Chunk(c)),
                 })) => buf.extend_from_slice(&c),
+                Ok(Some(pb::RelayEvent {
+                    event: Some(Event::Trailer(t)),
+                })) => keep_spans(spans, &t),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(s) => {
@@ -170,13 +183,36 @@ impl RelayClients {
     }
 }
 
+/// What a source agent relays.
+pub struct RelayedCall<'a> {
+    pub profile: &'a str,
+    pub model: &'a str,
+    pub body: Bytes,
+    pub stream: bool,
+    pub request_id: &'a str,
+    /// The source's span for this attempt, which the destination's spans
+    /// hang from.
+    pub traceparent: TraceParent,
+    pub spans: &'a RemoteSpans,
+}
+
+/// Keeps the spans a destination sent in its trailer.
+fn keep_spans(into: &RemoteSpans, t: &pb::RelayTrailer) {
+    if !t.spans.is_empty()
+        && let Some(rs) = trace::decode(&t.spans)
+    {
+        into.lock().unwrap_or_else(|p| p.into_inner()).push(rs);
+    }
+}
+
 /// The body chunks of a relayed stream, as they arrive.
 fn async_stream(
     events: tonic::Streaming<pb::RelayEvent>,
     region: String,
+    spans: RemoteSpans,
 ) -> impl Stream<Item = Result<Bytes, CallError>> + Send + 'static {
     futures_util::stream::unfold(Some(events), move |state| {
-        let region = region.clone();
+        let (region, spans) = (region.clone(), spans.clone());
         async move {
             let mut events = state?;
             loop {
@@ -184,6 +220,9 @@ fn async_stream(
                     Ok(Some(pb::RelayEvent {
                         event: Some(Event::Chunk(c)),
                     })) => return Some((Ok(c), Some(events))),
+                    Ok(Some(pb::RelayEvent {
+                        event: Some(Event::Trailer(t)),
+                    })) => keep_spans(&spans, &t),
                     Ok(Some(_)) => continue,
                     Ok(None) => return None,
                     Err(s) => {
@@ -225,6 +264,7 @@ pub struct RelayServer {
     /// Counts served relays by source region; nothing about the call itself
     /// is kept here (it belongs to the source region).
     metrics: Arc<Metrics>,
+    agent_id: String,
 }
 
 impl RelayServer {
@@ -233,12 +273,14 @@ impl RelayServer {
         config: ConfigWatch,
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
+        agent_id: String,
     ) -> RelayServer {
         RelayServer {
             region,
             config,
             upstreams,
             metrics,
+            agent_id,
         }
     }
 
@@ -306,9 +348,13 @@ impl RelayService for RelayServer {
             )));
         }
         // Served here or not at all: a relayed call is never relayed again.
+        let started = tokio::time::Instant::now();
+        let estimate = crate::quota::estimate_input_tokens(req.body.len());
+        let (start_ns, server_span, model_span) =
+            (trace::now_ns(), trace::new_span_id(), trace::new_span_id());
         let answer = self
             .upstreams
-            .call(&req.model, req.body, req.stream)
+            .call(&req.model, req.body.clone(), req.stream)
             .await
             .map_err(|e| {
                 count("refused");
@@ -321,6 +367,65 @@ impl RelayService for RelayServer {
                 }
             })?;
         count("served");
+        // This agent's spans of the call ride back in the trailer; nothing
+        // of them is exported here.
+        let spans: Arc<Mutex<Bytes>> = Arc::default();
+        let answer_body = match TraceParent::parse(&req.traceparent) {
+            Some(parent) => {
+                let (slot, region, agent) =
+                    (spans.clone(), self.region.clone(), self.agent_id.clone());
+                let (model, status, source) =
+                    (req.model.clone(), answer.status, req.source_region.clone());
+                Meter::new(started, estimate)
+                    .on_finish(Box::new(move |f| {
+                        let end = trace::now_ns();
+                        let mut genai = vec![
+                            kv("gen_ai.operation.name", "chat"),
+                            kv("gen_ai.provider.name", "openai_compatible"),
+                            kv("gen_ai.request.model", model.as_str()),
+                            kv("gen_ai.usage.input_tokens", f.input_tokens),
+                            kv("gen_ai.usage.output_tokens", f.output_tokens),
+                            kv("gen_ai.response.finish_reasons", f.finish_reasons.clone()),
+                            kv("spillway.source_region", source.as_str()),
+                            kv("spillway.inference_region", region.as_str()),
+                        ];
+                        if let Some(t) = f.ttft {
+                            genai.push(kv("spillway.time_to_first_token_ms", t.as_millis() as u64));
+                        }
+                        let error = (!status.is_success() || !f.complete)
+                            .then(|| format!("status {status}, complete: {}", f.complete));
+                        let relay = trace::span(
+                            parent.trace_id,
+                            server_span,
+                            Some(parent.span_id),
+                            format!("relay {region}"),
+                            SpanKind::Server,
+                            start_ns,
+                            end,
+                            vec![
+                                kv("spillway.source_region", source.as_str()),
+                                kv("spillway.inference_region", region.as_str()),
+                            ],
+                            error.clone(),
+                        );
+                        let call = trace::span(
+                            parent.trace_id,
+                            model_span,
+                            Some(server_span),
+                            format!("chat {model}"),
+                            SpanKind::Client,
+                            start_ns,
+                            end,
+                            genai,
+                            error,
+                        );
+                        let rs = trace::resource_spans(&region, &agent, vec![relay, call]);
+                        *slot.lock().unwrap_or_else(|p| p.into_inner()) = trace::encode(&rs);
+                    }))
+                    .body(answer.body)
+            }
+            None => answer.body,
+        };
         let head = Event::Head(pb::RelayHead {
             status: u32::from(answer.status.as_u16()),
             inference_region: self.region.clone(),
@@ -330,7 +435,7 @@ impl RelayService for RelayServer {
             if tx.send(event(head)).await.is_err() {
                 return;
             }
-            match answer.body {
+            match answer_body {
                 AnswerBody::Full(b) => {
                     let _ = tx.send(event(Event::Chunk(b))).await;
                 }
@@ -360,8 +465,12 @@ impl RelayService for RelayServer {
                     }
                 }
             }
+            let spans = std::mem::take(&mut *spans.lock().unwrap_or_else(|p| p.into_inner()));
             let _ = tx
-                .send(event(Event::Trailer(pb::RelayTrailer::default())))
+                .send(event(Event::Trailer(pb::RelayTrailer {
+                    usage: None,
+                    spans: spans.to_vec().into(),
+                })))
                 .await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -21,6 +21,7 @@ use crate::record::{AuditSettings, Recorder};
 use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
+use crate::trace::Tracer;
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
 
 /// Everything an agent needs to start.
@@ -33,6 +34,8 @@ pub struct AgentSettings {
     pub max_body_bytes: usize,
     /// Where audit records go; none when unset.
     pub audit: Option<AuditSettings>,
+    /// This region's OTLP/gRPC collector; no traces when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl AgentSettings {
@@ -69,6 +72,7 @@ impl AgentSettings {
                 max_bytes: args.audit_max_bytes,
                 keep: args.audit_keep,
             }),
+            otlp_endpoint: args.otlp_endpoint.clone(),
         }
     }
 }
@@ -121,7 +125,8 @@ pub async fn start(
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
     let quotas = sync_settings.quotas.clone();
-    let recorder = Recorder::start(region.clone(), settings.audit);
+    let tracer = Tracer::start(settings.otlp_endpoint, region.clone(), agent_id.clone());
+    let recorder = Recorder::start(region.clone(), settings.audit, tracer);
     let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
         let mut report = reporting.load_report(interval);
@@ -187,6 +192,7 @@ pub async fn start(
         config.clone(),
         upstreams.clone(),
         recorder.metrics.clone(),
+        agent_id.clone(),
     );
     let converse = ConverseDoor {
         pipeline: pipeline.clone(),

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use spillway_proto::pb;
 
+use crate::otlp::TestCollector;
 use crate::sim::SimConfig;
 use crate::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server};
 
@@ -26,6 +27,8 @@ pub const REGIONS: [(&str, &str); 3] = [("us-east", "us"), ("us-west", "us"), ("
 pub struct Region {
     pub agent: TestAgent,
     pub sims: Vec<TestSim>,
+    /// The region's OTLP collector (with `ClusterSpec::otlp`).
+    pub collector: Option<TestCollector>,
     _dir: tempfile::TempDir,
 }
 
@@ -74,6 +77,8 @@ pub struct ClusterSpec {
     pub anonymous: bool,
     /// Whether agents write audit records (see `Region::audit`).
     pub audit: bool,
+    /// Whether each region has an OTLP collector its agent exports to.
+    pub otlp: bool,
 }
 
 impl Default for ClusterSpec {
@@ -88,6 +93,7 @@ impl Default for ClusterSpec {
             cp_args: Vec::new(),
             anonymous: true,
             audit: false,
+            otlp: false,
         }
     }
 }
@@ -145,6 +151,12 @@ impl Cluster {
             if spec.audit {
                 opts.audit_dir = Some(dir.path().join("audit"));
             }
+            let collector = if spec.otlp {
+                Some(TestCollector::start().await)
+            } else {
+                None
+            };
+            opts.otlp_endpoint = collector.as_ref().map(TestCollector::endpoint);
             opts.upstream_timeout = Duration::from_secs(5);
             let agent = TestAgent::start_with(opts).await;
             regions.insert(
@@ -152,6 +164,7 @@ impl Cluster {
                 Region {
                     agent,
                     sims,
+                    collector,
                     _dir: dir,
                 },
             );

@@ -26,6 +26,7 @@ use tonic::transport::Channel;
 
 pub mod bench;
 pub mod cluster;
+pub mod otlp;
 pub mod proxy;
 pub mod quota_load;
 pub mod sim;
@@ -420,6 +421,7 @@ pub struct AgentOptions<'a> {
     pub upstream_timeout: Duration,
     pub report_interval: Duration,
     pub audit_dir: Option<PathBuf>,
+    pub otlp_endpoint: Option<String>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -444,6 +446,7 @@ impl<'a> AgentOptions<'a> {
             upstream_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(250),
             audit_dir: None,
+            otlp_endpoint: None,
         }
     }
 }
@@ -509,6 +512,7 @@ impl TestAgent {
                 max_bytes: 64 * 1024 * 1024,
                 keep: 2,
             }),
+            otlp_endpoint: opts.otlp_endpoint,
         };
         let (trigger, shutdown) = shutdown::channel();
         let running = spillway_agent::server::start(settings, grpc, http, shutdown)

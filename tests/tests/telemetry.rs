@@ -239,3 +239,111 @@ async fn audit_records_are_kept_in_the_source_region_only() {
     assert_eq!(cluster.region("us-west").served(), 2);
     assert!(cluster.region("us-west").audit().is_empty());
 }
+
+#[tokio::test]
+async fn a_spilled_call_is_one_trace_in_the_source_regions_collector_only() {
+    let cluster = Cluster::start(ClusterSpec {
+        audit: true,
+        otlp: true,
+        ..ClusterSpec::default()
+    })
+    .await;
+    cluster.set_route(US, "us-east", &[("us-west", 1.0)]).await;
+    let east = &cluster.region("us-east").agent;
+    let http = Http::default();
+    let client_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{client_trace}-00f067aa0ba902b7-01");
+    let body = serde_json::json!({
+        "model": US,
+        "messages": [{"role": "user", "content": "hello"}],
+        "max_tokens": 8,
+    })
+    .to_string();
+    let a = http
+        .post_with(
+            east.http,
+            "/v1/chat/completions",
+            &[("traceparent", &traceparent)],
+            body,
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.region(), Some("us-west"));
+
+    let source = cluster.region("us-east").collector.as_ref().unwrap();
+    spillway_tests::wait_until(
+        "the trace in us-east's collector",
+        Duration::from_secs(10),
+        || {
+            let n = source.spans().len();
+            async move { n >= 4 }
+        },
+    )
+    .await;
+    let spans = source.spans();
+    assert!(
+        spans.iter().all(|s| s.trace_hex() == client_trace),
+        "one trace, the client's: {spans:#?}"
+    );
+    let named = |name: &str, region: &str| {
+        spans
+            .iter()
+            .find(|s| s.span.name == name && s.resource_region == region)
+            .unwrap_or_else(|| panic!("span `{name}` of {region} in {spans:#?}"))
+            .clone()
+    };
+    // The source's own spans: the call (child of the client's span) and
+    // its relay attempt.
+    let root = named(&format!("chat {US}"), "us-east");
+    assert_eq!(root.span.parent_span_id, hex_bytes("00f067aa0ba902b7"));
+    assert_eq!(
+        root.attr("spillway.source_region").as_deref(),
+        Some("us-east")
+    );
+    assert_eq!(
+        root.attr("spillway.inference_region").as_deref(),
+        Some("us-west")
+    );
+    assert_eq!(root.attr("gen_ai.request.max_tokens").as_deref(), Some("8"));
+    let relay = named("relay us-west", "us-east");
+    assert_eq!(relay.span.parent_span_id, root.span.span_id);
+    // The destination's spans, carried back in the relay answer: the relay
+    // it served and its model-server call, with the GenAI attributes.
+    let served = named("relay us-west", "us-west");
+    assert_eq!(served.span.parent_span_id, relay.span.span_id);
+    let model = named("chat llama-3.1-8b", "us-west");
+    assert_eq!(model.span.parent_span_id, served.span.span_id);
+    for (key, want) in [
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "openai_compatible"),
+        ("gen_ai.request.model", "llama-3.1-8b"),
+        ("spillway.source_region", "us-east"),
+        ("spillway.inference_region", "us-west"),
+    ] {
+        assert_eq!(model.attr(key).as_deref(), Some(want), "{key}");
+    }
+    assert_eq!(
+        model.attr("gen_ai.usage.output_tokens").as_deref(),
+        Some("8")
+    );
+    assert!(model.attr("gen_ai.usage.input_tokens").is_some());
+    let reasons = model.attr("gen_ai.response.finish_reasons").unwrap();
+    assert!(
+        reasons.contains("length") || reasons.contains("stop"),
+        "{reasons}"
+    );
+
+    // The destination's collector and audit folder hold nothing of it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let dest = cluster.region("us-west");
+    assert!(dest.collector.as_ref().unwrap().spans().is_empty());
+    assert!(dest.audit().is_empty());
+    assert_eq!(dest.served(), 1);
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

@@ -82,28 +82,40 @@ async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls()
         })
         .await;
     assert!(share(&spilled, US, "us-east") < 1.0);
-    // spillctl explains the weights with their reasons and load figures.
-    let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))
-        .args([
-            "--control-plane",
-            &cluster.cp.url(),
-            "routes",
-            "explain",
-            US,
-            "--source",
-            "us-east",
-            "-o",
-            "json",
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // spillctl explains the weights with their reasons and load figures
+    // (once us-east's first slow calls have ended and been reported, its
+    // time to first token is known).
+    let explain = || async {
+        let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))
+            .args([
+                "--control-plane",
+                &cluster.cp.url(),
+                "routes",
+                "explain",
+                US,
+                "--source",
+                "us-east",
+                "-o",
+                "json",
+            ])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let mut explained = explain().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while tokio::time::Instant::now() < deadline
+        && explained["destinations"][0]["ttft_ms"].as_f64() == Some(0.0)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        explained = explain().await;
+    }
     let dest = |r: &str| {
         explained["destinations"]
             .as_array()

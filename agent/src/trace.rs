@@ -1,0 +1,322 @@
+//! Traces, in OpenTelemetry's protocol (OTLP over gRPC), built by hand so
+//! that a relayed call's spans can travel back inside the relay answer.
+//!
+//! The source agent of a call records its spans (the call, each attempt,
+//! the model-server call with the GenAI attributes) and exports them to its
+//! own region's collector (`--otlp-endpoint`). A destination agent serving
+//! a relayed call records its spans too, but never exports them: it encodes
+//! them into the relay's trailer, and the source exports them with its own.
+//! So the source region's collector holds the whole trace and the
+//! destination's holds nothing of it.
+//!
+//! W3C `traceparent` is accepted from clients (HTTP header, gRPC metadata)
+//! and propagated over the relay.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, trace_service_client::TraceServiceClient,
+};
+use opentelemetry_proto::tonic::common::v1::{
+    AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
+use prost::Message;
+use tokio::sync::mpsc;
+
+/// A W3C trace context: the trace, and the span a child hangs from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    (out != [0u8; N]).then_some(out)
+}
+
+impl TraceParent {
+    /// Parses `00-<trace-id>-<parent-id>-<flags>`; anything else (another
+    /// version, all-zero ids) is ignored, as the W3C spec says.
+    pub fn parse(value: &str) -> Option<TraceParent> {
+        let mut parts = value.trim().split('-');
+        let (version, trace, span, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        if version != "00" || parts.next().is_some() || unhex::<1>(flags).is_none() && flags != "00"
+        {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: unhex::<16>(trace)?,
+            span_id: unhex::<8>(span)?,
+        })
+    }
+
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-01", hex(&self.trace_id), hex(&self.span_id))
+    }
+
+    pub fn trace_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+}
+
+pub fn new_span_id() -> [u8; 8] {
+    fastrand::u64(1..).to_be_bytes()
+}
+
+pub fn new_trace_id() -> [u8; 16] {
+    fastrand::u128(1..).to_be_bytes()
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+pub fn kv(key: &str, value: impl Into<Attr>) -> KeyValue {
+    let value = match value.into() {
+        Attr::Str(s) => any_value::Value::StringValue(s),
+        Attr::Int(i) => any_value::Value::IntValue(i),
+        Attr::Strs(v) => any_value::Value::ArrayValue(ArrayValue {
+            values: v
+                .into_iter()
+                .map(|s| AnyValue {
+                    value: Some(any_value::Value::StringValue(s)),
+                })
+                .collect(),
+        }),
+    };
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..KeyValue::default()
+    }
+}
+
+pub enum Attr {
+    Str(String),
+    Int(i64),
+    Strs(Vec<String>),
+}
+
+impl From<&str> for Attr {
+    fn from(s: &str) -> Self {
+        Attr::Str(s.to_string())
+    }
+}
+impl From<String> for Attr {
+    fn from(s: String) -> Self {
+        Attr::Str(s)
+    }
+}
+impl From<u64> for Attr {
+    fn from(i: u64) -> Self {
+        Attr::Int(i64::try_from(i).unwrap_or(i64::MAX))
+    }
+}
+impl From<Vec<String>> for Attr {
+    fn from(v: Vec<String>) -> Self {
+        Attr::Strs(v)
+    }
+}
+
+/// One span, ready for OTLP.
+#[allow(clippy::too_many_arguments)]
+pub fn span(
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    parent: Option<[u8; 8]>,
+    name: String,
+    kind: span::SpanKind,
+    start_ns: u64,
+    end_ns: u64,
+    attributes: Vec<KeyValue>,
+    error: Option<String>,
+) -> Span {
+    Span {
+        trace_id: trace_id.to_vec(),
+        span_id: span_id.to_vec(),
+        parent_span_id: parent.map(|p| p.to_vec()).unwrap_or_default(),
+        name,
+        kind: kind as i32,
+        start_time_unix_nano: start_ns,
+        end_time_unix_nano: end_ns.max(start_ns),
+        attributes,
+        status: Some(match error {
+            Some(message) => Status { message, code: 2 },
+            None => Status {
+                message: String::new(),
+                code: 1,
+            },
+        }),
+        ..Span::default()
+    }
+}
+
+/// Spans of one agent, under its resource (service, region, agent).
+pub fn resource_spans(region: &str, agent_id: &str, spans: Vec<Span>) -> ResourceSpans {
+    ResourceSpans {
+        resource: Some(Resource {
+            attributes: vec![
+                kv("service.name", "spillway-agent"),
+                kv("spillway.region", region),
+                kv("spillway.agent_id", agent_id),
+            ],
+            ..Resource::default()
+        }),
+        scope_spans: vec![ScopeSpans {
+            scope: Some(InstrumentationScope {
+                name: "spillway".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                ..InstrumentationScope::default()
+            }),
+            spans,
+            schema_url: String::new(),
+        }],
+        schema_url: String::new(),
+    }
+}
+
+pub fn encode(rs: &ResourceSpans) -> Bytes {
+    rs.encode_to_vec().into()
+}
+
+pub fn decode(bytes: &[u8]) -> Option<ResourceSpans> {
+    ResourceSpans::decode(bytes).ok()
+}
+
+/// Where a relayed call's spans land when its trailer arrives.
+pub type RemoteSpans = Arc<Mutex<Vec<ResourceSpans>>>;
+
+/// Exports the source agent's traces to its region's collector, off the
+/// request path: batched every 500 ms; when the collector is away or slow,
+/// spans are dropped (and counted in the log), never queued without bound.
+pub struct Tracer {
+    tx: Option<mpsc::Sender<ResourceSpans>>,
+    pub region: String,
+    pub agent_id: String,
+}
+
+const EXPORT_QUEUE: usize = 4096;
+
+impl Tracer {
+    pub fn start(endpoint: Option<String>, region: String, agent_id: String) -> Arc<Tracer> {
+        let tx = endpoint.map(|ep| {
+            let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
+            tokio::spawn(export(ep, rx));
+            tx
+        });
+        Arc::new(Tracer {
+            tx,
+            region,
+            agent_id,
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn export(&self, batch: Vec<ResourceSpans>) {
+        if let Some(tx) = &self.tx {
+            for rs in batch {
+                if tx.try_send(rs).is_err() {
+                    tracing::debug!("the trace exporter is behind; spans dropped");
+                }
+            }
+        }
+    }
+}
+
+async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
+    let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
+        Ok(e) => e.connect_timeout(Duration::from_secs(2)).connect_lazy(),
+        Err(e) => {
+            tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; traces are not exported");
+            return;
+        }
+    };
+    let mut client = TraceServiceClient::new(channel);
+    let mut failures = 0u64;
+    while let Some(first) = rx.recv().await {
+        // Gather what arrives within a short window into one export.
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while batch.len() < 512 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(rs)) => batch.push(rs),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let req = ExportTraceServiceRequest {
+            resource_spans: batch,
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
+        if !matches!(sent, Ok(Ok(_))) {
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(%endpoint, failures, "could not export traces; spans dropped");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_round_trips_and_bad_ones_are_ignored() {
+        let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tp = TraceParent::parse(v).unwrap();
+        assert_eq!(tp.header(), v);
+        for bad in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "garbage",
+        ] {
+            assert_eq!(TraceParent::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn spans_survive_the_trailer() {
+        let s = span(
+            new_trace_id(),
+            new_span_id(),
+            None,
+            "relay".into(),
+            span::SpanKind::Server,
+            1,
+            2,
+            vec![kv("gen_ai.usage.output_tokens", 7u64)],
+            None,
+        );
+        let rs = resource_spans("us-west", "w-1", vec![s.clone()]);
+        let back = decode(&encode(&rs)).unwrap();
+        assert_eq!(back.scope_spans[0].spans[0], s);
+    }
+}

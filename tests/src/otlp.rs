@@ -1,0 +1,129 @@
+//! An OTLP trace collector for tests: a tonic server implementing
+//! `opentelemetry.proto.collector.trace.v1.TraceService` on loopback that
+//! keeps every span it receives, with the resource it came under.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+    trace_service_server::{TraceService, TraceServiceServer},
+};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+use spillway_proto::shutdown::{self, ShutdownTrigger};
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status};
+
+/// A span as received, with the `spillway.region` of its resource.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub resource_region: String,
+    pub span: Span,
+}
+
+impl Received {
+    pub fn trace_hex(&self) -> String {
+        self.span
+            .trace_id
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// A string or integer attribute, as a string.
+    pub fn attr(&self, key: &str) -> Option<String> {
+        attr(&self.span.attributes, key)
+    }
+}
+
+fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+        .map(|v| match v {
+            any_value::Value::StringValue(s) => s.clone(),
+            any_value::Value::IntValue(i) => i.to_string(),
+            other => format!("{other:?}"),
+        })
+}
+
+#[derive(Clone, Default)]
+struct Sink(Arc<Mutex<Vec<Received>>>);
+
+#[tonic::async_trait]
+impl TraceService for Sink {
+    async fn export(
+        &self,
+        req: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut got = self.0.lock().expect("the collector's spans");
+        for rs in req.into_inner().resource_spans {
+            let region = rs
+                .resource
+                .as_ref()
+                .and_then(|r| attr(&r.attributes, "spillway.region"))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    got.push(Received {
+                        resource_region: region.clone(),
+                        span,
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// A collector on a free loopback port; stops when dropped.
+pub struct TestCollector {
+    pub addr: SocketAddr,
+    spans: Sink,
+    trigger: ShutdownTrigger,
+}
+
+impl TestCollector {
+    pub async fn start() -> TestCollector {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("collector listener");
+        let addr = listener.local_addr().expect("collector address");
+        let spans = Sink::default();
+        let (trigger, mut shutdown) = shutdown::channel();
+        let service = TraceServiceServer::new(spans.clone());
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
+                    shutdown.wait().await
+                })
+                .await;
+        });
+        TestCollector {
+            addr,
+            spans,
+            trigger,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<Received> {
+        self.spans.0.lock().expect("the collector's spans").clone()
+    }
+}
+
+impl Drop for TestCollector {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
