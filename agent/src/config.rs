@@ -91,8 +91,20 @@ pub struct AgentArgs {
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
-    /// Talk plaintext gRPC. For development only: TLS is not configured in
-    /// this build yet, so the flag is required.
+    /// The CA of the deployment (PEM): it signs the control plane's, the
+    /// other agents' and this agent's certificates.
+    #[arg(long, env = "SPILLWAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// This agent's certificate and key (PEM), naming it as
+    /// `spiffe://spillway/region/<region>/agent/<id>` (`cargo xtask certs`).
+    /// Used by the front doors and the relay as a server, and to the
+    /// control plane and other agents as a client.
+    #[arg(long, env = "SPILLWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SPILLWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Talk plaintext everywhere, with no certificate checks. For
+    /// development only; without it the --tls-* flags are required.
     #[arg(long)]
     pub insecure_dev: bool,
 }

@@ -28,5 +28,6 @@ pub mod route;
 pub mod server;
 pub mod snapshot;
 pub mod sync;
+pub mod tls_listener;
 pub mod trace;
 pub mod upstream;

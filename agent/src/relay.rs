@@ -32,6 +32,7 @@ use crate::sync::ConfigWatch;
 use crate::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use spillway_proto::tls::Peer;
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
@@ -41,6 +42,8 @@ pub struct RelayClients {
     me: String,
     channels: Mutex<HashMap<String, Channel>>,
     settings: UpstreamSettings,
+    /// Mutual TLS to other agents, with this agent's certificate.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// The largest relay message: a request body up to the HTTP door's limit
@@ -51,11 +54,17 @@ impl RelayClients {
     /// `settings` bound the wait for the destination's head as for a local
     /// model server: a stream's head comes at once, a unary answer's only
     /// when it is done.
-    pub fn new(region: &str, agent_id: &str, settings: UpstreamSettings) -> RelayClients {
+    pub fn new(
+        region: &str,
+        agent_id: &str,
+        settings: UpstreamSettings,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> RelayClients {
         RelayClients {
             me: format!("{region}/{agent_id}"),
             channels: Mutex::new(HashMap::new()),
             settings,
+            tls,
         }
     }
 
@@ -64,8 +73,15 @@ impl RelayClients {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| CallError::Unavailable(format!("bad relay address `{addr}`: {e}")))?
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| CallError::Unavailable(format!("bad relay address `{addr}`: {e}")))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| CallError::Unavailable(format!("TLS to `{addr}`: {e}")))?;
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -265,6 +281,8 @@ pub struct RelayServer {
     /// is kept here (it belongs to the source region).
     metrics: Arc<Metrics>,
     agent_id: String,
+    /// With mutual TLS, callers are known by their certificates.
+    tls: bool,
 }
 
 impl RelayServer {
@@ -274,6 +292,7 @@ impl RelayServer {
         upstreams: Arc<Upstreams>,
         metrics: Arc<Metrics>,
         agent_id: String,
+        tls: bool,
     ) -> RelayServer {
         RelayServer {
             region,
@@ -281,6 +300,7 @@ impl RelayServer {
             upstreams,
             metrics,
             agent_id,
+            tls,
         }
     }
 
@@ -288,6 +308,22 @@ impl RelayServer {
     /// claim.
     fn check_caller(&self, req: &Request<pb::RelayRequest>) -> Result<(), Status> {
         let refuse = |why: String| Err(CallError::RelayRefused(why).to_status());
+        if self.tls {
+            // The handshake checked the chain against the CA; the
+            // certificate must name an agent of the claimed source region.
+            let peer = req
+                .peer_certs()
+                .and_then(|certs| certs.first().and_then(|c| Peer::of_cert(c)));
+            return match peer {
+                Some(Peer::Agent { region, .. }) if region == req.get_ref().source_region => Ok(()),
+                Some(Peer::Agent { region, agent_id }) => refuse(format!(
+                    "the certificate of agent `{agent_id}` names region `{region}`, not `{}`",
+                    req.get_ref().source_region
+                )),
+                Some(_) => refuse("relay calls are accepted only from agent certificates".into()),
+                None => refuse("relay calls need an agent certificate".into()),
+            };
+        }
         let Some(caller) = req
             .metadata()
             .get(SOURCE_AGENT)

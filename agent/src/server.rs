@@ -21,8 +21,10 @@ use crate::record::{AuditSettings, Recorder};
 use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::snapshot::LocalCapabilities;
 use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
+use crate::tls_listener::TlsListener;
 use crate::trace::Tracer;
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
+use spillway_proto::tls::TlsFiles;
 
 /// Everything an agent needs to start.
 #[derive(Debug, Clone)]
@@ -36,6 +38,9 @@ pub struct AgentSettings {
     pub audit: Option<AuditSettings>,
     /// This region's OTLP/gRPC collector; no traces when unset.
     pub otlp_endpoint: Option<String>,
+    /// The agent's TLS identity and the deployment's CA; `None` is
+    /// plaintext everywhere (only with `--insecure-dev`).
+    pub tls: Option<TlsFiles>,
 }
 
 impl AgentSettings {
@@ -54,6 +59,7 @@ impl AgentSettings {
                 load: None,
                 report_interval: Duration::from_secs(1),
                 quotas: Arc::new(Quotas::new()),
+                tls: None,
             },
             model_servers: args.model_servers.clone(),
             upstream: UpstreamSettings {
@@ -73,6 +79,14 @@ impl AgentSettings {
                 keep: args.audit_keep,
             }),
             otlp_endpoint: args.otlp_endpoint.clone(),
+            tls: TlsFiles::from_flags(
+                "tls-",
+                args.tls_ca.clone(),
+                args.tls_cert.clone(),
+                args.tls_key.clone(),
+            )
+            .ok()
+            .flatten(),
         }
     }
 }
@@ -95,6 +109,8 @@ pub enum RunError {
     Http(#[from] std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A started agent: its config watch, the pipeline, and the server tasks.
@@ -124,6 +140,12 @@ pub async fn start(
     let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
+    let tls = settings.tls.clone();
+    let client_tls = match &tls {
+        Some(files) => Some(files.grpc_client().map_err(RunError::Tls)?),
+        None => None,
+    };
+    sync_settings.tls = client_tls.clone();
     let quotas = sync_settings.quotas.clone();
     let tracer = Tracer::start(settings.otlp_endpoint, region.clone(), agent_id.clone());
     let recorder = Recorder::start(region.clone(), settings.audit, tracer);
@@ -152,7 +174,7 @@ pub async fn start(
             }
         }
     });
-    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone());
+    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone(), client_tls);
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
         config.clone(),
@@ -193,13 +215,27 @@ pub async fn start(
         upstreams.clone(),
         recorder.metrics.clone(),
         agent_id.clone(),
+        tls.is_some(),
     );
     let converse = ConverseDoor {
         pipeline: pipeline.clone(),
     };
     let mut stop = shutdown.clone();
+    let mut grpc_server = tonic::transport::Server::builder();
+    if let Some(files) = &tls {
+        // Client certificates are optional at the handshake: clients of
+        // the Converse door authenticate with API keys, the relay checks
+        // for an agent certificate itself.
+        grpc_server = grpc_server
+            .tls_config(files.grpc_server(true).map_err(RunError::Tls)?)
+            .map_err(|e| RunError::Tls(e.to_string()))?;
+    }
+    let http_tls = match &tls {
+        Some(files) => Some(files.rustls_server().map_err(RunError::Tls)?),
+        None => None,
+    };
     let grpc_task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        grpc_server
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
@@ -225,13 +261,24 @@ pub async fn start(
     });
     let mut stop = shutdown;
     let http_task = tokio::spawn(async move {
-        // Small writes (stream chunks) go out at once, not after a delayed ACK.
-        let http = http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(http, http::router(door))
-            .with_graceful_shutdown(async move { stop.wait().await })
-            .await?;
+        let router = http::router(door);
+        match http_tls {
+            Some(config) => {
+                axum::serve(TlsListener::new(http, config)?, router)
+                    .with_graceful_shutdown(async move { stop.wait().await })
+                    .await?
+            }
+            None => {
+                // Small writes (stream chunks) go out at once, not after a
+                // delayed ACK.
+                let http = http.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(http, router)
+                    .with_graceful_shutdown(async move { stop.wait().await })
+                    .await?
+            }
+        }
         Ok(())
     });
     Ok(RunningAgent {

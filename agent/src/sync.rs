@@ -38,6 +38,9 @@ pub struct SyncSettings {
     pub report_interval: Duration,
     /// Where the leader's quota leases go.
     pub quotas: Arc<Quotas>,
+    /// TLS to the control planes (`https://` URLs), with this agent's
+    /// certificate.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Makes a load report covering the given interval (counters restart).
@@ -107,8 +110,14 @@ async fn stream_once(
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
 ) -> Result<(), String> {
-    let channel = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| format!("bad control-plane address `{endpoint}`: {e}"))?
+    let mut ep = Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| format!("bad control-plane address `{endpoint}`: {e}"))?;
+    if let Some(tls) = &settings.tls {
+        ep = ep
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS to `{endpoint}`: {e}"))?;
+    }
+    let channel = ep
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))

@@ -19,6 +19,8 @@ use spillway_proto::shutdown::{self, Shutdown};
 use crate::state;
 use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
 use crate::sync::{Replica, Sync};
+use spillway_proto::tenant::{key_hash, same_hash};
+use spillway_proto::tls::{Peer, TlsFiles};
 
 /// Everything a replica needs to start; the binary fills it from flags.
 #[derive(Debug, Clone)]
@@ -33,6 +35,14 @@ pub struct Settings {
     pub lease_ttl: Duration,
     pub debounce: Duration,
     pub leader: LeaderSettings,
+    /// The replica's TLS identity and the CA of agents and operators; `None`
+    /// is plaintext (only with `--insecure-dev`).
+    pub tls: Option<TlsFiles>,
+    /// A bearer token that admits admin calls without an admin
+    /// certificate (over TLS).
+    pub admin_token: Option<String>,
+    /// TLS to etcd, with a client certificate.
+    pub etcd_tls: Option<TlsFiles>,
 }
 
 impl Default for Settings {
@@ -44,6 +54,9 @@ impl Default for Settings {
             lease_ttl: Duration::from_secs(10),
             debounce: Duration::from_millis(20),
             leader: LeaderSettings::default(),
+            tls: None,
+            admin_token: None,
+            etcd_tls: None,
         }
     }
 }
@@ -68,6 +81,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Opens the store the settings name.
@@ -80,6 +95,10 @@ pub async fn open_store(settings: &Settings) -> Result<Store, RunError> {
         prefix: settings.prefix.clone(),
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
+        tls: match &settings.etcd_tls {
+            Some(files) => Some(files.grpc_client().map_err(RunError::Tls)?),
+            None => None,
+        },
     };
     Store::etcd(opts).await.map_err(|source| RunError::Etcd {
         endpoints: settings.etcd_endpoints.join(","),
@@ -147,18 +166,34 @@ pub async fn run(
         shutdown_signal.await;
         trigger.trigger();
     });
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        // Client certificates are optional at the handshake: agents and
+        // operators present one, a tool with the admin token may not; each
+        // service checks what it needs.
+        server = server
+            .tls_config(tls.grpc_server(true).map_err(RunError::Tls)?)
+            .map_err(|e| RunError::Tls(e.to_string()))?;
+    }
+    let gate = AdminGate {
+        tls: settings.tls.is_some(),
+        token: settings.admin_token.clone(),
+    };
+    server
         // Notice agents whose host died without closing the connection, so
         // that their streams end and their records go.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(pb::admin_service_server::AdminServiceServer::new(
-            Admin::new(store.clone(), settings.leader.silence),
-        ))
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::with_interceptor(
+                Admin::new(store.clone(), settings.leader.silence),
+                move |req| gate.check(req),
+            ),
+        )
         .add_service(pb::control_service_server::ControlServiceServer::new(
-            Sync::new(replica),
+            Sync::new(replica, settings.tls.is_some()),
         ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
@@ -173,6 +208,41 @@ pub async fn run(
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// Who may use the admin API: with TLS, a client certificate naming an
+/// operator (`spiffe://spillway/admin/<name>`), or the admin token as a
+/// bearer token; without TLS (`--insecure-dev`), anyone who can connect.
+#[derive(Clone)]
+struct AdminGate {
+    tls: bool,
+    token: Option<String>,
+}
+
+impl AdminGate {
+    fn check(&self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if !self.tls {
+            return Ok(req);
+        }
+        if let Some(certs) = req.peer_certs()
+            && let Some(Peer::Admin { .. }) = certs.first().and_then(|c| Peer::of_cert(c))
+        {
+            return Ok(req);
+        }
+        if let (Some(want), Some(got)) = (
+            &self.token,
+            req.metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer ")),
+        ) && same_hash(key_hash(got).as_bytes(), key_hash(want).as_bytes())
+        {
+            return Ok(req);
+        }
+        Err(tonic::Status::unauthenticated(
+            "the admin API needs an admin certificate (spiffe://spillway/admin/<name>) or the admin token",
+        ))
+    }
 }
 
 /// Renews the replica's lease at a third of its TTL; when it is lost (the

@@ -21,6 +21,7 @@ use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use spillway_proto::shutdown::Shutdown;
+use spillway_proto::tls::Peer;
 
 /// How long a new stream waits for this replica to catch up with the
 /// version the agent already runs.
@@ -104,11 +105,35 @@ impl Replica {
 #[derive(Clone)]
 pub struct Sync {
     replica: Arc<Replica>,
+    /// With TLS, an agent must present a certificate naming the region and
+    /// id it says hello as.
+    tls: bool,
 }
 
 impl Sync {
-    pub fn new(replica: Arc<Replica>) -> Self {
-        Sync { replica }
+    pub fn new(replica: Arc<Replica>, tls: bool) -> Self {
+        Sync { replica, tls }
+    }
+}
+
+/// Refuses a hello whose region or id differs from the agent's certificate.
+fn check_identity(peer: Option<Peer>, hello: &pb::Hello) -> Result<(), Status> {
+    match peer {
+        Some(Peer::Agent { region, agent_id })
+            if region == hello.region && agent_id == hello.agent_id =>
+        {
+            Ok(())
+        }
+        Some(Peer::Agent { region, agent_id }) => Err(Status::permission_denied(format!(
+            "the certificate names agent `{agent_id}` of region `{region}`; it cannot say hello as `{}` of `{}`",
+            hello.agent_id, hello.region
+        ))),
+        Some(other) => Err(Status::permission_denied(format!(
+            "a sync stream needs an agent certificate, not {other:?}"
+        ))),
+        None => Err(Status::unauthenticated(
+            "a sync stream needs an agent certificate (spiffe://spillway/region/<region>/agent/<id>)",
+        )),
     }
 }
 
@@ -123,6 +148,9 @@ impl ControlService for Sync {
         &self,
         req: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Outbound>, Status> {
+        let peer = req
+            .peer_certs()
+            .and_then(|certs| certs.first().and_then(|c| Peer::of_cert(c)));
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -138,6 +166,9 @@ impl ControlService for Sync {
             }
         };
         check_hello(&hello)?;
+        if self.tls {
+            check_identity(peer, &hello)?;
+        }
         let (tx, rx) = mpsc::channel(4);
         let replica = self.replica.clone();
         tokio::spawn(async move {

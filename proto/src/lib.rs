@@ -12,6 +12,7 @@ pub mod convert;
 pub mod model;
 pub mod shutdown;
 pub mod tenant;
+pub mod tls;
 
 /// Generated protobuf and gRPC code for `spillway.v1`.
 #[allow(clippy::all, missing_docs)]

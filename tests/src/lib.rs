@@ -18,6 +18,7 @@ use spillway_agent::sync::{ConfigWatch, SyncSettings};
 use spillway_agent::upstream::{ModelServerSpec, UpstreamSettings};
 use spillway_proto::pb::admin_service_client::AdminServiceClient;
 use spillway_proto::shutdown::{self, ShutdownTrigger};
+use spillway_proto::tls::TlsFiles;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -25,6 +26,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 pub mod bench;
+pub mod certs;
 pub mod cluster;
 pub mod otlp;
 pub mod proxy;
@@ -311,6 +313,8 @@ impl Etcd {
 pub struct ControlPlane {
     pub addr: SocketAddr,
     pub replica_id: String,
+    /// Serving TLS (started with `--tls-cert`)?
+    pub tls: bool,
     child: Child,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -330,18 +334,16 @@ impl ControlPlane {
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.args([
-            "--insecure-dev",
-            "--replica-id",
-            replica_id,
-            "--lease-ttl-secs",
-            "3",
-        ])
-        .args(extra)
-        .env("SPILLWAY_LOG", "info,spillway_control_plane=debug")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .kill_on_drop(true);
+        let tls = extra.contains(&"--tls-cert");
+        if !tls {
+            cmd.arg("--insecure-dev");
+        }
+        cmd.args(["--replica-id", replica_id, "--lease-ttl-secs", "3"])
+            .args(extra)
+            .env("SPILLWAY_LOG", "info,spillway_control_plane=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .kill_on_drop(true);
         if let Some(ep) = etcd {
             cmd.args(["--etcd-endpoints", ep]);
         }
@@ -361,6 +363,7 @@ impl ControlPlane {
         ControlPlane {
             addr,
             replica_id: replica_id.to_string(),
+            tls,
             child,
             log,
             _dir: dir,
@@ -368,7 +371,8 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn admin(&self) -> AdminServiceClient<Channel> {
@@ -422,6 +426,8 @@ pub struct AgentOptions<'a> {
     pub report_interval: Duration,
     pub audit_dir: Option<PathBuf>,
     pub otlp_endpoint: Option<String>,
+    /// TLS everywhere, with this identity; plaintext when `None`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -447,6 +453,7 @@ impl<'a> AgentOptions<'a> {
             report_interval: Duration::from_millis(250),
             audit_dir: None,
             otlp_endpoint: None,
+            tls: None,
         }
     }
 }
@@ -499,6 +506,7 @@ impl TestAgent {
                 load: None,
                 report_interval: opts.report_interval,
                 quotas: Default::default(),
+                tls: None,
             },
             model_servers: opts.model_servers,
             upstream: UpstreamSettings {
@@ -513,6 +521,7 @@ impl TestAgent {
                 keep: 2,
             }),
             otlp_endpoint: opts.otlp_endpoint,
+            tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();
         let running = spillway_agent::server::start(settings, grpc, http, shutdown)

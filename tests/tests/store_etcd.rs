@@ -12,6 +12,7 @@ async fn store(etcd: &Etcd) -> Store {
         prefix: "/contract/".into(),
         request_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(5),
+        tls: None,
     })
     .await
     .expect("connecting to etcd")

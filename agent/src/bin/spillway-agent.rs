@@ -34,15 +34,26 @@ async fn async_main(args: AgentArgs) {
 }
 
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    if !args.insecure_dev {
-        anyhow::bail!(
-            "TLS is not configured in this build; pass --insecure-dev to talk plaintext for development"
-        );
+    let tls = spillway_proto::tls::TlsFiles::from_flags(
+        "tls-",
+        args.tls_ca.clone(),
+        args.tls_cert.clone(),
+        args.tls_key.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    match (&tls, args.insecure_dev) {
+        (Some(_), true) => anyhow::bail!("--insecure-dev and --tls-* exclude each other: pick one"),
+        (None, false) => anyhow::bail!(
+            "no TLS identity: pass --tls-ca, --tls-cert and --tls-key (cargo xtask certs writes development ones), or --insecure-dev to talk plaintext for development"
+        ),
+        (Some(files), false) => files.check().map_err(anyhow::Error::msg)?,
+        (None, true) => tracing::warn!(
+            "--insecure-dev: PLAINTEXT gRPC and HTTP with NO certificate checks between agents and the control plane; never do this outside development"
+        ),
     }
     if args.model_servers.is_empty() {
         tracing::warn!("no --model-server given: this agent can only relay calls to other regions");
     }
-    tracing::warn!("--insecure-dev: plaintext gRPC and HTTP; never do this outside development");
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
         .map_err(|e| {

@@ -27,6 +27,22 @@ struct Cli {
         default_value = "http://127.0.0.1:7070"
     )]
     control_plane: String,
+    /// The CA of an https control plane (PEM).
+    #[arg(long, global = true, env = "SPILLWAY_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// An admin certificate and key (PEM), from `cargo xtask certs`.
+    #[arg(long, global = true, env = "SPILLWAY_TLS_CERT")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "SPILLWAY_TLS_KEY")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The admin token, instead of an admin certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "SPILLWAY_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -179,11 +195,7 @@ fn tenant_json(t: &pb::Tenant) -> Value {
     })
 }
 
-async fn tenants(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: TenantCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn tenants(c: &mut Client, cmd: TenantCmd, out: Output) -> anyhow::Result<String> {
     let one = |t: pb::Tenant| render(out, vec![tenant_json(&t)], TENANT_COLS);
     Ok(match cmd {
         TenantCmd::Create { name, fields } => {
@@ -281,11 +293,7 @@ fn key_json(k: &pb::ApiKey) -> Value {
     json!({"id": k.id, "tenant": k.tenant, "description": k.description, "created_at_unix": k.created_at_unix})
 }
 
-async fn api_keys(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: KeyCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn api_keys(c: &mut Client, cmd: KeyCmd, out: Output) -> anyhow::Result<String> {
     Ok(match cmd {
         KeyCmd::Create {
             tenant,
@@ -428,11 +436,7 @@ fn quota_json(q: &pb::Quota) -> Value {
     })
 }
 
-async fn quotas(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: QuotaCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn quotas(c: &mut Client, cmd: QuotaCmd, out: Output) -> anyhow::Result<String> {
     let one = |q: pb::Quota| render(out, vec![quota_json(&q)], QUOTA_COLS);
     Ok(match cmd {
         QuotaCmd::Create { scope, limits } => {
@@ -714,20 +718,67 @@ fn to_snake(s: &str) -> String {
     out
 }
 
-async fn connect(addr: &str) -> anyhow::Result<AdminServiceClient<Channel>> {
-    let endpoint = Channel::from_shared(addr.to_string())
+/// Adds the admin token, when one is given, to every call.
+#[derive(Clone)]
+struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = AdminServiceClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let addr = &cli.control_plane;
+    let mut endpoint = Channel::from_shared(addr.to_string())
         .map_err(|_| {
-            anyhow::anyhow!("--control-plane `{addr}` is not a URL like http://127.0.0.1:7070")
+            anyhow::anyhow!("--control-plane `{addr}` is not a URL like https://127.0.0.1:7070")
         })?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(30));
+    if addr.starts_with("https://") {
+        let ca = cli.tls_ca.as_ref().ok_or_else(|| {
+            anyhow::anyhow!("an https control plane needs --tls-ca (the CA that signed it)")
+        })?;
+        let read = |p: &std::path::PathBuf| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("cannot read `{}`: {e}", p.display()))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        match (&cli.tls_cert, &cli.tls_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
+    }
+    let token = match &cli.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--token must be printable ASCII"))?,
+        ),
+        None => None,
+    };
     let channel = endpoint.connect().await.map_err(|e| {
         anyhow::anyhow!(
             "cannot reach the control plane at {addr}: {}",
             source_chain(&e)
         )
     })?;
-    Ok(AdminServiceClient::new(channel))
+    Ok(AdminServiceClient::with_interceptor(channel, Token(token)))
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {
@@ -741,7 +792,7 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<String> {
-    let mut c = connect(&cli.control_plane).await?;
+    let mut c = connect(&cli).await?;
     let out = cli.output;
     match cli.command {
         Command::Regions(cmd) => regions(&mut c, cmd, out).await,
@@ -785,11 +836,7 @@ const REGION_COLS: &[(&str, &str)] = &[
     ("REVISION", "revision"),
 ];
 
-async fn regions(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: RegionCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn regions(c: &mut Client, cmd: RegionCmd, out: Output) -> anyhow::Result<String> {
     let one = |r: pb::Region| render(out, vec![region_json(&r)], REGION_COLS);
     Ok(match cmd {
         RegionCmd::Create {
@@ -901,11 +948,7 @@ fn apply_fields(p: &mut pb::InferenceProfile, f: ProfileFields) {
     }
 }
 
-async fn profiles(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: ProfileCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn profiles(c: &mut Client, cmd: ProfileCmd, out: Output) -> anyhow::Result<String> {
     let one = |p: pb::InferenceProfile| render(out, vec![profile_json(&p)], PROFILE_COLS);
     Ok(match cmd {
         ProfileCmd::Create { id, fields } => {
@@ -980,11 +1023,7 @@ const ROUTE_COLS: &[(&str, &str)] = &[
     ("REVISION", "revision"),
 ];
 
-async fn routes(
-    c: &mut AdminServiceClient<Channel>,
-    cmd: RouteCmd,
-    out: Output,
-) -> anyhow::Result<String> {
+async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<String> {
     let one = |t: pb::RouteTable| render(out, vec![route_json(&t)], ROUTE_COLS);
     Ok(match cmd {
         RouteCmd::Set {

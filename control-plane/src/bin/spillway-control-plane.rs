@@ -6,6 +6,8 @@ use clap::Parser;
 use spillway_control_plane::leader::LeaderSettings;
 use spillway_control_plane::server::{self, Settings};
 use spillway_control_plane::store::DEFAULT_PREFIX;
+use spillway_proto::tls::TlsFiles;
+use std::path::PathBuf;
 
 /// Spillway control plane: stores inference profiles, route tables and
 /// regions (in etcd, or in memory when no endpoint is given) and streams
@@ -47,8 +49,26 @@ struct Args {
     /// Milliseconds between quota lease refreshes by the leader.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     quota_refresh_ms: u64,
-    /// Serve plaintext gRPC. For development only: every hop is meant to be
-    /// TLS, which this build does not configure yet, so the flag is required.
+    /// The CA that signs agents' and operators' certificates (PEM).
+    #[arg(long, env = "SPILLWAY_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This replica's certificate and key (PEM), e.g. from `cargo xtask certs`.
+    #[arg(long, env = "SPILLWAY_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SPILLWAY_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// A bearer token that admits admin calls without an admin certificate.
+    #[arg(long, env = "SPILLWAY_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// TLS to etcd: its CA, and this replica's client certificate and key.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Serve plaintext gRPC, with no certificate checks. For development
+    /// only; without it, --tls-ca, --tls-cert and --tls-key are required.
     #[arg(long)]
     insecure_dev: bool,
 }
@@ -64,12 +84,20 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    if !args.insecure_dev {
-        anyhow::bail!(
-            "TLS is not configured in this build; pass --insecure-dev to serve plaintext for development"
-        );
+    let tls = TlsFiles::from_flags("tls-", args.tls_ca, args.tls_cert, args.tls_key)
+        .map_err(anyhow::Error::msg)?;
+    let etcd_tls = TlsFiles::from_flags("etcd-", args.etcd_ca, args.etcd_cert, args.etcd_key)
+        .map_err(anyhow::Error::msg)?;
+    match (&tls, args.insecure_dev) {
+        (Some(_), true) => anyhow::bail!("--insecure-dev and --tls-* exclude each other: pick one"),
+        (None, false) => anyhow::bail!(
+            "no TLS identity: pass --tls-ca, --tls-cert and --tls-key (cargo xtask certs writes development ones), or --insecure-dev to serve plaintext for development"
+        ),
+        (Some(files), false) => files.check().map_err(anyhow::Error::msg)?,
+        (None, true) => tracing::warn!(
+            "--insecure-dev: serving PLAINTEXT gRPC with NO certificate checks: anyone who can connect can administer this control plane; never do this outside development"
+        ),
     }
-    tracing::warn!("--insecure-dev: serving plaintext gRPC; never do this outside development");
     if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
         anyhow::bail!(
             "--etcd-prefix `{}` must start and end with '/'",
@@ -89,6 +117,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             quota_refresh: Duration::from_millis(args.quota_refresh_ms),
             ..LeaderSettings::default()
         },
+        tls,
+        admin_token: args.admin_token,
+        etcd_tls,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -38,6 +38,8 @@ pub struct EtcdOptions {
     /// Bound on every unary call, so that a partitioned etcd fails fast.
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints), with a client certificate.
+    pub tls: Option<etcd_client::TlsOptions>,
 }
 
 #[derive(Clone)]
@@ -52,10 +54,13 @@ impl EtcdStore {
     pub async fn connect(opts: EtcdOptions) -> Result<Self> {
         // require_leader: a member cut off from the quorum answers with an
         // error instead of serving stale reads or hanging watches.
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_require_leader(true)
             .with_connect_timeout(opts.connect_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        if let Some(tls) = opts.tls.clone() {
+            connect = connect.with_tls(tls);
+        }
         let client = tokio::time::timeout(
             opts.connect_timeout,
             Client::connect(opts.endpoints.clone(), Some(connect)),

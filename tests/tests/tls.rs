@@ -1,0 +1,434 @@
+//! TLS on every hop, with identities from certificates: the control plane
+//! and agents over mutual TLS, the front doors over TLS, spillctl with an
+//! admin certificate or the admin token. A certificate for one region
+//! cannot say hello as another; the relay takes only agent certificates of
+//! the deployment's CA; without TLS or `--insecure-dev` nothing starts.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use rustls::pki_types::pem::PemObject;
+use spillway_proto::pb::relay_service_client::RelayServiceClient;
+use spillway_proto::pb::{self, control_service_client::ControlServiceClient};
+use spillway_proto::tls::{TlsFiles, admin_uri, agent_uri, control_plane_uri};
+use spillway_tests::certs::DevCa;
+use spillway_tests::cluster::{US, chat};
+use spillway_tests::sim::SimConfig;
+use spillway_tests::{AgentOptions, ControlPlane, TestAgent, TestSim, bin, model_server};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    cp: TlsFiles,
+    east: TlsFiles,
+    west: TlsFiles,
+    admin: TlsFiles,
+    /// Same names, another CA.
+    rogue_east: TlsFiles,
+}
+
+fn pki() -> Pki {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::new(&dir.path().join("ca"), "test CA").unwrap();
+    let rogue = DevCa::new(&dir.path().join("rogue"), "rogue CA").unwrap();
+    Pki {
+        cp: ca.issue("cp", &control_plane_uri("cp")).unwrap(),
+        east: ca.issue("east", &agent_uri("us-east", "e1")).unwrap(),
+        west: ca.issue("west", &agent_uri("us-west", "w1")).unwrap(),
+        admin: ca.issue("admin", &admin_uri("ops")).unwrap(),
+        rogue_east: rogue.issue("east", &agent_uri("us-east", "e1")).unwrap(),
+        _dir: dir,
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+async fn spillctl(cp: &ControlPlane, auth: &[&str], args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(bin("spillctl"))
+        .arg("--control-plane")
+        .arg(cp.url())
+        .args(auth)
+        .args(args)
+        .env_remove("SPILLWAY_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+async fn channel(addr: SocketAddr, ca: &Path, id: Option<&TlsFiles>) -> Result<Channel, String> {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some(f) = id {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&f.cert).unwrap(),
+            std::fs::read(&f.key).unwrap(),
+        ));
+    }
+    Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// A POST over HTTPS that trusts `ca`.
+async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<String>) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("a TLS handshake with the HTTP door");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post("/v1/chat/completions")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let region = resp
+        .headers()
+        .get("x-spillway-inference-region")
+        .map(|v| v.to_str().unwrap().to_string());
+    let _ = resp.into_body().collect().await;
+    (status, region)
+}
+
+async fn tls_agent(
+    id: &str,
+    region: &str,
+    cp: &ControlPlane,
+    files: &TlsFiles,
+    sim: &TestSim,
+    dir: &Path,
+) -> TestAgent {
+    let planes = [cp.url()];
+    let mut opts = AgentOptions::new(id, region, &planes, dir);
+    opts.model_servers = vec![model_server(sim.addr, &["llama-3.1-8b"], 64)];
+    opts.tls = Some(files.clone());
+    TestAgent::start_with(opts).await
+}
+
+#[tokio::test]
+async fn every_hop_is_tls_and_identities_come_from_certificates() {
+    let pki = pki();
+    let cp = ControlPlane::start_with(
+        None,
+        "cp",
+        &[
+            "--tls-ca",
+            s(&pki.cp.ca),
+            "--tls-cert",
+            s(&pki.cp.cert),
+            "--tls-key",
+            s(&pki.cp.key),
+            "--admin-token",
+            "s3cret",
+        ],
+    )
+    .await;
+    assert!(cp.url().starts_with("https://"));
+
+    // spillctl: an admin certificate, or the admin token; nothing else.
+    let admin = [
+        "--tls-ca",
+        s(&pki.admin.ca),
+        "--tls-cert",
+        s(&pki.admin.cert),
+        "--tls-key",
+        s(&pki.admin.key),
+    ];
+    for args in [
+        &["regions", "create", "us-east", "-g", "us"][..],
+        &["regions", "create", "us-west", "-g", "us"][..],
+        &[
+            "profiles",
+            "create",
+            US,
+            "--destinations",
+            "us-east,us-west",
+        ][..],
+        &[
+            "routes",
+            "set",
+            US,
+            "--source",
+            "us-east",
+            "--dest",
+            "us-west=1",
+        ][..],
+    ] {
+        let (ok, out) = spillctl(&cp, &admin, args).await;
+        assert!(ok, "{out}");
+    }
+    let ca_only = ["--tls-ca", s(&pki.admin.ca)];
+    let (ok, out) = spillctl(&cp, &ca_only, &["regions", "list"]).await;
+    assert!(!ok && out.contains("admin certificate"), "{out}");
+    let (ok, out) = spillctl(
+        &cp,
+        &[&ca_only[..], &["--token", "wrong"]].concat(),
+        &["regions", "list"],
+    )
+    .await;
+    assert!(!ok, "{out}");
+    let (ok, out) = spillctl(
+        &cp,
+        &[&ca_only[..], &["--token", "s3cret"]].concat(),
+        &["regions", "list"],
+    )
+    .await;
+    assert!(ok && out.contains("us-west"), "{out}");
+    // An agent's certificate is no admin certificate.
+    let as_agent = [
+        "--tls-ca",
+        s(&pki.east.ca),
+        "--tls-cert",
+        s(&pki.east.cert),
+        "--tls-key",
+        s(&pki.east.key),
+    ];
+    let (ok, _) = spillctl(&cp, &as_agent, &["regions", "list"]).await;
+    assert!(!ok);
+
+    // Agents sync over mutual TLS, and relay over it.
+    let sim = TestSim::start(SimConfig::default()).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let west = tls_agent("w1", "us-west", &cp, &pki.west, &sim, d1.path()).await;
+    let east = tls_agent("e1", "us-east", &cp, &pki.east, &sim, d2.path()).await;
+    east.wait_for("us-west's relay", |c| {
+        c.relays.contains_key("us-west") && c.routes.contains_key(US)
+    })
+    .await;
+    west.wait_for("its profile", |c| c.profiles.contains_key(US))
+        .await;
+    // The HTTP door speaks TLS; the call is relayed to us-west.
+    let (status, region) = https_post(east.http, &pki.cp.ca, chat(US, false)).await;
+    assert_eq!(status, 200);
+    assert_eq!(region.as_deref(), Some("us-west"));
+    // Plaintext gets nowhere.
+    assert!(plaintext_refused(east.http).await);
+    assert!(plaintext_refused(cp.addr).await);
+}
+
+/// Whether a plaintext HTTP request to `addr` fails to get an answer.
+async fn plaintext_refused(addr: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return true;
+    };
+    let _ = tcp
+        .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(0);
+    !String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
+}
+
+async fn tls_control_plane(pki: &Pki) -> ControlPlane {
+    ControlPlane::start_with(
+        None,
+        "cp",
+        &[
+            "--tls-ca",
+            s(&pki.cp.ca),
+            "--tls-cert",
+            s(&pki.cp.cert),
+            "--tls-key",
+            s(&pki.cp.key),
+        ],
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_certificate_for_one_region_cannot_say_hello_as_another() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki).await;
+    let hello = |region: &str, id: &str| pb::AgentMessage {
+        message: Some(pb::agent_message::Message::Hello(pb::Hello {
+            agent_id: id.into(),
+            region: region.into(),
+            relay_address: "127.0.0.1:9".into(),
+            current_version: 0,
+            agent_build: "test".into(),
+        })),
+    };
+    let sync = |channel: Channel, msg: pb::AgentMessage| async move {
+        let mut client = ControlServiceClient::new(channel);
+        match client.sync(tokio_stream::iter([msg])).await {
+            Err(status) => Err(status),
+            Ok(resp) => {
+                let mut stream = resp.into_inner();
+                match stream.message().await {
+                    Ok(Some(_)) => Ok(()),
+                    Ok(None) => Err(tonic::Status::unknown("ended")),
+                    Err(status) => Err(status),
+                }
+            }
+        }
+    };
+    // us-west's certificate saying hello as an agent of us-east: refused.
+    let as_west = channel(cp.addr, &pki.west.ca, Some(&pki.west))
+        .await
+        .unwrap();
+    let status = sync(as_west.clone(), hello("us-east", "w1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("us-west"), "{status:?}");
+    // Nor under another agent's id.
+    let status = sync(as_west.clone(), hello("us-west", "e1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // No certificate at all: refused too.
+    let anonymous = channel(cp.addr, &pki.cp.ca, None).await.unwrap();
+    let status = sync(anonymous, hello("us-west", "w1")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated);
+    // Its own name: accepted (the first update arrives).
+    sync(as_west, hello("us-west", "w1")).await.unwrap();
+    // A certificate of another CA does not get past the handshake.
+    let rogue = channel(cp.addr, &pki.rogue_east.ca, Some(&pki.rogue_east)).await;
+    assert!(
+        rogue.is_err(),
+        "another CA's server certificate is not trusted"
+    );
+}
+
+#[tokio::test]
+async fn the_relay_takes_only_agent_certificates_of_the_deployments_ca() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki).await;
+    let sim = TestSim::start(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let west = tls_agent("w1", "us-west", &cp, &pki.west, &sim, dir.path()).await;
+    // Known to us-west's snapshot as an agent of us-east.
+    let d2 = tempfile::tempdir().unwrap();
+    let east = tls_agent("e1", "us-east", &cp, &pki.east, &sim, d2.path()).await;
+    west.wait_for("us-east's agent", |c| c.relays.contains_key("us-east"))
+        .await;
+    let _ = east;
+    let relay = |source: &str| {
+        pb::RelayRequest {
+        request_id: "r".into(),
+        source_region: source.into(),
+        profile: "p".into(),
+        model: "llama-3.1-8b".into(),
+        body: serde_json::to_vec(&serde_json::json!({"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}]})).unwrap().into(),
+        stream: false,
+        traceparent: String::new(),
+    }
+    };
+    let call = |ch: Channel, req: pb::RelayRequest| async move {
+        let mut client = RelayServiceClient::new(ch);
+        let mut req = tonic::Request::new(req);
+        req.metadata_mut()
+            .insert("spillway-source-agent", "us-east/e1".parse().unwrap());
+        match client.relay(req).await {
+            Ok(resp) => resp.into_inner().message().await.map(|_| ()),
+            Err(s) => Err(s),
+        }
+    };
+    // The right agent certificate: served.
+    let good = channel(west.addr, &pki.east.ca, Some(&pki.east))
+        .await
+        .unwrap();
+    call(good.clone(), relay("us-east")).await.unwrap();
+    // An agent certificate, but claiming another source region: refused.
+    let status = call(good, relay("eu-west")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // No client certificate: refused.
+    let none = channel(west.addr, &pki.east.ca, None).await.unwrap();
+    let status = call(none, relay("us-east")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    // A certificate of the right CA that names no agent: refused.
+    let admin = channel(west.addr, &pki.admin.ca, Some(&pki.admin))
+        .await
+        .unwrap();
+    let status = call(admin, relay("us-east")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // A client certificate from another CA: the handshake fails.
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.east.ca).unwrap()));
+    tls = tls.identity(Identity::from_pem(
+        std::fs::read(&pki.rogue_east.cert).unwrap(),
+        std::fs::read(&pki.rogue_east.key).unwrap(),
+    ));
+    let rogue = Channel::from_shared(format!("https://{}", west.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(ch) = rogue {
+        let err = call(ch, relay("us-east")).await.unwrap_err();
+        assert_ne!(err.code(), tonic::Code::Ok);
+    }
+    assert_eq!(
+        sim.served(),
+        1,
+        "only the right certificate's call was served"
+    );
+}
+
+#[tokio::test]
+async fn without_tls_or_insecure_dev_nothing_starts() {
+    for (binary, args) in [
+        ("spillway-control-plane", vec!["--listen", "127.0.0.1:0"]),
+        (
+            "spillway-agent",
+            vec![
+                "--agent-id",
+                "a",
+                "--region",
+                "r",
+                "--control-plane",
+                "https://127.0.0.1:9",
+            ],
+        ),
+    ] {
+        let out = tokio::process::Command::new(bin(binary))
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("no TLS identity") && err.contains("--insecure-dev"),
+            "{binary}: {err}"
+        );
+    }
+}
