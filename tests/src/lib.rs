@@ -239,12 +239,34 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Self::start_with(None).await
+    }
+
+    /// An etcd that serves clients over TLS with `server`'s identity and
+    /// takes only clients with a certificate of its CA; the readiness probe
+    /// connects as `client`.
+    pub async fn start_tls(server: &TlsFiles, client: &TlsFiles) -> Etcd {
+        Self::start_with(Some((server, client))).await
+    }
+
+    async fn start_with(tls: Option<(&TlsFiles, &TlsFiles)>) -> Etcd {
         let dir = tempfile::tempdir().expect("temp dir");
         let (client, peer) = (free_port(), free_port());
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log file");
-        let child = Command::new(etcd_binary("etcd"))
+        let mut cmd = Command::new(etcd_binary("etcd"));
+        if let Some((server, _)) = tls {
+            cmd.arg("--cert-file")
+                .arg(&server.cert)
+                .arg("--key-file")
+                .arg(&server.key)
+                .arg("--trusted-ca-file")
+                .arg(&server.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "test"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
@@ -272,10 +294,14 @@ impl Etcd {
             _dir: dir,
         };
         let ep = etcd.endpoint.clone();
+        let options = tls.map(|(_, client)| {
+            etcd_client::ConnectOptions::new()
+                .with_tls(client.grpc_client().expect("the client's TLS files"))
+        });
         wait_until("etcd to answer", Duration::from_secs(20), || {
-            let ep = ep.clone();
+            let (ep, options) = (ep.clone(), options.clone());
             async move {
-                match etcd_client::Client::connect([ep], None).await {
+                match etcd_client::Client::connect([ep], options).await {
                     Ok(mut c) => c.get("health-probe", None).await.is_ok(),
                     Err(_) => false,
                 }

@@ -432,3 +432,65 @@ async fn without_tls_or_insecure_dev_nothing_starts() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_control_plane_talks_to_etcd_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::new(dir.path(), "etcd CA").unwrap();
+    let server = ca.issue("etcd", "spiffe://spillway/etcd").unwrap();
+    let client = ca.issue("cp-etcd", &control_plane_uri("cp")).unwrap();
+    let etcd = spillway_tests::Etcd::start_tls(&server, &client).await;
+    assert!(etcd.endpoint.starts_with("https://"));
+    let cp = ControlPlane::start_with(
+        Some(&etcd.endpoint),
+        "cp",
+        &[
+            "--etcd-ca",
+            s(&client.ca),
+            "--etcd-cert",
+            s(&client.cert),
+            "--etcd-key",
+            s(&client.key),
+        ],
+    )
+    .await;
+    let mut admin = cp.admin().await;
+    admin
+        .create_region(pb::CreateRegionRequest {
+            region: Some(pb::Region {
+                name: "us-east".into(),
+                geography: "us".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("a write through to etcd over TLS");
+    // With another CA's client certificate (which also does not trust
+    // etcd's), the control plane does not start, and says why.
+    let rogue = DevCa::new(&dir.path().join("rogue"), "rogue").unwrap();
+    let stranger = rogue.issue("cp", &control_plane_uri("cp")).unwrap();
+    let out = tokio::process::Command::new(bin("spillway-control-plane"))
+        .args([
+            "--insecure-dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-endpoints",
+        ])
+        .arg(&etcd.endpoint)
+        .args([
+            "--etcd-ca",
+            s(&stranger.ca),
+            "--etcd-cert",
+            s(&stranger.cert),
+        ])
+        .args(["--etcd-key", s(&stranger.key)])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("etcd"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
