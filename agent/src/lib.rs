@@ -16,7 +16,6 @@ pub mod converse;
 pub mod error;
 pub mod http;
 pub mod meter;
-pub mod metrics;
 pub mod openai;
 pub mod outlier;
 pub mod persist;

@@ -22,8 +22,8 @@ use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use crate::error::CallError;
-use crate::metrics::Metrics;
 use crate::trace::{self, TraceParent, Tracer, kv};
+use spillway_proto::metrics::Metrics;
 
 /// What is known of a call as it goes through the door.
 #[derive(Debug, Clone)]
@@ -203,7 +203,7 @@ impl Recorder {
         });
         Arc::new(Recorder {
             region,
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(Metrics::new(spillway_proto::metrics::AGENT)),
             tracer,
             audit,
             dropped: AtomicU64::new(0),

@@ -26,12 +26,12 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::error::CallError;
 use crate::meter::Meter;
-use crate::metrics::Metrics;
 use crate::snapshot::AgentConfig;
 use crate::sync::ConfigWatch;
 use crate::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use spillway_proto::metrics::Metrics;
 use spillway_proto::tls::Peer;
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.

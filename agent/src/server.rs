@@ -166,7 +166,7 @@ pub async fn start(
         loop {
             if let Some(cfg) = watch.borrow_and_update().clone() {
                 enforced.configure(&cfg.quotas, cfg.region_agents());
-                gauge.set_config_version(cfg.version);
+                gauge.set("spillway_agent_config_version", &[], cfg.version as f64);
             }
             tokio::select! {
                 _ = stop.wait() => return,

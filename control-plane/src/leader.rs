@@ -18,6 +18,7 @@ use crate::leases::{self, QuotaLeader};
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use crate::weights::{self, EngineSettings, RegionLoad};
+use spillway_proto::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct LeaderSettings {
@@ -52,6 +53,7 @@ pub async fn run(
     state: watch::Receiver<Arc<State>>,
     lease: watch::Receiver<LeaseId>,
     settings: LeaderSettings,
+    metrics: Arc<Metrics>,
     mut shutdown: Shutdown,
 ) {
     let mut tick = tokio::time::interval(settings.interval);
@@ -69,7 +71,7 @@ pub async fn run(
                 if let Some(fence) = leading {
                     let st = state.borrow().clone();
                     if st.loaded
-                        && let Err(e) = leases::update(&replica, &store, &st, fence, &mut quotas, settings.silence).await
+                        && let Err(e) = leases::update(&replica, &store, &st, fence, &mut quotas, settings.silence, &metrics).await
                     {
                         tracing::warn!(error = %e, "could not write quota leases");
                     }
@@ -98,6 +100,11 @@ pub async fn run(
                 None => {}
             }
             leading = fence;
+            metrics.set(
+                "spillway_cp_leader",
+                &[],
+                f64::from(u8::from(leading.is_some())),
+            );
         }
         if let Some(fence) = leading {
             let st = state.borrow().clone();

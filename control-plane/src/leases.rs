@@ -18,6 +18,7 @@ use crate::keys::{self, AgentRecord, LeaseRecord, QuotaDemand, QuotaGrant};
 use crate::quota_alloc::Allocator;
 use crate::state::State;
 use crate::store::{Compare, Op, Store, StoreError};
+use spillway_proto::metrics::Metrics;
 
 /// Every agent gets at least this fraction of a limit, split among the
 /// agents, so that its first call after a quiet spell finds a share.
@@ -203,6 +204,7 @@ pub async fn update(
     fence: i64,
     leader: &mut QuotaLeader,
     silence: Duration,
+    metrics: &Metrics,
 ) -> Result<(), StoreError> {
     let grants = leader.grants(st, silence);
     let now_ms = unix_ms();
@@ -255,6 +257,7 @@ pub async fn update(
             tracing::warn!("a newer leader holds the fence; quota leases not written");
             break;
         }
+        metrics.add("spillway_cp_lease_writes_total", &[], chunk.len() as u64);
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use spillway_proto::shutdown::{self, Shutdown};
 use crate::state;
 use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
 use crate::sync::{Replica, Sync};
+use spillway_proto::metrics::{CONTROL_PLANE, Metrics};
 use spillway_proto::tenant::{key_hash, same_hash};
 use spillway_proto::tls::{Peer, TlsFiles};
 
@@ -43,6 +44,9 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// TLS to etcd, with a client certificate.
     pub etcd_tls: Option<TlsFiles>,
+    /// Where `GET /metrics` (Prometheus text) is served; not at all when
+    /// unset.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -57,6 +61,7 @@ impl Default for Settings {
             tls: None,
             admin_token: None,
             etcd_tls: None,
+            metrics_listen: None,
         }
     }
 }
@@ -83,6 +88,8 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{0}")]
+    Listen(String),
 }
 
 /// Opens the store the settings name.
@@ -126,14 +133,34 @@ pub async fn run(
         shutdown.clone(),
     ));
     let state = state::spawn(store.clone());
+    let metrics = Arc::new(Metrics::new(CONTROL_PLANE));
     let leader = tokio::spawn(leader::run(
         settings.replica_id.clone(),
         store.clone(),
         state.clone(),
         lease_rx.clone(),
         settings.leader.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
+    if let Some(addr) = settings.metrics_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            RunError::Listen(format!("cannot listen on {addr} (--metrics-listen): {e}"))
+        })?;
+        let (metrics, state, mut stop) = (metrics.clone(), state.clone(), shutdown.clone());
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let (metrics, state) = (metrics.clone(), state.clone());
+                async move { render_metrics(&metrics, &state.borrow()) }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await;
+        });
+    }
     let replica = Arc::new(Replica::new(
         settings.replica_id.clone(),
         store.clone(),
@@ -141,6 +168,7 @@ pub async fn run(
         lease_rx.clone(),
         settings.debounce,
         shutdown.clone(),
+        metrics.clone(),
     ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -208,6 +236,42 @@ pub async fn run(
     }
     tracing::info!("control plane stopped");
     Ok(())
+}
+
+/// The metrics, with the gauges that come from the replica's view of the
+/// store set at the time of the scrape.
+fn render_metrics(
+    metrics: &Metrics,
+    st: &crate::state::State,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    metrics.clear("spillway_cp_agents");
+    metrics.clear("spillway_cp_agents_behind");
+    let mut by_region: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for a in st.agents.values() {
+        let e = by_region.entry(a.region.as_str()).or_default();
+        e.0 += 1;
+        e.1 += u64::from(a.acked_version < a.sent_version);
+    }
+    for (region, (n, behind)) in by_region {
+        metrics.set("spillway_cp_agents", &[("region", region)], n as f64);
+        metrics.set(
+            "spillway_cp_agents_behind",
+            &[("region", region)],
+            behind as f64,
+        );
+    }
+    metrics.set(
+        "spillway_cp_config_version",
+        &[],
+        st.config_version() as f64,
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        metrics.render(),
+    )
 }
 
 /// Who may use the admin API: with TLS, a client certificate naming an

@@ -20,6 +20,7 @@ use crate::keys::{self, AgentRecord};
 use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
+use spillway_proto::metrics::Metrics;
 use spillway_proto::shutdown::Shutdown;
 use spillway_proto::tls::Peer;
 
@@ -43,6 +44,7 @@ pub struct Replica {
     /// Changes closer together than this go out as one update.
     pub debounce: Duration,
     pub shutdown: Shutdown,
+    pub metrics: Arc<Metrics>,
     nonce: AtomicU64,
     /// The last snapshot built per region, shared by the region's streams.
     snapshots: std::sync::Mutex<HashMap<String, CachedSnapshot>>,
@@ -64,6 +66,7 @@ impl Replica {
         lease: watch::Receiver<LeaseId>,
         debounce: Duration,
         shutdown: Shutdown,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Replica {
             id,
@@ -72,6 +75,7 @@ impl Replica {
             lease,
             debounce,
             shutdown,
+            metrics,
             nonce: AtomicU64::new(0),
             snapshots: std::sync::Mutex::new(HashMap::new()),
         }
@@ -475,6 +479,9 @@ impl Session {
         self.record.sent_version = update.version;
         self.send(pb::control_message::Message::Update(update))
             .await?;
+        self.replica
+            .metrics
+            .add("spillway_cp_updates_sent_total", &[], 1);
         self.last_sent = encoded;
         Ok(())
     }
@@ -492,6 +499,7 @@ impl Session {
             }
             pb::agent_message::Message::Nack(nack) => {
                 tracing::warn!(agent = %self.key, version = nack.version, reason = %nack.reason, "agent refused a config update");
+                self.replica.metrics.add("spillway_cp_nacks_total", &[], 1);
                 self.record.nacked_version = nack.version;
                 self.record.nack_reason = nack.reason;
             }

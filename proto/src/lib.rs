@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod convert;
+pub mod metrics;
 pub mod model;
 pub mod shutdown;
 pub mod tenant;

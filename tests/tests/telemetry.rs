@@ -347,3 +347,48 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+#[tokio::test]
+async fn the_control_plane_serves_prometheus_metrics() {
+    let port = spillway_tests::free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let cp =
+        spillway_tests::ControlPlane::start_with(None, "cp", &["--metrics-listen", &listen]).await;
+    let mut admin = cp.admin().await;
+    admin
+        .create_region(pb::CreateRegionRequest {
+            region: Some(pb::Region {
+                name: "us-east".into(),
+                geography: "us".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let agent =
+        spillway_tests::TestAgent::start("a1", "us-east", &[cp.url()], dir.path(), &["m"]).await;
+    agent.wait_for("a config", |c| c.version > 0).await;
+    let http = Http::default();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    // Bounded polling: the leadership is taken on the leader's first tick.
+    let mut samples = Vec::new();
+    for _ in 0..100 {
+        let text = http.get(addr, "/metrics").await;
+        assert_eq!(text.status, 200);
+        samples = parse_prometheus(&text.text());
+        if sample(&samples, "spillway_cp_agents{region=\"us-east\"}") == 1.0
+            && sample(&samples, "spillway_cp_leader") == 1.0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sample(&samples, "spillway_cp_agents{region=\"us-east\"}"),
+        1.0
+    );
+    assert_eq!(sample(&samples, "spillway_cp_leader"), 1.0);
+    assert!(sample(&samples, "spillway_cp_updates_sent_total") >= 1.0);
+    assert!(sample(&samples, "spillway_cp_config_version") > 0.0);
+}

@@ -48,6 +48,13 @@ enum Cmd {
     },
     /// Check formatting and clippy lints.
     Lint,
+    /// Write a development CA and certificates (for agents, control planes
+    /// and operators) to target/certs; any arguments go to spillway-certs
+    /// (e.g. `--agent us-east/us-east-2`, `--out DIR`).
+    Certs {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -56,7 +63,23 @@ fn main() -> Result<()> {
         Cmd::Demo { exit_after_traffic } => demo::demo(exit_after_traffic),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Lint => lint(),
+        Cmd::Certs { args } => certs(&args),
     }
+}
+
+fn certs(args: &[String]) -> Result<()> {
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--quiet",
+        "-p",
+        "spillway-tests",
+        "--bin",
+        "spillway-certs",
+        "--",
+    ])
+    .args(args);
+    run(cmd, "writing development certificates (spillway-certs)")
 }
 
 pub(crate) fn root() -> PathBuf {

@@ -67,6 +67,9 @@ struct Args {
     etcd_cert: Option<PathBuf>,
     #[arg(long)]
     etcd_key: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, env = "SPILLWAY_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Serve plaintext gRPC, with no certificate checks. For development
     /// only; without it, --tls-ca, --tls-cert and --tls-key are required.
     #[arg(long)]
@@ -120,6 +123,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls,
         admin_token: args.admin_token,
         etcd_tls,
+        metrics_listen: args.metrics_listen,
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

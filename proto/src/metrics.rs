@@ -1,13 +1,12 @@
-//! The agent's metrics, served as Prometheus text at `GET /metrics`: calls
-//! by outcome, latency and time-to-first-token histograms, tokens,
-//! throttles by cause, spills, relayed calls served, ejections, and the
-//! config version; labelled by profile and region, never by tenant secret
-//! or content.
+//! A small metrics registry rendered as Prometheus text: counters, gauges
+//! and latency histograms, each family declared once with its help. The
+//! agent and the control plane each declare theirs (`AGENT`, `CONTROL_PLANE`)
+//! and serve them at `GET /metrics`. Labels are profiles, regions, outcomes:
+//! never a tenant secret or content.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds of the latency buckets, in seconds.
@@ -15,8 +14,11 @@ const BUCKETS: [f64; 14] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// (name, type, help) of every family, in the order they are written.
-const FAMILIES: &[(&str, &str, &str)] = &[
+/// (name, type, help) of a family.
+pub type Family = (&'static str, &'static str, &'static str);
+
+/// The agent's families, in the order they are written.
+pub const AGENT: &[Family] = &[
     (
         "spillway_agent_calls_total",
         "counter",
@@ -64,6 +66,45 @@ const FAMILIES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The control plane's families.
+pub const CONTROL_PLANE: &[Family] = &[
+    (
+        "spillway_cp_agents",
+        "gauge",
+        "Agents connected to any replica, by region.",
+    ),
+    (
+        "spillway_cp_agents_behind",
+        "gauge",
+        "Agents whose ACKed config version is behind the version last sent to them, by region.",
+    ),
+    (
+        "spillway_cp_config_version",
+        "gauge",
+        "The config version this replica serves.",
+    ),
+    (
+        "spillway_cp_leader",
+        "gauge",
+        "1 while this replica is the leader (weights and quota leases).",
+    ),
+    (
+        "spillway_cp_updates_sent_total",
+        "counter",
+        "Config updates this replica sent to agents.",
+    ),
+    (
+        "spillway_cp_nacks_total",
+        "counter",
+        "Config updates agents refused.",
+    ),
+    (
+        "spillway_cp_lease_writes_total",
+        "counter",
+        "Quota lease records the leader wrote.",
+    ),
+];
+
 #[derive(Debug, Default, Clone)]
 struct Histogram {
     counts: [u64; BUCKETS.len()],
@@ -72,11 +113,12 @@ struct Histogram {
 }
 
 /// The registry. Each call updates it a few times under one short lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    families: &'static [Family],
     counters: Mutex<BTreeMap<(&'static str, String), u64>>,
+    gauges: Mutex<BTreeMap<(&'static str, String), f64>>,
     histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
-    config_version: AtomicU64,
 }
 
 fn escape(v: &str) -> String {
@@ -95,8 +137,13 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        Metrics::default()
+    pub fn new(families: &'static [Family]) -> Metrics {
+        Metrics {
+            families,
+            counters: Mutex::default(),
+            gauges: Mutex::default(),
+            histograms: Mutex::default(),
+        }
     }
 
     pub fn add(&self, name: &'static str, pairs: &[(&str, &str)], n: u64) {
@@ -117,8 +164,15 @@ impl Metrics {
         entry.sum += secs;
     }
 
-    pub fn set_config_version(&self, v: u64) {
-        self.config_version.store(v, Ordering::Relaxed);
+    pub fn set(&self, name: &'static str, pairs: &[(&str, &str)], v: f64) {
+        let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        g.insert((name, labels(pairs)), v);
+    }
+
+    /// Drops every series of a gauge (before setting the current ones).
+    pub fn clear(&self, name: &'static str) {
+        let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(n, _), _| *n != name);
     }
 
     /// Everything, in the Prometheus text format (version 0.0.4).
@@ -133,12 +187,18 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let gauges = self
+            .gauges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut out = String::new();
-        for (name, kind, help) in FAMILIES {
+        for (name, kind, help) in self.families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             match *kind {
                 "counter" => {
                     for ((n, l), v) in counters.iter().filter(|((n, _), _)| n == name) {
+                        let l = if l == "{}" { "" } else { l.as_str() };
                         let _ = writeln!(out, "{n}{l} {v}");
                     }
                 }
@@ -160,11 +220,10 @@ impl Metrics {
                     }
                 }
                 _ => {
-                    let _ = writeln!(
-                        out,
-                        "{name} {}",
-                        self.config_version.load(Ordering::Relaxed)
-                    );
+                    for ((n, l), v) in gauges.iter().filter(|((n, _), _)| n == name) {
+                        let l = if l == "{}" { "" } else { l.as_str() };
+                        let _ = writeln!(out, "{n}{l} {v}");
+                    }
                 }
             }
         }
@@ -178,7 +237,7 @@ mod tests {
 
     #[test]
     fn renders_counters_histograms_and_the_gauge() {
-        let m = Metrics::new();
+        let m = Metrics::new(AGENT);
         m.add(
             "spillway_agent_throttled_total",
             &[("profile", "us.m"), ("cause", "quota")],
@@ -189,7 +248,7 @@ mod tests {
             &[("profile", "us.m"), ("inference_region", "us-east")],
             Duration::from_millis(30),
         );
-        m.set_config_version(7);
+        m.set("spillway_agent_config_version", &[], 7.0);
         let text = m.render();
         assert!(
             text.contains("spillway_agent_throttled_total{profile=\"us.m\",cause=\"quota\"} 2")
