@@ -364,6 +364,20 @@ async fn main() -> Result<()> {
     // generator, the simulators and two agents, a second thread costs more
     // in cross-thread wake-ups than it brings (see BENCHMARKS.md).
     let threads = ["--worker-threads", "1"];
+    // us-east's agent runs as in production: every call audited to disk
+    // and traced to a collector of its region.
+    let collector = spillway_tests::otlp::TestCollector::start().await;
+    let audit = tempfile::tempdir()?;
+    let audit_dir = audit.path().join("audit");
+    let endpoint = collector.endpoint();
+    let east_flags = [
+        threads[0],
+        threads[1],
+        "--audit-dir",
+        audit_dir.to_str().unwrap_or("audit"),
+        "--otlp-endpoint",
+        &endpoint,
+    ];
     let east = AgentProcess::start_with(
         "east-1",
         "us-east",
@@ -377,7 +391,7 @@ async fn main() -> Result<()> {
             format!("http://{},models=long-m,capacity=1000000", long.addr),
             format!("http://{},models=spill-m,capacity=8", slow.addr),
         ],
-        &threads,
+        &east_flags,
     )
     .await;
     let flaky = SimProcess::start(&["--max-concurrent", "1000000", "--output-tokens", "16"]).await;
@@ -672,6 +686,17 @@ async fn main() -> Result<()> {
         met: mb(agent_streams_rss) < 100.0,
     });
 
+    // What the audit log and the collector received while us-east's agent
+    // was measured: the overhead figures include writing them.
+    let audit_records: usize = std::fs::read_dir(&audit_dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).map_or(0, |t| t.lines().count()))
+                .sum()
+        })
+        .unwrap_or(0);
+    let spans = collector.spans().len();
+    eprintln!("bench: {audit_records} audit records written, {spans} spans exported by us-east");
     let machine = machine();
     let report = json!({
         "quick": args.quick,
@@ -686,6 +711,7 @@ async fn main() -> Result<()> {
         "failover": failover,
         "spill": spill,
         "quota": quota,
+        "telemetry": {"audit_records": audit_records, "spans_exported": spans},
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
             "agent_streams": plan.streams,
@@ -1145,6 +1171,11 @@ fn markdown(r: &Value) -> String {
         q["reclaim_s"]
             .as_f64()
             .map_or("never".to_string(), |s| format!("{s:.2} s"))
+    ));
+    let t = &r["telemetry"];
+    md.push_str(&format!(
+        "\nus-east's agent audited every call it took ({} records) and exported their traces ({} spans) while it was measured.\n",
+        t["audit_records"], t["spans_exported"]
     ));
     let mem = &r["memory"];
     md.push_str(&format!(
