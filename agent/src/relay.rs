@@ -4,9 +4,11 @@
 //! answer streams back on the same call: a head (status, serving region),
 //! body chunks as they come, and a trailer.
 //!
-//! Until mutual TLS identifies agents by certificate, a relay call must name
-//! its source agent in the `spillway-source-agent` metadata, and only agents
-//! in the current snapshot are accepted.
+//! With TLS (the default), the relay is mutual TLS and a caller must present
+//! an agent certificate of the deployment's CA naming the source region it
+//! claims. Under `--insecure-dev`, a relay call must name its source agent
+//! in the `spillway-source-agent` metadata, and only agents in the current
+//! snapshot are accepted.
 
 use std::collections::HashMap;
 use std::pin::Pin;

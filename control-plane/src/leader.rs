@@ -317,18 +317,32 @@ async fn update_weights(
             });
         }
     }
-    for chunk in writes.chunks(64) {
+    write_fenced(store, fence, &writes, "weights").await?;
+    Ok(())
+}
+
+/// Writes `ops` in transactions of at most 64, each guarded by the leader
+/// key's revision, so that a deposed leader writes nothing; returns how many
+/// were written.
+pub async fn write_fenced(
+    store: &Store,
+    fence: i64,
+    ops: &[Op],
+    what: &str,
+) -> Result<usize, crate::store::StoreError> {
+    let mut written = 0;
+    for chunk in ops.chunks(64) {
         let fenced = Compare {
             key: keys::LEADER.to_string(),
             mod_revision: fence,
         };
-        let outcome = store.txn(vec![fenced], chunk.to_vec()).await?;
-        if !outcome.succeeded {
-            tracing::warn!("a newer leader holds the fence; weights not written");
+        if !store.txn(vec![fenced], chunk.to_vec()).await?.succeeded {
+            tracing::warn!("a newer leader holds the fence; {what} not written");
             break;
         }
+        written += chunk.len();
     }
-    Ok(())
+    Ok(written)
 }
 
 #[cfg(test)]

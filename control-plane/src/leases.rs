@@ -17,7 +17,7 @@ use spillway_proto::model::{Quota, QuotaScope};
 use crate::keys::{self, AgentRecord, LeaseRecord, QuotaDemand, QuotaGrant};
 use crate::quota_alloc::Allocator;
 use crate::state::State;
-use crate::store::{Compare, Op, Store, StoreError};
+use crate::store::{Op, Store, StoreError};
 use spillway_proto::metrics::Metrics;
 
 /// Every agent gets at least this fraction of a limit, split among the
@@ -248,17 +248,8 @@ pub async fn update(
             });
         }
     }
-    for chunk in writes.chunks(64) {
-        let fenced = Compare {
-            key: keys::LEADER.to_string(),
-            mod_revision: fence,
-        };
-        if !store.txn(vec![fenced], chunk.to_vec()).await?.succeeded {
-            tracing::warn!("a newer leader holds the fence; quota leases not written");
-            break;
-        }
-        metrics.add("spillway_cp_lease_writes_total", &[], chunk.len() as u64);
-    }
+    let written = crate::leader::write_fenced(store, fence, &writes, "quota leases").await?;
+    metrics.add("spillway_cp_lease_writes_total", &[], written as u64);
     Ok(())
 }
 

@@ -125,6 +125,23 @@ impl TlsFiles {
     }
 }
 
+/// The one choice every binary makes at start: a TLS identity, or
+/// `--insecure-dev`, never both, never neither. Checks the files; returns
+/// the warning to log loudly when the choice is plaintext.
+pub fn require(tls: Option<&TlsFiles>, insecure_dev: bool) -> Result<Option<&'static str>, String> {
+    match (tls, insecure_dev) {
+        (Some(_), true) => Err("--insecure-dev and --tls-* exclude each other: pick one".into()),
+        (None, false) => Err(
+            "no TLS identity: pass --tls-ca, --tls-cert and --tls-key (cargo xtask certs writes development ones), or --insecure-dev to talk plaintext for development"
+                .into(),
+        ),
+        (Some(files), false) => files.check().map(|()| None),
+        (None, true) => Ok(Some(
+            "--insecure-dev: PLAINTEXT gRPC and HTTP with NO certificate checks: anyone who can connect is trusted; never do this outside development",
+        )),
+    }
+}
+
 /// Who a certificate names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {

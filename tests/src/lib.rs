@@ -407,6 +407,74 @@ impl ControlPlane {
             .expect("admin client")
     }
 
+    /// Runs spillctl against this replica: (success, stdout, stderr).
+    pub async fn spillctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("spillctl"))
+            .arg("--control-plane")
+            .arg(self.url())
+            .args(args)
+            .env_remove("SPILLWAY_ADMIN_TOKEN")
+            .output()
+            .await
+            .expect("running spillctl");
+        (
+            out.status.success(),
+            String::from_utf8(out.stdout).expect("UTF-8 output"),
+            String::from_utf8(out.stderr).expect("UTF-8 output"),
+        )
+    }
+
+    /// Creates a region through the admin API.
+    pub async fn create_region(&self, name: &str, geography: &str) {
+        self.admin()
+            .await
+            .create_region(spillway_proto::pb::CreateRegionRequest {
+                region: Some(spillway_proto::pb::Region {
+                    name: name.into(),
+                    geography: geography.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("region created");
+    }
+
+    /// Creates a tenant through the admin API.
+    pub async fn create_tenant(
+        &self,
+        name: &str,
+        profiles: &[&str],
+        policy: spillway_proto::pb::RegionPolicy,
+    ) {
+        self.admin()
+            .await
+            .create_tenant(spillway_proto::pb::CreateTenantRequest {
+                tenant: Some(spillway_proto::pb::Tenant {
+                    name: name.into(),
+                    profiles: profiles.iter().map(|p| p.to_string()).collect(),
+                    policy: Some(policy),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("tenant created");
+    }
+
+    /// Creates an API key for `tenant`: (its id, the key).
+    pub async fn create_key(&self, tenant: &str) -> (String, String) {
+        let created = self
+            .admin()
+            .await
+            .create_key(spillway_proto::pb::CreateKeyRequest {
+                tenant: tenant.into(),
+                description: String::new(),
+            })
+            .await
+            .expect("key created")
+            .into_inner();
+        (created.key.expect("the key's record").id, created.secret)
+    }
+
     /// SIGKILL: no graceful anything, as when a machine dies.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("killing the control plane");

@@ -7,7 +7,6 @@ use async_openai::types::chat::{
     ChatCompletionRequestUserMessageArgs, CreateChatCompletionRequestArgs,
 };
 use futures_util::StreamExt;
-use spillway_proto::pb;
 use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, US};
 use spillway_tests::sim::token;
 
@@ -15,27 +14,12 @@ use spillway_tests::sim::token;
 async fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
     // The client is built with rustls; the calls here are plain HTTP.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut admin = cluster.cp.admin().await;
-    admin
-        .create_tenant(pb::CreateTenantRequest {
-            tenant: Some(pb::Tenant {
-                name: "sdk".into(),
-                profiles: vec!["*".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let key = admin
-        .create_key(pb::CreateKeyRequest {
-            tenant: "sdk".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    cluster
+        .cp
+        .create_tenant("sdk", &["*"], Default::default())
+        .await;
+    let (id, secret) = cluster.cp.create_key("sdk").await;
     let agent = &cluster.region(region).agent;
-    let id = key.key.unwrap().id;
     agent
         .wait_for("the key", |c| c.keys.contains_key(&id))
         .await;
@@ -43,7 +27,7 @@ async fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
     Client::with_config(
         OpenAIConfig::new()
             .with_api_base(base)
-            .with_api_key(key.secret),
+            .with_api_key(secret),
     )
 }
 

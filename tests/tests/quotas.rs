@@ -3,21 +3,10 @@
 //! field named, and nothing else changed.
 
 use spillway_proto::pb;
-use spillway_tests::{ControlPlane, bin};
+use spillway_tests::ControlPlane;
 
 async fn spillctl(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin("spillctl"))
-        .arg("--control-plane")
-        .arg(cp.url())
-        .args(args)
-        .output()
-        .await
-        .expect("running spillctl");
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    cp.spillctl(args).await
 }
 
 async fn seeded() -> ControlPlane {

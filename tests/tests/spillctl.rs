@@ -10,18 +10,8 @@ struct Run {
 }
 
 async fn spillctl(cp: &ControlPlane, args: &[&str]) -> Run {
-    let out = tokio::process::Command::new(bin("spillctl"))
-        .arg("--control-plane")
-        .arg(cp.url())
-        .args(args)
-        .output()
-        .await
-        .expect("running spillctl");
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
+    let (ok, stdout, stderr) = cp.spillctl(args).await;
+    Run { ok, stdout, stderr }
 }
 
 #[track_caller]

@@ -167,37 +167,22 @@ async fn audit_records_are_kept_in_the_source_region_only() {
         ..ClusterSpec::default()
     })
     .await;
-    let mut admin = cluster.cp.admin().await;
-    admin
-        .create_tenant(pb::CreateTenantRequest {
-            tenant: Some(pb::Tenant {
-                name: "acme".into(),
-                profiles: vec!["*".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
-    let key = admin
-        .create_key(pb::CreateKeyRequest {
-            tenant: "acme".into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let key_id = key.key.unwrap().id;
+    cluster
+        .cp
+        .create_tenant("acme", &["*"], Default::default())
+        .await;
+    let (key_id, secret) = cluster.cp.create_key("acme").await;
     // us-east sends every call of the profile to us-west.
     cluster.set_route(US, "us-east", &[("us-west", 1.0)]).await;
     let east = &cluster.region("us-east").agent;
     east.wait_for("the key", |c| c.keys.contains_key(&key_id))
         .await;
     let http = Http::default();
-    let a = http.post_key(east.http, &key.secret, chat(US, false)).await;
+    let a = http.post_key(east.http, &secret, chat(US, false)).await;
     assert_eq!(a.status, 200, "{}", a.text());
     assert_eq!(a.region(), Some("us-west"));
     let request_id = a.headers["x-request-id"].to_str().unwrap().to_string();
-    let streamed = http.post_key(east.http, &key.secret, chat(US, true)).await;
+    let streamed = http.post_key(east.http, &secret, chat(US, true)).await;
     assert_eq!(streamed.status, 200);
     let refused = http.post_key(east.http, "spw_x_y", chat(US, false)).await;
     assert_eq!(refused.status, 401);
@@ -354,17 +339,7 @@ async fn the_control_plane_serves_prometheus_metrics() {
     let listen = format!("127.0.0.1:{port}");
     let cp =
         spillway_tests::ControlPlane::start_with(None, "cp", &["--metrics-listen", &listen]).await;
-    let mut admin = cp.admin().await;
-    admin
-        .create_region(pb::CreateRegionRequest {
-            region: Some(pb::Region {
-                name: "us-east".into(),
-                geography: "us".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    cp.create_region("us-east", "us").await;
     let dir = tempfile::tempdir().unwrap();
     let agent =
         spillway_tests::TestAgent::start("a1", "us-east", &[cp.url()], dir.path(), &["m"]).await;

@@ -14,18 +14,7 @@ use spillway_tests::sim::SimConfig;
 use spillway_tests::{ControlPlane, Etcd, bin};
 
 async fn spillctl(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
-    let out = tokio::process::Command::new(bin("spillctl"))
-        .arg("--control-plane")
-        .arg(cp.url())
-        .args(args)
-        .output()
-        .await
-        .expect("running spillctl");
-    (
-        out.status.success(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    cp.spillctl(args).await
 }
 
 async fn ok(cp: &ControlPlane, args: &[&str]) -> String {
@@ -200,31 +189,11 @@ async fn tenants_and_keys_from_the_command_line_with_only_hashes_stored() {
 }
 
 async fn admin_key(cluster: &Cluster, tenant: &str) -> String {
-    let mut admin = cluster.cp.admin().await;
-    admin
-        .create_key(pb::CreateKeyRequest {
-            tenant: tenant.into(),
-            description: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret
+    cluster.cp.create_key(tenant).await.1
 }
 
 async fn create_tenant(cluster: &Cluster, name: &str, profiles: &[&str], policy: pb::RegionPolicy) {
-    let mut admin = cluster.cp.admin().await;
-    admin
-        .create_tenant(pb::CreateTenantRequest {
-            tenant: Some(pb::Tenant {
-                name: name.into(),
-                profiles: profiles.iter().map(|p| p.to_string()).collect(),
-                policy: Some(policy),
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    cluster.cp.create_tenant(name, profiles, policy).await;
 }
 
 fn converse(model: &str, key: Option<&str>) -> tonic::Request<pb::ConverseRequest> {

@@ -50,21 +50,8 @@ fn s(p: &Path) -> &str {
 }
 
 async fn spillctl(cp: &ControlPlane, auth: &[&str], args: &[&str]) -> (bool, String) {
-    let out = tokio::process::Command::new(bin("spillctl"))
-        .arg("--control-plane")
-        .arg(cp.url())
-        .args(auth)
-        .args(args)
-        .env_remove("SPILLWAY_ADMIN_TOKEN")
-        .output()
-        .await
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let (ok, out, err) = cp.spillctl(&[auth, args].concat()).await;
+    (ok, out + &err)
 }
 
 async fn channel(addr: SocketAddr, ca: &Path, id: Option<&TlsFiles>) -> Result<Channel, String> {
@@ -140,21 +127,7 @@ async fn tls_agent(
 #[tokio::test]
 async fn every_hop_is_tls_and_identities_come_from_certificates() {
     let pki = pki();
-    let cp = ControlPlane::start_with(
-        None,
-        "cp",
-        &[
-            "--tls-ca",
-            s(&pki.cp.ca),
-            "--tls-cert",
-            s(&pki.cp.cert),
-            "--tls-key",
-            s(&pki.cp.key),
-            "--admin-token",
-            "s3cret",
-        ],
-    )
-    .await;
+    let cp = tls_control_plane(&pki, &["--admin-token", "s3cret"]).await;
     assert!(cp.url().starts_with("https://"));
 
     // spillctl: an admin certificate, or the admin token; nothing else.
@@ -256,26 +229,22 @@ async fn plaintext_refused(addr: SocketAddr) -> bool {
     !String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200")
 }
 
-async fn tls_control_plane(pki: &Pki) -> ControlPlane {
-    ControlPlane::start_with(
-        None,
-        "cp",
-        &[
-            "--tls-ca",
-            s(&pki.cp.ca),
-            "--tls-cert",
-            s(&pki.cp.cert),
-            "--tls-key",
-            s(&pki.cp.key),
-        ],
-    )
-    .await
+async fn tls_control_plane(pki: &Pki, extra: &[&str]) -> ControlPlane {
+    let tls = [
+        "--tls-ca",
+        s(&pki.cp.ca),
+        "--tls-cert",
+        s(&pki.cp.cert),
+        "--tls-key",
+        s(&pki.cp.key),
+    ];
+    ControlPlane::start_with(None, "cp", &[&tls[..], extra].concat()).await
 }
 
 #[tokio::test]
 async fn a_certificate_for_one_region_cannot_say_hello_as_another() {
     let pki = pki();
-    let cp = tls_control_plane(&pki).await;
+    let cp = tls_control_plane(&pki, &[]).await;
     let hello = |region: &str, id: &str| pb::AgentMessage {
         message: Some(pb::agent_message::Message::Hello(pb::Hello {
             agent_id: id.into(),
@@ -330,7 +299,7 @@ async fn a_certificate_for_one_region_cannot_say_hello_as_another() {
 #[tokio::test]
 async fn the_relay_takes_only_agent_certificates_of_the_deployments_ca() {
     let pki = pki();
-    let cp = tls_control_plane(&pki).await;
+    let cp = tls_control_plane(&pki, &[]).await;
     let sim = TestSim::start(SimConfig::default()).await;
     let dir = tempfile::tempdir().unwrap();
     let west = tls_agent("w1", "us-west", &cp, &pki.west, &sim, dir.path()).await;
@@ -454,17 +423,8 @@ async fn the_control_plane_talks_to_etcd_over_tls_with_a_client_certificate() {
         ],
     )
     .await;
-    let mut admin = cp.admin().await;
-    admin
-        .create_region(pb::CreateRegionRequest {
-            region: Some(pb::Region {
-                name: "us-east".into(),
-                geography: "us".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("a write through to etcd over TLS");
+    // A write goes through to etcd over TLS.
+    cp.create_region("us-east", "us").await;
     // With another CA's client certificate (which also does not trust
     // etcd's), the control plane does not start, and says why.
     let rogue = DevCa::new(&dir.path().join("rogue"), "rogue").unwrap();

@@ -64,6 +64,9 @@ pub fn demo(exit_after: bool) -> Result<()> {
     let mut procs = Procs(Vec::new());
 
     // etcd when installed, else the embedded store.
+    println!(
+        "(the demo talks plaintext, with --insecure-dev; the README shows TLS with `cargo xtask certs`)"
+    );
     let mut cp_args: Vec<String> = Vec::new();
     if let Some(etcd) = find("etcd") {
         let (client, peer) = (free_port()?, free_port()?);
@@ -216,7 +219,9 @@ pub fn demo(exit_after: bool) -> Result<()> {
         ])
         .arg("--insecure-dev")
         .arg("--state-dir")
-        .arg(dir.join(format!("agent-{region}")));
+        .arg(dir.join(format!("agent-{region}")))
+        .arg("--audit-dir")
+        .arg(dir.join(format!("audit-{region}")));
         for s in &servers {
             cmd.args(["--model-server", s]);
         }
@@ -305,6 +310,19 @@ pub fn demo(exit_after: bool) -> Result<()> {
         .sum();
     println!(
         "\n{spilled} of {BURST} calls spilled over from us-east; every answer names its region in x-spillway-inference-region."
+    );
+    // Residency: every call is audited by the agent that took it, in its
+    // region; the regions that served spilled calls keep no record of them.
+    std::thread::sleep(Duration::from_millis(300));
+    let audited = |region: &str| {
+        std::fs::read_to_string(dir.join(format!("audit-{region}/audit.jsonl")))
+            .map_or(0, |t| t.lines().count())
+    };
+    println!(
+        "audit records: us-east {}, us-west {}, eu-west {} (in target/demo/audit-*: a spilled call is audited in its source region only)",
+        audited("us-east"),
+        audited("us-west"),
+        audited("eu-west")
     );
 
     // Sustained saturation: the agents' load reports reach the control

@@ -41,15 +41,10 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         args.tls_key.clone(),
     )
     .map_err(anyhow::Error::msg)?;
-    match (&tls, args.insecure_dev) {
-        (Some(_), true) => anyhow::bail!("--insecure-dev and --tls-* exclude each other: pick one"),
-        (None, false) => anyhow::bail!(
-            "no TLS identity: pass --tls-ca, --tls-cert and --tls-key (cargo xtask certs writes development ones), or --insecure-dev to talk plaintext for development"
-        ),
-        (Some(files), false) => files.check().map_err(anyhow::Error::msg)?,
-        (None, true) => tracing::warn!(
-            "--insecure-dev: PLAINTEXT gRPC and HTTP with NO certificate checks between agents and the control plane; never do this outside development"
-        ),
+    if let Some(warning) =
+        spillway_proto::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
+    {
+        tracing::warn!("{warning}");
     }
     if args.model_servers.is_empty() {
         tracing::warn!("no --model-server given: this agent can only relay calls to other regions");

@@ -91,15 +91,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     let etcd_tls = TlsFiles::from_flags("etcd-", args.etcd_ca, args.etcd_cert, args.etcd_key)
         .map_err(anyhow::Error::msg)?;
-    match (&tls, args.insecure_dev) {
-        (Some(_), true) => anyhow::bail!("--insecure-dev and --tls-* exclude each other: pick one"),
-        (None, false) => anyhow::bail!(
-            "no TLS identity: pass --tls-ca, --tls-cert and --tls-key (cargo xtask certs writes development ones), or --insecure-dev to serve plaintext for development"
-        ),
-        (Some(files), false) => files.check().map_err(anyhow::Error::msg)?,
-        (None, true) => tracing::warn!(
-            "--insecure-dev: serving PLAINTEXT gRPC with NO certificate checks: anyone who can connect can administer this control plane; never do this outside development"
-        ),
+    if let Some(warning) =
+        spillway_proto::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
+    {
+        tracing::warn!("{warning}");
     }
     if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
         anyhow::bail!(
