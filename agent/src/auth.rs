@@ -22,6 +22,16 @@ pub fn bearer(value: &str) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
 }
 
+/// What a call presents as its key, from its `authorization` header or
+/// metadata: `None` only when there is none; a value that is not a bearer
+/// key is presented as it is (and refused), never taken as no key.
+pub fn presented(value: Option<Result<&str, ()>>) -> Option<&str> {
+    match value? {
+        Ok(v) => Some(bearer(v).unwrap_or(v)),
+        Err(()) => Some(""),
+    }
+}
+
 /// Finds the tenant of a presented key. Every refusal says the same about
 /// the key, so that nothing tells a guessed id from a guessed secret.
 pub fn authenticate(
@@ -29,7 +39,7 @@ pub fn authenticate(
     presented: Option<&str>,
     allow_anonymous: bool,
 ) -> Result<Caller, CallError> {
-    let Some(key) = presented.filter(|k| !k.is_empty()) else {
+    let Some(key) = presented else {
         if allow_anonymous {
             return Ok(Caller::default());
         }
@@ -79,5 +89,31 @@ mod tests {
         assert_eq!(bearer("bearer  spw_a_b "), Some("spw_a_b"));
         assert_eq!(bearer("Basic abc"), None);
         assert_eq!(bearer("spw_a_b"), None);
+        assert_eq!(presented(None), None);
+        assert_eq!(presented(Some(Ok("Token spw_a_b"))), Some("Token spw_a_b"));
+        assert_eq!(presented(Some(Err(()))), Some(""));
+    }
+
+    #[test]
+    fn a_malformed_key_is_refused_even_when_anonymous_calls_are_allowed() {
+        let cfg = AgentConfig {
+            version: 1,
+            region: "r".into(),
+            regions: Default::default(),
+            relays: Default::default(),
+            profiles: Default::default(),
+            routes: Default::default(),
+            profiles_elsewhere: Default::default(),
+            quotas: Vec::new(),
+            tenants: Default::default(),
+            keys: Default::default(),
+        };
+        assert_eq!(authenticate(&cfg, None, true).unwrap(), Caller::default());
+        for bad in ["", "Token spw_a_b", "spw_a_b"] {
+            assert!(matches!(
+                authenticate(&cfg, Some(bad), true),
+                Err(CallError::Unauthenticated(_))
+            ));
+        }
     }
 }

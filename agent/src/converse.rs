@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{authorize, bearer};
+use crate::auth::{authorize, presented};
 use crate::error::CallError;
 use crate::http::INFERENCE_REGION;
 use crate::openai::MAX_TOKENS_LIMIT;
@@ -56,7 +56,7 @@ fn prepare(
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();
     ctx.stream = stream;
-    ctx.profile = (!req.model_id.is_empty()).then(|| req.model_id.clone());
+    ctx.requested(&req.model_id);
     if req.model_id.is_empty() {
         return Err(CallError::bad(
             "model_id",
@@ -126,6 +126,7 @@ fn prepare(
         body.insert("stream_options".into(), json!({"include_usage": true}));
     }
     let profile = pipeline.resolve(&cfg, &req.model_id)?;
+    ctx.profile = Some(profile.id.clone());
     ctx.model = Some(profile.model.clone());
     ctx.max_tokens = req
         .inference_config
@@ -149,10 +150,11 @@ fn prepare(
 
 /// The API key of the `authorization: Bearer <key>` metadata, if any.
 fn presented_key<T>(req: &Request<T>) -> Option<&str> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
+    presented(
+        req.metadata()
+            .get("authorization")
+            .map(|v| v.to_str().map_err(|_| ())),
+    )
 }
 
 /// The `x-ratelimit-*` figures as gRPC metadata, as over HTTP.

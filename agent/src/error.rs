@@ -58,6 +58,9 @@ pub enum CallError {
     /// destination.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The client went away before the answer began.
+    #[error("the client closed the call before the answer began")]
+    Cancelled,
     /// A quota of the source region refused the call (not spilled), with
     /// what the rate-limit headers report.
     #[error("{}", .0.0)]
@@ -102,6 +105,8 @@ impl CallError {
             CallError::Upstream(_) => StatusCode::BAD_GATEWAY,
             CallError::RelayRefused(_) | CallError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             CallError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            // nginx's "client closed request": nobody reads it.
+            CallError::Cancelled => StatusCode::from_u16(499).expect("499 is a valid status code"),
         }
     }
 
@@ -126,6 +131,7 @@ impl CallError {
             CallError::RelayRefused(_) => ("permission_error", Some("forbidden")),
             CallError::PermissionDenied(_) => ("permission_error", Some("permission_denied")),
             CallError::Unauthenticated(_) => ("invalid_request_error", Some("invalid_api_key")),
+            CallError::Cancelled => ("invalid_request_error", Some("cancelled")),
         };
         let param = match self {
             CallError::BadRequest { param, .. } => param.clone(),
@@ -155,6 +161,7 @@ impl CallError {
                 Status::permission_denied(msg)
             }
             CallError::Unauthenticated(_) => Status::unauthenticated(msg),
+            CallError::Cancelled => Status::cancelled(msg),
         }
     }
 

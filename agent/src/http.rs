@@ -15,9 +15,9 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
-use crate::auth::{authorize, bearer};
+use crate::auth::{authorize, presented};
 use crate::error::CallError;
-use crate::openai::{ChatRequest, check_answer};
+use crate::openai::ChatRequest;
 use crate::pipeline::{Pipeline, PreparedCall};
 use crate::quota::RateInfo;
 use crate::record::CallContext;
@@ -122,10 +122,11 @@ async fn health(State(door): State<Arc<HttpDoor>>) -> Response {
 
 /// The API key of `Authorization: Bearer <key>`, if any.
 fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer)
+    presented(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(|v| v.to_str().map_err(|_| ())),
+    )
 }
 
 async fn models(State(door): State<Arc<HttpDoor>>, headers: http::HeaderMap) -> Response {
@@ -205,10 +206,11 @@ async fn serve(
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();
     let req = ChatRequest::parse(bytes)?;
-    ctx.profile = Some(req.model.clone());
+    ctx.requested(&req.model);
     ctx.stream = req.stream;
     ctx.max_tokens = req.max_tokens;
     let profile = pipeline.resolve(&cfg, &req.model)?;
+    ctx.profile = Some(profile.id.clone());
     ctx.model = Some(profile.model.clone());
     authorize(&cfg, &caller, &profile.id)?;
     let call = PreparedCall {
@@ -227,9 +229,6 @@ async fn serve(
         HeaderValue::from_str(&answer.region).expect("region names are valid header values");
     let mut response = match answer.body {
         AnswerBody::Full(b) => {
-            if answer.status.is_success() {
-                check_answer(&b)?;
-            }
             let mut r = Response::new(Body::from(b));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -251,6 +251,7 @@ mod tests {
                 revision: 0,
             }],
             1,
+            1,
         );
         q
     }

@@ -15,6 +15,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use crate::auth::{self, Caller};
 use crate::error::CallError;
 use crate::meter::Meter;
+use crate::openai::check_answer;
 use crate::outlier::{OutlierSettings, Outliers};
 use crate::quota::{CallScope, Quotas, RateInfo, Reservation, estimate_input_tokens};
 use crate::record::{AttemptSpan, CallContext, Outcome, Recorder};
@@ -46,6 +47,22 @@ pub struct PreparedCall {
 pub struct Admission {
     reservation: Option<Reservation>,
     pub rate: RateInfo,
+}
+
+/// Records a call whose routing was dropped (the client left) before it
+/// ended.
+struct Unanswered<'a> {
+    recorder: &'a Recorder,
+    ctx: Option<CallContext>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(ctx) = self.ctx.take() {
+            self.recorder
+                .finish(&ctx, &Outcome::of_error(&CallError::Cancelled));
+        }
+    }
 }
 
 /// A successful answer and where it came from.
@@ -254,7 +271,24 @@ impl Pipeline {
         if let Some(r) = admission.reservation {
             meter = meter.with_reservation(self.quotas.clone(), r);
         }
-        match self.route(call).await {
+        // A client that goes away before the answer drops this future: the
+        // guard records the call then (the meter refunds on drop).
+        let mut guard = Unanswered {
+            recorder: &self.recorder,
+            ctx: Some(ctx.clone()),
+        };
+        let routed = self.route(call).await.and_then(|answer| {
+            // A unary answer that is not JSON is the model server's fault:
+            // it fails here, before it is metered as served.
+            if let AnswerBody::Full(b) = &answer.body
+                && answer.status.is_success()
+            {
+                check_answer(b)?;
+            }
+            Ok(answer)
+        });
+        guard.ctx = None;
+        match routed {
             Ok(mut answer) => {
                 let recorder = self.recorder.clone();
                 let (region, attempts) = (answer.region.clone(), answer.failed_attempts.clone());

@@ -337,9 +337,11 @@ pub struct Quotas {
     by_id: Mutex<BTreeMap<String, Enforced>>,
 }
 
-/// Smoothing of demand: about this long to follow a change (an idle
-/// agent's share goes to the others within a few of these).
-const DEMAND_TIME_CONSTANT: f64 = 2.0;
+/// Smoothing of demand: about this long to follow a rise, and this long to
+/// follow a fall (so that an agent gone quiet gives its share back fast,
+/// while a busy one's share does not flicker).
+const DEMAND_RISE: f64 = 2.0;
+const DEMAND_FALL: f64 = 0.5;
 
 impl Quotas {
     pub fn new() -> Quotas {
@@ -351,9 +353,11 @@ impl Quotas {
     }
 
     /// Takes the quotas of a new config: new ones start at a safe share
-    /// (the limit split among `region_agents`), changed ones keep their
-    /// buckets' levels and lease, removed ones go.
-    pub fn configure(&self, quotas: &[Quota], region_agents: u32) {
+    /// (the limit split among the agents that share it: `region_agents` for
+    /// a profile quota, `all_agents` for a tenant quota, which spans
+    /// regions), changed ones keep their buckets' levels and lease, removed
+    /// ones go.
+    pub fn configure(&self, quotas: &[Quota], region_agents: u32, all_agents: u32) {
         let now = Instant::now();
         let mut by_id = self.lock();
         by_id.retain(|id, _| quotas.iter().any(|q| &q.scope.id() == id));
@@ -378,7 +382,13 @@ impl Quotas {
                     *e = fresh;
                 }
                 None => {
-                    by_id.insert(id, Enforced::new(q.clone(), region_agents, now));
+                    let sharing = match q.scope {
+                        QuotaScope::ProfileInRegion { .. } => region_agents,
+                        QuotaScope::TenantOnProfile { .. } | QuotaScope::Tenant { .. } => {
+                            all_agents
+                        }
+                    };
+                    by_id.insert(id, Enforced::new(q.clone(), sharing, now));
                 }
             }
         }
@@ -548,11 +558,10 @@ impl Quotas {
             .iter_mut()
             .map(|(id, e)| {
                 if secs > 0.0 {
-                    let alpha = 1.0 - (-secs / DEMAND_TIME_CONSTANT).exp();
                     let rpm = std::mem::take(&mut e.asked_requests) * 60.0 / secs;
                     let tpm = std::mem::take(&mut e.asked_tokens) * 60.0 / secs;
-                    e.demand_requests += alpha * (rpm - e.demand_requests);
-                    e.demand_tokens += alpha * (tpm - e.demand_tokens);
+                    smooth(&mut e.demand_requests, rpm, secs);
+                    smooth(&mut e.demand_tokens, tpm, secs);
                 }
                 let held = match e.lease {
                     Some((share, until)) if until > now => share.0,
@@ -569,6 +578,16 @@ impl Quotas {
             })
             .collect()
     }
+}
+
+/// Moves a demand estimate toward a new rate, faster down than up.
+fn smooth(estimate: &mut f64, rate: f64, secs: f64) {
+    let tau = if rate < *estimate {
+        DEMAND_FALL
+    } else {
+        DEMAND_RISE
+    };
+    *estimate += (1.0 - (-secs / tau).exp()) * (rate - *estimate);
 }
 
 /// For each of requests and tokens, the covering quota with the least left
@@ -655,7 +674,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn requests_per_minute_hold_at_the_window_edges() {
         let q = Quotas::new();
-        q.configure(&[quota(Some(600), None, 1.0)], 1);
+        q.configure(&[quota(Some(600), None, 1.0)], 1, 1);
         // A bucket holds one second's worth: 10 at once, then one every 100 ms.
         for _ in 0..10 {
             let _ = q.admit(&CALL, 1, 1).expect("within the burst");
@@ -687,7 +706,7 @@ mod tests {
     async fn reservations_are_refunded_and_overuse_is_charged() {
         let q = Quotas::new();
         // 60,000 tokens per minute: 1,000 a second, the bucket holds 1,000.
-        q.configure(&[quota(None, Some(60_000), 2.0)], 1);
+        q.configure(&[quota(None, Some(60_000), 2.0)], 1, 1);
         // 100 input + 200 max_tokens x burndown 2 = 500 reserved.
         let (r, info) = q.admit(&CALL, 100, 200).unwrap();
         assert_eq!(info.tokens.as_ref().unwrap().remaining, 500);
@@ -710,7 +729,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_large_reservation_goes_into_debt_and_too_large_is_refused() {
         let q = Quotas::new();
-        q.configure(&[quota(None, Some(60_000), 1.0)], 1);
+        q.configure(&[quota(None, Some(60_000), 1.0)], 1, 1);
         // 4,000 reserved from a bucket of 1,000: admitted when full, then
         // nothing for the 3 s it takes to pay back.
         let (r, _) = q.admit(&CALL, 0, 4_000).unwrap();
@@ -729,7 +748,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_token_refusal_gives_the_request_back() {
         let q = Quotas::new();
-        q.configure(&[quota(Some(60), Some(600), 1.0)], 1);
+        q.configure(&[quota(Some(60), Some(600), 1.0)], 1, 1);
         // Requests: 1 a second, burst 1. Tokens: 10 a second, burst 10.
         // 20 tokens from a full bucket of 10: admitted, 10 in debt.
         let _ = q.admit(&CALL, 20, 0).unwrap();
@@ -747,7 +766,7 @@ mod tests {
     async fn leases_set_the_share_and_a_safe_share_follows_their_expiry() {
         let q = Quotas::new();
         let id = "profile/p@r";
-        q.configure(&[quota(Some(600), None, 1.0)], 3);
+        q.configure(&[quota(Some(600), None, 1.0)], 3, 3);
         // Before any lease: the safe share, 600 / 3 = 200 a minute.
         let mut n = 0;
         for _ in 0..6_000 {
@@ -788,7 +807,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn demand_is_reported_per_minute_and_smoothed() {
         let q = Quotas::new();
-        q.configure(&[quota(Some(60), Some(1_000_000), 1.0)], 1);
+        q.configure(&[quota(Some(60), Some(1_000_000), 1.0)], 1, 1);
         for _ in 0..30 {
             let _ = q.admit(&CALL, 10, 10);
         }
@@ -796,8 +815,12 @@ mod tests {
         // first report moves 1 - e^(-1/2) of the way there.
         let d = q.demand_report(Duration::from_secs(1));
         let alpha = 1.0 - (-0.5f64).exp();
-        assert!((d[0].requests_per_minute - 1_800.0 * alpha).abs() < 1e-6);
+        let rpm = d[0].requests_per_minute;
+        assert!((rpm - 1_800.0 * alpha).abs() < 1e-6);
         assert!((d[0].tokens_per_minute - 36_000.0 * alpha).abs() < 1e-6);
+        // Nothing asked for a second: it falls by 1 - e^(-2) at once.
+        let d = q.demand_report(Duration::from_secs(1));
+        assert!((d[0].requests_per_minute - rpm * (-2.0f64).exp()).abs() < 1e-6);
     }
 
     #[tokio::test(start_paused = true)]
@@ -809,7 +832,7 @@ mod tests {
             },
             ..quota(Some(60), None, 1.0)
         };
-        q.configure(&[quota(Some(6_000), None, 1.0), tenant], 1);
+        q.configure(&[quota(Some(6_000), None, 1.0), tenant], 1, 1);
         let call = CallScope {
             tenant: Some("acme"),
             ..CALL

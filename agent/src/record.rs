@@ -35,7 +35,10 @@ pub struct CallContext {
     pub door: &'static str,
     pub tenant: Option<String>,
     pub key_id: Option<String>,
+    /// The profile the call resolved to (metrics label it by this only).
     pub profile: Option<String>,
+    /// What the client named, for the audit record (cut to 128 bytes).
+    pub requested: Option<String>,
     pub model: Option<String>,
     pub stream: bool,
     pub max_tokens: Option<u64>,
@@ -59,6 +62,7 @@ impl CallContext {
             tenant: None,
             key_id: None,
             profile: None,
+            requested: None,
             model: None,
             stream: false,
             max_tokens: None,
@@ -67,6 +71,15 @@ impl CallContext {
             span_id: trace::new_span_id(),
             started_ns: trace::now_ns(),
         }
+    }
+
+    /// Notes what the client named as its model.
+    pub fn requested(&mut self, model: &str) {
+        let mut end = model.len().min(128);
+        while !model.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.requested = Some(model[..end].to_string());
     }
 
     /// Joins the client's trace, from its `traceparent`.
@@ -125,6 +138,7 @@ impl Outcome {
             | CallError::NotCallableHere { .. } => "bad_request",
             CallError::ProfileNotFound(_) => "not_found",
             CallError::Unavailable(_) | CallError::Upstream(_) | CallError::NoConfig => "error",
+            CallError::Cancelled => "cancelled",
         };
         let attempts = match e {
             CallError::Exhausted { attempts, .. } => attempts.clone(),
@@ -154,6 +168,7 @@ struct AuditRecord<'a> {
     tenant: Option<&'a str>,
     key_id: Option<&'a str>,
     profile: Option<&'a str>,
+    requested_model: Option<&'a str>,
     model: Option<&'a str>,
     source_region: &'a str,
     inference_region: Option<&'a str>,
@@ -213,7 +228,9 @@ impl Recorder {
     /// Records one call that ended with `outcome`.
     pub fn finish(&self, ctx: &CallContext, o: &Outcome) {
         let latency = ctx.started.elapsed();
-        let profile = ctx.profile.as_deref().unwrap_or("");
+        // Only a profile the call resolved to labels a metric: what a client
+        // names is unbounded.
+        let profile = ctx.profile.as_deref().unwrap_or("unknown");
         let served = o.inference_region.as_deref().unwrap_or("");
         let m = &self.metrics;
         m.add(
@@ -274,6 +291,7 @@ impl Recorder {
             tenant: ctx.tenant.as_deref(),
             key_id: ctx.key_id.as_deref(),
             profile: ctx.profile.as_deref(),
+            requested_model: ctx.requested.as_deref(),
             model: ctx.model.as_deref(),
             source_region: &self.region,
             inference_region: o.inference_region.as_deref(),

@@ -165,7 +165,7 @@ pub async fn start(
     tokio::spawn(async move {
         loop {
             if let Some(cfg) = watch.borrow_and_update().clone() {
-                enforced.configure(&cfg.quotas, cfg.region_agents());
+                enforced.configure(&cfg.quotas, cfg.region_agents(), cfg.all_agents());
                 gauge.set("spillway_agent_config_version", &[], cfg.version as f64);
             }
             tokio::select! {

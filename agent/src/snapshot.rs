@@ -29,11 +29,17 @@ pub struct AgentConfig {
 
 impl AgentConfig {
     /// Agents of this region the control plane knew of (at least one: this
-    /// one), among which a quota's safe share is split.
+    /// one), among which a profile quota's safe share is split.
     pub fn region_agents(&self) -> u32 {
         self.relays
             .get(&self.region)
             .map_or(1, |a| a.len().max(1) as u32)
+    }
+
+    /// Every agent the control plane knew of, among which a tenant quota's
+    /// safe share is split (tenant quotas span regions).
+    pub fn all_agents(&self) -> u32 {
+        (self.relays.values().map(Vec::len).sum::<usize>().max(1)) as u32
     }
 }
 

@@ -422,7 +422,11 @@ impl Session {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let valid_for_ms = (record.granted_at_ms + record.lease_ms).saturating_sub(now_ms);
+        // Never longer than a lease, whatever this replica's clock says of
+        // the leader's.
+        let valid_for_ms = (record.granted_at_ms + record.lease_ms)
+            .saturating_sub(now_ms)
+            .min(record.lease_ms);
         let leases = pb::QuotaLeases {
             leases: record
                 .grants

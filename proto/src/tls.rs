@@ -185,9 +185,18 @@ impl Peer {
         }
     }
 
-    /// The Spillway identity of a (verified) certificate.
+    /// The Spillway identity of a (verified) certificate: its one
+    /// `spiffe://spillway/` URI; none when it has none or several.
     pub fn of_cert(der: &[u8]) -> Option<Peer> {
-        uris(der).iter().find_map(|u| Peer::from_uri(u))
+        let ours: Vec<String> = alt_names(der)
+            .uris
+            .into_iter()
+            .filter(|u| u.starts_with(SPIFFE_PREFIX))
+            .collect();
+        match ours.as_slice() {
+            [one] => Peer::from_uri(one),
+            _ => None,
+        }
     }
 }
 
@@ -212,41 +221,96 @@ fn element(der: &[u8], at: usize) -> Option<(u8, usize, usize)> {
     (end <= der.len()).then_some((tag, start, end))
 }
 
-/// The URIs among a certificate's subject alternative names.
-pub fn uris(der: &[u8]) -> Vec<String> {
-    // The subjectAltName extension: OID 2.5.29.17, an optional critical
-    // flag, then an OCTET STRING holding a SEQUENCE of GeneralNames, where
-    // a URI is [6] IA5String.
-    const SAN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x1d, 0x11];
+/// The names among a certificate's subject alternative names: URIs,
+/// DNS names, and IP addresses (as text).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AltNames {
+    pub uris: Vec<String>,
+    pub dns: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+/// The subjectAltName extension's names, read by walking the structure:
+/// Certificate -> tbsCertificate -> [3] extensions -> the Extension whose
+/// id is exactly 2.5.29.17 -> its GeneralNames. Nothing outside the
+/// extensions (a subject's common name, say) is ever looked at.
+pub fn alt_names(der: &[u8]) -> AltNames {
+    alt_names_of(der).unwrap_or_default()
+}
+
+fn children(der: &[u8], start: usize, end: usize) -> Vec<(u8, usize, usize)> {
     let mut out = Vec::new();
-    let Some(pos) = der.windows(SAN_OID.len()).position(|w| w == SAN_OID) else {
-        return out;
-    };
-    let mut at = pos + SAN_OID.len();
-    if der.get(at) == Some(&0x01) {
-        match element(der, at) {
-            Some((_, _, end)) => at = end,
-            None => return out,
+    let mut at = start;
+    while at < end {
+        match element(&der[..end], at) {
+            Some(e) => {
+                at = e.2;
+                out.push(e);
+            }
+            None => break,
         }
-    }
-    let Some((0x04, octets, _)) = element(der, at) else {
-        return out;
-    };
-    let Some((0x30, mut name, names_end)) = element(der, octets) else {
-        return out;
-    };
-    while name < names_end {
-        let Some((tag, start, end)) = element(der, name) else {
-            break;
-        };
-        if tag == 0x86
-            && let Ok(uri) = std::str::from_utf8(&der[start..end])
-        {
-            out.push(uri.to_string());
-        }
-        name = end;
     }
     out
+}
+
+fn alt_names_of(der: &[u8]) -> Option<AltNames> {
+    const SAN: [u8; 3] = [0x55, 0x1d, 0x11];
+    let (tag, start, end) = element(der, 0)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (tag, tbs_start, tbs_end) = *children(der, start, end).first()?;
+    if tag != 0x30 {
+        return None;
+    }
+    // The extensions are the [3] element of tbsCertificate.
+    let (_, ext_start, ext_end) = children(der, tbs_start, tbs_end)
+        .into_iter()
+        .find(|(t, _, _)| *t == 0xa3)?;
+    let (tag, list_start, list_end) = element(&der[..ext_end], ext_start)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let mut names = AltNames::default();
+    for (tag, s, e) in children(der, list_start, list_end) {
+        if tag != 0x30 {
+            continue;
+        }
+        let parts = children(der, s, e);
+        let Some((0x06, id_s, id_e)) = parts.first().copied() else {
+            continue;
+        };
+        if der[id_s..id_e] != SAN {
+            continue;
+        }
+        // extnValue: the last part, an OCTET STRING holding GeneralNames.
+        let (tag, v_s, v_e) = *parts.last()?;
+        if tag != 0x04 {
+            return None;
+        }
+        let (tag, g_s, g_e) = element(&der[..v_e], v_s)?;
+        if tag != 0x30 {
+            return None;
+        }
+        for (tag, n_s, n_e) in children(der, g_s, g_e) {
+            let bytes = &der[n_s..n_e];
+            match tag {
+                0x86 => names.uris.push(String::from_utf8_lossy(bytes).into_owned()),
+                0x82 => names.dns.push(String::from_utf8_lossy(bytes).into_owned()),
+                0x87 if bytes.len() == 4 => {
+                    let b: [u8; 4] = bytes.try_into().ok()?;
+                    names.ips.push(std::net::IpAddr::from(b));
+                }
+                0x87 if bytes.len() == 16 => {
+                    let b: [u8; 16] = bytes.try_into().ok()?;
+                    names.ips.push(std::net::IpAddr::from(b));
+                }
+                _ => {}
+            }
+        }
+        return Some(names);
+    }
+    Some(names)
 }
 
 #[cfg(test)]
@@ -272,6 +336,81 @@ mod tests {
             Peer::from_uri("spiffe://spillway/region/x/agent/y/extra"),
             None
         );
+    }
+
+    /// DER of one element.
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        if content.len() < 0x80 {
+            out.push(content.len() as u8);
+        } else {
+            out.push(0x82);
+            out.extend_from_slice(&(content.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// A certificate-shaped structure: a subject holding `subject`, and a
+    /// subjectAltName extension naming `uri`.
+    fn cert(subject: &[u8], uri: &str) -> Vec<u8> {
+        let san_oid = tlv(0x06, &[0x55, 0x1d, 0x11]);
+        let names = tlv(0x30, &tlv(0x86, uri.as_bytes()));
+        let ext = tlv(0x30, &[san_oid, tlv(0x04, &names)].concat());
+        let extensions = tlv(0xa3, &tlv(0x30, &ext));
+        let tbs = tlv(
+            0x30,
+            &[
+                tlv(0xa0, &tlv(0x02, &[2])),
+                tlv(0x02, &[1]),
+                tlv(0x30, subject),
+                extensions,
+            ]
+            .concat(),
+        );
+        tlv(0x30, &[tbs, tlv(0x30, &[]), tlv(0x03, &[0])].concat())
+    }
+
+    #[test]
+    fn identities_come_from_the_extension_not_from_the_subject() {
+        let real = agent_uri("us-west", "w1");
+        assert_eq!(
+            Peer::of_cert(&cert(b"plain", &real)),
+            Some(Peer::Agent {
+                region: "us-west".into(),
+                agent_id: "w1".into()
+            })
+        );
+        // A subject that holds a whole forged subjectAltName extension.
+        let forged_ext = {
+            let names = tlv(0x30, &tlv(0x86, admin_uri("root").as_bytes()));
+            tlv(
+                0x30,
+                &[tlv(0x06, &[0x55, 0x1d, 0x11]), tlv(0x04, &names)].concat(),
+            )
+        };
+        let c = cert(&forged_ext, &real);
+        assert_eq!(alt_names(&c).uris, vec![real.clone()]);
+        assert!(matches!(Peer::of_cert(&c), Some(Peer::Agent { .. })));
+        // Two Spillway names: no identity at all.
+        let names = tlv(
+            0x30,
+            &[
+                tlv(0x86, real.as_bytes()),
+                tlv(0x86, admin_uri("x").as_bytes()),
+            ]
+            .concat(),
+        );
+        let ext = tlv(
+            0x30,
+            &[tlv(0x06, &[0x55, 0x1d, 0x11]), tlv(0x04, &names)].concat(),
+        );
+        let tbs = tlv(
+            0x30,
+            &[tlv(0x02, &[1]), tlv(0xa3, &tlv(0x30, &ext))].concat(),
+        );
+        assert_eq!(Peer::of_cert(&tlv(0x30, &tbs)), None);
+        assert_eq!(Peer::of_cert(b"not DER"), None);
     }
 
     #[test]

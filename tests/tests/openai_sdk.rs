@@ -24,11 +24,7 @@ async fn client(cluster: &Cluster, region: &str) -> Client<OpenAIConfig> {
         .wait_for("the key", |c| c.keys.contains_key(&id))
         .await;
     let base = format!("{}/v1", agent.base_url());
-    Client::with_config(
-        OpenAIConfig::new()
-            .with_api_base(base)
-            .with_api_key(secret),
-    )
+    Client::with_config(OpenAIConfig::new().with_api_base(base).with_api_key(secret))
 }
 
 #[tokio::test]

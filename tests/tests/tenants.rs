@@ -11,7 +11,7 @@ use serde_json::Value;
 use spillway_proto::pb::{self, inference_service_client::InferenceServiceClient};
 use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, Http, US, chat};
 use spillway_tests::sim::SimConfig;
-use spillway_tests::{ControlPlane, Etcd, bin};
+use spillway_tests::{ControlPlane, Etcd};
 
 async fn spillctl(cp: &ControlPlane, args: &[&str]) -> (bool, String, String) {
     cp.spillctl(args).await

@@ -46,6 +46,16 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     {
         tracing::warn!("{warning}");
     }
+    if tls.is_some()
+        && let Some(plain) = args
+            .control_plane
+            .iter()
+            .find(|u| !u.starts_with("https://"))
+    {
+        anyhow::bail!(
+            "--control-plane `{plain}` is not https:// while TLS is configured: the agent would talk to it in plaintext"
+        );
+    }
     if args.model_servers.is_empty() {
         tracing::warn!("no --model-server given: this agent can only relay calls to other regions");
     }

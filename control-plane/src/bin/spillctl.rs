@@ -764,6 +764,9 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
             .tls_config(tls)
             .map_err(|e| anyhow::anyhow!("TLS: {e}"))?;
     }
+    if cli.token.is_some() && !addr.starts_with("https://") {
+        anyhow::bail!("--token is sent only over TLS: use an https:// --control-plane");
+    }
     let token = match &cli.token {
         Some(t) => Some(
             format!("Bearer {t}")

@@ -96,6 +96,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     {
         tracing::warn!("{warning}");
     }
+    for ep in &args.etcd_endpoints {
+        match (ep.starts_with("https://"), etcd_tls.is_some()) {
+            (false, true) => anyhow::bail!(
+                "--etcd-endpoints `{ep}` is not https:// while --etcd-ca/--etcd-cert/--etcd-key are given"
+            ),
+            (true, false) => anyhow::bail!(
+                "--etcd-endpoints `{ep}` is https://: give --etcd-ca, --etcd-cert and --etcd-key"
+            ),
+            _ => {}
+        }
+    }
+    if let Some(t) = &args.admin_token
+        && t.len() < 16
+    {
+        anyhow::bail!("--admin-token must be at least 16 characters");
+    }
     if !args.etcd_prefix.starts_with('/') || !args.etcd_prefix.ends_with('/') {
         anyhow::bail!(
             "--etcd-prefix `{}` must start and end with '/'",
