@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod connect;
 pub mod converse;
 pub mod error;
 pub mod http;

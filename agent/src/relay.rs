@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
+use crate::connect::TlsConnect;
 use crate::error::CallError;
 use crate::meter::Meter;
 use crate::snapshot::AgentConfig;
@@ -34,7 +35,7 @@ use crate::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use spillway_proto::metrics::Metrics;
-use spillway_proto::tls::Peer;
+use spillway_proto::tls::{Expect, Peer, TlsFiles};
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
@@ -44,8 +45,9 @@ pub struct RelayClients {
     me: String,
     channels: Mutex<HashMap<String, Channel>>,
     settings: UpstreamSettings,
-    /// Mutual TLS to other agents, with this agent's certificate.
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    /// Mutual TLS to other agents, with this agent's certificate; each
+    /// destination must present an agent certificate of its region.
+    tls: Option<TlsFiles>,
 }
 
 /// The largest relay message: a request body up to the HTTP door's limit
@@ -60,7 +62,7 @@ impl RelayClients {
         region: &str,
         agent_id: &str,
         settings: UpstreamSettings,
-        tls: Option<tonic::transport::ClientTlsConfig>,
+        tls: Option<TlsFiles>,
     ) -> RelayClients {
         RelayClients {
             me: format!("{region}/{agent_id}"),
@@ -70,25 +72,30 @@ impl RelayClients {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, CallError> {
+    /// The pooled channel to the agent at `addr`, which must be an agent
+    /// of `region`.
+    fn channel(&self, region: &str, addr: &str) -> Result<Channel, CallError> {
+        let key = format!("{region}/{addr}");
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-            .map_err(|e| CallError::Unavailable(format!("bad relay address `{addr}`: {e}")))?;
-        if let Some(tls) = &self.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| CallError::Unavailable(format!("TLS to `{addr}`: {e}")))?;
-        }
-        let channel = endpoint
+        let unavailable = |e: String| CallError::Unavailable(format!("relay to `{addr}`: {e}"));
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unavailable(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .connect_lazy();
-        channels.insert(addr.to_string(), channel.clone());
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let channel = match &self.tls {
+            Some(files) => {
+                let expect = Expect::Agent {
+                    region: region.to_string(),
+                };
+                TlsConnect::new(files.rustls_client(expect).map_err(unavailable)?).channel(endpoint)
+            }
+            None => endpoint.connect_lazy(),
+        };
+        channels.insert(key, channel.clone());
         Ok(channel)
     }
 
@@ -119,7 +126,7 @@ impl RelayClients {
                 CallError::Unavailable(format!("no agent of region `{region}` is connected"))
             })?;
         let (_, addr) = &agents[fastrand::usize(..agents.len())];
-        let mut client = RelayServiceClient::new(self.channel(addr)?)
+        let mut client = RelayServiceClient::new(self.channel(region, addr)?)
             .max_decoding_message_size(MAX_RELAY_MESSAGE)
             .max_encoding_message_size(MAX_RELAY_MESSAGE);
         let wait = if stream {
@@ -156,6 +163,14 @@ impl RelayClients {
             Ok(Ok(x)) => x,
         };
         let status = match head.and_then(|e| e.event) {
+            // The answer must come from the region the call was sent to,
+            // or the audit record and the tenant's policy would be wrong.
+            Some(Event::Head(h)) if h.inference_region != region => {
+                return Err(CallError::Unavailable(format!(
+                    "agent {addr} answered for region `{}`, not `{region}`",
+                    h.inference_region
+                )));
+            }
             Some(Event::Head(h)) => {
                 http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY)
             }

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::AgentArgs;
+use crate::connect::TlsConnect;
 use crate::converse::ConverseDoor;
 use crate::http::{self, HttpDoor};
 use crate::pipeline::{Pipeline, PipelineSettings};
@@ -24,7 +25,7 @@ use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
 use crate::tls_listener::TlsListener;
 use crate::trace::Tracer;
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
-use spillway_proto::tls::TlsFiles;
+use spillway_proto::tls::{Expect, TlsFiles};
 
 /// Everything an agent needs to start.
 #[derive(Debug, Clone)]
@@ -141,11 +142,14 @@ pub async fn start(
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
     let tls = settings.tls.clone();
-    let client_tls = match &tls {
-        Some(files) => Some(files.grpc_client().map_err(RunError::Tls)?),
+    sync_settings.tls = match &tls {
+        Some(files) => Some(TlsConnect::new(
+            files
+                .rustls_client(Expect::ControlPlane)
+                .map_err(RunError::Tls)?,
+        )),
         None => None,
     };
-    sync_settings.tls = client_tls.clone();
     let quotas = sync_settings.quotas.clone();
     let tracer = Tracer::start(settings.otlp_endpoint, region.clone(), agent_id.clone());
     let recorder = Recorder::start(region.clone(), settings.audit, tracer);
@@ -174,7 +178,7 @@ pub async fn start(
             }
         }
     });
-    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone(), client_tls);
+    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone(), tls.clone());
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
         config.clone(),

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
+use crate::connect::TlsConnect;
 use crate::persist;
 use crate::quota::Quotas;
 use crate::snapshot::{AgentConfig, LocalCapabilities};
@@ -39,8 +40,8 @@ pub struct SyncSettings {
     /// Where the leader's quota leases go.
     pub quotas: Arc<Quotas>,
     /// TLS to the control planes (`https://` URLs), with this agent's
-    /// certificate.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// certificate, accepting only control-plane certificates.
+    pub tls: Option<TlsConnect>,
 }
 
 /// Makes a load report covering the given interval (counters restart).
@@ -110,21 +111,23 @@ async fn stream_once(
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
 ) -> Result<(), String> {
-    let mut ep = Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| format!("bad control-plane address `{endpoint}`: {e}"))?;
-    if let Some(tls) = &settings.tls {
-        ep = ep
-            .tls_config(tls.clone())
-            .map_err(|e| format!("TLS to `{endpoint}`: {e}"))?;
-    }
-    let channel = ep
+    let ep = match &settings.tls {
+        Some(_) => TlsConnect::endpoint(endpoint)?,
+        None => Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| format!("bad control-plane address `{endpoint}`: {e}"))?,
+    };
+    let ep = ep
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .keep_alive_while_idle(true);
+    let channel = match &settings.tls {
+        Some(tls) => ep
+            .connect_with_connector(tls.clone())
+            .await
+            .map_err(|e| format!("connect: {e}"))?,
+        None => ep.connect().await.map_err(|e| format!("connect: {e}"))?,
+    };
     let mut client = ControlServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
     let (out, out_rx) = mpsc::channel(8);
     let current_version = tx.borrow().as_ref().map_or(0, |c| c.version);

@@ -97,6 +97,40 @@ impl TlsFiles {
             })
     }
 
+    /// A rustls client that presents this identity and accepts only a
+    /// server whose certificate, besides being valid for the host and
+    /// signed by the CA, names the party `expect` says.
+    pub fn rustls_client(&self, expect: Expect) -> Result<rustls::ClientConfig, String> {
+        let (certs, key) = self.load()?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&read(&self.ca, "CA certificate")?) {
+            roots
+                .add(c.map_err(|e| format!("`{}`: {e}", self.ca.display()))?)
+                .map_err(|e| format!("`{}`: {e}", self.ca.display()))?;
+        }
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| e.to_string())?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(PeerVerifier { inner, expect }))
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| {
+                format!(
+                    "the certificate `{}` does not fit its key: {e}",
+                    self.cert.display()
+                )
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
     fn load(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
         let certs = CertificateDer::pem_slice_iter(&read(&self.cert, "certificate")?)
             .collect::<Result<Vec<_>, _>>()
@@ -139,6 +173,74 @@ pub fn require(tls: Option<&TlsFiles>, insecure_dev: bool) -> Result<Option<&'st
         (None, true) => Ok(Some(
             "--insecure-dev: PLAINTEXT gRPC and HTTP with NO certificate checks: anyone who can connect is trusted; never do this outside development",
         )),
+    }
+}
+
+/// Whom a client expects at the other end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// An agent of this region (the relay).
+    Agent { region: String },
+    /// A control-plane replica.
+    ControlPlane,
+}
+
+/// The CA's checks (chain, validity, host name), then the Spillway name.
+#[derive(Debug)]
+struct PeerVerifier {
+    inner: std::sync::Arc<rustls::client::WebPkiServerVerifier>,
+    expect: Expect,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        match (Peer::of_cert(end_entity), &self.expect) {
+            (Some(Peer::Agent { region, .. }), Expect::Agent { region: want })
+                if region == *want =>
+            {
+                Ok(verified)
+            }
+            (Some(Peer::ControlPlane { .. }), Expect::ControlPlane) => Ok(verified),
+            (found, want) => Err(rustls::Error::General(format!(
+                "the server's certificate names {found:?}, not {want:?}"
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -522,6 +522,8 @@ pub struct AgentOptions<'a> {
     pub otlp_endpoint: Option<String>,
     /// TLS everywhere, with this identity; plaintext when `None`.
     pub tls: Option<TlsFiles>,
+    /// The relay address it announces (default: its own gRPC address).
+    pub relay_address: Option<String>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -548,6 +550,7 @@ impl<'a> AgentOptions<'a> {
             audit_dir: None,
             otlp_endpoint: None,
             tls: None,
+            relay_address: None,
         }
     }
 }
@@ -591,7 +594,10 @@ impl TestAgent {
             sync: SyncSettings {
                 agent_id: opts.id.to_string(),
                 region: opts.region.to_string(),
-                relay_address: addr.to_string(),
+                relay_address: opts
+                    .relay_address
+                    .clone()
+                    .unwrap_or_else(|| addr.to_string()),
                 control_planes: opts.control_planes.to_vec(),
                 state_dir: opts.state_dir.to_path_buf(),
                 local: local_capabilities(&opts.model_servers),

@@ -113,12 +113,18 @@ async fn metrics_parse_and_count_throttles_by_cause() {
         })
         .await
         .unwrap();
-    east.wait_for("the quota", |c| !c.quotas.is_empty()).await;
+    cluster
+        .cp
+        .create_tenant("acme-corp", &["*"], Default::default())
+        .await;
+    let (key_id, secret) = cluster.cp.create_key("acme-corp").await;
+    east.wait_for("the quota and the key", |c| {
+        !c.quotas.is_empty() && c.keys.contains_key(&key_id)
+    })
+    .await;
     let mut quota = 0;
     for _ in 0..4 {
-        let a = http
-            .post(east.http, "/v1/chat/completions", chat(US, false))
-            .await;
+        let a = http.post_key(east.http, &secret, chat(US, false)).await;
         if a.status == 429 {
             assert_eq!(a.headers["x-spillway-throttle"], "quota");
             quota += 1;
@@ -156,8 +162,30 @@ async fn metrics_parse_and_count_throttles_by_cause() {
         ) >= 1.0
     );
     assert!(sample(&samples, "spillway_agent_config_version") > 0.0);
-    // No tenant, key or content in any label.
-    assert!(!text.text().contains("hello"));
+    // No tenant, key or content in any label; nor what a client names
+    // as its model when no profile has that name.
+    let a = http
+        .post(
+            east.http,
+            "/v1/chat/completions",
+            chat("no-such-profile-xyz", false),
+        )
+        .await;
+    assert_eq!(a.status, 404);
+    let text = http.get(east.http, "/metrics").await.text();
+    for secret_or_content in [
+        "acme-corp",
+        key_id.as_str(),
+        secret.as_str(),
+        "hello",
+        "no-such-profile-xyz",
+    ] {
+        assert!(
+            !text.contains(secret_or_content),
+            "{secret_or_content} in the metrics"
+        );
+    }
+    assert!(text.contains("profile=\"unknown\""));
 }
 
 #[tokio::test]

@@ -26,6 +26,7 @@ struct Pki {
     cp: TlsFiles,
     east: TlsFiles,
     west: TlsFiles,
+    eu: TlsFiles,
     admin: TlsFiles,
     /// Same names, another CA.
     rogue_east: TlsFiles,
@@ -39,6 +40,7 @@ fn pki() -> Pki {
         cp: ca.issue("cp", &control_plane_uri("cp")).unwrap(),
         east: ca.issue("east", &agent_uri("us-east", "e1")).unwrap(),
         west: ca.issue("west", &agent_uri("us-west", "w1")).unwrap(),
+        eu: ca.issue("eu", &agent_uri("eu-west", "u1")).unwrap(),
         admin: ca.issue("admin", &admin_uri("ops")).unwrap(),
         rogue_east: rogue.issue("east", &agent_uri("us-east", "e1")).unwrap(),
         _dir: dir,
@@ -127,7 +129,7 @@ async fn tls_agent(
 #[tokio::test]
 async fn every_hop_is_tls_and_identities_come_from_certificates() {
     let pki = pki();
-    let cp = tls_control_plane(&pki, &["--admin-token", "s3cret"]).await;
+    let cp = tls_control_plane(&pki, &["--admin-token", "s3cret-s3cret-s3cret"]).await;
     assert!(cp.url().starts_with("https://"));
 
     // spillctl: an admin certificate, or the admin token; nothing else.
@@ -167,14 +169,14 @@ async fn every_hop_is_tls_and_identities_come_from_certificates() {
     assert!(!ok && out.contains("admin certificate"), "{out}");
     let (ok, out) = spillctl(
         &cp,
-        &[&ca_only[..], &["--token", "wrong"]].concat(),
+        &[&ca_only[..], &["--token", "wrong-token-of-16+"]].concat(),
         &["regions", "list"],
     )
     .await;
-    assert!(!ok, "{out}");
+    assert!(!ok && out.contains("admin certificate"), "{out}");
     let (ok, out) = spillctl(
         &cp,
-        &[&ca_only[..], &["--token", "s3cret"]].concat(),
+        &[&ca_only[..], &["--token", "s3cret-s3cret-s3cret"]].concat(),
         &["regions", "list"],
     )
     .await;
@@ -188,8 +190,8 @@ async fn every_hop_is_tls_and_identities_come_from_certificates() {
         "--tls-key",
         s(&pki.east.key),
     ];
-    let (ok, _) = spillctl(&cp, &as_agent, &["regions", "list"]).await;
-    assert!(!ok);
+    let (ok, out) = spillctl(&cp, &as_agent, &["regions", "list"]).await;
+    assert!(!ok && out.contains("admin certificate"), "{out}");
 
     // Agents sync over mutual TLS, and relay over it.
     let sim = TestSim::start(SimConfig::default()).await;
@@ -206,9 +208,20 @@ async fn every_hop_is_tls_and_identities_come_from_certificates() {
     let (status, region) = https_post(east.http, &pki.cp.ca, chat(US, false)).await;
     assert_eq!(status, 200);
     assert_eq!(region.as_deref(), Some("us-west"));
-    // Plaintext gets nowhere.
+    // Plaintext gets nowhere: not the HTTP door, not the control plane's
+    // or the agent's gRPC.
     assert!(plaintext_refused(east.http).await);
-    assert!(plaintext_refused(cp.addr).await);
+    for addr in [cp.addr, east.addr] {
+        let plain = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .connect_lazy();
+        let status = tonic_health::pb::health_client::HealthClient::new(plain)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await;
+        assert!(status.is_err(), "plaintext gRPC to {addr} got an answer");
+    }
 }
 
 /// Whether a plaintext HTTP request to `addr` fails to get an answer.
@@ -452,5 +465,97 @@ async fn the_control_plane_talks_to_etcd_over_tls_with_a_client_certificate() {
         String::from_utf8_lossy(&out.stderr).contains("etcd"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_relay_goes_only_to_an_agent_of_the_destination_region() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki, &[]).await;
+    let admin = [
+        "--tls-ca",
+        s(&pki.admin.ca),
+        "--tls-cert",
+        s(&pki.admin.cert),
+        "--tls-key",
+        s(&pki.admin.key),
+    ];
+    for args in [
+        &["regions", "create", "us-east", "-g", "us"][..],
+        &["regions", "create", "us-west", "-g", "us"][..],
+        &["regions", "create", "eu-west", "-g", "eu"][..],
+        &[
+            "profiles",
+            "create",
+            US,
+            "--destinations",
+            "us-east,us-west",
+        ][..],
+        &[
+            "routes",
+            "set",
+            US,
+            "--source",
+            "us-east",
+            "--dest",
+            "us-west=1",
+        ][..],
+    ] {
+        let (ok, out) = spillctl(&cp, &admin, args).await;
+        assert!(ok, "{out}");
+    }
+    let (west_sim, eu_sim) = (
+        TestSim::start(SimConfig::default()).await,
+        TestSim::start(SimConfig::default()).await,
+    );
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let eu = tls_agent("u1", "eu-west", &cp, &pki.eu, &eu_sim, dirs[0].path()).await;
+    // us-west's agent announces eu-west's agent as its relay address (a
+    // mistake, or an attack): calls sent to us-west must not land there.
+    let planes = [cp.url()];
+    let mut opts = AgentOptions::new("w1", "us-west", &planes, dirs[1].path());
+    opts.model_servers = vec![model_server(west_sim.addr, &["llama-3.1-8b"], 64)];
+    opts.tls = Some(pki.west.clone());
+    opts.relay_address = Some(eu.addr.to_string());
+    let _west = TestAgent::start_with(opts).await;
+    let east = tls_agent("e1", "us-east", &cp, &pki.east, &west_sim, dirs[2].path()).await;
+    east.wait_for("us-west's relay address", |c| {
+        c.relays.contains_key("us-west") && c.routes.contains_key(US)
+    })
+    .await;
+    let (status, region) = https_post(east.http, &pki.cp.ca, chat(US, false)).await;
+    assert_ne!(status, 200, "served in {region:?}");
+    assert_eq!(eu_sim.served(), 0, "nothing reached eu-west");
+}
+
+#[tokio::test]
+async fn with_tls_a_plaintext_control_plane_url_is_refused() {
+    let pki = pki();
+    let out = tokio::process::Command::new(bin("spillway-agent"))
+        .args(["--agent-id", "e1", "--region", "us-east"])
+        .args(["--control-plane", "http://127.0.0.1:9"])
+        .args(["--tls-ca", s(&pki.east.ca), "--tls-cert", s(&pki.east.cert)])
+        .args(["--tls-key", s(&pki.east.key)])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("not https://"), "{err}");
+    let out = tokio::process::Command::new(bin("spillctl"))
+        .args([
+            "--control-plane",
+            "http://127.0.0.1:9",
+            "--token",
+            "a-token-of-sixteen",
+        ])
+        .args(["regions", "list"])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("only over TLS"),
+        "{err}"
     );
 }
