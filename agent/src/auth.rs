@@ -3,7 +3,7 @@
 //! no call to the control plane is made. Then whether that tenant may call
 //! the profile it named.
 
-use spillway_proto::tenant::{key_hash, key_id, same_hash};
+use spillway_proto::tenant::{key_digest, key_id, same_hash};
 
 use crate::error::CallError;
 use crate::snapshot::AgentConfig;
@@ -50,8 +50,12 @@ pub fn authenticate(
     };
     let invalid = || CallError::Unauthenticated("invalid API key".into());
     let id = key_id(key).ok_or_else(invalid)?;
-    let stored = cfg.keys.get(id).ok_or_else(invalid)?;
-    if !same_hash(key_hash(key).as_bytes(), stored.hash.as_bytes()) {
+    let (stored, digest) = cfg
+        .keys
+        .get(id)
+        .zip(cfg.digests.get(id))
+        .ok_or_else(invalid)?;
+    if !same_hash(&key_digest(key), digest) {
         return Err(invalid());
     }
     Ok(Caller {
@@ -107,6 +111,7 @@ mod tests {
             quotas: Vec::new(),
             tenants: Default::default(),
             keys: Default::default(),
+            digests: Default::default(),
         };
         assert_eq!(authenticate(&cfg, None, true).unwrap(), Caller::default());
         for bad in ["", "Token spw_a_b", "spw_a_b"] {

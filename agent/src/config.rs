@@ -88,6 +88,10 @@ pub struct AgentArgs {
     /// it takes, with the spans of any region that served them.
     #[arg(long, env = "SPILLWAY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The share of calls traced (0 to 1) when the caller's `traceparent`
+    /// does not decide (its sampled flag is followed when it does).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]
+    pub trace_sample_ratio: f64,
     /// Threads serving calls (default: one per core).
     #[arg(long, env = "SPILLWAY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -107,4 +111,11 @@ pub struct AgentArgs {
     /// development only; without it the --tls-* flags are required.
     #[arg(long)]
     pub insecure_dev: bool,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a number from 0 to 1")),
+    }
 }

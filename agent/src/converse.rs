@@ -51,7 +51,7 @@ fn prepare(
     ctx: &mut CallContext,
 ) -> Result<PreparedCall, CallError> {
     let cfg = pipeline.config()?;
-    ctx.join_trace(traceparent);
+    ctx.join_trace(traceparent, &pipeline.recorder().tracer);
     let caller = pipeline.authenticate(&cfg, key)?;
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();

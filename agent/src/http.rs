@@ -89,15 +89,28 @@ fn reset(d: std::time::Duration) -> HeaderValue {
 /// The `x-ratelimit-*` headers of OpenAI's API, for the tightest quota
 /// covering the call: its limit, and what this agent can still admit now.
 pub fn rate_headers(h: &mut http::HeaderMap, info: &RateInfo) {
-    for (kind, state) in [("requests", &info.requests), ("tokens", &info.tokens)] {
+    use http::HeaderName;
+    const REQUESTS: [&str; 3] = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ];
+    const TOKENS: [&str; 3] = [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ];
+    for (names, state) in [(REQUESTS, &info.requests), (TOKENS, &info.tokens)] {
         if let Some(state) = state {
-            let name = |what: &str| {
-                http::HeaderName::from_bytes(format!("x-ratelimit-{what}-{kind}").as_bytes())
-                    .expect("a valid header name")
-            };
-            h.insert(name("limit"), HeaderValue::from(state.limit));
-            h.insert(name("remaining"), HeaderValue::from(state.remaining));
-            h.insert(name("reset"), reset(state.reset));
+            h.insert(
+                HeaderName::from_static(names[0]),
+                HeaderValue::from(state.limit),
+            );
+            h.insert(
+                HeaderName::from_static(names[1]),
+                HeaderValue::from(state.remaining),
+            );
+            h.insert(HeaderName::from_static(names[2]), reset(state.reset));
         }
     }
 }
@@ -201,7 +214,10 @@ async fn serve(
         .to_bytes();
     let pipeline = &door.pipeline;
     let cfg = pipeline.config()?;
-    ctx.join_trace(headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    ctx.join_trace(
+        headers.get("traceparent").and_then(|v| v.to_str().ok()),
+        &pipeline.recorder().tracer,
+    );
     let caller = pipeline.authenticate(&cfg, presented_key(headers))?;
     ctx.tenant = caller.tenant.clone();
     ctx.key_id = caller.key_id.clone();

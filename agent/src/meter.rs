@@ -21,9 +21,13 @@ use crate::error::CallError;
 use crate::quota::{Quotas, Reservation};
 use crate::upstream::AnswerBody;
 
+/// What the meter reads of an answer (or of one streamed event), in one
+/// parse: the usage and the choices' finish reasons.
 #[derive(Deserialize)]
-struct WithUsage {
+struct Answered {
     usage: Option<Usage>,
+    #[serde(default)]
+    choices: Vec<Choice>,
 }
 
 #[derive(Deserialize)]
@@ -33,27 +37,23 @@ struct Usage {
 }
 
 #[derive(Deserialize)]
-struct WithChoices {
-    #[serde(default)]
-    choices: Vec<Choice>,
-}
-
-#[derive(Deserialize)]
 struct Choice {
     finish_reason: Option<String>,
 }
 
-fn finish_reasons(json: &[u8], into: &mut Vec<String>) {
-    if let Ok(c) = serde_json::from_slice::<WithChoices>(json) {
-        into.extend(c.choices.into_iter().filter_map(|c| c.finish_reason));
+impl Meter {
+    /// Takes the usage and finish reasons of an answer or event.
+    fn read(&mut self, json: &[u8]) {
+        let Ok(a) = serde_json::from_slice::<Answered>(json) else {
+            return;
+        };
+        if let Some(u) = a.usage {
+            self.input = u.prompt_tokens.or(self.input);
+            self.output = u.completion_tokens.or(self.output);
+        }
+        self.finish_reasons
+            .extend(a.choices.into_iter().filter_map(|c| c.finish_reason));
     }
-}
-
-fn usage_of(json: &[u8]) -> Option<(Option<u64>, Option<u64>)> {
-    serde_json::from_slice::<WithUsage>(json)
-        .ok()
-        .and_then(|w| w.usage)
-        .map(|u| (u.prompt_tokens, u.completion_tokens))
 }
 
 /// What an answer came to.
@@ -124,14 +124,10 @@ impl Meter {
 
     fn full(&mut self, body: &[u8]) {
         self.first_byte = Some(self.started.elapsed());
-        if let Some((input, output)) = usage_of(body) {
-            self.input = input;
-            self.output = output;
-        }
+        self.read(body);
         if self.output.is_none() {
             self.events = body.len().div_ceil(4) as u64;
         }
-        finish_reasons(body, &mut self.finish_reasons);
         self.complete = true;
         self.finish();
     }
@@ -200,14 +196,10 @@ impl Stream for Metered {
                         continue;
                     }
                     m.events += 1;
-                    if data.contains("\"finish_reason\":\"") {
-                        finish_reasons(data.as_bytes(), &mut m.finish_reasons);
-                    }
-                    if data.contains("\"usage\"")
-                        && let Some((input, output)) = usage_of(data.as_bytes())
-                    {
-                        m.input = input.or(m.input);
-                        m.output = output.or(m.output);
+                    // Most events carry one token and neither: parsed only
+                    // when they might.
+                    if data.contains("\"usage\"") || data.contains("\"finish_reason\":\"") {
+                        m.read(data.as_bytes());
                     }
                 }
             }

@@ -414,6 +414,7 @@ impl Pipeline {
                 let traceparent = TraceParent {
                     trace_id: call.ctx.trace_id,
                     span_id: attempt.span_id,
+                    sampled: call.ctx.sampled,
                 };
                 let result = self
                     .relays

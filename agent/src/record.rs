@@ -48,6 +48,8 @@ pub struct CallContext {
     pub client_span: Option<[u8; 8]>,
     pub span_id: [u8; 8],
     pub started_ns: u64,
+    /// Whether this call's spans are recorded and exported.
+    pub sampled: bool,
 }
 
 impl CallContext {
@@ -70,6 +72,7 @@ impl CallContext {
             client_span: None,
             span_id: trace::new_span_id(),
             started_ns: trace::now_ns(),
+            sampled: false,
         }
     }
 
@@ -82,11 +85,16 @@ impl CallContext {
         self.requested = Some(model[..end].to_string());
     }
 
-    /// Joins the client's trace, from its `traceparent`.
-    pub fn join_trace(&mut self, traceparent: Option<&str>) {
-        if let Some(tp) = traceparent.and_then(TraceParent::parse) {
-            self.trace_id = tp.trace_id;
-            self.client_span = Some(tp.span_id);
+    /// Joins the client's trace, from its `traceparent`, and follows its
+    /// sampling decision; without one, `tracer` decides.
+    pub fn join_trace(&mut self, traceparent: Option<&str>, tracer: &Tracer) {
+        match traceparent.and_then(TraceParent::parse) {
+            Some(tp) => {
+                self.trace_id = tp.trace_id;
+                self.client_span = Some(tp.span_id);
+                self.sampled = tp.sampled && tracer.enabled();
+            }
+            None => self.sampled = tracer.sample(),
         }
     }
 }
@@ -280,7 +288,7 @@ impl Recorder {
                 1,
             );
         }
-        if self.tracer.enabled() {
+        if ctx.sampled {
             self.tracer.export(self.spans(ctx, o));
         }
         let Some(tx) = &self.audit else { return };
@@ -523,7 +531,7 @@ mod tests {
             max_bytes: 600,
             keep: 2,
         };
-        let tracer = Tracer::start(None, "us-east".into(), "a".into());
+        let tracer = Tracer::start(None, "us-east".into(), "a".into(), 1.0);
         let recorder = Recorder::start("us-east".into(), Some(settings), tracer);
         for i in 0..20 {
             let mut ctx = CallContext::new("http");

@@ -423,7 +423,7 @@ impl RelayService for RelayServer {
         // This agent's spans of the call ride back in the trailer; nothing
         // of them is exported here.
         let spans: Arc<Mutex<Bytes>> = Arc::default();
-        let answer_body = match TraceParent::parse(&req.traceparent) {
+        let answer_body = match TraceParent::parse(&req.traceparent).filter(|t| t.sampled) {
             Some(parent) => {
                 let (slot, region, agent) =
                     (spans.clone(), self.region.clone(), self.agent_id.clone());

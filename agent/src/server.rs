@@ -39,6 +39,8 @@ pub struct AgentSettings {
     pub audit: Option<AuditSettings>,
     /// This region's OTLP/gRPC collector; no traces when unset.
     pub otlp_endpoint: Option<String>,
+    /// The share of calls traced when the caller did not decide.
+    pub trace_sample_ratio: f64,
     /// The agent's TLS identity and the deployment's CA; `None` is
     /// plaintext everywhere (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
@@ -80,6 +82,7 @@ impl AgentSettings {
                 keep: args.audit_keep,
             }),
             otlp_endpoint: args.otlp_endpoint.clone(),
+            trace_sample_ratio: args.trace_sample_ratio,
             tls: TlsFiles::from_flags(
                 "tls-",
                 args.tls_ca.clone(),
@@ -151,7 +154,12 @@ pub async fn start(
         None => None,
     };
     let quotas = sync_settings.quotas.clone();
-    let tracer = Tracer::start(settings.otlp_endpoint, region.clone(), agent_id.clone());
+    let tracer = Tracer::start(
+        settings.otlp_endpoint,
+        region.clone(),
+        agent_id.clone(),
+        settings.trace_sample_ratio,
+    );
     let recorder = Recorder::start(region.clone(), settings.audit, tracer);
     let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {

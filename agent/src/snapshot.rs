@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub tenants: BTreeMap<String, Tenant>,
     /// API keys (hashes) by id.
     pub keys: HashMap<String, ApiKey>,
+    /// The same hashes as bytes, by key id, for the per-call comparison.
+    pub digests: HashMap<String, [u8; 32]>,
 }
 
 impl AgentConfig {
@@ -167,6 +169,7 @@ impl AgentConfig {
             tenants.insert(tenant.name.clone(), tenant);
         }
         let mut keys = HashMap::new();
+        let mut digests = HashMap::new();
         for k in &snapshot.keys {
             let key: ApiKey = k.clone().into();
             key.validate().map_err(|e| format!("key `{}`: {e}", k.id))?;
@@ -176,12 +179,16 @@ impl AgentConfig {
                     key.id, key.tenant
                 ));
             }
+            let digest = spillway_proto::tenant::hash_bytes(&key.hash)
+                .ok_or_else(|| format!("key `{}` has a malformed hash", key.id))?;
+            digests.insert(key.id.clone(), digest);
             keys.insert(key.id.clone(), key);
         }
         Ok(AgentConfig {
             quotas,
             tenants,
             keys,
+            digests,
             version: update.version,
             region: own_region.to_string(),
             regions,

@@ -32,6 +32,8 @@ use tokio::sync::mpsc;
 pub struct TraceParent {
     pub trace_id: [u8; 16],
     pub span_id: [u8; 8],
+    /// The `sampled` flag: whether the caller records this trace.
+    pub sampled: bool,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -60,18 +62,20 @@ impl TraceParent {
         let mut parts = value.trim().split('-');
         let (version, trace, span, flags) =
             (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version != "00" || parts.next().is_some() || unhex::<1>(flags).is_none() && flags != "00"
-        {
+        if version != "00" || parts.next().is_some() || flags.len() != 2 {
             return None;
         }
+        let flags = u8::from_str_radix(flags, 16).ok()?;
         Some(TraceParent {
             trace_id: unhex::<16>(trace)?,
             span_id: unhex::<8>(span)?,
+            sampled: flags & 1 == 1,
         })
     }
 
     pub fn header(&self) -> String {
-        format!("00-{}-{}-01", hex(&self.trace_id), hex(&self.span_id))
+        let flags = if self.sampled { "01" } else { "00" };
+        format!("00-{}-{}-{flags}", hex(&self.trace_id), hex(&self.span_id))
     }
 
     pub fn trace_hex(&self) -> String {
@@ -215,12 +219,19 @@ pub struct Tracer {
     tx: Option<mpsc::Sender<ResourceSpans>>,
     pub region: String,
     pub agent_id: String,
+    /// The share of calls without a caller's decision that are traced.
+    sample_ratio: f64,
 }
 
 const EXPORT_QUEUE: usize = 4096;
 
 impl Tracer {
-    pub fn start(endpoint: Option<String>, region: String, agent_id: String) -> Arc<Tracer> {
+    pub fn start(
+        endpoint: Option<String>,
+        region: String,
+        agent_id: String,
+        sample_ratio: f64,
+    ) -> Arc<Tracer> {
         let tx = endpoint.map(|ep| {
             let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
             tokio::spawn(export(ep, rx));
@@ -230,7 +241,13 @@ impl Tracer {
             tx,
             region,
             agent_id,
+            sample_ratio,
         })
+    }
+
+    /// Whether a call with no sampling decision of its caller is traced.
+    pub fn sample(&self) -> bool {
+        self.tx.is_some() && (self.sample_ratio >= 1.0 || fastrand::f64() < self.sample_ratio)
     }
 
     pub fn enabled(&self) -> bool {
@@ -290,6 +307,9 @@ mod tests {
         let v = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let tp = TraceParent::parse(v).unwrap();
         assert_eq!(tp.header(), v);
+        assert!(tp.sampled);
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert!(!TraceParent::parse(unsampled).unwrap().sampled);
         for bad in [
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",

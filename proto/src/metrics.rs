@@ -4,7 +4,7 @@
 //! and serve them at `GET /metrics`. Labels are profiles, regions, outcomes:
 //! never a tenant secret or content.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -113,12 +113,27 @@ struct Histogram {
 }
 
 /// The registry. Each call updates it a few times under one short lock.
+///
+/// Series are found by a hash of their labels, so that an update allocates
+/// nothing once its series exists; the label text is built once, when the
+/// series first appears.
 #[derive(Debug)]
 pub struct Metrics {
     families: &'static [Family],
-    counters: Mutex<BTreeMap<(&'static str, String), u64>>,
-    gauges: Mutex<BTreeMap<(&'static str, String), f64>>,
-    histograms: Mutex<BTreeMap<(&'static str, String), Histogram>>,
+    counters: Series<u64>,
+    gauges: Series<f64>,
+    histograms: Series<Histogram>,
+}
+
+/// Series of one kind: by (family, hash of the labels), the label text and
+/// the value.
+type Series<T> = Mutex<HashMap<(&'static str, u64), (String, T)>>;
+
+fn key(pairs: &[(&str, &str)]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    pairs.hash(&mut h);
+    h.finish()
 }
 
 fn escape(v: &str) -> String {
@@ -148,13 +163,18 @@ impl Metrics {
 
     pub fn add(&self, name: &'static str, pairs: &[(&str, &str)], n: u64) {
         let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        *c.entry((name, labels(pairs))).or_default() += n;
+        c.entry((name, key(pairs)))
+            .or_insert_with(|| (labels(pairs), 0))
+            .1 += n;
     }
 
     pub fn observe(&self, name: &'static str, pairs: &[(&str, &str)], d: Duration) {
         let secs = d.as_secs_f64();
         let mut h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = h.entry((name, labels(pairs))).or_default();
+        let entry = &mut h
+            .entry((name, key(pairs)))
+            .or_insert_with(|| (labels(pairs), Histogram::default()))
+            .1;
         for (i, bound) in BUCKETS.iter().enumerate() {
             if secs <= *bound {
                 entry.counts[i] += 1;
@@ -166,7 +186,7 @@ impl Metrics {
 
     pub fn set(&self, name: &'static str, pairs: &[(&str, &str)], v: f64) {
         let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
-        g.insert((name, labels(pairs)), v);
+        g.insert((name, key(pairs)), (labels(pairs), v));
     }
 
     /// Drops every series of a gauge (before setting the current ones).
@@ -177,21 +197,16 @@ impl Metrics {
 
     /// Everything, in the Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
-        let counters = self
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let histograms = self
-            .histograms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let gauges = self
-            .gauges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        fn sorted<T: Clone>(m: &Series<T>) -> BTreeMap<(&'static str, String), T> {
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|((n, _), (l, v))| ((*n, l.clone()), v.clone()))
+                .collect()
+        }
+        let counters = sorted(&self.counters);
+        let histograms = sorted(&self.histograms);
+        let gauges = sorted(&self.gauges);
         let mut out = String::new();
         for (name, kind, help) in self.families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -209,7 +209,27 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The SHA-256 of a whole key, in hex, as stored.
 pub fn key_hash(key: &str) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, key.as_bytes()).as_ref())
+    hex(&key_digest(key))
+}
+
+/// The SHA-256 of a whole key.
+pub fn key_digest(key: &str) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// A stored hash (hex) as bytes; `None` if it is not 64 hex digits.
+pub fn hash_bytes(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
 }
 
 /// The id part of a presented key, if it has the key's shape.

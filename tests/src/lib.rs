@@ -621,6 +621,7 @@ impl TestAgent {
                 keep: 2,
             }),
             otlp_endpoint: opts.otlp_endpoint,
+            trace_sample_ratio: 1.0,
             tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();
