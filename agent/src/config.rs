@@ -80,6 +80,10 @@ pub struct AgentArgs {
     /// Size past which the audit log is rotated.
     #[arg(long, default_value_t = 100 * 1024 * 1024)]
     pub audit_max_bytes: u64,
+    /// Also export every audit record as an OTLP log record to
+    /// `--otlp-endpoint` (the region's collector).
+    #[arg(long)]
+    pub audit_otlp: bool,
     /// Rotated audit files kept.
     #[arg(long, default_value_t = 10)]
     pub audit_keep: usize,

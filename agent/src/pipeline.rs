@@ -445,6 +445,11 @@ impl Pipeline {
                             tokio::time::Instant::now(),
                         ) {
                             tracing::warn!(%region, error = %e, "region ejected after failures in a row");
+                            self.recorder.metrics.add(
+                                "spillway_agent_ejections_total",
+                                &[("region", region)],
+                                1,
+                            );
                         }
                     }
                     Err(_) => {}

@@ -213,6 +213,9 @@ struct Enforced {
     /// Asked since the last report (admitted or not).
     asked_requests: f64,
     asked_tokens: f64,
+    /// The last reports' (seconds, requests, tokens), about a second's
+    /// worth: rates are read over it, not over one short report.
+    recent: std::collections::VecDeque<(f64, f64, f64)>,
     /// Demand per minute, smoothed.
     demand_requests: f64,
     demand_tokens: f64,
@@ -228,6 +231,7 @@ impl Enforced {
             sharing_agents: sharing_agents.max(1),
             asked_requests: 0.0,
             asked_tokens: 0.0,
+            recent: std::collections::VecDeque::new(),
             demand_requests: 0.0,
             demand_tokens: 0.0,
         };
@@ -342,6 +346,8 @@ pub struct Quotas {
 /// while a busy one's share does not flicker).
 const DEMAND_RISE: f64 = 2.0;
 const DEMAND_FALL: f64 = 0.5;
+/// Seconds of reports a demand rate is read over.
+const RATE_WINDOW: f64 = 1.0;
 
 impl Quotas {
     pub fn new() -> Quotas {
@@ -558,10 +564,22 @@ impl Quotas {
             .iter_mut()
             .map(|(id, e)| {
                 if secs > 0.0 {
-                    let rpm = std::mem::take(&mut e.asked_requests) * 60.0 / secs;
-                    let tpm = std::mem::take(&mut e.asked_tokens) * 60.0 / secs;
-                    smooth(&mut e.demand_requests, rpm, secs);
-                    smooth(&mut e.demand_tokens, tpm, secs);
+                    e.recent.push_back((
+                        secs,
+                        std::mem::take(&mut e.asked_requests),
+                        std::mem::take(&mut e.asked_tokens),
+                    ));
+                    while e.recent.len() > 1
+                        && e.recent.iter().skip(1).map(|r| r.0).sum::<f64>() >= RATE_WINDOW
+                    {
+                        e.recent.pop_front();
+                    }
+                    let (span, n, t) = e
+                        .recent
+                        .iter()
+                        .fold((0.0, 0.0, 0.0), |a, r| (a.0 + r.0, a.1 + r.1, a.2 + r.2));
+                    smooth(&mut e.demand_requests, n * 60.0 / span, secs);
+                    smooth(&mut e.demand_tokens, t * 60.0 / span, secs);
                 }
                 let held = match e.lease {
                     Some((share, until)) if until > now => share.0,

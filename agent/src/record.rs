@@ -207,16 +207,22 @@ pub struct Recorder {
     pub metrics: Arc<Metrics>,
     pub tracer: Arc<Tracer>,
     audit: Option<mpsc::Sender<Vec<u8>>>,
+    /// Audit records also go to the region's collector as OTLP logs.
+    audit_otlp: bool,
     dropped: AtomicU64,
 }
 
-const AUDIT_QUEUE: usize = 8192;
+const AUDIT_QUEUE: usize = 16_384;
+/// How long the audit writer gathers records before one write (what a
+/// crash can lose).
+const AUDIT_BATCH: Duration = Duration::from_millis(50);
 
 impl Recorder {
     /// A recorder; with audit settings, also the writer task.
     pub fn start(
         region: String,
         audit: Option<AuditSettings>,
+        audit_otlp: bool,
         tracer: Arc<Tracer>,
     ) -> Arc<Recorder> {
         let audit = audit.map(|settings| {
@@ -227,6 +233,7 @@ impl Recorder {
         Arc::new(Recorder {
             region,
             metrics: Arc::new(Metrics::new(spillway_proto::metrics::AGENT)),
+            audit_otlp: audit_otlp && tracer.enabled(),
             tracer,
             audit,
             dropped: AtomicU64::new(0),
@@ -291,7 +298,9 @@ impl Recorder {
         if ctx.sampled {
             self.tracer.export(self.spans(ctx, o));
         }
-        let Some(tx) = &self.audit else { return };
+        if self.audit.is_none() && !self.audit_otlp {
+            return;
+        }
         let record = AuditRecord {
             time: rfc3339(ctx.at_unix_ms),
             request_id: &ctx.request_id,
@@ -321,6 +330,11 @@ impl Recorder {
             ttft_ms: o.ttft.map(|t| t.as_secs_f64() * 1000.0),
         };
         let mut line = serde_json::to_vec(&record).expect("audit records serialize");
+        if self.audit_otlp {
+            self.tracer
+                .export_log(trace::audit_log(ctx, &line, self.region.as_str()));
+        }
+        let Some(tx) = &self.audit else { return };
         line.push(b'\n');
         if tx.try_send(line).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -405,7 +419,13 @@ impl Recorder {
             &self.tracer.agent_id,
             spans,
         )];
-        out.extend(o.remote_spans.iter().cloned());
+        // A destination's spans are taken only for this call's trace.
+        out.extend(o.remote_spans.iter().cloned().map(|mut rs| {
+            for ss in &mut rs.scope_spans {
+                ss.spans.retain(|s| s.trace_id == ctx.trace_id);
+            }
+            rs
+        }));
         out
     }
 }
@@ -419,11 +439,13 @@ async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut file: Option<tokio::fs::File> = None;
     let mut size = tokio::fs::metadata(&current).await.map_or(0, |m| m.len());
     while let Some(first) = rx.recv().await {
-        // Whatever else is waiting goes in the same write.
+        // What arrives within the next moment goes in the same write: one
+        // wake-up and one write per batch, not per call.
+        tokio::time::sleep(AUDIT_BATCH).await;
         let mut batch = first;
         while let Ok(more) = rx.try_recv() {
             batch.extend_from_slice(&more);
-            if batch.len() > 1 << 20 {
+            if batch.len() > 4 << 20 {
                 break;
             }
         }
@@ -532,7 +554,7 @@ mod tests {
             keep: 2,
         };
         let tracer = Tracer::start(None, "us-east".into(), "a".into(), 1.0);
-        let recorder = Recorder::start("us-east".into(), Some(settings), tracer);
+        let recorder = Recorder::start("us-east".into(), Some(settings), false, tracer);
         for i in 0..20 {
             let mut ctx = CallContext::new("http");
             ctx.tenant = Some("acme".into());

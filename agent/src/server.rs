@@ -41,6 +41,8 @@ pub struct AgentSettings {
     pub otlp_endpoint: Option<String>,
     /// The share of calls traced when the caller did not decide.
     pub trace_sample_ratio: f64,
+    /// Audit records also go to the OTLP collector, as logs.
+    pub audit_otlp: bool,
     /// The agent's TLS identity and the deployment's CA; `None` is
     /// plaintext everywhere (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
@@ -83,6 +85,7 @@ impl AgentSettings {
             }),
             otlp_endpoint: args.otlp_endpoint.clone(),
             trace_sample_ratio: args.trace_sample_ratio,
+            audit_otlp: args.audit_otlp,
             tls: TlsFiles::from_flags(
                 "tls-",
                 args.tls_ca.clone(),
@@ -160,7 +163,7 @@ pub async fn start(
         agent_id.clone(),
         settings.trace_sample_ratio,
     );
-    let recorder = Recorder::start(region.clone(), settings.audit, tracer);
+    let recorder = Recorder::start(region.clone(), settings.audit, settings.audit_otlp, tracer);
     let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
         let mut report = reporting.load_report(interval);

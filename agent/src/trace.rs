@@ -16,12 +16,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, logs_service_client::LogsServiceClient,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, trace_service_client::TraceServiceClient,
 };
 use opentelemetry_proto::tonic::common::v1::{
     AnyValue, ArrayValue, InstrumentationScope, KeyValue, any_value,
 };
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 use prost::Message;
@@ -177,23 +181,56 @@ pub fn span(
     }
 }
 
+fn resource(region: &str, agent_id: &str) -> Resource {
+    Resource {
+        attributes: vec![
+            kv("service.name", "spillway-agent"),
+            kv("spillway.region", region),
+            kv("spillway.agent_id", agent_id),
+        ],
+        ..Resource::default()
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope {
+        name: "spillway".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        ..InstrumentationScope::default()
+    }
+}
+
+/// An audit record as an OTLP log record: the JSON line as its body, in
+/// the call's trace.
+pub fn audit_log(ctx: &crate::record::CallContext, json: &[u8], region: &str) -> LogRecord {
+    let now = now_ns();
+    LogRecord {
+        time_unix_nano: now,
+        observed_time_unix_nano: now,
+        severity_number: 9, // INFO
+        severity_text: "INFO".into(),
+        body: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(
+                String::from_utf8_lossy(json).into_owned(),
+            )),
+        }),
+        attributes: vec![
+            kv("spillway.request_id", ctx.request_id.as_str()),
+            kv("spillway.source_region", region),
+        ],
+        trace_id: ctx.trace_id.to_vec(),
+        span_id: ctx.span_id.to_vec(),
+        event_name: "spillway.audit".into(),
+        ..LogRecord::default()
+    }
+}
+
 /// Spans of one agent, under its resource (service, region, agent).
 pub fn resource_spans(region: &str, agent_id: &str, spans: Vec<Span>) -> ResourceSpans {
     ResourceSpans {
-        resource: Some(Resource {
-            attributes: vec![
-                kv("service.name", "spillway-agent"),
-                kv("spillway.region", region),
-                kv("spillway.agent_id", agent_id),
-            ],
-            ..Resource::default()
-        }),
+        resource: Some(resource(region, agent_id)),
         scope_spans: vec![ScopeSpans {
-            scope: Some(InstrumentationScope {
-                name: "spillway".into(),
-                version: env!("CARGO_PKG_VERSION").into(),
-                ..InstrumentationScope::default()
-            }),
+            scope: Some(scope()),
             spans,
             schema_url: String::new(),
         }],
@@ -217,6 +254,7 @@ pub type RemoteSpans = Arc<Mutex<Vec<ResourceSpans>>>;
 /// spans are dropped (and counted in the log), never queued without bound.
 pub struct Tracer {
     tx: Option<mpsc::Sender<ResourceSpans>>,
+    logs: Option<mpsc::Sender<LogRecord>>,
     pub region: String,
     pub agent_id: String,
     /// The share of calls without a caller's decision that are traced.
@@ -224,6 +262,8 @@ pub struct Tracer {
 }
 
 const EXPORT_QUEUE: usize = 4096;
+/// How long an exporter gathers before one export.
+const EXPORT_BATCH: Duration = Duration::from_millis(200);
 
 impl Tracer {
     pub fn start(
@@ -232,13 +272,20 @@ impl Tracer {
         agent_id: String,
         sample_ratio: f64,
     ) -> Arc<Tracer> {
-        let tx = endpoint.map(|ep| {
-            let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
-            tokio::spawn(export(ep, rx));
-            tx
-        });
+        let (tx, logs) = match endpoint {
+            Some(ep) => {
+                let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
+                tokio::spawn(export(ep.clone(), rx));
+                let (logs, logs_rx) = mpsc::channel(EXPORT_QUEUE);
+                let resource = resource(&region, &agent_id);
+                tokio::spawn(export_logs(ep, resource, logs_rx));
+                (Some(tx), Some(logs))
+            }
+            None => (None, None),
+        };
         Arc::new(Tracer {
             tx,
+            logs,
             region,
             agent_id,
             sample_ratio,
@@ -252,6 +299,15 @@ impl Tracer {
 
     pub fn enabled(&self) -> bool {
         self.tx.is_some()
+    }
+
+    /// Hands a log record (an audit record) to the logs exporter.
+    pub fn export_log(&self, record: LogRecord) {
+        if let Some(tx) = &self.logs
+            && tx.try_send(record).is_err()
+        {
+            tracing::debug!("the log exporter is behind; a record dropped");
+        }
     }
 
     pub fn export(&self, batch: Vec<ResourceSpans>) {
@@ -277,12 +333,12 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
         // Gather what arrives within a short window into one export.
+        tokio::time::sleep(EXPORT_BATCH).await;
         let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-        while batch.len() < 512 {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(rs)) => batch.push(rs),
-                Ok(None) | Err(_) => break,
+        while batch.len() < 2048 {
+            match rx.try_recv() {
+                Ok(rs) => batch.push(rs),
+                Err(_) => break,
             }
         }
         let req = ExportTraceServiceRequest {
@@ -293,6 +349,44 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
             failures += 1;
             if failures.is_power_of_two() {
                 tracing::warn!(%endpoint, failures, "could not export traces; spans dropped");
+            }
+        }
+    }
+}
+
+/// Exports audit records as OTLP logs, batched like spans.
+async fn export_logs(endpoint: String, resource: Resource, mut rx: mpsc::Receiver<LogRecord>) {
+    let Ok(ep) = tonic::transport::Endpoint::from_shared(endpoint.clone()) else {
+        return;
+    };
+    let mut client =
+        LogsServiceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy());
+    let mut failures = 0u64;
+    while let Some(first) = rx.recv().await {
+        tokio::time::sleep(EXPORT_BATCH).await;
+        let mut batch = vec![first];
+        while batch.len() < 2048 {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let req = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(resource.clone()),
+                scope_logs: vec![ScopeLogs {
+                    scope: Some(scope()),
+                    log_records: batch,
+                    schema_url: String::new(),
+                }],
+                schema_url: String::new(),
+            }],
+        };
+        let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
+        if !matches!(sent, Ok(Ok(_))) {
+            failures += 1;
+            if failures.is_power_of_two() {
+                tracing::warn!(%endpoint, failures, "could not export audit logs; records dropped");
             }
         }
     }

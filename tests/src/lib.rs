@@ -620,6 +620,7 @@ impl TestAgent {
                 max_bytes: 64 * 1024 * 1024,
                 keep: 2,
             }),
+            audit_otlp: opts.otlp_endpoint.is_some(),
             otlp_endpoint: opts.otlp_endpoint,
             trace_sample_ratio: 1.0,
             tls: opts.tls,

@@ -1,15 +1,20 @@
-//! An OTLP trace collector for tests: a tonic server implementing
-//! `opentelemetry.proto.collector.trace.v1.TraceService` on loopback that
-//! keeps every span it receives, with the resource it came under.
+//! An OTLP collector for tests: a tonic server implementing the trace and
+//! logs services of `opentelemetry.proto.collector` on loopback that keeps
+//! every span and log record it receives, with the resource it came under.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+    logs_service_server::{LogsService, LogsServiceServer},
+};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
     trace_service_server::{TraceService, TraceServiceServer},
 };
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use spillway_proto::shutdown::{self, ShutdownTrigger};
 use tokio::net::TcpListener;
@@ -53,6 +58,35 @@ fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
 #[derive(Clone, Default)]
 struct Sink(Arc<Mutex<Vec<Received>>>);
 
+/// Log records as received, with the `spillway.region` of their resource.
+#[derive(Clone, Default)]
+struct LogSink(Arc<Mutex<Vec<(String, LogRecord)>>>);
+
+#[tonic::async_trait]
+impl LogsService for LogSink {
+    async fn export(
+        &self,
+        req: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let mut got = self.0.lock().expect("the collector's logs");
+        for rl in req.into_inner().resource_logs {
+            let region = rl
+                .resource
+                .as_ref()
+                .and_then(|r| attr(&r.attributes, "spillway.region"))
+                .unwrap_or_default();
+            for sl in rl.scope_logs {
+                for record in sl.log_records {
+                    got.push((region.clone(), record));
+                }
+            }
+        }
+        Ok(Response::new(ExportLogsServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
 #[tonic::async_trait]
 impl TraceService for Sink {
     async fn export(
@@ -85,6 +119,7 @@ impl TraceService for Sink {
 pub struct TestCollector {
     pub addr: SocketAddr,
     spans: Sink,
+    logs: LogSink,
     trigger: ShutdownTrigger,
 }
 
@@ -95,11 +130,14 @@ impl TestCollector {
             .expect("collector listener");
         let addr = listener.local_addr().expect("collector address");
         let spans = Sink::default();
+        let logs = LogSink::default();
         let (trigger, mut shutdown) = shutdown::channel();
         let service = TraceServiceServer::new(spans.clone());
+        let logs_service = LogsServiceServer::new(logs.clone());
         tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(service)
+                .add_service(logs_service)
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
                     shutdown.wait().await
                 })
@@ -108,12 +146,18 @@ impl TestCollector {
         TestCollector {
             addr,
             spans,
+            logs,
             trigger,
         }
     }
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every log record received so far, with its resource's region.
+    pub fn logs(&self) -> Vec<(String, LogRecord)> {
+        self.logs.0.lock().expect("the collector's logs").clone()
     }
 
     /// Every span received so far.

@@ -346,10 +346,30 @@ async fn a_spilled_call_is_one_trace_in_the_source_regions_collector_only() {
         "{reasons}"
     );
 
+    // The audit record went to the source's collector as a log record too,
+    // in the call's trace.
+    spillway_tests::wait_until("the audit log record", Duration::from_secs(10), || {
+        let n = source.logs().len();
+        async move { n == 1 }
+    })
+    .await;
+    let (region, record) = source.logs().remove(0);
+    assert_eq!(region, "us-east");
+    assert_eq!(record.event_name, "spillway.audit");
+    assert_eq!(record.trace_id, hex_bytes(client_trace));
+    let body = match record.body.and_then(|b| b.value) {
+        Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) => s,
+        other => panic!("the log body is not a string: {other:?}"),
+    };
+    let audit: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(audit["inference_region"], "us-west");
+    assert_eq!(audit["source_region"], "us-east");
+
     // The destination's collector and audit folder hold nothing of it.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let dest = cluster.region("us-west");
     assert!(dest.collector.as_ref().unwrap().spans().is_empty());
+    assert!(dest.collector.as_ref().unwrap().logs().is_empty());
     assert!(dest.audit().is_empty());
     assert_eq!(dest.served(), 1);
 }
