@@ -333,14 +333,7 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
         // Gather what arrives within a short window into one export.
-        tokio::time::sleep(EXPORT_BATCH).await;
-        let mut batch = vec![first];
-        while batch.len() < 2048 {
-            match rx.try_recv() {
-                Ok(rs) => batch.push(rs),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(&mut rx, first).await;
         let req = ExportTraceServiceRequest {
             resource_spans: batch,
         };
@@ -354,6 +347,19 @@ async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
     }
 }
 
+/// `first` and what else arrives within one batch window, up to 2,048.
+async fn gather<T>(rx: &mut mpsc::Receiver<T>, first: T) -> Vec<T> {
+    tokio::time::sleep(EXPORT_BATCH).await;
+    let mut batch = vec![first];
+    while batch.len() < 2048 {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 /// Exports audit records as OTLP logs, batched like spans.
 async fn export_logs(endpoint: String, resource: Resource, mut rx: mpsc::Receiver<LogRecord>) {
     let Ok(ep) = tonic::transport::Endpoint::from_shared(endpoint.clone()) else {
@@ -363,14 +369,7 @@ async fn export_logs(endpoint: String, resource: Resource, mut rx: mpsc::Receive
         LogsServiceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy());
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
-        tokio::time::sleep(EXPORT_BATCH).await;
-        let mut batch = vec![first];
-        while batch.len() < 2048 {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+        let batch = gather(&mut rx, first).await;
         let req = ExportLogsServiceRequest {
             resource_logs: vec![ResourceLogs {
                 resource: Some(resource.clone()),

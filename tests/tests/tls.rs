@@ -111,6 +111,47 @@ async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<S
     (status, region)
 }
 
+/// Regions us-east and us-west (and eu-west), the US profile, and a route
+/// that sends us-east's calls to us-west, written with the operator's
+/// certificate.
+async fn seed(cp: &ControlPlane, pki: &Pki, with_eu: bool) {
+    let admin = [
+        "--tls-ca",
+        s(&pki.admin.ca),
+        "--tls-cert",
+        s(&pki.admin.cert),
+        "--tls-key",
+        s(&pki.admin.key),
+    ];
+    let mut writes = vec![
+        &["regions", "create", "us-east", "-g", "us"][..],
+        &["regions", "create", "us-west", "-g", "us"][..],
+        &[
+            "profiles",
+            "create",
+            US,
+            "--destinations",
+            "us-east,us-west",
+        ][..],
+        &[
+            "routes",
+            "set",
+            US,
+            "--source",
+            "us-east",
+            "--dest",
+            "us-west=1",
+        ][..],
+    ];
+    if with_eu {
+        writes.insert(2, &["regions", "create", "eu-west", "-g", "eu"][..]);
+    }
+    for args in writes {
+        let (ok, out) = spillctl(cp, &admin, args).await;
+        assert!(ok, "{out}");
+    }
+}
+
 async fn tls_agent(
     id: &str,
     region: &str,
@@ -133,37 +174,7 @@ async fn every_hop_is_tls_and_identities_come_from_certificates() {
     assert!(cp.url().starts_with("https://"));
 
     // spillctl: an admin certificate, or the admin token; nothing else.
-    let admin = [
-        "--tls-ca",
-        s(&pki.admin.ca),
-        "--tls-cert",
-        s(&pki.admin.cert),
-        "--tls-key",
-        s(&pki.admin.key),
-    ];
-    for args in [
-        &["regions", "create", "us-east", "-g", "us"][..],
-        &["regions", "create", "us-west", "-g", "us"][..],
-        &[
-            "profiles",
-            "create",
-            US,
-            "--destinations",
-            "us-east,us-west",
-        ][..],
-        &[
-            "routes",
-            "set",
-            US,
-            "--source",
-            "us-east",
-            "--dest",
-            "us-west=1",
-        ][..],
-    ] {
-        let (ok, out) = spillctl(&cp, &admin, args).await;
-        assert!(ok, "{out}");
-    }
+    seed(&cp, &pki, false).await;
     let ca_only = ["--tls-ca", s(&pki.admin.ca)];
     let (ok, out) = spillctl(&cp, &ca_only, &["regions", "list"]).await;
     assert!(!ok && out.contains("admin certificate"), "{out}");
@@ -472,38 +483,7 @@ async fn the_control_plane_talks_to_etcd_over_tls_with_a_client_certificate() {
 async fn a_relay_goes_only_to_an_agent_of_the_destination_region() {
     let pki = pki();
     let cp = tls_control_plane(&pki, &[]).await;
-    let admin = [
-        "--tls-ca",
-        s(&pki.admin.ca),
-        "--tls-cert",
-        s(&pki.admin.cert),
-        "--tls-key",
-        s(&pki.admin.key),
-    ];
-    for args in [
-        &["regions", "create", "us-east", "-g", "us"][..],
-        &["regions", "create", "us-west", "-g", "us"][..],
-        &["regions", "create", "eu-west", "-g", "eu"][..],
-        &[
-            "profiles",
-            "create",
-            US,
-            "--destinations",
-            "us-east,us-west",
-        ][..],
-        &[
-            "routes",
-            "set",
-            US,
-            "--source",
-            "us-east",
-            "--dest",
-            "us-west=1",
-        ][..],
-    ] {
-        let (ok, out) = spillctl(&cp, &admin, args).await;
-        assert!(ok, "{out}");
-    }
+    seed(&cp, &pki, true).await;
     let (west_sim, eu_sim) = (
         TestSim::start(SimConfig::default()).await,
         TestSim::start(SimConfig::default()).await,
