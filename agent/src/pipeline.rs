@@ -275,7 +275,7 @@ impl Pipeline {
         // guard records the call then (the meter refunds on drop).
         let mut guard = Unanswered {
             recorder: &self.recorder,
-            ctx: Some(ctx.clone()),
+            ctx: Some(ctx),
         };
         let routed = self.route(call).await.and_then(|answer| {
             // A unary answer that is not JSON is the model server's fault:
@@ -287,7 +287,10 @@ impl Pipeline {
             }
             Ok(answer)
         });
-        guard.ctx = None;
+        let ctx = guard
+            .ctx
+            .take()
+            .expect("the guard holds the context until now");
         match routed {
             Ok(mut answer) => {
                 let recorder = self.recorder.clone();

@@ -103,17 +103,7 @@ impl Cluster {
         let cp = ControlPlane::start_with(None, "cp", &spec.cp_args).await;
         let mut admin = cp.admin().await;
         for (name, geo) in REGIONS {
-            let region = pb::Region {
-                name: name.into(),
-                geography: geo.into(),
-                ..Default::default()
-            };
-            admin
-                .create_region(pb::CreateRegionRequest {
-                    region: Some(region),
-                })
-                .await
-                .unwrap();
+            cp.create_region(name, geo).await;
         }
         for (id, dest) in [
             (US, &["us-east", "us-west"][..]),

@@ -145,16 +145,7 @@ pub async fn run(scenario: QuotaScenario) -> QuotaRun {
     .await;
     let mut admin = cp.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
-        admin
-            .create_region(pb::CreateRegionRequest {
-                region: Some(pb::Region {
-                    name: name.into(),
-                    geography: geo.into(),
-                    ..Default::default()
-                }),
-            })
-            .await
-            .expect("region created");
+        cp.create_region(name, geo).await;
     }
     admin
         .create_profile(pb::CreateProfileRequest {

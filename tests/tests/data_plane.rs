@@ -278,17 +278,7 @@ async fn model_servers_can_be_reached_over_http2() {
     use spillway_tests::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server};
     let cp = ControlPlane::start(None, "cp").await;
     let mut admin = cp.admin().await;
-    let region = pb::Region {
-        name: "us-east".into(),
-        geography: "us".into(),
-        ..Default::default()
-    };
-    admin
-        .create_region(pb::CreateRegionRequest {
-            region: Some(region),
-        })
-        .await
-        .unwrap();
+    cp.create_region("us-east", "us").await;
     let profile = pb::InferenceProfile {
         id: US.into(),
         destinations: vec!["us-east".into()],

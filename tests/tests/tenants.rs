@@ -407,4 +407,37 @@ async fn a_denied_region_never_receives_the_tenants_calls() {
         "{}",
         a.text()
     );
+
+    // An application profile copying the US profile meets the same policy:
+    // its destinations are those of what it copies.
+    let mut admin = cluster.cp.admin().await;
+    admin
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(pb::InferenceProfile {
+                id: "team-search".into(),
+                base_profile: US.into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    east.wait_for("the application profile", |c| {
+        c.profiles.contains_key("team-search")
+    })
+    .await;
+    let a = http
+        .post_key(east.http, &no_us, chat("team-search", false))
+        .await;
+    assert_eq!(a.status, 403, "{}", a.text());
+    assert!(a.text().contains("deny_geographies"), "{}", a.text());
+    let served = cluster.region("us-east").served() + cluster.region("us-west").served();
+    let a = http
+        .post_key(east.http, &east_only, chat("team-search", false))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.region(), Some("us-east"));
+    assert_eq!(
+        cluster.region("us-east").served() + cluster.region("us-west").served(),
+        served + 1
+    );
 }

@@ -247,17 +247,7 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     let mut b = ControlPlane::start_with(Some(&etcd.endpoint), "cp-b", &fast).await;
     let mut admin = b.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
-        let region = pb::Region {
-            name: name.into(),
-            geography: geo.into(),
-            ..Default::default()
-        };
-        admin
-            .create_region(pb::CreateRegionRequest {
-                region: Some(region),
-            })
-            .await
-            .unwrap();
+        b.create_region(name, geo).await;
     }
     let profile = pb::InferenceProfile {
         id: US.into(),

@@ -232,16 +232,7 @@ async fn main() -> Result<()> {
     let cp = ControlPlane::start(None, "bench-cp").await;
     let mut admin = cp.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
-        let region = pb::Region {
-            name: name.into(),
-            geography: geo.into(),
-            ..Default::default()
-        };
-        admin
-            .create_region(pb::CreateRegionRequest {
-                region: Some(region),
-            })
-            .await?;
+        cp.create_region(name, geo).await;
     }
     for (id, dest) in [
         ("global.bench-m", vec!["us-east", "us-west"]),
@@ -831,16 +822,7 @@ async fn sim_in_flight(client: &HttpClient, sim: SocketAddr) -> Option<u64> {
 async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
     let cp = ControlPlane::start(None, "bench-propagation").await;
     let mut admin = cp.admin().await;
-    let region = pb::Region {
-        name: "r1".into(),
-        geography: "g".into(),
-        ..Default::default()
-    };
-    admin
-        .create_region(pb::CreateRegionRequest {
-            region: Some(region),
-        })
-        .await?;
+    cp.create_region("r1", "g").await;
     let (tx, mut arrivals) = mpsc::unbounded_channel::<(usize, usize, Instant)>();
     let mut channels = Vec::new();
     let mut connected = 0usize;
