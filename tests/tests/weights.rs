@@ -30,6 +30,38 @@ fn share(c: &AgentConfig, profile: &str, region: &str) -> f64 {
         .map_or(0.0, |d| d.weight / total)
 }
 
+/// `n` callers posting to `addr` back to back until `stop` is set. The load
+/// must outlast whatever the test waits for (a relayed call takes a few
+/// milliseconds, so a budget in calls alone can run out first), so each one
+/// stops by itself only after 60 s or 50,000 calls. Each returns how many of
+/// its calls failed.
+fn callers(
+    n: usize,
+    addr: std::net::SocketAddr,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    let http = Http::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    (0..n)
+        .map(|_| {
+            let (http, stop) = (http.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut failed = 0;
+                for _ in 0..50_000 {
+                    if stop.load(Ordering::Relaxed) || tokio::time::Instant::now() > deadline {
+                        break;
+                    }
+                    let a = http
+                        .post(addr, "/v1/chat/completions", chat(US, false))
+                        .await;
+                    failed += usize::from(a.status != 200);
+                }
+                failed
+            })
+        })
+        .collect()
+}
+
 fn fast_weights() -> ClusterSpec {
     // Weights every 250 ms; agents report every 250 ms (the harness).
     ClusterSpec {
@@ -58,24 +90,7 @@ async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls()
 
     // More callers than us-east's 4 slots, back to back, until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
-    let http = Http::default();
-    let mut callers = Vec::new();
-    for _ in 0..8 {
-        let (http, stop, addr) = (http.clone(), stop.clone(), east.http);
-        callers.push(tokio::spawn(async move {
-            let mut failed = 0;
-            for _ in 0..200 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let a = http
-                    .post(addr, "/v1/chat/completions", chat(US, false))
-                    .await;
-                failed += usize::from(a.status != 200);
-            }
-            failed
-        }));
-    }
+    let callers = callers(8, east.http, &stop);
     let spilled = east
         .wait_for("us-west to get a share while us-east is saturated", |c| {
             share(c, US, "us-west") > 0.0
@@ -296,21 +311,7 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
 
     // Saturate us-east: only a live leader can move the weights.
     let stop = Arc::new(AtomicBool::new(false));
-    let http = Http::default();
-    let mut callers = Vec::new();
-    for _ in 0..6 {
-        let (http, stop, addr) = (http.clone(), stop.clone(), east.http);
-        callers.push(tokio::spawn(async move {
-            for _ in 0..500 {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let _ = http
-                    .post(addr, "/v1/chat/completions", chat(US, false))
-                    .await;
-            }
-        }));
-    }
+    let callers = callers(6, east.http, &stop);
     east.wait_for("the new leader to spill us-east's excess", |c| {
         share(c, US, "us-west") > 0.0
     })
@@ -333,9 +334,11 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     }
     assert!(relayed, "no load report showed calls relayed to us-west");
     stop.store(true, Ordering::Relaxed);
+    let mut failed = 0;
     for c in callers {
-        c.await.unwrap();
+        failed += c.await.unwrap();
     }
+    assert_eq!(failed, 0, "no call failed while the leader changed");
     let leader = etcd
         .etcdctl(&["get", "/spillway/v1/leader", "--print-value-only"])
         .await;
