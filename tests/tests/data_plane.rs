@@ -353,6 +353,19 @@ async fn a_failing_region_is_ejected_after_two_failures_in_a_row() {
         (2..=4).contains(&tried),
         "us-west was tried {tried} times for 10 calls"
     );
+    // The ejection is counted, once per ejection (twice at most, as above).
+    let metrics = http.get(east, "/metrics").await.text();
+    let ejections: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("spillway_agent_ejections_total{region=\"us-west\"} "))
+        .unwrap_or_else(|| panic!("no us-west ejection in\n{metrics}"))
+        .parse()
+        .unwrap();
+    assert!((1.0..=2.0).contains(&ejections), "{ejections} ejections");
+    assert!(
+        !metrics.contains("spillway_agent_ejections_total{region=\"us-east\"}"),
+        "the source region itself is never ejected"
+    );
 }
 
 #[tokio::test]
