@@ -92,6 +92,11 @@ pub struct AgentArgs {
     /// it takes, with the spans of any region that served them.
     #[arg(long, env = "SPILLWAY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (plaintext, for a
+    /// scraper inside the region) instead of on the HTTP door. Without it,
+    /// the door serves `/metrics` itself.
+    #[arg(long, env = "SPILLWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The share of calls traced (0 to 1) when the caller's `traceparent`
     /// does not decide (its sampled flag is followed when it does).
     #[arg(long, default_value_t = 1.0, value_parser = parse_ratio)]

@@ -30,14 +30,19 @@ pub const REQUEST_ID: &str = "x-request-id";
 pub struct HttpDoor {
     pub pipeline: Arc<Pipeline>,
     pub max_body_bytes: usize,
+    /// `/metrics` is served here unless it has a listener of its own.
+    pub serve_metrics: bool,
 }
 
 pub fn router(door: Arc<HttpDoor>) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route("/health", get(health));
+    if door.serve_metrics {
+        router = router.route("/metrics", get(metrics));
+    }
+    router
         .fallback(|| async {
             let e = CallError::BadRequest {
                 param: None,
@@ -183,7 +188,12 @@ async fn chat_completions(
 }
 
 async fn metrics(State(door): State<Arc<HttpDoor>>) -> Response {
-    let mut r = Response::new(Body::from(door.pipeline.recorder().metrics.render()));
+    prometheus(&door.pipeline.recorder().metrics)
+}
+
+/// The registry in Prometheus' text format.
+pub fn prometheus(metrics: &spillway_proto::metrics::Metrics) -> Response {
+    let mut r = Response::new(Body::from(metrics.render()));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

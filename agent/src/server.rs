@@ -41,6 +41,9 @@ pub struct AgentSettings {
     pub otlp_endpoint: Option<String>,
     /// The share of calls traced when the caller did not decide.
     pub trace_sample_ratio: f64,
+    /// A listener of its own for `/metrics`; the HTTP door serves them
+    /// when unset.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Audit records also go to the OTLP collector, as logs.
     pub audit_otlp: bool,
     /// The agent's TLS identity and the deployment's CA; `None` is
@@ -84,6 +87,7 @@ impl AgentSettings {
                 keep: args.audit_keep,
             }),
             otlp_endpoint: args.otlp_endpoint.clone(),
+            metrics_listen: args.metrics_listen,
             trace_sample_ratio: args.trace_sample_ratio,
             audit_otlp: args.audit_otlp,
             tls: TlsFiles::from_flags(
@@ -118,6 +122,11 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("cannot listen on {addr} (--metrics-listen): {error}")]
+    MetricsListen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// A started agent: its config watch, the pipeline, and the server tasks.
@@ -126,6 +135,8 @@ pub struct RunningAgent {
     pub pipeline: Arc<Pipeline>,
     pub grpc: tokio::task::JoinHandle<Result<(), RunError>>,
     pub http: tokio::task::JoinHandle<Result<(), RunError>>,
+    /// Where `/metrics` is served when it has a listener of its own.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Starts the config stream, the gRPC server on `grpc` and the HTTP front
@@ -270,9 +281,34 @@ pub async fn start(
         Ok(())
     });
 
+    let mut metrics_addr = None;
+    if let Some(addr) = settings.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|error| RunError::MetricsListen { addr, error })?;
+        metrics_addr = Some(listener.local_addr()?);
+        let metrics = recorder.metrics.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move { http::prometheus(&metrics) }
+            }),
+        );
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.wait().await })
+                .await
+            {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     let door = Arc::new(HttpDoor {
         pipeline: pipeline.clone(),
         max_body_bytes: settings.max_body_bytes,
+        serve_metrics: settings.metrics_listen.is_none(),
     });
     let mut stop = shutdown;
     let http_task = tokio::spawn(async move {
@@ -301,6 +337,7 @@ pub async fn start(
         pipeline,
         grpc: grpc_task,
         http: http_task,
+        metrics: metrics_addr,
     })
 }
 

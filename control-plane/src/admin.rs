@@ -460,8 +460,9 @@ impl Admin {
             .await
             .map_err(store_status)?
         {
+            // Weights of an older table explain nothing about this one.
             Some(kv) => match keys::decode(&kv).map_err(Status::data_loss)? {
-                Object::Weights(w) => Some(w),
+                Object::Weights(w) if w.basis == crate::weights::basis(&table) => Some(w),
                 _ => None,
             },
             None => None,

@@ -148,6 +148,11 @@ pub struct WeightsRecord {
     pub weights: Vec<crate::weights::Weight>,
     /// The replica that computed them.
     pub leader: String,
+    /// The operator's table they were computed for
+    /// (`weights::basis`): weights of another table are stale, so agents
+    /// get the operator's table until the leader has recomputed.
+    #[serde(default)]
+    pub basis: String,
 }
 
 /// An agent as its control-plane replica records it, under a lease of that

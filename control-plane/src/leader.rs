@@ -274,10 +274,14 @@ async fn update_weights(
             .filter(|r| catalog.callable_from(p, r))
         {
             let base = catalog.route_for(&resolved, &source.name);
+            let basis = weights::basis(&base);
             let key = (p.id.clone(), source.name.clone());
+            // Weights of an older table are not a starting point: an
+            // operator's change applies at once, not step by step.
             let previous = st
                 .weights
                 .get(&key)
+                .filter(|w| w.basis == basis)
                 .map(|w| w.weights.clone())
                 .unwrap_or_default();
             let goal = weights::target(&base, &loads, &previous, &settings.engine);
@@ -295,6 +299,7 @@ async fn update_weights(
                 source_region: source.name.clone(),
                 weights: next,
                 leader: replica.to_string(),
+                basis,
             };
             writes.push(Op::Put {
                 key: keys::weights(&p.id, &source.name),

@@ -82,8 +82,14 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
             .base_profile
             .clone()
             .unwrap_or_else(|| p.id.clone());
-        let mut route: pb::RouteTable = catalog.route_for(&resolved, region).into();
-        if let Some(effective) = state.weights.get(&(table_owner, region.to_string())) {
+        let table = catalog.route_for(&resolved, region);
+        let basis = crate::weights::basis(&table);
+        let mut route: pb::RouteTable = table.into();
+        if let Some(effective) = state
+            .weights
+            .get(&(table_owner, region.to_string()))
+            .filter(|w| w.basis == basis)
+        {
             apply_effective(&mut route, &effective.weights);
         }
         route.revision = 0;

@@ -302,6 +302,18 @@ pub fn target(
 /// interpolation, so the weights keep summing to one), and a change smaller
 /// than the hysteresis band is not made at all. Returns the new weights and
 /// whether they differ from `previous`.
+/// The operator's table that effective weights are computed for, as a
+/// fingerprint stored with them: a change of regions, base weights or
+/// priorities makes the weights of the older table stale.
+pub fn basis(table: &RouteTable) -> String {
+    table
+        .destinations
+        .iter()
+        .map(|d| format!("{}={}@{}", d.region, d.weight, d.priority))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Vec<Weight>, bool) {
     let prev_of = |region: &str| {
         previous
@@ -337,7 +349,14 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
         .zip(&start)
         .map(|(t, p)| (t.weight - p).abs())
         .fold(0.0, f64::max);
-    if delta < s.hysteresis && !drained_now {
+    // Hysteresis holds small moves, never one that gives a region its first
+    // weight or takes its last away: a remainder under the hysteresis
+    // would otherwise stay for good.
+    let crosses_zero = target
+        .iter()
+        .zip(&start)
+        .any(|(t, p)| (t.weight > 0.0) != (*p > 0.0));
+    if delta < s.hysteresis && !drained_now && !crosses_zero {
         // Weights stay; reasons follow the target (a recovered region must
         // not stay "drained", a failing one must become so).
         let kept: Vec<Weight> = target
@@ -351,7 +370,9 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
             || kept.len() != previous.len();
         return (kept, changed);
     }
-    let alpha = if delta > s.max_step {
+    // A step that would land within the hysteresis of the target goes all
+    // the way.
+    let alpha = if delta > s.max_step + s.hysteresis {
         s.max_step / delta
     } else {
         1.0
@@ -490,6 +511,53 @@ mod tests {
     }
 
     #[test]
+    fn a_small_remainder_does_not_stay_behind() {
+        let s = EngineSettings::default();
+        let at = |east: f64, west: f64| {
+            vec![
+                Weight {
+                    region: "east".into(),
+                    weight: east,
+                    reason: Reason::Headroom,
+                },
+                Weight {
+                    region: "west".into(),
+                    weight: west,
+                    reason: Reason::Spill,
+                },
+            ]
+        };
+        // 0.26 to 0 in steps of 0.25 would leave 0.01, under the
+        // hysteresis: the step goes all the way instead.
+        let (next, changed) = smooth(&at(0.74, 0.26), &at(1.0, 0.0), &s);
+        assert!(changed);
+        assert_eq!((next[0].weight, next[1].weight), (1.0, 0.0));
+        // A remainder left by an older engine goes on the next update.
+        let (next, changed) = smooth(&at(0.99, 0.01), &at(1.0, 0.0), &s);
+        assert!(changed);
+        assert_eq!(next[1].weight, 0.0);
+        // Small moves between regions that both keep weight are held.
+        let (next, changed) = smooth(&at(0.5, 0.5), &at(0.51, 0.49), &s);
+        assert!(!changed);
+        assert_eq!(next[0].weight, 0.5);
+    }
+
+    #[test]
+    fn the_basis_names_regions_weights_and_priorities() {
+        let a = table(&[("east", 1.0, 0), ("west", 1.0, 1)]);
+        assert_eq!(basis(&a), "east=1@0,west=1@1");
+        assert_ne!(
+            basis(&a),
+            basis(&table(&[("east", 1.0, 1), ("west", 1.0, 0)]))
+        );
+        assert_ne!(
+            basis(&a),
+            basis(&table(&[("east", 2.0, 0), ("west", 1.0, 1)]))
+        );
+        assert_ne!(basis(&a), basis(&table(&[("east", 1.0, 0)])));
+    }
+
+    #[test]
     fn a_steady_overload_settles_instead_of_swinging() {
         // Demand is 1.1 x the source's capacity; what the source sees
         // depends on the share it is given (the feedback the leader lives
@@ -611,8 +679,11 @@ mod tests {
                     // Draining others may raise a weight by their share too;
                     // beyond that, the step bound holds.
                     let drained: f64 = prev.iter().zip(&goal).filter(|(_, g)| g.reason == Reason::Drained).map(|(p, _)| p.weight).sum();
-                    prop_assert!(n.weight - p.weight <= s.max_step + drained + 1e-9, "{:?} -> {:?}", prev, next);
-                    prop_assert!(p.weight - n.weight <= s.max_step + 1e-9, "{:?} -> {:?}", prev, next);
+                    // (A step that lands within the hysteresis of the goal
+                    // goes all the way.)
+                    let step = s.max_step + s.hysteresis;
+                    prop_assert!(n.weight - p.weight <= step + drained + 1e-9, "{:?} -> {:?}", prev, next);
+                    prop_assert!(p.weight - n.weight <= step + 1e-9, "{:?} -> {:?}", prev, next);
                 } else {
                     prop_assert_eq!(n.weight, 0.0);
                 }
@@ -634,6 +705,10 @@ mod tests {
             // It converges within a few steps and then never moves again.
             let (_, changed) = smooth(&cur, &goal, &s);
             prop_assert!(!changed, "still moving after 50 updates: {:?}", cur);
+            // Where it settles, the regions with weight are the goal's.
+            for (c, g) in cur.iter().zip(&goal) {
+                prop_assert_eq!(c.weight > 0.0, g.weight > 0.0, "{:?} settled for {:?}", cur, goal);
+            }
             prop_assert!(changes <= 1 + (1.0 / s.max_step).ceil() as usize + 2, "{} changes", changes);
         }
     }

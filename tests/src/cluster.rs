@@ -71,7 +71,10 @@ pub struct ClusterSpec {
     pub sims_per_region: usize,
     pub sim: BTreeMap<&'static str, SimConfig>,
     pub max_body_bytes: usize,
-    /// Extra control-plane flags.
+    /// Control-plane flags. By default the leader updates weights once a
+    /// minute, which in a test means never after the start: routing
+    /// follows the operator's tables alone, and only tests about weights
+    /// (which set their own interval) see load move them.
     pub cp_args: Vec<&'static str>,
     /// Whether agents serve calls without an API key.
     pub anonymous: bool,
@@ -90,7 +93,7 @@ impl Default for ClusterSpec {
                 .map(|(r, _)| (*r, SimConfig::default()))
                 .collect(),
             max_body_bytes: 64 * 1024,
-            cp_args: Vec::new(),
+            cp_args: vec!["--weights-interval-ms", "60000"],
             anonymous: true,
             audit: false,
             otlp: false,

@@ -503,6 +503,8 @@ pub struct TestAgent {
     /// The gRPC port: Converse, relay, health.
     pub addr: SocketAddr,
     pub http: SocketAddr,
+    /// `/metrics`, when it has a listener of its own.
+    pub metrics: Option<SocketAddr>,
     pub state_dir: PathBuf,
     trigger: ShutdownTrigger,
 }
@@ -524,6 +526,8 @@ pub struct AgentOptions<'a> {
     pub tls: Option<TlsFiles>,
     /// The relay address it announces (default: its own gRPC address).
     pub relay_address: Option<String>,
+    /// `/metrics` on a listener of its own (`127.0.0.1:0` for any port).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -551,6 +555,7 @@ impl<'a> AgentOptions<'a> {
             otlp_endpoint: None,
             tls: None,
             relay_address: None,
+            metrics_listen: None,
         }
     }
 }
@@ -623,6 +628,7 @@ impl TestAgent {
             audit_otlp: opts.otlp_endpoint.is_some(),
             otlp_endpoint: opts.otlp_endpoint,
             trace_sample_ratio: 1.0,
+            metrics_listen: opts.metrics_listen,
             tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();
@@ -635,6 +641,7 @@ impl TestAgent {
             config: running.config,
             addr,
             http: http_addr,
+            metrics: running.metrics,
             state_dir: opts.state_dir.to_path_buf(),
             trigger,
         }

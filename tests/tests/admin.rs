@@ -426,9 +426,18 @@ async fn one_key_per_object_visible_with_etcdctl() {
     })
     .await
     .unwrap();
-    let keys = etcd
-        .etcdctl(&["get", "--prefix", "/spillway/", "--keys-only"])
-        .await;
+    // The leader key is taken on the leader's first tick, which a busy
+    // machine may run after the writes above: wait for it (bounded).
+    let mut keys = String::new();
+    for _ in 0..100 {
+        keys = etcd
+            .etcdctl(&["get", "--prefix", "/spillway/", "--keys-only"])
+            .await;
+        if keys.lines().any(|l| l == "/spillway/v1/leader") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
     // Besides the catalog: the weights leader's key, and the weights it
     // writes as it goes (their timing is its own).

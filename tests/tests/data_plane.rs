@@ -11,9 +11,11 @@ use spillway_proto::pb::{self, inference_service_client::InferenceServiceClient}
 use spillway_tests::cluster::{Cluster, ClusterSpec, GLOBAL, Http, US, chat};
 use spillway_tests::sim::{SimConfig, token};
 
+/// Slow enough that a burst of calls all arrive while the first ones are
+/// still being served, even on a busy machine.
 fn slow(max_concurrent: u32) -> SimConfig {
     SimConfig {
-        ttft: Duration::from_millis(300),
+        ttft: Duration::from_secs(2),
         max_concurrent,
         ..SimConfig::default()
     }
@@ -374,6 +376,10 @@ async fn a_failing_model_server_is_ejected_and_its_calls_fail_over() {
     let cluster = Cluster::start(ClusterSpec::default()).await;
     let east = cluster.region("us-east");
     east.sims[0].state.down.store(true, Ordering::Relaxed);
+    // The agent prefers the server that answers fastest, and a failure
+    // answers fast: the healthy neighbour is made slower still, so that
+    // only ejection keeps the broken server out of the picks.
+    east.sims[1].state.config.lock().unwrap().ttft = Duration::from_millis(50);
     let http = Http::default();
     let mut served_here = 0;
     for _ in 0..20 {

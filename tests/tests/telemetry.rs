@@ -415,3 +415,27 @@ async fn the_control_plane_serves_prometheus_metrics() {
     assert!(sample(&samples, "spillway_cp_updates_sent_total") >= 1.0);
     assert!(sample(&samples, "spillway_cp_config_version") > 0.0);
 }
+
+#[tokio::test]
+async fn an_agent_serves_metrics_on_a_listener_of_its_own_when_asked() {
+    let cp = spillway_tests::ControlPlane::start_with(None, "cp", &[]).await;
+    cp.create_region("us-east", "us").await;
+    let dir = tempfile::tempdir().unwrap();
+    let planes = [cp.url()];
+    let mut opts = spillway_tests::AgentOptions::new("a1", "us-east", &planes, dir.path());
+    opts.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let agent = spillway_tests::TestAgent::start_with(opts).await;
+    agent.wait_for("a config", |c| c.version > 0).await;
+    let http = Http::default();
+    let own = agent.metrics.expect("a metrics listener");
+    assert_ne!(own, agent.http);
+    let text = http.get(own, "/metrics").await;
+    assert_eq!(text.status, 200);
+    let samples = parse_prometheus(&text.text());
+    assert!(sample(&samples, "spillway_agent_config_version") > 0.0);
+    // The public door no longer shows them, and still serves the rest.
+    let door = http.get(agent.http, "/metrics").await;
+    assert_eq!(door.status, 404, "{}", door.text());
+    assert!(!door.text().contains("spillway_agent"));
+    assert_eq!(http.get(agent.http, "/health").await.status, 200);
+}

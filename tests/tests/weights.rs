@@ -54,6 +54,9 @@ fn callers(
                     let a = http
                         .post(addr, "/v1/chat/completions", chat(US, false))
                         .await;
+                    if a.status != 200 && failed < 3 {
+                        eprintln!("FAILED CALL {} {:?} {}", a.status, a.headers, a.text());
+                    }
                     failed += usize::from(a.status != 200);
                 }
                 failed
@@ -189,7 +192,14 @@ async fn a_saturated_source_spills_by_weight_and_takes_it_back_when_load_falls()
 
 #[tokio::test]
 async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
-    let cluster = Cluster::start(fast_weights()).await;
+    // Weights each second: the step on the way back lasts one update, and
+    // the agent's config watch keeps only the newest config, so an update
+    // must last longer than a busy machine's pause.
+    let cluster = Cluster::start(ClusterSpec {
+        cp_args: vec!["--weights-interval-ms", "1000"],
+        ..ClusterSpec::default()
+    })
+    .await;
     // us-east's calls split evenly between us-east and us-west.
     cluster
         .set_route(US, "us-east", &[("us-east", 1.0), ("us-west", 1.0)])
@@ -289,12 +299,19 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     let east = TestAgent::start_with(east).await;
     let mut west = AgentOptions::new("w", "us-west", &planes, d2.path());
     west.model_servers = vec![model_server(west_sim.addr, &["llama-3.1-8b"], 64)];
-    let _west = TestAgent::start_with(west).await;
+    let west = TestAgent::start_with(west).await;
     east.wait_for("source-first weights from the leader", |c| {
         c.routes
             .get(US)
             .is_some_and(|_| share(c, US, "us-east") == 1.0)
             && c.relays.contains_key("us-west")
+    })
+    .await;
+    // us-west takes relayed calls only from agents it knows of.
+    west.wait_for("us-east's agent", |c| {
+        c.relays
+            .get("us-east")
+            .is_some_and(|agents| agents.iter().any(|(id, _)| id == "e"))
     })
     .await;
 
@@ -343,4 +360,75 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
         .etcdctl(&["get", "/spillway/v1/leader", "--print-value-only"])
         .await;
     assert_eq!(leader.trim(), survivor);
+}
+
+#[tokio::test]
+async fn an_operators_table_change_applies_at_once_over_older_weights() {
+    use spillway_proto::pb;
+    let cluster = Cluster::start(fast_weights()).await;
+    let east = &cluster.region("us-east").agent;
+    // The leader has computed weights for the profile's own table (us-east
+    // first, us-west behind it).
+    let mut admin = cluster.cp.admin().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let explained = admin
+            .explain_route(pb::ExplainRouteRequest {
+                profile: US.into(),
+                source_region: "us-east".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if !explained.leader.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never computed weights"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(share(&east.current().unwrap(), US, "us-east"), 1.0);
+    // The operator puts us-west first. The weights of the older table are
+    // stale: the agents get the new table as it stands at once, not the
+    // old weights moved a step per update.
+    cluster
+        .set_route_with_priority(US, "us-east", &[("us-west", 1.0, 0), ("us-east", 1.0, 1)])
+        .await;
+    assert_eq!(share(&east.current().unwrap(), US, "us-west"), 1.0);
+    // And the leader's next weights start from the new table.
+    let settled = east
+        .wait_for("weights computed for the new table", |c| {
+            c.version > 0 && share(c, US, "us-west") == 1.0
+        })
+        .await;
+    assert_eq!(share(&settled, US, "us-east"), 0.0);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let explained = admin
+            .explain_route(pb::ExplainRouteRequest {
+                profile: US.into(),
+                source_region: "us-east".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let west = explained
+            .destinations
+            .iter()
+            .find(|d| d.region == "us-west")
+            .unwrap();
+        if !explained.leader.is_empty() {
+            assert_eq!(west.weight, 1.0, "{explained:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader never computed weights for the new table"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every config since the change kept us-west first.
+    assert_eq!(share(&east.current().unwrap(), US, "us-west"), 1.0);
 }
