@@ -147,6 +147,9 @@ pub async fn run(
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             RunError::Listen(format!("cannot listen on {addr} (--metrics-listen): {e}"))
         })?;
+        if let Ok(bound) = listener.local_addr() {
+            tracing::info!(addr = %bound, "serving metrics");
+        }
         let (metrics, state, mut stop) = (metrics.clone(), state.clone(), shutdown.clone());
         let app = axum::Router::new().route(
             "/metrics",

@@ -250,6 +250,17 @@ impl Etcd {
     }
 
     async fn start_with(tls: Option<(&TlsFiles, &TlsFiles)>) -> Etcd {
+        // Free ports are picked, then bound by etcd: another process may
+        // take one in between, and etcd then exits. Try again with others.
+        for _ in 0..3 {
+            if let Some(etcd) = Self::try_start(tls).await {
+                return etcd;
+            }
+        }
+        panic!("etcd exited at start three times; see its log in the test's temp dir");
+    }
+
+    async fn try_start(tls: Option<(&TlsFiles, &TlsFiles)>) -> Option<Etcd> {
         let dir = tempfile::tempdir().expect("temp dir");
         let (client, peer) = (free_port(), free_port());
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -288,27 +299,37 @@ impl Etcd {
             .kill_on_drop(true)
             .spawn()
             .expect("starting etcd");
-        let etcd = Etcd {
+        let mut etcd = Etcd {
             endpoint,
             _child: child,
             _dir: dir,
         };
-        let ep = etcd.endpoint.clone();
         let options = tls.map(|(_, client)| {
             etcd_client::ConnectOptions::new()
                 .with_tls(client.grpc_client().expect("the client's TLS files"))
         });
-        wait_until("etcd to answer", Duration::from_secs(20), || {
-            let (ep, options) = (ep.clone(), options.clone());
-            async move {
-                match etcd_client::Client::connect([ep], options).await {
-                    Ok(mut c) => c.get("health-probe", None).await.is_ok(),
-                    Err(_) => false,
-                }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = etcd._child.try_wait() {
+                let log = read(&etcd._dir.path().join("etcd.log"));
+                eprintln!("etcd exited at start ({status}), retrying:\n{log}");
+                return None;
             }
-        })
-        .await;
-        etcd
+            let ready = match etcd_client::Client::connect([etcd.endpoint.clone()], options.clone())
+                .await
+            {
+                Ok(mut c) => c.get("health-probe", None).await.is_ok(),
+                Err(_) => false,
+            };
+            if ready {
+                return Some(etcd);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "etcd did not answer within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Runs `etcdctl` against this etcd and returns its stdout.

@@ -383,10 +383,24 @@ fn hex_bytes(s: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_control_plane_serves_prometheus_metrics() {
-    let port = spillway_tests::free_port().to_string();
-    let listen = format!("127.0.0.1:{port}");
     let cp =
-        spillway_tests::ControlPlane::start_with(None, "cp", &["--metrics-listen", &listen]).await;
+        spillway_tests::ControlPlane::start_with(None, "cp", &["--metrics-listen", "127.0.0.1:0"])
+            .await;
+    // Any free port: the control plane logs the one it bound.
+    let mut listen = String::new();
+    for _ in 0..100 {
+        let log = cp.log();
+        if let Some(line) = log.lines().find(|l| l.contains("serving metrics")) {
+            listen = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .expect("the metrics address in the log")
+                .to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     cp.create_region("us-east", "us").await;
     let dir = tempfile::tempdir().unwrap();
     let agent =
