@@ -147,6 +147,15 @@ pub async fn start(
     http: TcpListener,
     shutdown: Shutdown,
 ) -> Result<RunningAgent, RunError> {
+    // Bound first: a taken address fails the start before anything runs.
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|error| RunError::MetricsListen { addr, error })?,
+        ),
+        None => None,
+    };
     let region = settings.sync.region.clone();
     let agent_id = settings.sync.agent_id.clone();
     let upstreams = Arc::new(Upstreams::new(
@@ -282,10 +291,7 @@ pub async fn start(
     });
 
     let mut metrics_addr = None;
-    if let Some(addr) = settings.metrics_listen {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|error| RunError::MetricsListen { addr, error })?;
+    if let Some(listener) = metrics_listener {
         metrics_addr = Some(listener.local_addr()?);
         let metrics = recorder.metrics.clone();
         let app = axum::Router::new().route(

@@ -277,21 +277,23 @@ async fn update_weights(
             let basis = weights::basis(&base);
             let key = (p.id.clone(), source.name.clone());
             // Weights of an older table are not a starting point: an
-            // operator's change applies at once, not step by step.
-            let previous = st
-                .weights
-                .get(&key)
-                .filter(|w| w.basis == basis)
+            // operator's change applies at once, not step by step. A record
+            // written by an older build has no basis: it is taken as it is,
+            // and written again with one.
+            let stored = st.weights.get(&key);
+            let current = stored.is_some_and(|w| w.basis == basis);
+            let previous = stored
+                .filter(|w| current || w.basis.is_empty())
                 .map(|w| w.weights.clone())
                 .unwrap_or_default();
             let goal = weights::target(&base, &loads, &previous, &settings.engine);
             let (next, changed) = weights::smooth(&previous, &goal, &settings.engine);
-            if !changed && !previous.is_empty() {
+            if current && !changed && !previous.is_empty() {
                 continue;
             }
             // Reasons alone can change without weights moving: keep them
             // current too, but never write the same thing twice.
-            if previous == next {
+            if current && previous == next {
                 continue;
             }
             let record = WeightsRecord {

@@ -85,12 +85,17 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         let table = catalog.route_for(&resolved, region);
         let basis = crate::weights::basis(&table);
         let mut route: pb::RouteTable = table.into();
-        if let Some(effective) = state
-            .weights
-            .get(&(table_owner, region.to_string()))
-            .filter(|w| w.basis == basis)
-        {
-            apply_effective(&mut route, &effective.weights);
+        match state.weights.get(&(table_owner, region.to_string())) {
+            // Weights for this table (or from an older build, which
+            // recorded no table).
+            Some(w) if w.basis == basis || w.basis.is_empty() => {
+                apply_effective(&mut route, &w.weights)
+            }
+            // Weights of the table before the operator changed it: the new
+            // table as written, but what was drained for failing stays out
+            // until the leader has recomputed.
+            Some(w) => keep_drained(&mut route, &w.weights),
+            None => {}
         }
         route.revision = 0;
         let mut profile: pb::InferenceProfile = resolved.profile.into();
@@ -122,9 +127,222 @@ fn apply_effective(route: &mut pb::RouteTable, effective: &[Weight]) {
             _ => d.priority = 1,
         }
     }
-    // Weights computed for an older table (a destination since removed) may
-    // leave nothing to call: the operator's table is better than that.
+    // Weights from an older build's record (a destination since removed)
+    // may leave nothing to call: the operator's table is better than that.
     if !route.destinations.iter().any(|d| d.weight > 0.0) {
         *route = base;
+    }
+}
+
+/// The operator's table with the regions that `stale` weights drained left
+/// out, unless that leaves nothing to call.
+fn keep_drained(route: &mut pb::RouteTable, stale: &[Weight]) {
+    let base = route.clone();
+    for d in &mut route.destinations {
+        if stale
+            .iter()
+            .any(|w| w.region == d.region && w.reason == Reason::Drained)
+        {
+            d.weight = 0.0;
+        }
+    }
+    if !route.destinations.iter().any(|d| d.weight > 0.0) {
+        *route = base;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use spillway_proto::model::{
+        Catalog, Profile, ProfileKind, Region, RouteDestination, RouteTable,
+    };
+
+    use super::*;
+    use crate::keys::WeightsRecord;
+
+    const US: &str = "us.llama-3.1-8b";
+
+    fn profile(id: &str, dest: &[&str], base: Option<&str>) -> Profile {
+        Profile {
+            id: id.into(),
+            kind: ProfileKind::from_id(id),
+            model: String::new(),
+            destinations: dest.iter().map(|s| s.to_string()).collect(),
+            base_profile: base.map(String::from),
+            base_region: None,
+            tags: BTreeMap::new(),
+            description: String::new(),
+            revision: 0,
+        }
+    }
+
+    fn table(dest: &[(&str, f64, u32)]) -> RouteTable {
+        RouteTable {
+            profile: US.into(),
+            source_region: "us-east".into(),
+            destinations: dest
+                .iter()
+                .map(|(r, w, p)| RouteDestination {
+                    region: r.to_string(),
+                    weight: *w,
+                    priority: *p,
+                })
+                .collect(),
+            revision: 0,
+        }
+    }
+
+    /// us-east and us-west, the US profile with the operator's `dest` table
+    /// for us-east, and an application profile copying it.
+    fn state(dest: &[(&str, f64, u32)]) -> State {
+        let mut c = Catalog::default();
+        for name in ["us-east", "us-west"] {
+            c.create_region(Region {
+                name: name.into(),
+                geography: "us".into(),
+                description: String::new(),
+                revision: 0,
+            })
+            .unwrap();
+        }
+        c.create_profile(profile(US, &["us-east", "us-west"], None))
+            .unwrap();
+        c.create_profile(profile("team-a", &[], Some(US))).unwrap();
+        c.create_route(table(dest)).unwrap();
+        State {
+            catalog: c,
+            ..State::default()
+        }
+    }
+
+    fn with_weights(st: &mut State, basis: String, weights: &[(&str, f64, Reason)]) {
+        st.weights.insert(
+            (US.to_string(), "us-east".to_string()),
+            WeightsRecord {
+                profile: US.into(),
+                source_region: "us-east".into(),
+                weights: weights
+                    .iter()
+                    .map(|(r, w, reason)| Weight {
+                        region: r.to_string(),
+                        weight: *w,
+                        reason: *reason,
+                    })
+                    .collect(),
+                leader: "cp".into(),
+                basis,
+            },
+        );
+    }
+
+    /// (region, weight, priority) of `profile`'s table in the snapshot.
+    fn route_of(s: &pb::Snapshot, profile: &str) -> Vec<(String, f64, u32)> {
+        s.routes
+            .iter()
+            .find(|r| r.profile == profile)
+            .unwrap()
+            .destinations
+            .iter()
+            .map(|d| (d.region.clone(), d.weight, d.priority))
+            .collect()
+    }
+
+    fn owned(v: &[(&str, f64, u32)]) -> Vec<(String, f64, u32)> {
+        v.iter().map(|(r, w, p)| (r.to_string(), *w, *p)).collect()
+    }
+
+    const EAST_FIRST: &[(&str, f64, u32)] = &[("us-east", 1.0, 0), ("us-west", 1.0, 1)];
+    const WEST_FIRST: &[(&str, f64, u32)] = &[("us-west", 1.0, 0), ("us-east", 1.0, 1)];
+
+    #[test]
+    fn weights_apply_to_the_table_they_were_computed_for_and_its_copies() {
+        let mut st = state(EAST_FIRST);
+        let basis = crate::weights::basis(&table(EAST_FIRST));
+        with_weights(
+            &mut st,
+            basis,
+            &[
+                ("us-east", 0.75, Reason::Headroom),
+                ("us-west", 0.25, Reason::Spill),
+            ],
+        );
+        let s = snapshot_for(&st, "us-east");
+        let want = owned(&[("us-east", 0.75, 0), ("us-west", 0.25, 0)]);
+        assert_eq!(route_of(&s, US), want);
+        // An application profile follows the weights of what it copies.
+        assert_eq!(route_of(&s, "team-a"), want);
+    }
+
+    #[test]
+    fn weights_of_an_older_table_give_way_to_the_new_one_but_drained_stays_out() {
+        // Weights computed for us-east first; the operator has since put
+        // us-west first.
+        let old = crate::weights::basis(&table(EAST_FIRST));
+        let mut st = state(WEST_FIRST);
+        with_weights(
+            &mut st,
+            old.clone(),
+            &[
+                ("us-east", 1.0, Reason::Headroom),
+                ("us-west", 0.0, Reason::Spill),
+            ],
+        );
+        assert_eq!(
+            route_of(&snapshot_for(&st, "us-east"), US),
+            owned(WEST_FIRST)
+        );
+        // A region the old weights drained for failing stays out.
+        with_weights(
+            &mut st,
+            old.clone(),
+            &[
+                ("us-east", 1.0, Reason::Headroom),
+                ("us-west", 0.0, Reason::Drained),
+            ],
+        );
+        assert_eq!(
+            route_of(&snapshot_for(&st, "us-east"), US),
+            owned(&[("us-west", 0.0, 0), ("us-east", 1.0, 1)])
+        );
+        // Unless that leaves nothing to call.
+        with_weights(
+            &mut st,
+            old,
+            &[
+                ("us-east", 0.0, Reason::Drained),
+                ("us-west", 0.0, Reason::Drained),
+            ],
+        );
+        assert_eq!(
+            route_of(&snapshot_for(&st, "us-east"), US),
+            owned(WEST_FIRST)
+        );
+    }
+
+    #[test]
+    fn weights_recorded_by_an_older_build_still_apply() {
+        let mut st = state(EAST_FIRST);
+        // A record as an older build wrote it: no basis.
+        let old: WeightsRecord = serde_json::from_str(
+            r#"{"profile":"us.llama-3.1-8b","source_region":"us-east","leader":"cp",
+                "weights":[{"region":"us-east","weight":0.5,"reason":"headroom"},
+                           {"region":"us-west","weight":0.5,"reason":"spill"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.basis, "");
+        with_weights(
+            &mut st,
+            old.basis,
+            &[
+                ("us-east", 0.5, Reason::Headroom),
+                ("us-west", 0.5, Reason::Spill),
+            ],
+        );
+        assert_eq!(
+            route_of(&snapshot_for(&st, "us-east"), US),
+            owned(&[("us-east", 0.5, 0), ("us-west", 0.5, 0)])
+        );
     }
 }

@@ -297,23 +297,27 @@ pub fn target(
     out
 }
 
-/// Moves from `previous` toward `target`: drained regions drop at once, the
-/// rest move together by at most `max_step` (the largest change bounds the
-/// interpolation, so the weights keep summing to one), and a change smaller
-/// than the hysteresis band is not made at all. Returns the new weights and
-/// whether they differ from `previous`.
 /// The operator's table that effective weights are computed for, as a
 /// fingerprint stored with them: a change of regions, base weights or
-/// priorities makes the weights of the older table stale.
+/// priorities makes the weights of the older table stale (the order of the
+/// destinations does not matter).
 pub fn basis(table: &RouteTable) -> String {
-    table
+    let mut parts: Vec<String> = table
         .destinations
         .iter()
         .map(|d| format!("{}={}@{}", d.region, d.weight, d.priority))
-        .collect::<Vec<_>>()
-        .join(",")
+        .collect();
+    parts.sort();
+    parts.join(",")
 }
 
+/// Moves from `previous` toward `target`: drained regions drop at once, the
+/// rest move together by at most `max_step` (the largest change bounds the
+/// interpolation, so the weights keep summing to one; a step that would end
+/// within the hysteresis band of the target goes all the way), and a change
+/// smaller than the hysteresis band is not made at all, unless it takes a
+/// region's last weight away. Returns the new weights and whether they
+/// differ from `previous`.
 pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Vec<Weight>, bool) {
     let prev_of = |region: &str| {
         previous
@@ -349,14 +353,15 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
         .zip(&start)
         .map(|(t, p)| (t.weight - p).abs())
         .fold(0.0, f64::max);
-    // Hysteresis holds small moves, never one that gives a region its first
-    // weight or takes its last away: a remainder under the hysteresis
-    // would otherwise stay for good.
-    let crosses_zero = target
+    // Hysteresis holds small moves, but never one that takes a region's
+    // last weight away: such a remainder would otherwise stay for good. (A
+    // small first weight is held: a source just over its target would
+    // otherwise flip a sliver of spill on and off at every update.)
+    let empties = target
         .iter()
         .zip(&start)
-        .any(|(t, p)| (t.weight > 0.0) != (*p > 0.0));
-    if delta < s.hysteresis && !drained_now && !crosses_zero {
+        .any(|(t, p)| t.weight <= 0.0 && *p > 0.0);
+    if delta < s.hysteresis && !drained_now && !empties {
         // Weights stay; reasons follow the target (a recovered region must
         // not stay "drained", a failing one must become so).
         let kept: Vec<Weight> = target
@@ -540,12 +545,26 @@ mod tests {
         let (next, changed) = smooth(&at(0.5, 0.5), &at(0.51, 0.49), &s);
         assert!(!changed);
         assert_eq!(next[0].weight, 0.5);
+        // So is a sliver of spill for a source just over its target, and
+        // the goal going back and forth around it moves nothing.
+        let mut cur = at(1.0, 0.0);
+        for goal in [at(0.985, 0.015), at(1.0, 0.0), at(0.99, 0.01), at(1.0, 0.0)] {
+            let (next, changed) = smooth(&cur, &goal, &s);
+            assert!(!changed, "{cur:?} -> {next:?} for {goal:?}");
+            cur = next;
+        }
+        assert_eq!((cur[0].weight, cur[1].weight), (1.0, 0.0));
     }
 
     #[test]
     fn the_basis_names_regions_weights_and_priorities() {
         let a = table(&[("east", 1.0, 0), ("west", 1.0, 1)]);
         assert_eq!(basis(&a), "east=1@0,west=1@1");
+        // The order of the destinations does not matter.
+        assert_eq!(
+            basis(&a),
+            basis(&table(&[("west", 1.0, 1), ("east", 1.0, 0)]))
+        );
         assert_ne!(
             basis(&a),
             basis(&table(&[("east", 1.0, 1), ("west", 1.0, 0)]))
@@ -705,9 +724,11 @@ mod tests {
             // It converges within a few steps and then never moves again.
             let (_, changed) = smooth(&cur, &goal, &s);
             prop_assert!(!changed, "still moving after 50 updates: {:?}", cur);
-            // Where it settles, the regions with weight are the goal's.
+            // Where it settles, a region the goal gives nothing has nothing.
             for (c, g) in cur.iter().zip(&goal) {
-                prop_assert_eq!(c.weight > 0.0, g.weight > 0.0, "{:?} settled for {:?}", cur, goal);
+                if g.weight <= 0.0 {
+                    prop_assert_eq!(c.weight, 0.0, "{:?} settled for {:?}", cur, goal);
+                }
             }
             prop_assert!(changes <= 1 + (1.0 / s.max_step).ceil() as usize + 2, "{} changes", changes);
         }

@@ -401,6 +401,11 @@ async fn the_control_plane_serves_prometheus_metrics() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(
+        !listen.is_empty(),
+        "no metrics address in the log:\n{}",
+        cp.log()
+    );
     cp.create_region("us-east", "us").await;
     let dir = tempfile::tempdir().unwrap();
     let agent =

@@ -392,18 +392,32 @@ async fn an_operators_table_change_applies_at_once_over_older_weights() {
     assert_eq!(share(&east.current().unwrap(), US, "us-east"), 1.0);
     // The operator puts us-west first. The weights of the older table are
     // stale: the agents get the new table as it stands at once, not the
-    // old weights moved a step per update.
+    // old weights moved a step per update. Every config the agent takes
+    // from now on is watched.
+    let mut rx = east.config.clone();
+    rx.borrow_and_update();
+    let (done, mut until) = tokio::sync::oneshot::channel::<()>();
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut until => return seen,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return seen;
+                    }
+                    if let Some(c) = rx.borrow_and_update().clone() {
+                        seen.push(c);
+                    }
+                }
+            }
+        }
+    });
     cluster
         .set_route_with_priority(US, "us-east", &[("us-west", 1.0, 0), ("us-east", 1.0, 1)])
         .await;
     assert_eq!(share(&east.current().unwrap(), US, "us-west"), 1.0);
     // And the leader's next weights start from the new table.
-    let settled = east
-        .wait_for("weights computed for the new table", |c| {
-            c.version > 0 && share(c, US, "us-west") == 1.0
-        })
-        .await;
-    assert_eq!(share(&settled, US, "us-east"), 0.0);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let explained = admin
@@ -429,6 +443,23 @@ async fn an_operators_table_change_applies_at_once_over_older_weights() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Every config since the change kept us-west first.
-    assert_eq!(share(&east.current().unwrap(), US, "us-west"), 1.0);
+    // Let the leader's weights reach the agent, then look at every config
+    // since the change: once the new table arrived, us-west kept it all.
+    east.wait_for("the new weights", |c| share(c, US, "us-west") == 1.0)
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let _ = done.send(());
+    let seen = seen.await.unwrap();
+    let new_table = |c: &AgentConfig| {
+        c.routes.get(US).is_some_and(|t| {
+            t.destinations
+                .first()
+                .is_some_and(|d| d.region == "us-west")
+        })
+    };
+    let since: Vec<_> = seen.iter().skip_while(|c| !new_table(c)).collect();
+    assert!(!since.is_empty(), "the agent never took the new table");
+    for c in since {
+        assert_eq!(share(c, US, "us-west"), 1.0, "version {}", c.version);
+    }
 }
