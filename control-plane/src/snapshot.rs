@@ -155,9 +155,7 @@ fn keep_drained(route: &mut pb::RouteTable, stale: &[Weight]) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use spillway_proto::model::{
-        Catalog, Profile, ProfileKind, Region, RouteDestination, RouteTable,
-    };
+    use spillway_proto::model::{Catalog, Profile, ProfileKind, Region, RouteTable};
 
     use super::*;
     use crate::keys::WeightsRecord;
@@ -182,15 +180,7 @@ mod tests {
         RouteTable {
             profile: US.into(),
             source_region: "us-east".into(),
-            destinations: dest
-                .iter()
-                .map(|(r, w, p)| RouteDestination {
-                    region: r.to_string(),
-                    weight: *w,
-                    priority: *p,
-                })
-                .collect(),
-            revision: 0,
+            ..crate::weights::tests::table(dest)
         }
     }
 

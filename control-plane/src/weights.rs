@@ -395,12 +395,14 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
     use spillway_proto::model::RouteDestination;
 
-    fn table(d: &[(&str, f64, u32)]) -> RouteTable {
+    /// A route table of profile `p` for source `a`; (region, weight,
+    /// priority) per destination.
+    pub(crate) fn table(d: &[(&str, f64, u32)]) -> RouteTable {
         RouteTable {
             profile: "p".into(),
             source_region: "a".into(),

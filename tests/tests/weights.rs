@@ -362,18 +362,18 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     assert_eq!(leader.trim(), survivor);
 }
 
-#[tokio::test]
-async fn an_operators_table_change_applies_at_once_over_older_weights() {
-    use spillway_proto::pb;
-    let cluster = Cluster::start(fast_weights()).await;
-    let east = &cluster.region("us-east").agent;
-    // The leader has computed weights for the profile's own table (us-east
-    // first, us-west behind it).
-    let mut admin = cluster.cp.admin().await;
+/// `routes explain` for US from us-east, once the leader has computed
+/// weights for its current table (bounded: 15 s).
+async fn computed_weights(
+    admin: &mut spillway_proto::pb::admin_service_client::AdminServiceClient<
+        tonic::transport::Channel,
+    >,
+    what: &str,
+) -> spillway_proto::pb::ExplainRouteResponse {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let explained = admin
-            .explain_route(pb::ExplainRouteRequest {
+            .explain_route(spillway_proto::pb::ExplainRouteRequest {
                 profile: US.into(),
                 source_region: "us-east".into(),
             })
@@ -381,14 +381,24 @@ async fn an_operators_table_change_applies_at_once_over_older_weights() {
             .unwrap()
             .into_inner();
         if !explained.leader.is_empty() {
-            break;
+            return explained;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the leader never computed weights"
+            "never computed: {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn an_operators_table_change_applies_at_once_over_older_weights() {
+    let cluster = Cluster::start(fast_weights()).await;
+    let east = &cluster.region("us-east").agent;
+    // The leader has computed weights for the profile's own table (us-east
+    // first, us-west behind it).
+    let mut admin = cluster.cp.admin().await;
+    computed_weights(&mut admin, "the leader's first weights").await;
     assert_eq!(share(&east.current().unwrap(), US, "us-east"), 1.0);
     // The operator puts us-west first. The weights of the older table are
     // stale: the agents get the new table as it stands at once, not the
@@ -418,31 +428,13 @@ async fn an_operators_table_change_applies_at_once_over_older_weights() {
         .await;
     assert_eq!(share(&east.current().unwrap(), US, "us-west"), 1.0);
     // And the leader's next weights start from the new table.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let explained = admin
-            .explain_route(pb::ExplainRouteRequest {
-                profile: US.into(),
-                source_region: "us-east".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let west = explained
-            .destinations
-            .iter()
-            .find(|d| d.region == "us-west")
-            .unwrap();
-        if !explained.leader.is_empty() {
-            assert_eq!(west.weight, 1.0, "{explained:?}");
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the leader never computed weights for the new table"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let explained = computed_weights(&mut admin, "weights for the new table").await;
+    let west = explained
+        .destinations
+        .iter()
+        .find(|d| d.region == "us-west")
+        .unwrap();
+    assert_eq!(west.weight, 1.0, "{explained:?}");
     // Let the leader's weights reach the agent, then look at every config
     // since the change: once the new table arrived, us-west kept it all.
     east.wait_for("the new weights", |c| share(c, US, "us-west") == 1.0)
