@@ -55,6 +55,10 @@ pub struct AgentArgs {
         value_delimiter = ' '
     )]
     pub model_servers: Vec<ModelServerSpec>,
+    /// The CA (PEM) that `https://` model servers' certificates must chain
+    /// to (default: --tls-ca). Plain `http://` servers need none.
+    #[arg(long, env = "SPILLWAY_MODEL_SERVER_CA")]
+    pub model_server_ca: Option<PathBuf>,
     /// Regions a call tries at most, the first included.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
     pub max_attempts: u8,

@@ -49,6 +49,9 @@ pub struct AgentSettings {
     /// The agent's TLS identity and the deployment's CA; `None` is
     /// plaintext everywhere (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
+    /// Whom `https://` model servers must be certified by (default: the
+    /// deployment's CA).
+    pub model_server_ca: Option<std::path::PathBuf>,
 }
 
 impl AgentSettings {
@@ -88,6 +91,7 @@ impl AgentSettings {
             }),
             otlp_endpoint: args.otlp_endpoint.clone(),
             metrics_listen: args.metrics_listen,
+            model_server_ca: args.model_server_ca.clone(),
             trace_sample_ratio: args.trace_sample_ratio,
             audit_otlp: args.audit_otlp,
             tls: TlsFiles::from_flags(
@@ -99,6 +103,31 @@ impl AgentSettings {
             .ok()
             .flatten(),
         }
+    }
+}
+
+/// The TLS client for `https://` model servers: trusting `--model-server-ca`,
+/// else the deployment's CA. An https server with neither is refused.
+fn model_server_tls(
+    settings: &AgentSettings,
+) -> Result<Option<Arc<rustls::ClientConfig>>, RunError> {
+    let https = settings
+        .model_servers
+        .iter()
+        .find(|s| s.url.starts_with("https://"));
+    let ca = settings
+        .model_server_ca
+        .clone()
+        .or_else(|| settings.tls.as_ref().map(|t| t.ca.clone()));
+    match (ca, https) {
+        (Some(ca), _) => spillway_proto::tls::rustls_client_trusting(&ca)
+            .map(|c| Some(Arc::new(c)))
+            .map_err(|e| RunError::Tls(format!("--model-server-ca: {e}"))),
+        (None, Some(server)) => Err(RunError::Tls(format!(
+            "model server `{}` is https://: give --model-server-ca (or --tls-ca), the CA its certificate must chain to",
+            server.url
+        ))),
+        (None, None) => Ok(None),
     }
 }
 
@@ -142,11 +171,12 @@ pub struct RunningAgent {
 /// Starts the config stream, the gRPC server on `grpc` and the HTTP front
 /// door on `http`; everything stops when `shutdown` fires.
 pub async fn start(
-    settings: AgentSettings,
+    mut settings: AgentSettings,
     grpc: TcpListener,
     http: TcpListener,
     shutdown: Shutdown,
 ) -> Result<RunningAgent, RunError> {
+    settings.upstream.tls = model_server_tls(&settings)?;
     // Bound first: a taken address fails the start before anything runs.
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(

@@ -1,7 +1,9 @@
 //! The region's model servers: OpenAI-compatible HTTP servers, balanced by
 //! load with power-of-two-choices over in-flight calls and latency (the
 //! peak-EWMA idea of `tower::balance`), over pooled HTTP/1.1 or HTTP/2
-//! connections. Streams pass through without being buffered.
+//! connections, plaintext or TLS (`https://` servers, whose certificates
+//! must chain to the CA the agent is given). Streams pass through without
+//! being buffered.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -13,6 +15,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
@@ -47,8 +50,10 @@ impl FromStr for ModelServerSpec {
         let uri: Uri = url
             .parse()
             .map_err(|_| format!("`{url}` is not a URL like http://host:port"))?;
-        if uri.scheme_str() != Some("http") || uri.host().is_none() {
-            return Err(format!("`{url}` must be an http:// URL with a host"));
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(format!(
+                "`{url}` must be an http:// or https:// URL with a host"
+            ));
         }
         let mut spec = ModelServerSpec {
             url,
@@ -161,6 +166,9 @@ pub struct UpstreamSettings {
     /// gets this long for its headers too: a long generation must not be
     /// mistaken for an outage and run again elsewhere.
     pub body_timeout: Duration,
+    /// Whom `https://` model servers are trusted by: their certificate must
+    /// chain to these roots. `None`: no https server can be reached.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Default for UpstreamSettings {
@@ -169,15 +177,26 @@ impl Default for UpstreamSettings {
             connect_timeout: Duration::from_secs(2),
             header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(600),
+            tls: None,
         }
     }
+}
+
+/// A TLS client that trusts nobody: https model servers without a CA
+/// configured fail their handshake (the agent refuses to start that way).
+fn trusting_nobody() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth()
 }
 
 /// The region's model servers and the pooled clients that reach them.
 pub struct Upstreams {
     servers: Vec<Arc<ModelServer>>,
-    http1: Client<HttpConnector, Full<Bytes>>,
-    http2: Client<HttpConnector, Full<Bytes>>,
+    http1: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http2: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     settings: UpstreamSettings,
     /// Servers ejected after failing or throttling calls in a row, by URL.
     ejected: Outliers<String>,
@@ -196,14 +215,33 @@ impl Upstreams {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
+        // https:// URLs go through the TLS layer below.
+        connector.enforce_http(false);
+        let tls = settings
+            .tls
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(trusting_nobody);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(connector.clone());
+            .build(
+                HttpsConnectorBuilder::new()
+                    .with_tls_config(tls.clone())
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(connector.clone()),
+            );
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
+            .build(
+                HttpsConnectorBuilder::new()
+                    .with_tls_config(tls)
+                    .https_or_http()
+                    .enable_http2()
+                    .wrap_connector(connector),
+            );
         let servers = specs
             .into_iter()
             .map(|spec| {
@@ -557,6 +595,8 @@ mod tests {
         assert_eq!(s.url, "http://127.0.0.1:8000");
         assert_eq!(s.models.len(), 2);
         assert_eq!((s.capacity, s.http2), (8, true));
+        let s: ModelServerSpec = "https://vllm.internal:8443,models=a".parse().unwrap();
+        assert_eq!(s.url, "https://vllm.internal:8443");
         for bad in [
             "ftp://x,models=a",
             "http://x",

@@ -103,14 +103,8 @@ impl TlsFiles {
     pub fn rustls_client(&self, expect: Expect) -> Result<rustls::ClientConfig, String> {
         let (certs, key) = self.load()?;
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(&read(&self.ca, "CA certificate")?) {
-            roots
-                .add(c.map_err(|e| format!("`{}`: {e}", self.ca.display()))?)
-                .map_err(|e| format!("`{}`: {e}", self.ca.display()))?;
-        }
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
-            std::sync::Arc::new(roots),
+            std::sync::Arc::new(roots(&self.ca)?),
             provider.clone(),
         )
         .build()
@@ -162,6 +156,32 @@ impl TlsFiles {
 /// The one choice every binary makes at start: a TLS identity, or
 /// `--insecure-dev`, never both, never neither. Checks the files; returns
 /// the warning to log loudly when the choice is plaintext.
+/// The certificates of the PEM bundle `ca`, as trust roots.
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read(ca, "CA certificate")?) {
+        roots
+            .add(c.map_err(|e| format!("`{}`: {e}", ca.display()))?)
+            .map_err(|e| format!("`{}`: {e}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("`{}` holds no certificate", ca.display()));
+    }
+    Ok(roots)
+}
+
+/// A rustls client for servers outside Spillway (model servers): their
+/// certificate must chain to `ca` and be valid for the host name; no client
+/// certificate is presented.
+pub fn rustls_client_trusting(ca: &Path) -> Result<rustls::ClientConfig, String> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth())
+}
+
 pub fn require(tls: Option<&TlsFiles>, insecure_dev: bool) -> Result<Option<&'static str>, String> {
     match (tls, insecure_dev) {
         (Some(_), true) => Err("--insecure-dev and --tls-* exclude each other: pick one".into()),

@@ -549,6 +549,8 @@ pub struct AgentOptions<'a> {
     pub relay_address: Option<String>,
     /// `/metrics` on a listener of its own (`127.0.0.1:0` for any port).
     pub metrics_listen: Option<SocketAddr>,
+    /// The CA `https://` model servers are trusted by.
+    pub model_server_ca: Option<PathBuf>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -577,6 +579,7 @@ impl<'a> AgentOptions<'a> {
             tls: None,
             relay_address: None,
             metrics_listen: None,
+            model_server_ca: None,
         }
     }
 }
@@ -650,6 +653,7 @@ impl TestAgent {
             otlp_endpoint: opts.otlp_endpoint,
             trace_sample_ratio: 1.0,
             metrics_listen: opts.metrics_listen,
+            model_server_ca: opts.model_server_ca,
             tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();
@@ -726,6 +730,30 @@ impl TestSim {
         tokio::spawn(sim::serve(listener, state.clone(), async move {
             shutdown.wait().await
         }));
+        TestSim {
+            addr,
+            state,
+            trigger,
+        }
+    }
+
+    /// A simulator serving HTTPS with `identity`'s certificate.
+    pub async fn start_tls(config: sim::SimConfig, identity: &TlsFiles) -> TestSim {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("sim listener");
+        let addr = listener.local_addr().expect("sim address");
+        let tls = identity.rustls_server().expect("the sim's certificate");
+        let listener = spillway_agent::tls_listener::TlsListener::new(listener, tls)
+            .expect("the sim's TLS listener");
+        let state = sim::SimState::new(config);
+        let (trigger, mut shutdown) = shutdown::channel();
+        let router = sim::router(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { shutdown.wait().await })
+                .await;
+        });
         TestSim {
             addr,
             state,

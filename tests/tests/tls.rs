@@ -539,3 +539,120 @@ async fn with_tls_a_plaintext_control_plane_url_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca() {
+    use spillway_tests::cluster::Http;
+    let dir = tempfile::tempdir().unwrap();
+    let models_ca = DevCa::new(&dir.path().join("models"), "model servers' CA").unwrap();
+    let rogue_ca = DevCa::new(&dir.path().join("rogue"), "someone else's CA").unwrap();
+    let good = models_ca
+        .issue("vllm", "spiffe://example/model-server/vllm")
+        .unwrap();
+    let rogue = rogue_ca
+        .issue("rogue", "spiffe://example/model-server/rogue")
+        .unwrap();
+    let trusted = TestSim::start_tls(SimConfig::default(), &good).await;
+    let impostor = TestSim::start_tls(SimConfig::default(), &rogue).await;
+
+    let cp = ControlPlane::start_with(None, "cp", &[]).await;
+    cp.create_region("us-east", "us").await;
+    cp.create_region("us-west", "us").await;
+    let mut admin = cp.admin().await;
+    admin
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(pb::InferenceProfile {
+                id: US.into(),
+                destinations: vec!["us-east".into(), "us-west".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let planes = [cp.url()];
+    let https = |addr: SocketAddr| {
+        let mut spec = model_server(addr, &["llama-3.1-8b"], 8);
+        spec.url = format!("https://{addr}");
+        spec
+    };
+    // us-east's model server is certified by the CA its agent trusts;
+    // us-west's agent trusts the same CA, but its server is an impostor.
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut east = AgentOptions::new("e", "us-east", &planes, d1.path());
+    east.model_servers = vec![https(trusted.addr)];
+    east.model_server_ca = Some(models_ca.ca_path());
+    let east = TestAgent::start_with(east).await;
+    let mut west = AgentOptions::new("w", "us-west", &planes, d2.path());
+    west.model_servers = vec![https(impostor.addr)];
+    west.model_server_ca = Some(models_ca.ca_path());
+    let west = TestAgent::start_with(west).await;
+    for agent in [&east, &west] {
+        agent
+            .wait_for("the profile", |c| c.routes.contains_key(US))
+            .await;
+    }
+    let http = Http::default();
+    for _ in 0..3 {
+        let a = http
+            .post(east.http, "/v1/chat/completions", chat(US, false))
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.region(), Some("us-east"));
+    }
+    assert_eq!(trusted.served(), 3);
+    // The impostor's handshake fails: no request reaches it, and the call
+    // fails with the reason rather than being served by it.
+    let a = http
+        .post(west.http, "/v1/chat/completions", chat(US, false))
+        .await;
+    assert_ne!(a.status, 200, "{}", a.text());
+    assert!(a.text().contains("certificate"), "{}", a.text());
+    assert_eq!(
+        impostor
+            .state
+            .received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn an_https_model_server_without_a_ca_to_trust_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let base = [
+        "--insecure-dev",
+        "--agent-id",
+        "a",
+        "--region",
+        "r",
+        "--control-plane",
+        "http://127.0.0.1:9",
+        "--grpc-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--state-dir",
+    ];
+    let cases: [(&[&str], &str); 2] = [
+        (&[], "give --model-server-ca"),
+        (
+            &["--model-server-ca", empty.to_str().unwrap()],
+            "holds no certificate",
+        ),
+    ];
+    for (extra, message) in cases {
+        let out = tokio::process::Command::new(bin("spillway-agent"))
+            .args(base)
+            .arg(dir.path().join("state"))
+            .args(["--model-server", "https://127.0.0.1:9,models=m"])
+            .args(extra)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        assert!(err.contains(message), "{extra:?}: {err}");
+    }
+}
