@@ -96,6 +96,11 @@ pub struct AgentArgs {
     /// it takes, with the spans of any region that served them.
     #[arg(long, env = "SPILLWAY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// The CA (PEM) an `https://` collector's certificate must chain to
+    /// (default: --tls-ca). With --tls-cert, the agent presents its own
+    /// certificate to the collector too.
+    #[arg(long, env = "SPILLWAY_OTLP_CA")]
+    pub otlp_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (plaintext, for a
     /// scraper inside the region) instead of on the HTTP door. Without it,
     /// the door serves `/metrics` itself.

@@ -52,6 +52,9 @@ pub struct AgentSettings {
     /// Whom `https://` model servers must be certified by (default: the
     /// deployment's CA).
     pub model_server_ca: Option<std::path::PathBuf>,
+    /// Whom an `https://` collector must be certified by (default: the
+    /// deployment's CA).
+    pub otlp_ca: Option<std::path::PathBuf>,
 }
 
 impl AgentSettings {
@@ -92,6 +95,7 @@ impl AgentSettings {
             otlp_endpoint: args.otlp_endpoint.clone(),
             metrics_listen: args.metrics_listen,
             model_server_ca: args.model_server_ca.clone(),
+            otlp_ca: args.otlp_ca.clone(),
             trace_sample_ratio: args.trace_sample_ratio,
             audit_otlp: args.audit_otlp,
             tls: TlsFiles::from_flags(
@@ -129,6 +133,50 @@ fn model_server_tls(
         ))),
         (None, None) => Ok(None),
     }
+}
+
+/// The TLS of an `https://` collector: its certificate must chain to
+/// `--otlp-ca`, else the deployment's CA; the agent presents its own
+/// certificate when it has one. An https collector with no CA is refused.
+fn collector_tls(
+    settings: &AgentSettings,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, RunError> {
+    let Some(endpoint) = settings
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| e.starts_with("https://"))
+    else {
+        return Ok(None);
+    };
+    let ca = settings
+        .otlp_ca
+        .clone()
+        .or_else(|| settings.tls.as_ref().map(|t| t.ca.clone()))
+        .ok_or_else(|| {
+            RunError::Tls(format!(
+                "--otlp-endpoint `{endpoint}` is https://: give --otlp-ca (or --tls-ca), the CA its certificate must chain to"
+            ))
+        })?;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| RunError::Tls(format!("--otlp-ca `{}`: {e}", path.display())))
+    };
+    let pem = read(&ca)?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(RunError::Tls(format!(
+            "--otlp-ca `{}` holds no certificate",
+            ca.display()
+        )));
+    }
+    let mut config = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+    if let Some(files) = &settings.tls {
+        config = config.identity(tonic::transport::Identity::from_pem(
+            read(&files.cert)?,
+            read(&files.key)?,
+        ));
+    }
+    Ok(Some(config))
 }
 
 /// What the agent can serve locally: the models of its model servers.
@@ -177,6 +225,7 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<RunningAgent, RunError> {
     settings.upstream.tls = model_server_tls(&settings)?;
+    let otlp_tls = collector_tls(&settings)?;
     // Bound first: a taken address fails the start before anything runs.
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(
@@ -209,6 +258,7 @@ pub async fn start(
     let quotas = sync_settings.quotas.clone();
     let tracer = Tracer::start(
         settings.otlp_endpoint,
+        otlp_tls,
         region.clone(),
         agent_id.clone(),
         settings.trace_sample_ratio,

@@ -30,6 +30,7 @@ use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span};
 use prost::Message;
 use tokio::sync::mpsc;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 /// A W3C trace context: the trace, and the span a child hangs from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,20 +267,31 @@ const EXPORT_QUEUE: usize = 4096;
 const EXPORT_BATCH: Duration = Duration::from_millis(200);
 
 impl Tracer {
+    /// Exports to the collector at `endpoint` (`https://` with `tls`), when
+    /// there is one.
     pub fn start(
         endpoint: Option<String>,
+        tls: Option<ClientTlsConfig>,
         region: String,
         agent_id: String,
         sample_ratio: f64,
     ) -> Arc<Tracer> {
-        let (tx, logs) = match endpoint {
-            Some(ep) => {
+        let channel = endpoint.map(|ep| {
+            let channel = collector(&ep, tls);
+            (ep, channel)
+        });
+        let (tx, logs) = match channel {
+            Some((ep, Ok(channel))) => {
                 let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
-                tokio::spawn(export(ep.clone(), rx));
+                tokio::spawn(export(ep.clone(), channel.clone(), rx));
                 let (logs, logs_rx) = mpsc::channel(EXPORT_QUEUE);
                 let resource = resource(&region, &agent_id);
-                tokio::spawn(export_logs(ep, resource, logs_rx));
+                tokio::spawn(export_logs(ep, channel, resource, logs_rx));
                 (Some(tx), Some(logs))
+            }
+            Some((endpoint, Err(e))) => {
+                tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; nothing is exported");
+                (None, None)
             }
             None => (None, None),
         };
@@ -321,14 +333,18 @@ impl Tracer {
     }
 }
 
-async fn export(endpoint: String, mut rx: mpsc::Receiver<ResourceSpans>) {
-    let channel = match tonic::transport::Endpoint::from_shared(endpoint.clone()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(2)).connect_lazy(),
-        Err(e) => {
-            tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; traces are not exported");
-            return;
-        }
-    };
+/// A lazily connecting channel to the collector; over TLS with `tls`.
+fn collector(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(2));
+    if let Some(tls) = tls {
+        ep = ep.tls_config(tls).map_err(|e| e.to_string())?;
+    }
+    Ok(ep.connect_lazy())
+}
+
+async fn export(endpoint: String, channel: Channel, mut rx: mpsc::Receiver<ResourceSpans>) {
     let mut client = TraceServiceClient::new(channel);
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
@@ -361,12 +377,13 @@ async fn gather<T>(rx: &mut mpsc::Receiver<T>, first: T) -> Vec<T> {
 }
 
 /// Exports audit records as OTLP logs, batched like spans.
-async fn export_logs(endpoint: String, resource: Resource, mut rx: mpsc::Receiver<LogRecord>) {
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(endpoint.clone()) else {
-        return;
-    };
-    let mut client =
-        LogsServiceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy());
+async fn export_logs(
+    endpoint: String,
+    channel: Channel,
+    resource: Resource,
+    mut rx: mpsc::Receiver<LogRecord>,
+) {
+    let mut client = LogsServiceClient::new(channel);
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
         let batch = gather(&mut rx, first).await;

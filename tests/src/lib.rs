@@ -551,6 +551,8 @@ pub struct AgentOptions<'a> {
     pub metrics_listen: Option<SocketAddr>,
     /// The CA `https://` model servers are trusted by.
     pub model_server_ca: Option<PathBuf>,
+    /// The CA an `https://` collector is trusted by.
+    pub otlp_ca: Option<PathBuf>,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -580,6 +582,7 @@ impl<'a> AgentOptions<'a> {
             relay_address: None,
             metrics_listen: None,
             model_server_ca: None,
+            otlp_ca: None,
         }
     }
 }
@@ -654,6 +657,7 @@ impl TestAgent {
             trace_sample_ratio: 1.0,
             metrics_listen: opts.metrics_listen,
             model_server_ca: opts.model_server_ca,
+            otlp_ca: opts.otlp_ca,
             tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();

@@ -118,6 +118,7 @@ impl TraceService for Sink {
 /// A collector on a free loopback port; stops when dropped.
 pub struct TestCollector {
     pub addr: SocketAddr,
+    tls: bool,
     spans: Sink,
     logs: LogSink,
     trigger: ShutdownTrigger,
@@ -125,6 +126,18 @@ pub struct TestCollector {
 
 impl TestCollector {
     pub async fn start() -> TestCollector {
+        Self::start_with(None).await
+    }
+
+    /// A collector serving OTLP/gRPC over TLS with `identity`'s certificate.
+    pub async fn start_tls(identity: &spillway_proto::tls::TlsFiles) -> TestCollector {
+        Self::start_with(Some(
+            identity.grpc_server(true).expect("the collector's TLS"),
+        ))
+        .await
+    }
+
+    async fn start_with(tls: Option<tonic::transport::ServerTlsConfig>) -> TestCollector {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("collector listener");
@@ -134,8 +147,13 @@ impl TestCollector {
         let (trigger, mut shutdown) = shutdown::channel();
         let service = TraceServiceServer::new(spans.clone());
         let logs_service = LogsServiceServer::new(logs.clone());
+        let mut server = tonic::transport::Server::builder();
+        let secure = tls.is_some();
+        if let Some(tls) = tls {
+            server = server.tls_config(tls).expect("the collector's TLS config");
+        }
         tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = server
                 .add_service(service)
                 .add_service(logs_service)
                 .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
@@ -145,6 +163,7 @@ impl TestCollector {
         });
         TestCollector {
             addr,
+            tls: secure,
             spans,
             logs,
             trigger,
@@ -152,7 +171,8 @@ impl TestCollector {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Every log record received so far, with its resource's region.

@@ -540,6 +540,27 @@ async fn with_tls_a_plaintext_control_plane_url_is_refused() {
     );
 }
 
+/// A plaintext control plane with us-east, us-west and the US profile
+/// over both: for tests of the hops from an agent to what is outside
+/// Spillway.
+async fn plaintext_us_plane() -> ControlPlane {
+    let cp = ControlPlane::start_with(None, "cp", &[]).await;
+    cp.create_region("us-east", "us").await;
+    cp.create_region("us-west", "us").await;
+    cp.admin()
+        .await
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(pb::InferenceProfile {
+                id: US.into(),
+                destinations: vec!["us-east".into(), "us-west".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    cp
+}
+
 #[tokio::test]
 async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca() {
     use spillway_tests::cluster::Http;
@@ -555,20 +576,7 @@ async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca() {
     let trusted = TestSim::start_tls(SimConfig::default(), &good).await;
     let impostor = TestSim::start_tls(SimConfig::default(), &rogue).await;
 
-    let cp = ControlPlane::start_with(None, "cp", &[]).await;
-    cp.create_region("us-east", "us").await;
-    cp.create_region("us-west", "us").await;
-    let mut admin = cp.admin().await;
-    admin
-        .create_profile(pb::CreateProfileRequest {
-            profile: Some(pb::InferenceProfile {
-                id: US.into(),
-                destinations: vec!["us-east".into(), "us-west".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    let cp = plaintext_us_plane().await;
     let planes = [cp.url()];
     let https = |addr: SocketAddr| {
         let mut spec = model_server(addr, &["llama-3.1-8b"], 8);
@@ -647,6 +655,107 @@ async fn an_https_model_server_without_a_ca_to_trust_is_refused_at_start() {
             .args(base)
             .arg(dir.path().join("state"))
             .args(["--model-server", "https://127.0.0.1:9,models=m"])
+            .args(extra)
+            .output()
+            .await
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?}: {err}");
+        assert!(err.contains(message), "{extra:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
+    use spillway_tests::cluster::Http;
+    use spillway_tests::otlp::TestCollector;
+    let dir = tempfile::tempdir().unwrap();
+    let collectors_ca = DevCa::new(&dir.path().join("otel"), "collectors' CA").unwrap();
+    let rogue_ca = DevCa::new(&dir.path().join("rogue"), "someone else's CA").unwrap();
+    let trusted = TestCollector::start_tls(
+        &collectors_ca
+            .issue("collector", "spiffe://example/otel/us-east")
+            .unwrap(),
+    )
+    .await;
+    let impostor = TestCollector::start_tls(
+        &rogue_ca
+            .issue("rogue", "spiffe://example/otel/rogue")
+            .unwrap(),
+    )
+    .await;
+    assert!(trusted.endpoint().starts_with("https://"));
+    let sim = TestSim::start(SimConfig::default()).await;
+    let cp = plaintext_us_plane().await;
+    let planes = [cp.url()];
+    // Both agents trust the collectors' CA; one exports to the trusted
+    // collector, the other to an impostor.
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = AgentOptions::new("a", "us-east", &planes, d1.path());
+    a.model_servers = vec![model_server(sim.addr, &["llama-3.1-8b"], 8)];
+    a.otlp_endpoint = Some(trusted.endpoint());
+    a.otlp_ca = Some(collectors_ca.ca_path());
+    let a = TestAgent::start_with(a).await;
+    let mut b = AgentOptions::new("b", "us-east", &planes, d2.path());
+    b.model_servers = vec![model_server(sim.addr, &["llama-3.1-8b"], 8)];
+    b.otlp_endpoint = Some(impostor.endpoint());
+    b.otlp_ca = Some(collectors_ca.ca_path());
+    let b = TestAgent::start_with(b).await;
+    let http = Http::default();
+    for agent in [&a, &b] {
+        agent
+            .wait_for("the profile", |c| c.routes.contains_key(US))
+            .await;
+        let answer = http
+            .post(agent.http, "/v1/chat/completions", chat(US, false))
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    spillway_tests::wait_until(
+        "spans at the trusted collector",
+        Duration::from_secs(10),
+        || async { !trusted.spans().is_empty() && !trusted.logs().is_empty() },
+    )
+    .await;
+    assert!(
+        trusted
+            .spans()
+            .iter()
+            .all(|s| s.resource_region == "us-east")
+    );
+    // The other agent's export was batched at the same time; give it as
+    // long again, and the impostor has received nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(impostor.spans().is_empty());
+    assert!(impostor.logs().is_empty());
+}
+
+#[tokio::test]
+async fn an_https_collector_without_a_ca_to_trust_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let cases: [(&[&str], &str); 2] = [
+        (&[], "give --otlp-ca"),
+        (
+            &["--otlp-ca", empty.to_str().unwrap()],
+            "holds no certificate",
+        ),
+    ];
+    for (extra, message) in cases {
+        let out = tokio::process::Command::new(bin("spillway-agent"))
+            .args(["--insecure-dev", "--agent-id", "a", "--region", "r"])
+            .args(["--control-plane", "http://127.0.0.1:9"])
+            .args([
+                "--grpc-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(["--model-server", "http://127.0.0.1:9,models=m"])
+            .args(["--otlp-endpoint", "https://127.0.0.1:4317"])
             .args(extra)
             .output()
             .await
