@@ -624,45 +624,55 @@ async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca() {
     );
 }
 
+/// Starts an agent (plaintext to its control plane) with `args` and checks
+/// that it refuses to start, saying `message`.
+async fn agent_refuses_to_start(args: &[&str], message: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(bin("spillway-agent"))
+        .args(["--insecure-dev", "--agent-id", "a", "--region", "r"])
+        .args(["--control-plane", "http://127.0.0.1:9"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?}: {err}");
+    assert!(err.contains(message), "{args:?}: {err}");
+}
+
 #[tokio::test]
-async fn an_https_model_server_without_a_ca_to_trust_is_refused_at_start() {
+async fn an_https_model_server_or_collector_without_a_ca_to_trust_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
-    let base = [
-        "--insecure-dev",
-        "--agent-id",
-        "a",
-        "--region",
-        "r",
-        "--control-plane",
-        "http://127.0.0.1:9",
-        "--grpc-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--state-dir",
+    let empty = empty.to_str().unwrap();
+    let https_server = ["--model-server", "https://127.0.0.1:9,models=m"];
+    agent_refuses_to_start(&https_server, "give --model-server-ca").await;
+    agent_refuses_to_start(
+        &[&https_server[..], &["--model-server-ca", empty]].concat(),
+        "holds no certificate",
+    )
+    .await;
+    let collector = [
+        "--model-server",
+        "http://127.0.0.1:9,models=m",
+        "--otlp-endpoint",
+        "https://127.0.0.1:4317",
     ];
-    let cases: [(&[&str], &str); 2] = [
-        (&[], "give --model-server-ca"),
-        (
-            &["--model-server-ca", empty.to_str().unwrap()],
-            "holds no certificate",
-        ),
-    ];
-    for (extra, message) in cases {
-        let out = tokio::process::Command::new(bin("spillway-agent"))
-            .args(base)
-            .arg(dir.path().join("state"))
-            .args(["--model-server", "https://127.0.0.1:9,models=m"])
-            .args(extra)
-            .output()
-            .await
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?}: {err}");
-        assert!(err.contains(message), "{extra:?}: {err}");
-    }
+    agent_refuses_to_start(&collector, "give --otlp-ca").await;
+    agent_refuses_to_start(
+        &[&collector[..], &["--otlp-ca", empty]].concat(),
+        "holds no certificate",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -728,40 +738,4 @@ async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(impostor.spans().is_empty());
     assert!(impostor.logs().is_empty());
-}
-
-#[tokio::test]
-async fn an_https_collector_without_a_ca_to_trust_is_refused_at_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let empty = dir.path().join("empty.pem");
-    std::fs::write(&empty, "not a certificate\n").unwrap();
-    let cases: [(&[&str], &str); 2] = [
-        (&[], "give --otlp-ca"),
-        (
-            &["--otlp-ca", empty.to_str().unwrap()],
-            "holds no certificate",
-        ),
-    ];
-    for (extra, message) in cases {
-        let out = tokio::process::Command::new(bin("spillway-agent"))
-            .args(["--insecure-dev", "--agent-id", "a", "--region", "r"])
-            .args(["--control-plane", "http://127.0.0.1:9"])
-            .args([
-                "--grpc-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(["--model-server", "http://127.0.0.1:9,models=m"])
-            .args(["--otlp-endpoint", "https://127.0.0.1:4317"])
-            .args(extra)
-            .output()
-            .await
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?}: {err}");
-        assert!(err.contains(message), "{extra:?}: {err}");
-    }
 }
