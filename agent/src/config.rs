@@ -56,7 +56,8 @@ pub struct AgentArgs {
     )]
     pub model_servers: Vec<ModelServerSpec>,
     /// The CA (PEM) that `https://` model servers' certificates must chain
-    /// to (default: --tls-ca). Plain `http://` servers need none.
+    /// to; required with one (the deployment's CA is not trusted for model
+    /// servers). Plain `http://` servers need none.
     #[arg(long, env = "SPILLWAY_MODEL_SERVER_CA")]
     pub model_server_ca: Option<PathBuf>,
     /// Regions a call tries at most, the first included.
@@ -96,9 +97,8 @@ pub struct AgentArgs {
     /// it takes, with the spans of any region that served them.
     #[arg(long, env = "SPILLWAY_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// The CA (PEM) an `https://` collector's certificate must chain to
-    /// (default: --tls-ca). With --tls-cert, the agent presents its own
-    /// certificate to the collector too.
+    /// The CA (PEM) an `https://` collector's certificate must chain to;
+    /// required with one. The agent presents no certificate to it.
     #[arg(long, env = "SPILLWAY_OTLP_CA")]
     pub otlp_ca: Option<PathBuf>,
     /// Serve Prometheus metrics at http://ADDR/metrics (plaintext, for a

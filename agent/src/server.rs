@@ -49,11 +49,9 @@ pub struct AgentSettings {
     /// The agent's TLS identity and the deployment's CA; `None` is
     /// plaintext everywhere (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
-    /// Whom `https://` model servers must be certified by (default: the
-    /// deployment's CA).
+    /// Whom `https://` model servers must be certified by.
     pub model_server_ca: Option<std::path::PathBuf>,
-    /// Whom an `https://` collector must be certified by (default: the
-    /// deployment's CA).
+    /// Whom an `https://` collector must be certified by.
     pub otlp_ca: Option<std::path::PathBuf>,
 }
 
@@ -110,25 +108,19 @@ impl AgentSettings {
     }
 }
 
-/// The TLS client for `https://` model servers: trusting `--model-server-ca`,
-/// else the deployment's CA. An https server with neither is refused.
+/// The TLS client for `https://` model servers: trusting `--model-server-ca`
+/// and nothing else (not the deployment's CA: a Spillway certificate must
+/// never pass for a model server). An https server without it is refused.
 fn model_server_tls(
     settings: &AgentSettings,
 ) -> Result<Option<Arc<rustls::ClientConfig>>, RunError> {
-    let https = settings
-        .model_servers
-        .iter()
-        .find(|s| s.url.starts_with("https://"));
-    let ca = settings
-        .model_server_ca
-        .clone()
-        .or_else(|| settings.tls.as_ref().map(|t| t.ca.clone()));
-    match (ca, https) {
-        (Some(ca), _) => spillway_proto::tls::rustls_client_trusting(&ca)
+    let https = settings.model_servers.iter().find(|s| s.is_https());
+    match (&settings.model_server_ca, https) {
+        (Some(ca), _) => spillway_proto::tls::rustls_client_trusting(ca)
             .map(|c| Some(Arc::new(c)))
             .map_err(|e| RunError::Tls(format!("--model-server-ca: {e}"))),
         (None, Some(server)) => Err(RunError::Tls(format!(
-            "model server `{}` is https://: give --model-server-ca (or --tls-ca), the CA its certificate must chain to",
+            "model server `{}` is https://: give --model-server-ca, the CA its certificate must chain to",
             server.url
         ))),
         (None, None) => Ok(None),
@@ -136,46 +128,34 @@ fn model_server_tls(
 }
 
 /// The TLS of an `https://` collector: its certificate must chain to
-/// `--otlp-ca`, else the deployment's CA; the agent presents its own
-/// certificate when it has one. An https collector with no CA is refused.
+/// `--otlp-ca` (and nothing else); the agent presents no certificate of its
+/// own, since the collector is not a Spillway party. An https collector
+/// without it is refused, as is a CA file that holds no certificate.
 fn collector_tls(
     settings: &AgentSettings,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, RunError> {
     let Some(endpoint) = settings
         .otlp_endpoint
         .as_deref()
-        .filter(|e| e.starts_with("https://"))
+        .filter(|e| e.to_ascii_lowercase().starts_with("https://"))
     else {
         return Ok(None);
     };
-    let ca = settings
-        .otlp_ca
-        .clone()
-        .or_else(|| settings.tls.as_ref().map(|t| t.ca.clone()))
-        .ok_or_else(|| {
-            RunError::Tls(format!(
-                "--otlp-endpoint `{endpoint}` is https://: give --otlp-ca (or --tls-ca), the CA its certificate must chain to"
-            ))
-        })?;
-    let read = |path: &std::path::Path| {
-        std::fs::read(path)
-            .map_err(|e| RunError::Tls(format!("--otlp-ca `{}`: {e}", path.display())))
-    };
-    let pem = read(&ca)?;
-    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
-        return Err(RunError::Tls(format!(
-            "--otlp-ca `{}` holds no certificate",
-            ca.display()
-        )));
-    }
-    let mut config = tonic::transport::ClientTlsConfig::new()
+    let ca = settings.otlp_ca.as_ref().ok_or_else(|| {
+        RunError::Tls(format!(
+            "--otlp-endpoint `{endpoint}` is https://: give --otlp-ca, the CA its certificate must chain to"
+        ))
+    })?;
+    // Checked here as rustls reads it: tonic would drop what it cannot
+    // parse and fail every handshake later instead.
+    spillway_proto::tls::roots(ca).map_err(|e| RunError::Tls(format!("--otlp-ca: {e}")))?;
+    let pem = std::fs::read(ca)
+        .map_err(|e| RunError::Tls(format!("--otlp-ca `{}`: {e}", ca.display())))?;
+    let config = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    if let Some(files) = &settings.tls {
-        config = config.identity(tonic::transport::Identity::from_pem(
-            read(&files.cert)?,
-            read(&files.key)?,
-        ));
-    }
+    // The endpoint is built once here, so that a bad one stops the start.
+    crate::trace::collector(endpoint, Some(config.clone()))
+        .map_err(|e| RunError::Tls(format!("--otlp-endpoint `{endpoint}`: {e}")))?;
     Ok(Some(config))
 }
 

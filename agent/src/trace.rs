@@ -334,7 +334,7 @@ impl Tracer {
 }
 
 /// A lazily connecting channel to the collector; over TLS with `tls`.
-fn collector(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+pub fn collector(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(2));

@@ -36,6 +36,15 @@ pub struct ModelServerSpec {
     pub http2: bool,
 }
 
+impl ModelServerSpec {
+    /// Whether it is reached over TLS (`https://`, in any case).
+    pub fn is_https(&self) -> bool {
+        self.url
+            .parse::<Uri>()
+            .is_ok_and(|u| u.scheme_str() == Some("https"))
+    }
+}
+
 impl FromStr for ModelServerSpec {
     type Err = String;
 

@@ -153,11 +153,10 @@ impl TlsFiles {
     }
 }
 
-/// The one choice every binary makes at start: a TLS identity, or
-/// `--insecure-dev`, never both, never neither. Checks the files; returns
-/// the warning to log loudly when the choice is plaintext.
-/// The certificates of the PEM bundle `ca`, as trust roots.
-fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
+/// The certificates of the PEM bundle `ca`, as trust roots; an error
+/// names the file when it cannot be read, is not PEM, holds something that
+/// is not a certificate, or holds none.
+pub fn roots(ca: &Path) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&read(ca, "CA certificate")?) {
         roots
@@ -182,6 +181,9 @@ pub fn rustls_client_trusting(ca: &Path) -> Result<rustls::ClientConfig, String>
         .with_no_client_auth())
 }
 
+/// The one choice every binary makes at start: a TLS identity, or
+/// `--insecure-dev`, never both, never neither. Checks the files; returns
+/// the warning to log loudly when the choice is plaintext.
 pub fn require(tls: Option<&TlsFiles>, insecure_dev: bool) -> Result<Option<&'static str>, String> {
     match (tls, insecure_dev) {
         (Some(_), true) => Err("--insecure-dev and --tls-* exclude each other: pick one".into()),

@@ -65,6 +65,22 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        self.sign(stem, params)
+    }
+
+    /// A server certificate for the DNS `names` only (no address, no
+    /// Spillway name), as `<stem>.pem` and `<stem>-key.pem`.
+    pub fn issue_for_names(&self, stem: &str, names: &[&str]) -> std::io::Result<TlsFiles> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).map_err(other)?;
+        params.distinguished_name.push(DnType::CommonName, stem);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(stem, params)
+    }
+
+    /// Signs `params` with a new key; writes `<stem>.pem` and
+    /// `<stem>-key.pem`.
+    fn sign(&self, stem: &str, mut params: CertificateParams) -> std::io::Result<TlsFiles> {
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,

@@ -3,8 +3,10 @@
 //! every span and log record it receives, with the resource it came under.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures_util::StreamExt;
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsServiceRequest, ExportLogsServiceResponse,
     logs_service_server::{LogsService, LogsServiceServer},
@@ -25,6 +27,8 @@ use tonic::{Request, Response, Status};
 #[derive(Debug, Clone)]
 pub struct Received {
     pub resource_region: String,
+    /// The exporting agent (`spillway.agent_id` of the resource).
+    pub resource_agent: String,
     pub span: Span,
 }
 
@@ -100,10 +104,16 @@ impl TraceService for Sink {
                 .as_ref()
                 .and_then(|r| attr(&r.attributes, "spillway.region"))
                 .unwrap_or_default();
+            let agent = rs
+                .resource
+                .as_ref()
+                .and_then(|r| attr(&r.attributes, "spillway.agent_id"))
+                .unwrap_or_default();
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     got.push(Received {
                         resource_region: region.clone(),
+                        resource_agent: agent.clone(),
                         span,
                     });
                 }
@@ -119,6 +129,8 @@ impl TraceService for Sink {
 pub struct TestCollector {
     pub addr: SocketAddr,
     tls: bool,
+    /// TCP connections accepted (before any TLS handshake).
+    connections: Arc<AtomicU64>,
     spans: Sink,
     logs: LogSink,
     trigger: ShutdownTrigger,
@@ -147,6 +159,11 @@ impl TestCollector {
         let (trigger, mut shutdown) = shutdown::channel();
         let service = TraceServiceServer::new(spans.clone());
         let logs_service = LogsServiceServer::new(logs.clone());
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        let incoming = TcpIncoming::from(listener).inspect(move |_| {
+            counted.fetch_add(1, Ordering::Relaxed);
+        });
         let mut server = tonic::transport::Server::builder();
         let secure = tls.is_some();
         if let Some(tls) = tls {
@@ -156,14 +173,13 @@ impl TestCollector {
             let _ = server
                 .add_service(service)
                 .add_service(logs_service)
-                .serve_with_incoming_shutdown(TcpIncoming::from(listener), async move {
-                    shutdown.wait().await
-                })
+                .serve_with_incoming_shutdown(incoming, async move { shutdown.wait().await })
                 .await;
         });
         TestCollector {
             addr,
             tls: secure,
+            connections,
             spans,
             logs,
             trigger,
@@ -178,6 +194,12 @@ impl TestCollector {
     /// Every log record received so far, with its resource's region.
     pub fn logs(&self) -> Vec<(String, LogRecord)> {
         self.logs.0.lock().expect("the collector's logs").clone()
+    }
+
+    /// TCP connections accepted so far, whether or not a handshake and an
+    /// export followed.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Every span received so far.

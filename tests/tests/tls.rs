@@ -540,19 +540,17 @@ async fn with_tls_a_plaintext_control_plane_url_is_refused() {
     );
 }
 
-/// A plaintext control plane with us-east, us-west and the US profile
-/// over both: for tests of the hops from an agent to what is outside
-/// Spillway.
-async fn plaintext_us_plane() -> ControlPlane {
+/// A plaintext control plane with us-east and the US profile served there
+/// alone: for tests of the hops from an agent to what is outside Spillway.
+async fn plaintext_east_plane() -> ControlPlane {
     let cp = ControlPlane::start_with(None, "cp", &[]).await;
     cp.create_region("us-east", "us").await;
-    cp.create_region("us-west", "us").await;
     cp.admin()
         .await
         .create_profile(pb::CreateProfileRequest {
             profile: Some(pb::InferenceProfile {
                 id: US.into(),
-                destinations: vec!["us-east".into(), "us-west".into()],
+                destinations: vec!["us-east".into()],
                 ..Default::default()
             }),
         })
@@ -561,67 +559,66 @@ async fn plaintext_us_plane() -> ControlPlane {
     cp
 }
 
+/// One call through an agent of us-east whose only model server serves
+/// HTTPS with `identity`, trusting `ca`; the answer, and how many
+/// requests reached the server.
+async fn call_an_https_model_server(
+    identity: &TlsFiles,
+    ca: &Path,
+) -> (spillway_tests::cluster::HttpAnswer, u64) {
+    let sim = TestSim::start_tls(SimConfig::default(), identity).await;
+    let cp = plaintext_east_plane().await;
+    let planes = [cp.url()];
+    let dir = tempfile::tempdir().unwrap();
+    let mut opts = AgentOptions::new("e", "us-east", &planes, dir.path());
+    let mut server = model_server(sim.addr, &["llama-3.1-8b"], 8);
+    server.url = format!("https://{}", sim.addr);
+    opts.model_servers = vec![server];
+    opts.model_server_ca = Some(ca.to_path_buf());
+    let agent = TestAgent::start_with(opts).await;
+    agent
+        .wait_for("the profile", |c| c.routes.contains_key(US))
+        .await;
+    let answer = spillway_tests::cluster::Http::default()
+        .post(agent.http, "/v1/chat/completions", chat(US, false))
+        .await;
+    let received = sim
+        .state
+        .received
+        .load(std::sync::atomic::Ordering::Relaxed);
+    (answer, received)
+}
+
 #[tokio::test]
-async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca() {
-    use spillway_tests::cluster::Http;
+async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca_for_their_name() {
     let dir = tempfile::tempdir().unwrap();
     let models_ca = DevCa::new(&dir.path().join("models"), "model servers' CA").unwrap();
     let rogue_ca = DevCa::new(&dir.path().join("rogue"), "someone else's CA").unwrap();
+    // Certified by the CA the agent trusts, for the address it calls.
     let good = models_ca
         .issue("vllm", "spiffe://example/model-server/vllm")
         .unwrap();
-    let rogue = rogue_ca
+    let (answer, received) = call_an_https_model_server(&good, &models_ca.ca_path()).await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.region(), Some("us-east"));
+    assert_eq!(received, 1);
+    // Certified by another CA: no request is sent, and the call fails with
+    // the reason.
+    let impostor = rogue_ca
         .issue("rogue", "spiffe://example/model-server/rogue")
         .unwrap();
-    let trusted = TestSim::start_tls(SimConfig::default(), &good).await;
-    let impostor = TestSim::start_tls(SimConfig::default(), &rogue).await;
-
-    let cp = plaintext_us_plane().await;
-    let planes = [cp.url()];
-    let https = |addr: SocketAddr| {
-        let mut spec = model_server(addr, &["llama-3.1-8b"], 8);
-        spec.url = format!("https://{addr}");
-        spec
-    };
-    // us-east's model server is certified by the CA its agent trusts;
-    // us-west's agent trusts the same CA, but its server is an impostor.
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut east = AgentOptions::new("e", "us-east", &planes, d1.path());
-    east.model_servers = vec![https(trusted.addr)];
-    east.model_server_ca = Some(models_ca.ca_path());
-    let east = TestAgent::start_with(east).await;
-    let mut west = AgentOptions::new("w", "us-west", &planes, d2.path());
-    west.model_servers = vec![https(impostor.addr)];
-    west.model_server_ca = Some(models_ca.ca_path());
-    let west = TestAgent::start_with(west).await;
-    for agent in [&east, &west] {
-        agent
-            .wait_for("the profile", |c| c.routes.contains_key(US))
-            .await;
-    }
-    let http = Http::default();
-    for _ in 0..3 {
-        let a = http
-            .post(east.http, "/v1/chat/completions", chat(US, false))
-            .await;
-        assert_eq!(a.status, 200, "{}", a.text());
-        assert_eq!(a.region(), Some("us-east"));
-    }
-    assert_eq!(trusted.served(), 3);
-    // The impostor's handshake fails: no request reaches it, and the call
-    // fails with the reason rather than being served by it.
-    let a = http
-        .post(west.http, "/v1/chat/completions", chat(US, false))
-        .await;
-    assert_ne!(a.status, 200, "{}", a.text());
-    assert!(a.text().contains("certificate"), "{}", a.text());
-    assert_eq!(
-        impostor
-            .state
-            .received
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    let (answer, received) = call_an_https_model_server(&impostor, &models_ca.ca_path()).await;
+    assert_ne!(answer.status, 200, "{}", answer.text());
+    assert!(answer.text().contains("certificate"), "{}", answer.text());
+    assert_eq!(received, 0);
+    // Certified by the right CA, but for another host.
+    let elsewhere = models_ca
+        .issue_for_names("elsewhere", &["vllm.elsewhere.example"])
+        .unwrap();
+    let (answer, received) = call_an_https_model_server(&elsewhere, &models_ca.ca_path()).await;
+    assert_ne!(answer.status, 200, "{}", answer.text());
+    assert!(answer.text().contains("certificate"), "{}", answer.text());
+    assert_eq!(received, 0);
 }
 
 /// Starts an agent (plaintext to its control plane) with `args` and checks
@@ -651,26 +648,34 @@ async fn agent_refuses_to_start(args: &[&str], message: &str) {
 #[tokio::test]
 async fn an_https_model_server_or_collector_without_a_ca_to_trust_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
-    let empty = dir.path().join("empty.pem");
-    std::fs::write(&empty, "not a certificate\n").unwrap();
-    let empty = empty.to_str().unwrap();
-    let https_server = ["--model-server", "https://127.0.0.1:9,models=m"];
-    agent_refuses_to_start(&https_server, "give --model-server-ca").await;
-    agent_refuses_to_start(
-        &[&https_server[..], &["--model-server-ca", empty]].concat(),
-        "holds no certificate",
+    let text = dir.path().join("text.pem");
+    std::fs::write(&text, "not a certificate\n").unwrap();
+    let garbled = dir.path().join("garbled.pem");
+    std::fs::write(
+        &garbled,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
     )
-    .await;
+    .unwrap();
+    let (text, garbled) = (text.to_str().unwrap(), garbled.to_str().unwrap());
+    let https_server = ["--model-server", "https://127.0.0.1:9,models=m"];
     let collector = [
         "--model-server",
         "http://127.0.0.1:9,models=m",
         "--otlp-endpoint",
         "https://127.0.0.1:4317",
     ];
-    agent_refuses_to_start(&collector, "give --otlp-ca").await;
+    for (base, flag) in [
+        (&https_server[..], "--model-server-ca"),
+        (&collector[..], "--otlp-ca"),
+    ] {
+        agent_refuses_to_start(base, &format!("give {flag}")).await;
+        agent_refuses_to_start(&[base, &[flag, text]].concat(), "holds no certificate").await;
+        agent_refuses_to_start(&[base, &[flag, garbled]].concat(), garbled).await;
+    }
+    // An upper-case scheme is https too.
     agent_refuses_to_start(
-        &[&collector[..], &["--otlp-ca", empty]].concat(),
-        "holds no certificate",
+        &["--model-server", "HTTPS://127.0.0.1:9,models=m"],
+        "give --model-server-ca",
     )
     .await;
 }
@@ -696,7 +701,7 @@ async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
     .await;
     assert!(trusted.endpoint().starts_with("https://"));
     let sim = TestSim::start(SimConfig::default()).await;
-    let cp = plaintext_us_plane().await;
+    let cp = plaintext_east_plane().await;
     let planes = [cp.url()];
     // Both agents trust the collectors' CA; one exports to the trusted
     // collector, the other to an impostor.
@@ -722,20 +727,17 @@ async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
     spillway_tests::wait_until(
-        "spans at the trusted collector",
+        "spans and audit logs at the trusted collector, and b's attempt at the impostor",
         Duration::from_secs(10),
-        || async { !trusted.spans().is_empty() && !trusted.logs().is_empty() },
+        || async {
+            !trusted.spans().is_empty() && !trusted.logs().is_empty() && impostor.connections() > 0
+        },
     )
     .await;
-    assert!(
-        trusted
-            .spans()
-            .iter()
-            .all(|s| s.resource_region == "us-east")
-    );
-    // The other agent's export was batched at the same time; give it as
-    // long again, and the impostor has received nothing.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(trusted.spans().iter().all(|s| s.resource_agent == "a"));
+    // b reached the impostor; its handshake failed, so nothing was
+    // exported there (a little longer, for a handshake still under way).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(impostor.spans().is_empty());
     assert!(impostor.logs().is_empty());
 }
