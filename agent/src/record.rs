@@ -553,7 +553,7 @@ mod tests {
             max_bytes: 600,
             keep: 2,
         };
-        let tracer = Tracer::start(None, None, "us-east".into(), "a".into(), 1.0);
+        let tracer = Tracer::start(None, "us-east".into(), "a".into(), 1.0);
         let recorder = Recorder::start("us-east".into(), Some(settings), false, tracer);
         for i in 0..20 {
             let mut ctx = CallContext::new("http");

@@ -127,20 +127,27 @@ fn model_server_tls(
     }
 }
 
-/// The TLS of an `https://` collector: its certificate must chain to
-/// `--otlp-ca` (and nothing else); the agent presents no certificate of its
-/// own, since the collector is not a Spillway party. An https collector
-/// without it is refused, as is a CA file that holds no certificate.
-fn collector_tls(
+/// The channel to the region's collector, with its endpoint. An
+/// `https://` collector's certificate must chain to `--otlp-ca` (and
+/// nothing else); the agent presents no certificate of its own, since the
+/// collector is not a Spillway party. An https collector without that flag,
+/// or with a CA file that holds no certificate, or a bad https endpoint, is
+/// refused; a bad plaintext endpoint is logged and nothing is exported.
+fn collector_channel(
     settings: &AgentSettings,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, RunError> {
-    let Some(endpoint) = settings
-        .otlp_endpoint
-        .as_deref()
-        .filter(|e| e.to_ascii_lowercase().starts_with("https://"))
-    else {
+) -> Result<Option<(String, tonic::transport::Channel)>, RunError> {
+    let Some(endpoint) = settings.otlp_endpoint.clone() else {
         return Ok(None);
     };
+    if !endpoint.to_ascii_lowercase().starts_with("https://") {
+        return Ok(match crate::trace::collector(&endpoint, None) {
+            Ok(channel) => Some((endpoint, channel)),
+            Err(e) => {
+                tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; nothing is exported");
+                None
+            }
+        });
+    }
     let ca = settings.otlp_ca.as_ref().ok_or_else(|| {
         RunError::Tls(format!(
             "--otlp-endpoint `{endpoint}` is https://: give --otlp-ca, the CA its certificate must chain to"
@@ -151,12 +158,11 @@ fn collector_tls(
     spillway_proto::tls::roots(ca).map_err(|e| RunError::Tls(format!("--otlp-ca: {e}")))?;
     let pem = std::fs::read(ca)
         .map_err(|e| RunError::Tls(format!("--otlp-ca `{}`: {e}", ca.display())))?;
-    let config = tonic::transport::ClientTlsConfig::new()
+    let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    // The endpoint is built once here, so that a bad one stops the start.
-    crate::trace::collector(endpoint, Some(config.clone()))
+    let channel = crate::trace::collector(&endpoint, Some(tls))
         .map_err(|e| RunError::Tls(format!("--otlp-endpoint `{endpoint}`: {e}")))?;
-    Ok(Some(config))
+    Ok(Some((endpoint, channel)))
 }
 
 /// What the agent can serve locally: the models of its model servers.
@@ -205,7 +211,7 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> Result<RunningAgent, RunError> {
     settings.upstream.tls = model_server_tls(&settings)?;
-    let otlp_tls = collector_tls(&settings)?;
+    let collector = collector_channel(&settings)?;
     // Bound first: a taken address fails the start before anything runs.
     let metrics_listener = match settings.metrics_listen {
         Some(addr) => Some(
@@ -237,8 +243,7 @@ pub async fn start(
     };
     let quotas = sync_settings.quotas.clone();
     let tracer = Tracer::start(
-        settings.otlp_endpoint,
-        otlp_tls,
+        collector,
         region.clone(),
         agent_id.clone(),
         settings.trace_sample_ratio,

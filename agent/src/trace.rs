@@ -267,31 +267,22 @@ const EXPORT_QUEUE: usize = 4096;
 const EXPORT_BATCH: Duration = Duration::from_millis(200);
 
 impl Tracer {
-    /// Exports to the collector at `endpoint` (`https://` with `tls`), when
-    /// there is one.
+    /// Exports to the region's collector (its endpoint, as configured, and
+    /// a channel to it), when there is one.
     pub fn start(
-        endpoint: Option<String>,
-        tls: Option<ClientTlsConfig>,
+        collector: Option<(String, Channel)>,
         region: String,
         agent_id: String,
         sample_ratio: f64,
     ) -> Arc<Tracer> {
-        let channel = endpoint.map(|ep| {
-            let channel = collector(&ep, tls);
-            (ep, channel)
-        });
-        let (tx, logs) = match channel {
-            Some((ep, Ok(channel))) => {
+        let (tx, logs) = match collector {
+            Some((ep, channel)) => {
                 let (tx, rx) = mpsc::channel(EXPORT_QUEUE);
                 tokio::spawn(export(ep.clone(), channel.clone(), rx));
                 let (logs, logs_rx) = mpsc::channel(EXPORT_QUEUE);
                 let resource = resource(&region, &agent_id);
                 tokio::spawn(export_logs(ep, channel, resource, logs_rx));
                 (Some(tx), Some(logs))
-            }
-            Some((endpoint, Err(e))) => {
-                tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; nothing is exported");
-                (None, None)
             }
             None => (None, None),
         };

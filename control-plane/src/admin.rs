@@ -462,11 +462,7 @@ impl Admin {
         {
             // Weights of an older table explain nothing about this one.
             Some(kv) => match keys::decode(&kv).map_err(Status::data_loss)? {
-                Object::Weights(w)
-                    if w.basis.is_empty() || w.basis == crate::weights::basis(&table) =>
-                {
-                    Some(w)
-                }
+                Object::Weights(w) if w.fits(&crate::weights::basis(&table)) => Some(w),
                 _ => None,
             },
             None => None,

@@ -155,6 +155,14 @@ pub struct WeightsRecord {
     pub basis: String,
 }
 
+impl WeightsRecord {
+    /// Whether these weights apply to the table of `basis`: they were
+    /// computed for it, or by an older build that recorded no table.
+    pub fn fits(&self, basis: &str) -> bool {
+        self.basis.is_empty() || self.basis == basis
+    }
+}
+
 /// An agent as its control-plane replica records it, under a lease of that
 /// replica, so that every replica can list it and it disappears when the
 /// replica does.

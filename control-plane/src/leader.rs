@@ -283,7 +283,7 @@ async fn update_weights(
             let stored = st.weights.get(&key);
             let current = stored.is_some_and(|w| w.basis == basis);
             let previous = stored
-                .filter(|w| current || w.basis.is_empty())
+                .filter(|w| w.fits(&basis))
                 .map(|w| w.weights.clone())
                 .unwrap_or_default();
             let goal = weights::target(&base, &loads, &previous, &settings.engine);

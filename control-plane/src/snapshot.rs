@@ -85,17 +85,8 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
         let table = catalog.route_for(&resolved, region);
         let basis = crate::weights::basis(&table);
         let mut route: pb::RouteTable = table.into();
-        match state.weights.get(&(table_owner, region.to_string())) {
-            // Weights for this table (or from an older build, which
-            // recorded no table).
-            Some(w) if w.basis == basis || w.basis.is_empty() => {
-                apply_effective(&mut route, &w.weights)
-            }
-            // Weights of the table before the operator changed it: the new
-            // table as written, but what was drained for failing stays out
-            // until the leader has recomputed.
-            Some(w) => keep_drained(&mut route, &w.weights),
-            None => {}
+        if let Some(w) = state.weights.get(&(table_owner, region.to_string())) {
+            apply_weights(&mut route, &w.weights, w.fits(&basis));
         }
         route.revision = 0;
         let mut profile: pb::InferenceProfile = resolved.profile.into();
@@ -108,42 +99,29 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
     snapshot
 }
 
-/// Puts the leader's effective weights into a route table: regions with
-/// weight share the first level by it; healthy regions at zero (the source
-/// has headroom, say) stay behind them as failover targets at their base
-/// weight; drained regions get nothing.
-fn apply_effective(route: &mut pb::RouteTable, effective: &[Weight]) {
-    if !effective.iter().any(|w| w.weight > 0.0) {
+/// Puts the leader's weights into a route table. Weights computed for this
+/// table (`fits`): regions with weight share the first level by it; healthy
+/// regions at zero (the source has headroom, say) stay behind them as
+/// failover targets at their base weight; drained regions get nothing.
+/// Weights of the table before the operator changed it: the new table as
+/// written, but what they drained for failing stays out until the leader
+/// has recomputed. Either way, if that leaves nothing to call (a record of
+/// an older build naming a destination since removed, say), the operator's
+/// table as written is better.
+fn apply_weights(route: &mut pb::RouteTable, weights: &[Weight], fits: bool) {
+    if fits && !weights.iter().any(|w| w.weight > 0.0) {
         return;
     }
     let base = route.clone();
     for d in &mut route.destinations {
-        match effective.iter().find(|w| w.region == d.region) {
-            Some(w) if w.weight > 0.0 => {
+        match (fits, weights.iter().find(|w| w.region == d.region)) {
+            (true, Some(w)) if w.weight > 0.0 => {
                 d.weight = w.weight;
                 d.priority = 0;
             }
-            Some(w) if w.reason == Reason::Drained => d.weight = 0.0,
-            _ => d.priority = 1,
-        }
-    }
-    // Weights from an older build's record (a destination since removed)
-    // may leave nothing to call: the operator's table is better than that.
-    if !route.destinations.iter().any(|d| d.weight > 0.0) {
-        *route = base;
-    }
-}
-
-/// The operator's table with the regions that `stale` weights drained left
-/// out, unless that leaves nothing to call.
-fn keep_drained(route: &mut pb::RouteTable, stale: &[Weight]) {
-    let base = route.clone();
-    for d in &mut route.destinations {
-        if stale
-            .iter()
-            .any(|w| w.region == d.region && w.reason == Reason::Drained)
-        {
-            d.weight = 0.0;
+            (_, Some(w)) if w.reason == Reason::Drained => d.weight = 0.0,
+            (true, _) => d.priority = 1,
+            (false, _) => {}
         }
     }
     if !route.destinations.iter().any(|d| d.weight > 0.0) {

@@ -725,39 +725,38 @@ pub struct TestSim {
 
 impl TestSim {
     pub async fn start(config: sim::SimConfig) -> TestSim {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("sim listener");
-        let addr = listener.local_addr().expect("sim address");
-        let state = sim::SimState::new(config);
-        let (trigger, mut shutdown) = shutdown::channel();
-        tokio::spawn(sim::serve(listener, state.clone(), async move {
-            shutdown.wait().await
-        }));
-        TestSim {
-            addr,
-            state,
-            trigger,
-        }
+        Self::start_with(config, None).await
     }
 
     /// A simulator serving HTTPS with `identity`'s certificate.
     pub async fn start_tls(config: sim::SimConfig, identity: &TlsFiles) -> TestSim {
+        Self::start_with(config, Some(identity)).await
+    }
+
+    async fn start_with(config: sim::SimConfig, tls: Option<&TlsFiles>) -> TestSim {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("sim listener");
         let addr = listener.local_addr().expect("sim address");
-        let tls = identity.rustls_server().expect("the sim's certificate");
-        let listener = spillway_agent::tls_listener::TlsListener::new(listener, tls)
-            .expect("the sim's TLS listener");
         let state = sim::SimState::new(config);
         let (trigger, mut shutdown) = shutdown::channel();
-        let router = sim::router(state.clone());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { shutdown.wait().await })
-                .await;
-        });
+        let stopped = async move { shutdown.wait().await };
+        match tls {
+            None => {
+                tokio::spawn(sim::serve(listener, state.clone(), stopped));
+            }
+            Some(identity) => {
+                let tls = identity.rustls_server().expect("the sim's certificate");
+                let listener = spillway_agent::tls_listener::TlsListener::new(listener, tls)
+                    .expect("the sim's TLS listener");
+                let router = sim::router(state.clone());
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, router)
+                        .with_graceful_shutdown(stopped)
+                        .await;
+                });
+            }
+        }
         TestSim {
             addr,
             state,
@@ -785,4 +784,28 @@ impl Drop for TestAgent {
     fn drop(&mut self) {
         self.trigger.trigger();
     }
+}
+
+/// Starts an agent (plaintext to its control plane) with `args` and checks
+/// that it refuses to start, saying `message`.
+pub async fn agent_refuses_to_start(args: &[&str], message: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("spillway-agent"))
+        .args(["--insecure-dev", "--agent-id", "a", "--region", "r"])
+        .args(["--control-plane", "http://127.0.0.1:9"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?}: {err}");
+    assert!(err.contains(message), "{args:?}: {err}");
 }

@@ -458,3 +458,19 @@ async fn an_agent_serves_metrics_on_a_listener_of_its_own_when_asked() {
     assert!(!door.text().contains("spillway_agent"));
     assert_eq!(http.get(agent.http, "/health").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_taken_metrics_address_is_refused_at_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    spillway_tests::agent_refuses_to_start(
+        &[
+            "--model-server",
+            "http://127.0.0.1:9,models=m",
+            "--metrics-listen",
+            &addr,
+        ],
+        &format!("cannot listen on {addr} (--metrics-listen)"),
+    )
+    .await;
+}

@@ -621,30 +621,6 @@ async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca_for
     assert_eq!(received, 0);
 }
 
-/// Starts an agent (plaintext to its control plane) with `args` and checks
-/// that it refuses to start, saying `message`.
-async fn agent_refuses_to_start(args: &[&str], message: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(bin("spillway-agent"))
-        .args(["--insecure-dev", "--agent-id", "a", "--region", "r"])
-        .args(["--control-plane", "http://127.0.0.1:9"])
-        .args([
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{args:?}: {err}");
-    assert!(err.contains(message), "{args:?}: {err}");
-}
-
 #[tokio::test]
 async fn an_https_model_server_or_collector_without_a_ca_to_trust_is_refused_at_start() {
     let dir = tempfile::tempdir().unwrap();
@@ -668,12 +644,16 @@ async fn an_https_model_server_or_collector_without_a_ca_to_trust_is_refused_at_
         (&https_server[..], "--model-server-ca"),
         (&collector[..], "--otlp-ca"),
     ] {
-        agent_refuses_to_start(base, &format!("give {flag}")).await;
-        agent_refuses_to_start(&[base, &[flag, text]].concat(), "holds no certificate").await;
-        agent_refuses_to_start(&[base, &[flag, garbled]].concat(), garbled).await;
+        spillway_tests::agent_refuses_to_start(base, &format!("give {flag}")).await;
+        spillway_tests::agent_refuses_to_start(
+            &[base, &[flag, text]].concat(),
+            "holds no certificate",
+        )
+        .await;
+        spillway_tests::agent_refuses_to_start(&[base, &[flag, garbled]].concat(), garbled).await;
     }
     // An upper-case scheme is https too.
-    agent_refuses_to_start(
+    spillway_tests::agent_refuses_to_start(
         &["--model-server", "HTTPS://127.0.0.1:9,models=m"],
         "give --model-server-ca",
     )
