@@ -1,11 +1,23 @@
 //! Why a call failed, and the one place where that becomes an HTTP answer
-//! (OpenAI-style error JSON) or a gRPC status.
+//! (OpenAI-style error JSON, with the throttling headers) or a gRPC status
+//! (with the same figures as metadata). The headers every door sets on an
+//! answer are named here too.
 
-use http::StatusCode;
+use axum::body::Body;
+use axum::response::Response;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde_json::json;
 use tonic::Status;
 
 use crate::quota::{RateInfo, Refused};
+
+/// The region whose model server produced the answer.
+pub const INFERENCE_REGION: &str = "x-spillway-inference-region";
+/// The call's id, as in its audit record.
+pub const REQUEST_ID: &str = "x-request-id";
+/// On a 429: why, `quota` (the source region's quota, not spilled) or
+/// `capacity` (every region tried was saturated).
+pub const THROTTLE: &str = "x-spillway-throttle";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -169,6 +181,110 @@ impl CallError {
         CallError::BadRequest {
             param: Some(param.to_string()),
             message: message.into(),
+        }
+    }
+}
+
+/// A JSON body with its content type.
+pub fn json_response(status: StatusCode, v: &serde_json::Value) -> Response {
+    let mut r = Response::new(Body::from(
+        serde_json::to_vec(v).expect("JSON values serialize"),
+    ));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A failed call as an HTTP answer: OpenAI-style error JSON, and on a
+/// throttle `Retry-After`, `x-spillway-throttle` and, for a quota, the
+/// `x-ratelimit-*` figures.
+pub fn http_response(e: &CallError) -> Response {
+    let mut r = json_response(e.http_status(), &e.openai_json());
+    let h = r.headers_mut();
+    match e {
+        CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            h.insert(THROTTLE, HeaderValue::from_static("capacity"));
+        }
+        CallError::Quota(q) => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs(q)));
+            h.insert(THROTTLE, HeaderValue::from_static("quota"));
+            rate_headers(h, &q.1);
+        }
+        _ => {}
+    }
+    r
+}
+
+/// A failed call as a gRPC status; a quota refusal carries the rate-limit
+/// metadata, `retry-after` and `x-spillway-throttle`, as over HTTP.
+pub fn grpc_status(e: &CallError) -> Status {
+    let mut status = e.to_status();
+    if let CallError::Quota(q) = e {
+        rate_metadata(status.metadata_mut(), &q.1);
+        let md = status.metadata_mut();
+        md.insert("retry-after", retry_after_secs(q).into());
+        md.insert(THROTTLE, "quota".parse().expect("ascii"));
+    }
+    status
+}
+
+fn retry_after_secs(q: &(Refused, RateInfo)) -> u64 {
+    q.0.retry_after.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// A duration the way OpenAI's reset headers write it: `250ms`, `1.5s`.
+fn reset(d: std::time::Duration) -> HeaderValue {
+    let text = if d < std::time::Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else {
+        let secs = format!("{:.3}", d.as_secs_f64());
+        format!("{}s", secs.trim_end_matches('0').trim_end_matches('.'))
+    };
+    HeaderValue::from_str(&text).expect("digits and units are valid header values")
+}
+
+/// The `x-ratelimit-*` headers of OpenAI's API, for the tightest quota
+/// covering the call: its limit, and what this agent can still admit now.
+pub fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
+    const REQUESTS: [&str; 3] = [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+    ];
+    const TOKENS: [&str; 3] = [
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ];
+    for (names, state) in [(REQUESTS, &info.requests), (TOKENS, &info.tokens)] {
+        if let Some(state) = state {
+            h.insert(
+                HeaderName::from_static(names[0]),
+                HeaderValue::from(state.limit),
+            );
+            h.insert(
+                HeaderName::from_static(names[1]),
+                HeaderValue::from(state.remaining),
+            );
+            h.insert(HeaderName::from_static(names[2]), reset(state.reset));
+        }
+    }
+}
+
+/// The `x-ratelimit-*` figures as gRPC metadata, as over HTTP.
+pub fn rate_metadata(md: &mut tonic::metadata::MetadataMap, info: &RateInfo) {
+    let mut h = HeaderMap::new();
+    rate_headers(&mut h, info);
+    for (name, value) in &h {
+        if let (Ok(k), Ok(v)) = (
+            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
+        ) {
+            md.insert(k, v);
         }
     }
 }

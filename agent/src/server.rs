@@ -7,25 +7,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use spillway_core::shutdown::{self, Shutdown};
 use spillway_proto::pb;
-use spillway_proto::shutdown::{self, Shutdown};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::AgentArgs;
-use crate::connect::TlsConnect;
-use crate::converse::ConverseDoor;
-use crate::http::{self, HttpDoor};
+use crate::control::snapshot::LocalCapabilities;
+use crate::control::sync::{self, ConfigWatch, LoadSource, SyncSettings};
+use crate::doors::converse::ConverseDoor;
+use crate::doors::http::{self, HttpDoor};
+use crate::net::connect::TlsConnect;
+use crate::net::tls_listener::TlsListener;
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::quota::Quotas;
-use crate::record::{AuditSettings, Recorder};
-use crate::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
-use crate::snapshot::LocalCapabilities;
-use crate::sync::{self, ConfigWatch, LoadSource, SyncSettings};
-use crate::tls_listener::TlsListener;
-use crate::trace::Tracer;
+use crate::telemetry::record::{AuditSettings, Recorder};
+use crate::telemetry::trace::Tracer;
+use crate::upstream::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
 use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
-use spillway_proto::tls::{Expect, TlsFiles};
+use spillway_core::tls::{Expect, TlsFiles};
 
 /// Everything an agent needs to start.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ fn model_server_tls(
 ) -> Result<Option<Arc<rustls::ClientConfig>>, RunError> {
     let https = settings.model_servers.iter().find(|s| s.is_https());
     match (&settings.model_server_ca, https) {
-        (Some(ca), _) => spillway_proto::tls::rustls_client_trusting(ca)
+        (Some(ca), _) => spillway_core::tls::rustls_client_trusting(ca)
             .map(|c| Some(Arc::new(c)))
             .map_err(|e| RunError::Tls(format!("--model-server-ca: {e}"))),
         (None, Some(server)) => Err(RunError::Tls(format!(
@@ -140,7 +140,7 @@ fn collector_channel(
         return Ok(None);
     };
     if !endpoint.to_ascii_lowercase().starts_with("https://") {
-        return Ok(match crate::trace::collector(&endpoint, None) {
+        return Ok(match crate::telemetry::trace::collector(&endpoint, None) {
             Ok(channel) => Some((endpoint, channel)),
             Err(e) => {
                 tracing::error!(%endpoint, error = %e, "bad --otlp-endpoint; nothing is exported");
@@ -155,12 +155,12 @@ fn collector_channel(
     })?;
     // Checked here as rustls reads it: tonic would drop what it cannot
     // parse and fail every handshake later instead.
-    spillway_proto::tls::roots(ca).map_err(|e| RunError::Tls(format!("--otlp-ca: {e}")))?;
+    spillway_core::tls::roots(ca).map_err(|e| RunError::Tls(format!("--otlp-ca: {e}")))?;
     let pem = std::fs::read(ca)
         .map_err(|e| RunError::Tls(format!("--otlp-ca `{}`: {e}", ca.display())))?;
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(pem));
-    let channel = crate::trace::collector(&endpoint, Some(tls))
+    let channel = crate::telemetry::trace::collector(&endpoint, Some(tls))
         .map_err(|e| RunError::Tls(format!("--otlp-endpoint `{endpoint}`: {e}")))?;
     Ok(Some((endpoint, channel)))
 }
@@ -287,10 +287,8 @@ pub async fn start(
     let _ = pipeline_slot.set(pipeline.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) =
+        spillway_proto::reflection(&["spillway.v1.InferenceService", "spillway.v1.RelayService"])?;
     // Health follows the config: an agent without one cannot route.
     let mut watch = config.clone();
     let mut stop = shutdown.clone();
@@ -339,6 +337,7 @@ pub async fn start(
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 pb::relay_service_server::RelayServiceServer::new(relay)
                     .max_decoding_message_size(MAX_RELAY_MESSAGE)

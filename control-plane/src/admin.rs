@@ -1,9 +1,9 @@
 //! `AdminService`: validated create/get/list/update/delete of regions,
 //! profiles and route tables, and the list of connected agents.
 
-use spillway_proto::model::{Catalog, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{Catalog, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::tenant::new_key;
 use spillway_proto::pb::{self, admin_service_server::AdminService};
-use spillway_proto::tenant::new_key;
 use tonic::{Request, Response, Status};
 
 use crate::catalog_store;

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use spillway_proto::model::{Catalog, ModelError};
+use spillway_core::model::{Catalog, ModelError};
 
 use crate::keys;
 use crate::store::{Compare, Op, Store, StoreError};

@@ -1,6 +1,6 @@
 //! The one place where control-plane errors become gRPC statuses.
 
-use spillway_proto::model::ModelError;
+use spillway_core::model::ModelError;
 use tonic::Status;
 
 use crate::catalog_store::WriteError;

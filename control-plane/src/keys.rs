@@ -2,7 +2,7 @@
 //! values stored under them.
 
 use serde::{Deserialize, Serialize};
-use spillway_proto::model::{ApiKey, Catalog, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{ApiKey, Catalog, Profile, Quota, Region, RouteTable, Tenant};
 
 use crate::store::KeyValue;
 

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use spillway_proto::model::ProfileKind;
-use spillway_proto::shutdown::Shutdown;
+use spillway_core::model::ProfileKind;
+use spillway_core::shutdown::Shutdown;
 use tokio::sync::watch;
 
 use crate::keys::{self, WeightsRecord};
@@ -18,7 +18,7 @@ use crate::leases::{self, QuotaLeader};
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
 use crate::weights::{self, EngineSettings, RegionLoad};
-use spillway_proto::metrics::Metrics;
+use spillway_core::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct LeaderSettings {

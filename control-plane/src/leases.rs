@@ -12,13 +12,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use spillway_proto::model::{Quota, QuotaScope};
+use spillway_core::model::{Quota, QuotaScope};
 
 use crate::keys::{self, AgentRecord, LeaseRecord, QuotaDemand, QuotaGrant};
 use crate::quota_alloc::Allocator;
 use crate::state::State;
 use crate::store::{Op, Store, StoreError};
-use spillway_proto::metrics::Metrics;
+use spillway_core::metrics::Metrics;
 
 /// Every agent gets at least this fraction of a limit, split among the
 /// agents, so that its first call after a quiet spell finds a share.

@@ -3,7 +3,7 @@
 //! API, and streams each agent the configuration of its region.
 //!
 //! Architecture invariant: only [`store`] knows etcd; only [`error`] turns
-//! errors into gRPC statuses; domain rules live in `spillway_proto::model`.
+//! errors into gRPC statuses; domain rules live in `spillway_core::model`.
 
 #![forbid(unsafe_code)]
 

@@ -13,15 +13,15 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::admin::Admin;
 use crate::leader::{self, LeaderSettings};
-use spillway_proto::backoff::Backoff;
-use spillway_proto::shutdown::{self, Shutdown};
+use spillway_core::backoff::Backoff;
+use spillway_core::shutdown::{self, Shutdown};
 
 use crate::state;
 use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
 use crate::sync::{Replica, Sync};
-use spillway_proto::metrics::{CONTROL_PLANE, Metrics};
-use spillway_proto::tenant::{key_hash, same_hash};
-use spillway_proto::tls::{Peer, TlsFiles};
+use spillway_core::metrics::{CONTROL_PLANE, Metrics};
+use spillway_core::tenant::{key_hash, same_hash};
+use spillway_core::tls::{Peer, TlsFiles};
 
 /// Everything a replica needs to start; the binary fills it from flags.
 #[derive(Debug, Clone)]
@@ -181,10 +181,8 @@ pub async fn run(
     health_reporter
         .set_serving::<pb::control_service_server::ControlServiceServer<Sync>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let (reflection, reflection_v1alpha) =
+        spillway_proto::reflection(&["spillway.v1.AdminService", "spillway.v1.ControlService"])?;
 
     tracing::info!(
         replica = %settings.replica_id,
@@ -217,6 +215,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             pb::admin_service_server::AdminServiceServer::with_interceptor(
                 Admin::new(store.clone(), settings.leader.silence),

@@ -1,6 +1,6 @@
 //! What one agent receives: the part of the state its region needs.
 
-use spillway_proto::model::QuotaScope;
+use spillway_core::model::QuotaScope;
 use spillway_proto::pb;
 
 use crate::state::State;
@@ -133,7 +133,7 @@ fn apply_weights(route: &mut pb::RouteTable, weights: &[Weight], fits: bool) {
 mod tests {
     use std::collections::BTreeMap;
 
-    use spillway_proto::model::{Catalog, Profile, ProfileKind, Region, RouteTable};
+    use spillway_core::model::{Catalog, Profile, ProfileKind, Region, RouteTable};
 
     use super::*;
     use crate::keys::WeightsRecord;

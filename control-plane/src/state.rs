@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use spillway_proto::backoff::Backoff;
-use spillway_proto::model::Catalog;
+use spillway_core::backoff::Backoff;
+use spillway_core::model::Catalog;
 use tokio::sync::watch;
 
 use crate::keys::{self, AgentRecord, HealthRecord, LeaseRecord, Object, WeightsRecord};

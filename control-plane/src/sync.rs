@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
-use spillway_proto::backoff::Backoff;
+use spillway_core::backoff::Backoff;
 use spillway_proto::pb::{self, control_service_server::ControlService};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -20,9 +20,9 @@ use crate::keys::{self, AgentRecord};
 use crate::snapshot::snapshot_for;
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
-use spillway_proto::metrics::Metrics;
-use spillway_proto::shutdown::Shutdown;
-use spillway_proto::tls::Peer;
+use spillway_core::metrics::Metrics;
+use spillway_core::shutdown::Shutdown;
+use spillway_core::tls::Peer;
 
 /// How long a new stream waits for this replica to catch up with the
 /// version the agent already runs.
@@ -208,7 +208,7 @@ fn check_hello(h: &pb::Hello) -> Result<(), Status> {
             h.agent_id
         )));
     }
-    let region = spillway_proto::model::Region {
+    let region = spillway_core::model::Region {
         name: h.region.clone(),
         geography: "x".into(),
         description: String::new(),

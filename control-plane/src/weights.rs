@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use spillway_proto::model::RouteTable;
+use spillway_core::model::RouteTable;
 
 /// One region's load, summed over its agents' reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -398,7 +398,7 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
 pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
-    use spillway_proto::model::RouteDestination;
+    use spillway_core::model::RouteDestination;
 
     /// A route table of profile `p` for source `a`; (region, weight,
     /// priority) per destination.

@@ -1,11 +1,11 @@
 //! Conversions between the domain model and the generated protobuf types.
 //! This module is the only place where the two meet.
 
-use crate::model::{
+use crate::pb;
+use spillway_core::model::{
     ApiKey, ModelError, Profile, ProfileKind, Quota, QuotaScope, Region, RegionPolicy,
     RouteDestination, RouteTable, Tenant,
 };
-use crate::pb;
 
 fn non_empty(s: String) -> Option<String> {
     (!s.is_empty()).then_some(s)

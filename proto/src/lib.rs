@@ -1,19 +1,12 @@
-//! Spillway's protocol (`spillway.v1`, generated from `proto/spillway/v1`),
-//! the domain model that both the control plane and the agent validate with,
-//! and the two small runtime helpers both binaries share (backoff, shutdown).
+//! Spillway's protocol (`spillway.v1`, generated from `proto/spillway/v1`)
+//! and the conversions between it and the domain model of `spillway-core`.
 //!
-//! Architecture invariant: the domain types in [`model`] know nothing of
-//! gRPC or of the store; conversions live in [`convert`] alone.
+//! Architecture invariant: protobuf types stop at the gRPC edge; domain and
+//! protobuf types meet in [`convert`] alone.
 
 #![forbid(unsafe_code)]
 
-pub mod backoff;
 pub mod convert;
-pub mod metrics;
-pub mod model;
-pub mod shutdown;
-pub mod tenant;
-pub mod tls;
 
 /// Generated protobuf and gRPC code for `spillway.v1`.
 #[allow(clippy::all, missing_docs)]
@@ -23,4 +16,45 @@ pub mod pb {
     /// The encoded file descriptor set, for the gRPC reflection service.
     pub const FILE_DESCRIPTOR_SET: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/spillway_descriptor.bin"));
+}
+
+/// The gRPC reflection services a binary serves: v1, and v1alpha for the
+/// clients that speak only that (grpcio-reflection, older grpcurl). They
+/// list `services` (fully qualified names), health and reflection, not
+/// every service of the descriptor set: a client must not be shown a
+/// service this binary does not serve.
+#[allow(clippy::type_complexity)]
+pub fn reflection(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        services
+            .iter()
+            .copied()
+            .chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ])
+            .fold(
+                tonic_reflection::server::Builder::configure()
+                    .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                    .register_encoded_file_descriptor_set(
+                        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+                    ),
+                |b, name| b.with_service_name(name),
+            )
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
 }

@@ -10,7 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use spillway_proto::tls::TlsFiles;
+use spillway_core::tls::TlsFiles;
 
 /// A CA whose files live in `dir` (`ca.pem`, `ca-key.pem`).
 pub struct DevCa {

@@ -10,15 +10,15 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
+use spillway_agent::control::snapshot::AgentConfig;
+use spillway_agent::control::sync::{ConfigWatch, SyncSettings};
 use spillway_agent::pipeline::PipelineSettings;
-use spillway_agent::record::AuditSettings;
 use spillway_agent::server::{AgentSettings, local_capabilities};
-use spillway_agent::snapshot::AgentConfig;
-use spillway_agent::sync::{ConfigWatch, SyncSettings};
+use spillway_agent::telemetry::record::AuditSettings;
 use spillway_agent::upstream::{ModelServerSpec, UpstreamSettings};
+use spillway_core::shutdown::{self, ShutdownTrigger};
+use spillway_core::tls::TlsFiles;
 use spillway_proto::pb::admin_service_client::AdminServiceClient;
-use spillway_proto::shutdown::{self, ShutdownTrigger};
-use spillway_proto::tls::TlsFiles;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
@@ -747,7 +747,7 @@ impl TestSim {
             }
             Some(identity) => {
                 let tls = identity.rustls_server().expect("the sim's certificate");
-                let listener = spillway_agent::tls_listener::TlsListener::new(listener, tls)
+                let listener = spillway_agent::net::tls_listener::TlsListener::new(listener, tls)
                     .expect("the sim's TLS listener");
                 let router = sim::router(state.clone());
                 tokio::spawn(async move {

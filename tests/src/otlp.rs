@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use spillway_proto::shutdown::{self, ShutdownTrigger};
+use spillway_core::shutdown::{self, ShutdownTrigger};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -142,7 +142,7 @@ impl TestCollector {
     }
 
     /// A collector serving OTLP/gRPC over TLS with `identity`'s certificate.
-    pub async fn start_tls(identity: &spillway_proto::tls::TlsFiles) -> TestCollector {
+    pub async fn start_tls(identity: &spillway_core::tls::TlsFiles) -> TestCollector {
         Self::start_with(Some(
             identity.grpc_server(true).expect("the collector's TLS"),
         ))

@@ -12,6 +12,63 @@ use tonic_reflection::pb::v1::{
     server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
 };
 
+/// The services a server lists over reflection v1alpha (grpcio-reflection
+/// and older grpcurl speak only that one).
+async fn services_v1alpha(url: String) -> Vec<String> {
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let channel = Channel::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("reflection channel");
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let answer = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .expect("v1alpha reflection call")
+        .into_inner()
+        .message()
+        .await
+        .expect("v1alpha reflection answer")
+        .expect("one answer");
+    match answer.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            list.service.into_iter().map(|s| s.name).collect()
+        }
+        other => panic!("unexpected reflection answer {other:?}"),
+    }
+}
+
+/// Both reflection versions list exactly `expected`.
+async fn lists_exactly(url: String, expected: &[&str]) {
+    let mut want: Vec<String> = expected
+        .iter()
+        .map(|s| s.to_string())
+        .chain(
+            [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ]
+            .map(String::from),
+        )
+        .collect();
+    want.sort();
+    for (version, mut names) in [
+        ("v1", services(url.clone()).await),
+        ("v1alpha", services_v1alpha(url).await),
+    ] {
+        names.sort();
+        assert_eq!(names, want, "reflection {version} lists what is served");
+    }
+}
+
 async fn services(url: String) -> Vec<String> {
     let channel = Channel::from_shared(url)
         .unwrap()
@@ -65,14 +122,11 @@ async fn control_plane_serves_health_and_reflection() {
         health(cp.url(), "spillway.v1.AdminService").await,
         ServingStatus::Serving as i32
     );
-    let names = services(cp.url()).await;
-    for s in [
-        "spillway.v1.AdminService",
-        "spillway.v1.ControlService",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
-    }
+    lists_exactly(
+        cp.url(),
+        &["spillway.v1.AdminService", "spillway.v1.ControlService"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -87,12 +141,12 @@ async fn agent_health_follows_its_config() {
         health(url.clone(), "").await,
         ServingStatus::NotServing as i32
     );
-    assert!(
-        services(url.clone())
-            .await
-            .iter()
-            .any(|n| n == "grpc.health.v1.Health")
-    );
+    // The agent lists what it serves, not the control plane's services.
+    lists_exactly(
+        url.clone(),
+        &["spillway.v1.InferenceService", "spillway.v1.RelayService"],
+    )
+    .await;
 
     // The control plane comes up on the address the agent was told.
     let _cp =

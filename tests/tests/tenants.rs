@@ -91,7 +91,7 @@ async fn tenants_and_keys_from_the_command_line_with_only_hashes_stored() {
         "the secret is not stored: {stored}"
     );
     assert!(
-        stored.contains(&spillway_proto::tenant::key_hash(&key)),
+        stored.contains(&spillway_core::tenant::key_hash(&key)),
         "its hash is: {stored}"
     );
 
@@ -240,7 +240,7 @@ async fn keys_authenticate_permissions_authorize_and_revocation_reaches_agents()
     let acme = admin_key(&cluster, "acme").await;
     let small = admin_key(&cluster, "small").await;
     let east = &cluster.region("us-east").agent;
-    let acme_id = spillway_proto::tenant::key_id(&acme).unwrap().to_string();
+    let acme_id = spillway_core::tenant::key_id(&acme).unwrap().to_string();
     east.wait_for("both keys and the quota", |c| {
         c.keys.len() == 2 && !c.quotas.is_empty()
     })

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use spillway_agent::snapshot::AgentConfig;
+use spillway_agent::control::snapshot::AgentConfig;
 use spillway_tests::cluster::{Cluster, ClusterSpec, Http, US, chat};
 use spillway_tests::sim::SimConfig;
 

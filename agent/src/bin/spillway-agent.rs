@@ -36,7 +36,7 @@ async fn async_main(args: AgentArgs) {
 }
 
 async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    let tls = spillway_proto::tls::TlsFiles::from_flags(
+    let tls = spillway_core::tls::TlsFiles::from_flags(
         "tls-",
         args.tls_ca.clone(),
         args.tls_cert.clone(),
@@ -44,7 +44,7 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     if let Some(warning) =
-        spillway_proto::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
+        spillway_core::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
     {
         tracing::warn!("{warning}");
     }
@@ -77,6 +77,6 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
         grpc.local_addr()?,
         http.local_addr()?
     );
-    server::run(args, grpc, http, spillway_proto::shutdown::signal()).await?;
+    server::run(args, grpc, http, spillway_core::shutdown::signal()).await?;
     Ok(())
 }

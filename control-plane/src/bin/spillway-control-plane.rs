@@ -6,7 +6,7 @@ use clap::Parser;
 use spillway_control_plane::leader::LeaderSettings;
 use spillway_control_plane::server::{self, Settings};
 use spillway_control_plane::store::DEFAULT_PREFIX;
-use spillway_proto::tls::TlsFiles;
+use spillway_core::tls::TlsFiles;
 use std::path::PathBuf;
 
 /// Spillway control plane: stores inference profiles, route tables and
@@ -92,7 +92,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let etcd_tls = TlsFiles::from_flags("etcd-", args.etcd_ca, args.etcd_cert, args.etcd_key)
         .map_err(anyhow::Error::msg)?;
     if let Some(warning) =
-        spillway_proto::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
+        spillway_core::tls::require(tls.as_ref(), args.insecure_dev).map_err(anyhow::Error::msg)?
     {
         tracing::warn!("{warning}");
     }
@@ -146,7 +146,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     server::run(settings, store, listener, async {
-        spillway_proto::shutdown::signal().await;
+        spillway_core::shutdown::signal().await;
         tracing::info!("shutting down");
     })
     .await?;

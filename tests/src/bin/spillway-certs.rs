@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use spillway_proto::tls::{admin_uri, agent_uri, control_plane_uri};
+use spillway_core::tls::{admin_uri, agent_uri, control_plane_uri};
 use spillway_tests::certs::DevCa;
 
 /// Write a development CA and certificates for agents, control planes and

@@ -52,6 +52,6 @@ async fn main() -> anyhow::Result<()> {
         garbage: false,
         break_after: None,
     });
-    sim::serve(listener, state, spillway_proto::shutdown::signal()).await;
+    sim::serve(listener, state, spillway_core::shutdown::signal()).await;
     Ok(())
 }

@@ -7,17 +7,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use spillway_proto::backoff::Backoff;
+use spillway_core::backoff::Backoff;
+use spillway_core::shutdown::Shutdown;
 use spillway_proto::pb::{self, control_service_client::ControlServiceClient};
-use spillway_proto::shutdown::Shutdown;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
-use crate::connect::TlsConnect;
-use crate::persist;
+use crate::control::persist;
+use crate::control::snapshot::{AgentConfig, LocalCapabilities};
+use crate::net::connect::TlsConnect;
 use crate::quota::Quotas;
-use crate::snapshot::{AgentConfig, LocalCapabilities};
 
 /// Snapshots larger than this are refused by the transport (a receive
 /// limit, so that a broken control plane cannot exhaust the agent).

@@ -176,15 +176,6 @@ impl ChatRequest {
     }
 }
 
-/// Checks that a model server's unary answer is JSON.
-pub fn check_answer(body: &[u8]) -> Result<(), CallError> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map(|_| ())
-        .map_err(|e| {
-            CallError::Upstream(format!("the model server's answer is not valid JSON: {e}"))
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,46 +13,22 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::Stream;
 use futures_util::stream::BoxStream;
-use serde::Deserialize;
 use tokio::time::Instant;
 
-use crate::converse::SseParser;
+use super::AnswerBody;
+use super::answer::{Completion, SseParser};
 use crate::error::CallError;
 use crate::quota::{Quotas, Reservation};
-use crate::upstream::AnswerBody;
-
-/// What the meter reads of an answer (or of one streamed event), in one
-/// parse: the usage and the choices' finish reasons.
-#[derive(Deserialize)]
-struct Answered {
-    usage: Option<Usage>,
-    #[serde(default)]
-    choices: Vec<Choice>,
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    finish_reason: Option<String>,
-}
 
 impl Meter {
     /// Takes the usage and finish reasons of an answer or event.
-    fn read(&mut self, json: &[u8]) {
-        let Ok(a) = serde_json::from_slice::<Answered>(json) else {
-            return;
-        };
-        if let Some(u) = a.usage {
+    fn read(&mut self, c: &Completion) {
+        if let Some(u) = c.usage {
             self.input = u.prompt_tokens.or(self.input);
             self.output = u.completion_tokens.or(self.output);
         }
         self.finish_reasons
-            .extend(a.choices.into_iter().filter_map(|c| c.finish_reason));
+            .extend(c.finish_reasons().map(String::from));
     }
 }
 
@@ -122,9 +98,16 @@ impl Meter {
         self.finish();
     }
 
-    fn full(&mut self, body: &[u8]) {
+    fn full(&mut self, body: &[u8], read: Option<&Completion>) {
         self.first_byte = Some(self.started.elapsed());
-        self.read(body);
+        match read {
+            Some(c) => self.read(c),
+            None => {
+                if let Ok(c) = Completion::parse(body) {
+                    self.read(&c);
+                }
+            }
+        }
         if self.output.is_none() {
             self.events = body.len().div_ceil(4) as u64;
         }
@@ -152,10 +135,16 @@ impl Meter {
     }
 
     /// Wraps a body so that its end finishes the meter.
-    pub fn body(mut self, body: AnswerBody) -> AnswerBody {
+    pub fn body(self, body: AnswerBody) -> AnswerBody {
+        self.body_read(body, None)
+    }
+
+    /// The same, for a unary answer already read (`read`), which is not
+    /// parsed again.
+    pub fn body_read(mut self, body: AnswerBody, read: Option<&Completion>) -> AnswerBody {
         match body {
             AnswerBody::Full(b) => {
-                self.full(&b);
+                self.full(&b, read);
                 AnswerBody::Full(b)
             }
             AnswerBody::Stream(inner) => AnswerBody::Stream(Box::pin(Metered {
@@ -198,8 +187,10 @@ impl Stream for Metered {
                     m.events += 1;
                     // Most events carry one token and neither: parsed only
                     // when they might.
-                    if data.contains("\"usage\"") || data.contains("\"finish_reason\":\"") {
-                        m.read(data.as_bytes());
+                    if (data.contains("\"usage\"") || data.contains("\"finish_reason\":\""))
+                        && let Ok(c) = Completion::parse(data.as_bytes())
+                    {
+                        m.read(&c);
                     }
                 }
             }
@@ -218,7 +209,7 @@ impl Stream for Metered {
 mod tests {
     use super::*;
     use futures_util::StreamExt;
-    use spillway_proto::model::{Quota, QuotaScope};
+    use spillway_core::model::{Quota, QuotaScope};
 
     use crate::quota::CallScope;
 

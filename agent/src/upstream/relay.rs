@@ -26,16 +26,16 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
 
-use crate::connect::TlsConnect;
+use super::meter::Meter;
+use crate::control::snapshot::AgentConfig;
+use crate::control::sync::ConfigWatch;
 use crate::error::CallError;
-use crate::meter::Meter;
-use crate::snapshot::AgentConfig;
-use crate::sync::ConfigWatch;
-use crate::trace::{self, RemoteSpans, TraceParent, kv};
+use crate::net::connect::TlsConnect;
+use crate::telemetry::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use spillway_proto::metrics::Metrics;
-use spillway_proto::tls::{Expect, Peer, TlsFiles};
+use spillway_core::metrics::Metrics;
+use spillway_core::tls::{Expect, Peer, TlsFiles};
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";

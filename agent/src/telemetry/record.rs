@@ -22,8 +22,8 @@ use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use crate::error::CallError;
-use crate::trace::{self, TraceParent, Tracer, kv};
-use spillway_proto::metrics::Metrics;
+use crate::telemetry::trace::{self, TraceParent, Tracer, kv};
+use spillway_core::metrics::Metrics;
 
 /// What is known of a call as it goes through the door.
 #[derive(Debug, Clone)]
@@ -232,7 +232,7 @@ impl Recorder {
         });
         Arc::new(Recorder {
             region,
-            metrics: Arc::new(Metrics::new(spillway_proto::metrics::AGENT)),
+            metrics: Arc::new(Metrics::new(spillway_core::metrics::AGENT)),
             audit_otlp: audit_otlp && tracer.enabled(),
             tracer,
             audit,
@@ -331,8 +331,13 @@ impl Recorder {
         };
         let mut line = serde_json::to_vec(&record).expect("audit records serialize");
         if self.audit_otlp {
-            self.tracer
-                .export_log(trace::audit_log(ctx, &line, self.region.as_str()));
+            self.tracer.export_log(trace::audit_log(
+                &ctx.request_id,
+                ctx.trace_id,
+                ctx.span_id,
+                &line,
+                self.region.as_str(),
+            ));
         }
         let Some(tx) = &self.audit else { return };
         line.push(b'\n');

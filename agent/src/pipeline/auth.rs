@@ -3,10 +3,10 @@
 //! no call to the control plane is made. Then whether that tenant may call
 //! the profile it named.
 
-use spillway_proto::tenant::{key_digest, key_id, same_hash};
+use spillway_core::tenant::{key_digest, key_id, same_hash};
 
+use crate::control::snapshot::AgentConfig;
 use crate::error::CallError;
-use crate::snapshot::AgentConfig;
 
 /// The caller of one call.
 #[derive(Debug, Clone, Default, PartialEq)]

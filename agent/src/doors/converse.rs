@@ -8,9 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use spillway_proto::pb::{
     self, content_block::Block, converse_stream_event::Event,
@@ -20,14 +19,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{authorize, presented};
-use crate::error::CallError;
-use crate::http::INFERENCE_REGION;
-use crate::openai::MAX_TOKENS_LIMIT;
-use crate::pipeline::{Answer, Pipeline, PreparedCall};
+use super::openai::MAX_TOKENS_LIMIT;
+use crate::error::{CallError, INFERENCE_REGION, grpc_status, rate_metadata};
+use crate::pipeline::auth::presented;
+use crate::pipeline::{Answer, Inbound, Pipeline, Request as Call};
 use crate::quota::RateInfo;
-use crate::record::CallContext;
 use crate::upstream::AnswerBody;
+use crate::upstream::answer::{Completion, SseParser, Usage, refusal_message};
 
 pub struct ConverseDoor {
     pub pipeline: Arc<Pipeline>,
@@ -42,21 +40,7 @@ fn text_of(blocks: &[pb::ContentBlock]) -> String {
 }
 
 /// Checks a Converse request and turns it into a chat-completions call.
-fn prepare(
-    pipeline: &Pipeline,
-    req: &pb::ConverseRequest,
-    stream: bool,
-    key: Option<&str>,
-    traceparent: Option<&str>,
-    ctx: &mut CallContext,
-) -> Result<PreparedCall, CallError> {
-    let cfg = pipeline.config()?;
-    ctx.join_trace(traceparent, &pipeline.recorder().tracer);
-    let caller = pipeline.authenticate(&cfg, key)?;
-    ctx.tenant = caller.tenant.clone();
-    ctx.key_id = caller.key_id.clone();
-    ctx.stream = stream;
-    ctx.requested(&req.model_id);
+fn parse(req: &pb::ConverseRequest, stream: bool) -> Result<Call, CallError> {
     if req.model_id.is_empty() {
         return Err(CallError::bad(
             "model_id",
@@ -125,26 +109,21 @@ fn prepare(
         body.insert("stream".into(), Value::Bool(true));
         body.insert("stream_options".into(), json!({"include_usage": true}));
     }
-    let profile = pipeline.resolve(&cfg, &req.model_id)?;
-    ctx.profile = Some(profile.id.clone());
-    ctx.model = Some(profile.model.clone());
-    ctx.max_tokens = req
+    let max_tokens = req
         .inference_config
         .as_ref()
         .and_then(|c| c.max_tokens)
         .map(u64::from);
-    authorize(&cfg, &caller, &profile.id)?;
-    body.insert("model".into(), Value::String(profile.model.clone()));
-    Ok(PreparedCall {
-        profile: profile.id.clone(),
-        model: profile.model.clone(),
-        body: serde_json::to_vec(&body)
-            .expect("a JSON map serializes")
-            .into(),
+    Ok(Call {
+        model: req.model_id.clone(),
         stream,
-        max_tokens: ctx.max_tokens,
-        ctx: ctx.clone(),
-        config: cfg.clone(),
+        max_tokens,
+        body: Box::new(move |model| {
+            body.insert("model".into(), Value::String(model.to_string()));
+            serde_json::to_vec(&body)
+                .expect("a JSON map serializes")
+                .into()
+        }),
     })
 }
 
@@ -157,125 +136,40 @@ fn presented_key<T>(req: &Request<T>) -> Option<&str> {
     )
 }
 
-/// The `x-ratelimit-*` figures as gRPC metadata, as over HTTP.
-fn rate_metadata(md: &mut tonic::metadata::MetadataMap, info: &RateInfo) {
-    let mut h = http::HeaderMap::new();
-    crate::http::rate_headers(&mut h, info);
-    for (name, value) in &h {
-        if let (Ok(k), Ok(v)) = (
-            tonic::metadata::MetadataKey::from_bytes(name.as_str().as_bytes()),
-            tonic::metadata::MetadataValue::try_from(value.as_bytes()),
-        ) {
-            md.insert(k, v);
-        }
-    }
-}
-
-/// A failed call as a status; a quota refusal carries the rate-limit
-/// metadata and `retry-after`.
-fn status_of(e: &CallError) -> Status {
-    let mut status = e.to_status();
-    if let CallError::Quota(q) = e {
-        rate_metadata(status.metadata_mut(), &q.1);
-        let secs = q.0.retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        status.metadata_mut().insert("retry-after", secs.into());
-        status
-            .metadata_mut()
-            .insert(crate::http::THROTTLE, "quota".parse().expect("ascii"));
-    }
-    status
-}
-
-/// Checks, admits and routes a call; a call that gets no answer is recorded
-/// here.
-async fn admit_and_call(
+/// Runs a Converse call through the pipeline.
+async fn serve(
     pipeline: &Pipeline,
-    req: &Request<pb::ConverseRequest>,
+    req: Request<pb::ConverseRequest>,
     stream: bool,
-    ctx: &mut CallContext,
-) -> Result<(Answer, RateInfo), Status> {
-    let result = async {
-        let traceparent = req
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok());
-        let call = prepare(
-            pipeline,
-            req.get_ref(),
-            stream,
-            presented_key(req),
-            traceparent,
-            ctx,
-        )?;
-        let admission = pipeline.admit(&call)?;
-        let rate = admission.rate.clone();
-        let answer = pipeline.call(call, admission).await?;
-        Ok((answer, rate))
-    }
-    .await;
-    result.map_err(|e: CallError| {
-        pipeline.record_error(ctx, &e);
-        status_of(&e)
-    })
-}
-
-#[derive(Deserialize, Default)]
-struct Completion {
-    #[serde(default)]
-    choices: Vec<Choice>,
-    usage: Option<Usage>,
-    /// Set on an error event: `{"error": {...}}`, or vLLM's
-    /// `{"object": "error", "message": ...}`.
-    error: Option<Value>,
-    object: Option<String>,
-    message: Option<String>,
-}
-
-impl Completion {
-    /// The error this chunk reports, if it is an error event.
-    fn error(&self) -> Option<String> {
-        if let Some(e) = &self.error {
-            return Some(
-                e["message"]
-                    .as_str()
-                    .map_or_else(|| e.to_string(), String::from),
-            );
-        }
-        (self.object.as_deref() == Some("error")).then(|| {
-            self.message
-                .clone()
-                .unwrap_or_else(|| "unknown error".into())
-        })
-    }
-}
-
-#[derive(Deserialize)]
-struct Choice {
-    message: Option<Content>,
-    delta: Option<Content>,
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Content {
-    content: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Usage {
-    #[serde(default)]
-    prompt_tokens: u32,
-    #[serde(default)]
-    completion_tokens: u32,
-    #[serde(default)]
-    total_tokens: u32,
+) -> (Result<Answer, Status>, RateInfo, String) {
+    let traceparent = req
+        .metadata()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok());
+    let inbound = Inbound {
+        door: "grpc",
+        key: presented_key(&req),
+        traceparent,
+    };
+    let served = pipeline
+        .serve(inbound, || parse(req.get_ref(), stream))
+        .await;
+    (
+        served.result.map_err(|e| grpc_status(&e)),
+        served.rate,
+        served.request_id,
+    )
 }
 
 fn usage(u: &Usage) -> pb::TokenUsage {
+    let (input, output) = (
+        u.prompt_tokens.unwrap_or(0),
+        u.completion_tokens.unwrap_or(0),
+    );
     pb::TokenUsage {
-        input_tokens: u.prompt_tokens,
-        output_tokens: u.completion_tokens,
-        total_tokens: u.total_tokens,
+        input_tokens: input as u32,
+        output_tokens: output as u32,
+        total_tokens: u.total_tokens.unwrap_or(input + output) as u32,
     }
 }
 
@@ -289,10 +183,7 @@ fn stop_reason(r: Option<&str>) -> pb::StopReason {
 
 /// An answer that is not a success: the model server refused the request.
 fn refused(answer_status: http::StatusCode, body: &[u8]) -> Status {
-    let message = serde_json::from_slice::<Value>(body)
-        .ok()
-        .and_then(|v| v["error"]["message"].as_str().map(String::from))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(500).collect());
+    let message = refusal_message(body);
     let msg = format!("the model server refused the request ({answer_status}): {message}");
     if answer_status.is_client_error() {
         Status::invalid_argument(msg)
@@ -319,15 +210,15 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<pb::ConverseResponse>, Status> {
         let started = Instant::now();
-        let mut ctx = CallContext::new("grpc");
-        let (answer, rate) = admit_and_call(&self.pipeline, &req, false, &mut ctx).await?;
+        let (answer, rate, request_id) = serve(&self.pipeline, req, false).await;
+        let answer = answer?;
         let AnswerBody::Full(body) = answer.body else {
             return Err(Status::internal("a unary call got a streamed answer"));
         };
         if !answer.status.is_success() {
             return Err(refused(answer.status, &body));
         }
-        let completion: Completion = serde_json::from_slice(&body).map_err(|e| {
+        let completion = Completion::parse(&body).map_err(|e| {
             CallError::Upstream(format!(
                 "the model server's answer is not a chat completion: {e}"
             ))
@@ -358,7 +249,7 @@ impl InferenceService for ConverseDoor {
                 time_to_first_token_ms: latency_ms,
             }),
             inference_region: answer.region.clone(),
-            request_id: ctx.request_id.clone(),
+            request_id,
         };
         let mut response = with_region(Response::new(resp), &answer.region);
         rate_metadata(response.metadata_mut(), &rate);
@@ -370,8 +261,8 @@ impl InferenceService for ConverseDoor {
         req: Request<pb::ConverseRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let started = Instant::now();
-        let mut ctx = CallContext::new("grpc");
-        let (answer, rate) = admit_and_call(&self.pipeline, &req, true, &mut ctx).await?;
+        let (answer, rate, request_id) = serve(&self.pipeline, req, true).await;
+        let answer = answer?;
         let region = answer.region.clone();
         let mut chunks = match answer.body {
             AnswerBody::Stream(s) if answer.status.is_success() => s,
@@ -386,7 +277,7 @@ impl InferenceService for ConverseDoor {
             event: Some(Event::MessageStart(pb::MessageStart {
                 role: pb::Role::Assistant.into(),
                 inference_region: region.clone(),
-                request_id: ctx.request_id.clone(),
+                request_id,
             })),
         };
         tokio::spawn(async move {
@@ -425,7 +316,7 @@ impl InferenceService for ConverseDoor {
                     if data == "[DONE]" {
                         continue;
                     }
-                    let Ok(c) = serde_json::from_str::<Completion>(&data) else {
+                    let Ok(c) = Completion::parse(data.as_bytes()) else {
                         let msg =
                             "the model server sent an event that is not a chat-completion chunk";
                         let _ = tx.send(Err(Status::unavailable(msg))).await;
@@ -473,67 +364,5 @@ impl InferenceService for ConverseDoor {
         let mut response = with_region(Response::new(stream), &region);
         rate_metadata(response.metadata_mut(), &rate);
         Ok(response)
-    }
-}
-
-/// Splits server-sent-event bytes into the `data:` payloads of whole events.
-#[derive(Default)]
-pub struct SseParser {
-    buf: BytesMut,
-    /// How far `buf` was already searched for an event end.
-    scanned: usize,
-}
-
-impl SseParser {
-    pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::new();
-        // Resume a little before where the last search stopped: a separator
-        // may straddle two chunks.
-        while let Some((len, sep)) = find_event_end(&self.buf, self.scanned.saturating_sub(3)) {
-            let event = self.buf.split_to(len + sep);
-            self.scanned = 0;
-            let text = String::from_utf8_lossy(&event[..len]);
-            let data: Vec<&str> = text
-                .split(['\n', '\r'])
-                .filter_map(|l| l.strip_prefix("data:"))
-                .map(|d| d.strip_prefix(' ').unwrap_or(d))
-                .collect();
-            if !data.is_empty() {
-                out.push(data.join("\n"));
-            }
-        }
-        self.scanned = self.buf.len();
-        out
-    }
-}
-
-/// Where the first event ends at or after `from`: (its length, the
-/// separator's length). Lines end in LF, CRLF or CR.
-fn find_event_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
-    (from..buf.len()).find_map(|i| {
-        let rest = &buf[i..];
-        if rest.starts_with(b"\r\n\r\n") {
-            Some((i, 4))
-        } else if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
-            Some((i, 2))
-        } else {
-            None
-        }
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sse_parser_handles_split_events() {
-        let mut p = SseParser::default();
-        assert!(p.push(b"data: {\"a\"").is_empty());
-        assert_eq!(p.push(b":1}\n\ndata: [DONE]\n\n"), ["{\"a\":1}", "[DONE]"]);
-        assert_eq!(p.push(b": comment\n\n"), Vec::<String>::new());
-        assert_eq!(p.push(b"data: a\r\rdata: b\r\n\r"), ["a"]);
-        assert_eq!(p.push(b"\n"), ["b"]);
     }
 }

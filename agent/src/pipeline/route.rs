@@ -1,7 +1,7 @@
 //! Which regions a call tries, in which order: pure, so that it is tested
 //! without sockets.
 
-use spillway_proto::model::RouteTable;
+use spillway_core::model::RouteTable;
 
 /// The order in which a call tries the destinations of its route table:
 /// priority levels ascending (the source region is alone at the first level
@@ -41,7 +41,7 @@ pub fn plan(table: &RouteTable, mut random: impl FnMut() -> f64) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spillway_proto::model::RouteDestination;
+    use spillway_core::model::RouteDestination;
 
     fn table(d: &[(&str, f64, u32)]) -> RouteTable {
         RouteTable {

@@ -202,8 +202,14 @@ fn scope() -> InstrumentationScope {
 }
 
 /// An audit record as an OTLP log record: the JSON line as its body, in
-/// the call's trace.
-pub fn audit_log(ctx: &crate::record::CallContext, json: &[u8], region: &str) -> LogRecord {
+/// the call's trace (`trace_id`, `span_id`).
+pub fn audit_log(
+    request_id: &str,
+    trace_id: [u8; 16],
+    span_id: [u8; 8],
+    json: &[u8],
+    region: &str,
+) -> LogRecord {
     let now = now_ns();
     LogRecord {
         time_unix_nano: now,
@@ -216,11 +222,11 @@ pub fn audit_log(ctx: &crate::record::CallContext, json: &[u8], region: &str) ->
             )),
         }),
         attributes: vec![
-            kv("spillway.request_id", ctx.request_id.as_str()),
+            kv("spillway.request_id", request_id),
             kv("spillway.source_region", region),
         ],
-        trace_id: ctx.trace_id.to_vec(),
-        span_id: ctx.span_id.to_vec(),
+        trace_id: trace_id.to_vec(),
+        span_id: span_id.to_vec(),
         event_name: "spillway.audit".into(),
         ..LogRecord::default()
     }

@@ -1,7 +1,7 @@
 //! Outgoing TLS for the agent's gRPC channels (to the control plane, to
 //! other agents): a connector that does the TLS handshake itself with a
 //! rustls configuration whose verifier checks, besides the CA and the host
-//! name, who the server's certificate names (`spillway_proto::tls::Expect`):
+//! name, who the server's certificate names (`spillway_core::tls::Expect`):
 //! a relay to us-west is answered by an agent of us-west, or not at all.
 
 use std::future::Future;

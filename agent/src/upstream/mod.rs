@@ -20,7 +20,14 @@ use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
 use crate::error::CallError;
-use crate::outlier::{OutlierSettings, Outliers};
+
+pub mod answer;
+pub mod meter;
+pub mod outlier;
+pub mod relay;
+
+use answer::count_events;
+use outlier::{OutlierSettings, Outliers};
 
 /// One model server, as configured with `--model-server`.
 #[derive(Debug, Clone, PartialEq)]
@@ -519,7 +526,7 @@ impl Upstreams {
         if status.is_success() {
             server
                 .output_tokens
-                .fetch_add(completion_tokens(&body), Ordering::Relaxed);
+                .fetch_add(answer::output_tokens(&body), Ordering::Relaxed);
         }
         Ok(UpstreamAnswer {
             status,
@@ -546,31 +553,6 @@ fn ewma(slot: &AtomicU64, took: Duration) {
         ewma_step(slot.load(Ordering::Relaxed), took),
         Ordering::Relaxed,
     );
-}
-
-/// Output tokens of a unary answer, from its usage (0 when it gives none).
-fn completion_tokens(body: &[u8]) -> u64 {
-    #[derive(serde::Deserialize)]
-    struct Usage {
-        completion_tokens: Option<u64>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Answer {
-        usage: Option<Usage>,
-    }
-    serde_json::from_slice::<Answer>(body)
-        .ok()
-        .and_then(|a| a.usage)
-        .and_then(|u| u.completion_tokens)
-        .unwrap_or(0)
-}
-
-/// Server-sent events in a chunk that carry data (one token each, roughly),
-/// not counting the final `[DONE]`.
-fn count_events(chunk: &[u8]) -> u64 {
-    let events = chunk.windows(5).filter(|w| w == b"data:").count();
-    let done = chunk.windows(6).filter(|w| w == b"[DONE]").count();
-    events.saturating_sub(done) as u64
 }
 
 fn chain(e: &dyn std::error::Error) -> String {
@@ -633,25 +615,5 @@ mod tests {
         slots.pop();
         assert!(up.pick("m").is_ok());
         assert!(matches!(up.pick("other"), Err(CallError::Unavailable(_))));
-    }
-}
-
-#[cfg(test)]
-mod token_tests {
-    use super::*;
-
-    #[test]
-    fn counts_output_tokens_from_usage_or_events() {
-        assert_eq!(
-            completion_tokens(br#"{"usage":{"completion_tokens":7}}"#),
-            7
-        );
-        assert_eq!(completion_tokens(br#"{"choices":[]}"#), 0);
-        assert_eq!(completion_tokens(b"not json"), 0);
-        assert_eq!(
-            count_events(b"data: {\"a\":1}\n\ndata: {\"b\":2}\n\ndata: [DONE]\n\n"),
-            2
-        );
-        assert_eq!(count_events(b": comment\n\n"), 0);
     }
 }

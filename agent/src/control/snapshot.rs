@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use spillway_proto::model::{ApiKey, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{ApiKey, Profile, Quota, Region, RouteTable, Tenant};
 use spillway_proto::pb;
 
 /// A validated snapshot from the control plane.
@@ -179,7 +179,7 @@ impl AgentConfig {
                     key.id, key.tenant
                 ));
             }
-            let digest = spillway_proto::tenant::hash_bytes(&key.hash)
+            let digest = spillway_core::tenant::hash_bytes(&key.hash)
                 .ok_or_else(|| format!("key `{}` has a malformed hash", key.id))?;
             digests.insert(key.id.clone(), digest);
             keys.insert(key.id.clone(), key);

@@ -1,0 +1,5 @@
+//! TLS plumbing: the HTTP door's listener, and outgoing gRPC connections
+//! that check who answers.
+
+pub mod connect;
+pub mod tls_listener;

@@ -1,0 +1,259 @@
+//! Unit tests of the domain rules.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+pub(crate) fn region(name: &str, geo: &str) -> Region {
+    Region {
+        name: name.into(),
+        geography: geo.into(),
+        description: String::new(),
+        revision: 0,
+    }
+}
+
+pub(crate) fn profile(id: &str, dest: &[&str]) -> Profile {
+    Profile {
+        id: id.into(),
+        kind: ProfileKind::from_id(id),
+        model: String::new(),
+        destinations: dest.iter().map(|s| s.to_string()).collect(),
+        base_profile: None,
+        base_region: None,
+        tags: BTreeMap::new(),
+        description: String::new(),
+        revision: 0,
+    }
+}
+
+fn app(id: &str, base: &str) -> Profile {
+    Profile {
+        base_profile: Some(base.into()),
+        ..profile(id, &[])
+    }
+}
+
+fn route(p: &str, src: &str, d: &[(&str, f64)]) -> RouteTable {
+    RouteTable {
+        profile: p.into(),
+        source_region: src.into(),
+        destinations: d
+            .iter()
+            .map(|(r, w)| RouteDestination {
+                region: r.to_string(),
+                weight: *w,
+                priority: 0,
+            })
+            .collect(),
+        revision: 0,
+    }
+}
+
+fn catalog() -> Catalog {
+    let mut c = Catalog::default();
+    c.create_region(region("us-east", "us")).unwrap();
+    c.create_region(region("us-west", "us")).unwrap();
+    c.create_region(region("eu-west", "eu")).unwrap();
+    c.create_profile(profile("us.llama-3.1-8b", &["us-east", "us-west"]))
+        .unwrap();
+    c.create_profile(profile(
+        "global.llama-3.1-8b",
+        &["us-east", "us-west", "eu-west"],
+    ))
+    .unwrap();
+    c
+}
+
+fn field_of(e: ModelError) -> String {
+    match e {
+        ModelError::Invalid { field, .. } => field,
+        other => panic!("expected an invalid-field error, got {other:?}"),
+    }
+}
+
+#[test]
+fn rejects_malformed_region_names() {
+    for bad in ["", "US-East", "us_east", "-us", "us-", "1us"] {
+        let e = Catalog::default()
+            .create_region(region(bad, "us"))
+            .unwrap_err();
+        assert_eq!(field_of(e), "region.name", "{bad:?}");
+    }
+    let e = Catalog::default()
+        .create_region(region("x", "global"))
+        .unwrap_err();
+    assert_eq!(field_of(e), "region.geography");
+}
+
+#[test]
+fn derives_model_from_id() {
+    let c = catalog();
+    assert_eq!(c.profiles["us.llama-3.1-8b"].model, "llama-3.1-8b");
+}
+
+#[test]
+fn rejects_malformed_profile_ids() {
+    let mut c = catalog();
+    for (id, kind) in [
+        ("", ProfileKind::Application),
+        ("us.", ProfileKind::Geographic),
+        ("US.llama", ProfileKind::Geographic),
+        ("us.llama", ProfileKind::Global),
+        ("my.app", ProfileKind::Application),
+        ("global. x", ProfileKind::Global),
+    ] {
+        let p = Profile {
+            kind,
+            ..profile(id, &["us-east"])
+        };
+        let e = c.create_profile(p).unwrap_err();
+        assert_eq!(field_of(e), "profile.id", "{id:?}");
+    }
+}
+
+#[test]
+fn rejects_unknown_and_out_of_geography_destinations() {
+    let mut c = catalog();
+    let e = c
+        .create_profile(profile("us.m", &["us-east", "ap-south"]))
+        .unwrap_err();
+    assert!(e.to_string().contains("profile.destinations[1]"), "{e}");
+    assert!(e.to_string().contains("unknown region `ap-south`"), "{e}");
+    let e = c.create_profile(profile("us.m", &["eu-west"])).unwrap_err();
+    assert!(e.to_string().contains("outside `us`"), "{e}");
+    let e = c.create_profile(profile("ap.m", &["us-east"])).unwrap_err();
+    assert!(
+        e.to_string().contains("no region is in geography `ap`"),
+        "{e}"
+    );
+    let before = catalog();
+    assert_eq!(c, before, "a rejected write changes nothing");
+}
+
+#[test]
+fn application_profiles_resolve_and_block_deletion_of_their_base() {
+    let mut c = catalog();
+    let e = c.create_profile(app("team-a", "us.nope")).unwrap_err();
+    assert_eq!(field_of(e), "profile.base_profile");
+    c.create_profile(app("team-a", "us.llama-3.1-8b")).unwrap();
+    let e = c.create_profile(app("team-b", "team-a")).unwrap_err();
+    assert_eq!(field_of(e), "profile.base_profile");
+    let r = c.resolve("team-a").unwrap();
+    assert_eq!(r.model, "llama-3.1-8b");
+    assert_eq!(r.destinations, ["us-east", "us-west"]);
+    let e = c.delete_profile("us.llama-3.1-8b", 0).unwrap_err();
+    assert!(matches!(e, ModelError::InUse(_)), "{e:?}");
+    assert!(c.profiles.contains_key("us.llama-3.1-8b"));
+    c.delete_profile("team-a", 0).unwrap();
+    c.delete_profile("us.llama-3.1-8b", 0).unwrap();
+}
+
+#[test]
+fn single_region_application_profile() {
+    let mut c = catalog();
+    let p = Profile {
+        base_region: Some("eu-west".into()),
+        model: "mistral-7b".into(),
+        ..profile("eu-batch", &[])
+    };
+    c.create_profile(p).unwrap();
+    let r = c.resolve("eu-batch").unwrap();
+    assert_eq!(
+        (r.model.as_str(), r.destinations.as_slice()),
+        ("mistral-7b", &["eu-west".to_string()][..])
+    );
+    assert!(c.callable_from(&c.profiles["eu-batch"], &c.regions["eu-west"]));
+    assert!(!c.callable_from(&c.profiles["eu-batch"], &c.regions["us-east"]));
+    let e = c.delete_region("eu-west", 0).unwrap_err();
+    assert!(matches!(e, ModelError::InUse(_)));
+}
+
+#[test]
+fn rejects_bad_weights() {
+    let mut c = catalog();
+    for (w, needle) in [
+        (-1.0, "weight"),
+        (f64::NAN, "weight"),
+        (f64::INFINITY, "weight"),
+    ] {
+        let e = c
+            .create_route(route("us.llama-3.1-8b", "us-east", &[("us-east", w)]))
+            .unwrap_err();
+        assert!(field_of(e).ends_with(needle));
+    }
+    let e = c
+        .create_route(route(
+            "us.llama-3.1-8b",
+            "us-east",
+            &[("us-east", 0.0), ("us-west", 0.0)],
+        ))
+        .unwrap_err();
+    assert!(e.to_string().contains("every weight is zero"), "{e}");
+    let e = c
+        .create_route(route("us.llama-3.1-8b", "eu-west", &[("us-east", 1.0)]))
+        .unwrap_err();
+    assert_eq!(field_of(e), "route_table.source_region");
+    let e = c
+        .create_route(route("us.llama-3.1-8b", "us-east", &[("eu-west", 1.0)]))
+        .unwrap_err();
+    assert_eq!(field_of(e), "route_table.destinations[0].region");
+    assert!(c.routes.is_empty());
+}
+
+#[test]
+fn updates_need_the_current_revision() {
+    let mut c = catalog();
+    c.regions.get_mut("us-east").unwrap().revision = 7;
+    let mut r = region("us-east", "us");
+    r.description = "new".into();
+    let e = c.update_region(r.clone()).unwrap_err();
+    assert_eq!(field_of(e), "region.revision");
+    r.revision = 6;
+    assert!(matches!(
+        c.update_region(r.clone()),
+        Err(ModelError::Conflict { actual: 7, .. })
+    ));
+    r.revision = 7;
+    c.update_region(r).unwrap();
+    assert_eq!(c.regions["us-east"].description, "new");
+}
+
+#[test]
+fn moving_a_region_out_of_a_geography_in_use_is_refused() {
+    let mut c = catalog();
+    let mut r = region("us-west", "eu");
+    r.revision = 0;
+    c.regions.get_mut("us-west").unwrap().revision = 3;
+    r.revision = 3;
+    let e = c.update_region(r).unwrap_err();
+    assert!(e.to_string().contains("profile `us.llama-3.1-8b`"), "{e}");
+}
+
+#[test]
+fn default_route_puts_the_source_first() {
+    let c = catalog();
+    let r = c.resolve("global.llama-3.1-8b").unwrap();
+    let t = c.route_for(&r, "us-west");
+    let by_region: BTreeMap<_, _> = t
+        .destinations
+        .iter()
+        .map(|d| (d.region.as_str(), d.priority))
+        .collect();
+    assert_eq!(by_region["us-west"], 0);
+    assert_eq!(by_region["us-east"], 1);
+    assert_eq!(by_region["eu-west"], 1);
+}
+
+#[test]
+fn deleting_a_profile_deletes_its_route_tables() {
+    let mut c = catalog();
+    c.create_route(route(
+        "us.llama-3.1-8b",
+        "us-east",
+        &[("us-east", 3.0), ("us-west", 1.0)],
+    ))
+    .unwrap();
+    c.delete_profile("us.llama-3.1-8b", 0).unwrap();
+    assert!(c.routes.is_empty());
+}
