@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -69,6 +70,9 @@ fn main() -> Result<()> {
 
 fn certs(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
+    // spillway-certs writes to `target/certs` by default; the target
+    // directory may be elsewhere (CARGO_TARGET_DIR, build.target-dir).
+    let out_given = args.iter().any(|a| a == "--out" || a.starts_with("--out="));
     cmd.args([
         "run",
         "--quiet",
@@ -79,6 +83,9 @@ fn certs(args: &[String]) -> Result<()> {
         "--",
     ])
     .args(args);
+    if !out_given {
+        cmd.arg("--out").arg(target_dir()?.join("certs"));
+    }
     run(cmd, "writing development certificates (spillway-certs)")
 }
 
@@ -87,6 +94,30 @@ pub(crate) fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// Cargo's target directory for this workspace, as `cargo metadata` reports
+/// it (so CARGO_TARGET_DIR and `build.target-dir` are honoured); asked once.
+pub(crate) fn target_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("could not start `cargo metadata`")?;
+    if !out.status.success() {
+        bail!("`cargo metadata` failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed no JSON")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` names no target_directory")?;
+    Ok(DIR.get_or_init(|| dir).clone())
 }
 
 pub(crate) fn cargo() -> Command {
@@ -251,8 +282,9 @@ fn bench(quick: bool) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--release", "--workspace", "--bins"]);
     run(build, "cargo build --release --workspace --bins")?;
-    let out = root().join("target/bench");
-    let mut b = Command::new(root().join("target/release/spillway-bench"));
+    let target = target_dir()?;
+    let out = target.join("bench");
+    let mut b = Command::new(target.join("release/spillway-bench"));
     b.current_dir(root()).arg("--out").arg(&out);
     if quick {
         b.arg("--quick");
