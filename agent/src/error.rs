@@ -9,6 +9,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde_json::json;
 use tonic::Status;
 
+use spillway_core::api::Api;
+
 use crate::quota::{RateInfo, Refused};
 
 /// The region whose model server produced the answer.
@@ -58,6 +60,12 @@ pub enum CallError {
     /// broke off. Not retried: it may have done the work.
     #[error("{0}")]
     Upstream(String),
+    /// No region of the profile serves the API the client called.
+    #[error(
+        "inference profile `{profile}` is not served over the {api} API (POST {}) in any region it may use: call an API its model servers serve",
+        .api.path()
+    )]
+    ApiNotServed { profile: String, api: Api },
     #[error("this agent has no configuration yet; it is waiting for the control plane")]
     NoConfig,
     /// A relay call from something that is not a known agent.
@@ -104,9 +112,9 @@ impl CallError {
 
     pub fn http_status(&self) -> StatusCode {
         match self {
-            CallError::BadRequest { .. } | CallError::NotCallableHere { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            CallError::BadRequest { .. }
+            | CallError::NotCallableHere { .. }
+            | CallError::ApiNotServed { .. } => StatusCode::BAD_REQUEST,
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::Throttled(_)
@@ -131,6 +139,7 @@ impl CallError {
                 "invalid_request_error",
                 Some("model_not_available_in_region"),
             ),
+            CallError::ApiNotServed { .. } => ("invalid_request_error", Some("api_not_supported")),
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 ("rate_limit_error", Some("rate_limit_exceeded"))
@@ -147,9 +156,9 @@ impl CallError {
         };
         let param = match self {
             CallError::BadRequest { param, .. } => param.clone(),
-            CallError::ProfileNotFound(_) | CallError::NotCallableHere { .. } => {
-                Some("model".to_string())
-            }
+            CallError::ProfileNotFound(_)
+            | CallError::NotCallableHere { .. }
+            | CallError::ApiNotServed { .. } => Some("model".to_string()),
             _ => None,
         };
         json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
@@ -161,6 +170,7 @@ impl CallError {
             CallError::BadRequest { .. } => Status::invalid_argument(msg),
             CallError::ProfileNotFound(_) => Status::not_found(msg),
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
+            CallError::ApiNotServed { .. } => Status::invalid_argument(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
             CallError::Throttled(_)
             | CallError::AtCapacity(_)

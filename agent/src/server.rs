@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use spillway_core::api::ApiSet;
 use spillway_core::shutdown::{self, Shutdown};
 use spillway_proto::pb;
 use tokio::net::TcpListener;
@@ -165,13 +166,17 @@ fn collector_channel(
     Ok(Some((endpoint, channel)))
 }
 
-/// What the agent can serve locally: the models of its model servers.
+/// What the agent can serve locally: the models and APIs of its model
+/// servers.
 pub fn local_capabilities(servers: &[ModelServerSpec]) -> LocalCapabilities {
     LocalCapabilities {
         models: servers
             .iter()
             .flat_map(|s| s.models.iter().cloned())
             .collect(),
+        apis: servers
+            .iter()
+            .fold(ApiSet::default(), |set, s| set.union(s.apis)),
     }
 }
 

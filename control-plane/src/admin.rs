@@ -427,6 +427,7 @@ impl AdminService for Admin {
                 acked_version: a.acked_version,
                 nacked_version: a.nacked_version,
                 nack_reason: a.nack_reason,
+                apis: a.apis,
             }),
             _ => None,
         })?;

@@ -181,6 +181,10 @@ pub struct AgentRecord {
     pub nacked_version: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub nack_reason: String,
+    /// The inference APIs the agent announced (empty: an older agent,
+    /// chat and completions).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apis: Vec<String>,
 }
 
 /// What a stored key holds.

@@ -22,6 +22,7 @@ pub fn snapshot_for(state: &State, region: &str) -> pb::Snapshot {
                 agent_id: a.agent_id.clone(),
                 region: a.region.clone(),
                 relay_address: a.relay_address.clone(),
+                apis: a.apis.clone(),
             })
             .collect(),
         profiles: Vec::new(),

@@ -63,7 +63,9 @@ impl State {
         self.catalog_version.max(self.endpoints_version).max(0) as u64
     }
 
-    fn endpoints(&self) -> Vec<(&str, &str, &str)> {
+    /// What agents learn of each other: where to relay, and which APIs
+    /// each serves.
+    fn endpoints(&self) -> Vec<(&str, &str, &str, &[String])> {
         self.agents
             .values()
             .map(|a| {
@@ -71,6 +73,7 @@ impl State {
                     a.region.as_str(),
                     a.agent_id.as_str(),
                     a.relay_address.as_str(),
+                    a.apis.as_slice(),
                 )
             })
             .collect()
@@ -204,10 +207,10 @@ async fn watch_from(
 /// Applies events; returns whether the catalog, the relay endpoints or a
 /// quota lease changed.
 fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
-    let endpoints_before: Vec<(String, String, String)> = state
+    let endpoints_before: Vec<(String, String, String, Vec<String>)> = state
         .endpoints()
         .into_iter()
-        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .map(|(a, b, c, d)| (a.to_string(), b.to_string(), c.to_string(), d.to_vec()))
         .collect();
     let mut catalog_changed = false;
     let mut leases_changed = false;
@@ -290,7 +293,7 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
         && endpoints_after
             .iter()
             .zip(&endpoints_before)
-            .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2);
+            .all(|(a, b)| a.0 == b.0 && a.1 == b.1 && a.2 == b.2 && a.3 == b.3.as_slice());
     if !same {
         state.endpoints_version = revision;
     }

@@ -270,6 +270,7 @@ impl Session {
             acked_version: 0,
             nacked_version: 0,
             nack_reason: String::new(),
+            apis: hello.apis,
         };
         // The first write takes the key over unconditionally: the agent may
         // come from a replica that died and whose lease has not expired yet.

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod backoff;
 pub mod metrics;
 pub mod model;

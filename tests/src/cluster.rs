@@ -11,6 +11,7 @@ use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
+use spillway_core::api::ApiSet;
 use spillway_proto::pb;
 
 use crate::otlp::TestCollector;
@@ -82,6 +83,9 @@ pub struct ClusterSpec {
     pub audit: bool,
     /// Whether each region has an OTLP collector its agent exports to.
     pub otlp: bool,
+    /// The APIs a region's model servers say they serve (default: all,
+    /// which the simulator serves).
+    pub apis: BTreeMap<&'static str, ApiSet>,
 }
 
 impl Default for ClusterSpec {
@@ -97,6 +101,7 @@ impl Default for ClusterSpec {
             anonymous: true,
             audit: false,
             otlp: false,
+            apis: BTreeMap::new(),
         }
     }
 }
@@ -137,7 +142,13 @@ impl Cluster {
             let mut opts = AgentOptions::new("agent-1", name, &planes, dir.path());
             opts.model_servers = sims
                 .iter()
-                .map(|s| model_server(s.addr, &[MODEL], config.max_concurrent))
+                .map(|s| {
+                    let mut m = model_server(s.addr, &[MODEL], config.max_concurrent);
+                    if let Some(apis) = spec.apis.get(name) {
+                        m.apis = *apis;
+                    }
+                    m
+                })
                 .collect();
             opts.max_body_bytes = spec.max_body_bytes;
             opts.pipeline.allow_anonymous = spec.anonymous;

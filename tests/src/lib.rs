@@ -587,11 +587,13 @@ impl<'a> AgentOptions<'a> {
     }
 }
 
-/// A model-server spec for `addr` serving `models`.
+/// A model-server spec for `addr` serving `models` over every API (the
+/// simulator serves them all).
 pub fn model_server(addr: SocketAddr, models: &[&str], capacity: u32) -> ModelServerSpec {
     ModelServerSpec {
         url: format!("http://{addr}"),
         models: models.iter().map(|m| m.to_string()).collect(),
+        apis: spillway_core::api::ApiSet::of(spillway_core::api::Api::ALL),
         capacity,
         http2: false,
     }

@@ -1,9 +1,11 @@
-//! A model-server simulator: OpenAI-compatible chat completions (unary and
-//! server-sent events) with a configurable time to first token, inter-token
-//! latency, output length, concurrency limit (429 beyond it), injected
-//! failure rate and garbage answers; `/health` and `/metrics`. Tests run it
-//! in process and change its behaviour on the fly; the demo and the
-//! benchmark run the `spillway-sim` binary.
+//! A model-server simulator of every API an engine serves: OpenAI chat and
+//! legacy completions, embeddings and Responses, and Anthropic Messages
+//! (unary and server-sent events in each API's own shapes), with a
+//! configurable time to first token, inter-token latency, output length,
+//! concurrency limit (429 beyond it), injected failure rate and garbage
+//! answers; `/health` and `/metrics`. Tests run it in process and change
+//! its behaviour on the fly; the demo and the benchmark run the
+//! `spillway-sim` binary.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use serde_json::{Value, json};
+use spillway_core::api::Api;
 use tokio::net::TcpListener;
 
 /// How the simulated model server behaves.
@@ -65,6 +68,8 @@ pub struct SimState {
     pub failed: AtomicU64,
     /// When set, every call is answered 503 (the server is "down" but up).
     pub down: AtomicBool,
+    /// The path and body of the last call received.
+    pub last: Mutex<Option<(String, Value)>>,
 }
 
 impl SimState {
@@ -102,7 +107,14 @@ impl Drop for Slot {
 
 pub fn router(state: Arc<SimState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(completions))
+        .route("/v1/chat/completions", post(|s, b| answer(Api::Chat, s, b)))
+        .route(
+            "/v1/completions",
+            post(|s, b| answer(Api::Completions, s, b)),
+        )
+        .route("/v1/embeddings", post(|s, b| answer(Api::Embeddings, s, b)))
+        .route("/v1/responses", post(|s, b| answer(Api::Responses, s, b)))
+        .route("/v1/messages", post(|s, b| answer(Api::Messages, s, b)))
         .route("/health", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         // Test and benchmark controls: an outage on and off.
@@ -163,7 +175,7 @@ async fn metrics(State(s): State<Arc<SimState>>) -> String {
     )
 }
 
-async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
+async fn answer(api: Api, State(s): State<Arc<SimState>>, body: Bytes) -> Response {
     let cfg = s.snapshot();
     s.received.fetch_add(1, Ordering::Relaxed);
     if s.down.load(Ordering::Relaxed) {
@@ -181,6 +193,7 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
             "body is not JSON",
         );
     };
+    *s.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((api.path().to_string(), req.clone()));
     let claimed = s
         .in_flight
         .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
@@ -211,6 +224,7 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
     let max_tokens = req["max_tokens"]
         .as_u64()
         .or_else(|| req["max_completion_tokens"].as_u64())
+        .or_else(|| req["max_output_tokens"].as_u64())
         .unwrap_or(u64::MAX);
     let n = u64::from(cfg.output_tokens).min(max_tokens).max(1) as u32;
     let prompt_tokens = (body.len() / 4).max(1) as u32;
@@ -222,6 +236,72 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
     let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n});
     let id = format!("chatcmpl-sim-{}", fastrand::u64(..));
     let stream = req["stream"].as_bool().unwrap_or(false);
+    if api == Api::Embeddings {
+        let inputs = req["input"].as_array().map_or(1, Vec::len);
+        let data: Vec<Value> = (0..inputs)
+            .map(|i| json!({"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3, 0.4]}))
+            .collect();
+        sleep(cfg.ttft).await;
+        s.served.fetch_add(1, Ordering::Relaxed);
+        drop(slot);
+        let answer = json!({"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}});
+        return json_answer(answer);
+    }
+    let shape = Shape {
+        api,
+        id,
+        model,
+        n,
+        prompt_tokens,
+        finish: finish.to_string(),
+    };
+    if stream && api != Api::Chat {
+        let include_usage = req["stream_options"]["include_usage"]
+            .as_bool()
+            .unwrap_or(false);
+        let events = async_stream(move |tx| async move {
+            let _slot = slot;
+            sleep(cfg.ttft).await;
+            for e in shape.opening() {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            for i in 0..n {
+                if i > 0 {
+                    sleep(cfg.inter_token).await;
+                }
+                if cfg.break_after == Some(i) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx.send(Err(std::io::Error::other("simulated break"))).await;
+                    return;
+                }
+                if tx.send(Ok(shape.delta(i))).await.is_err() {
+                    return;
+                }
+            }
+            for e in shape.closing(include_usage) {
+                if tx.send(Ok(e)).await.is_err() {
+                    return;
+                }
+            }
+            s.served.fetch_add(1, Ordering::Relaxed);
+        });
+        let mut r = Response::new(Body::from_stream(events));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        return r;
+    }
+    if !stream && api != Api::Chat {
+        sleep(cfg.ttft + cfg.inter_token * n.saturating_sub(1)).await;
+        s.served.fetch_add(1, Ordering::Relaxed);
+        drop(slot);
+        return json_answer(shape.unary());
+    }
+    let (id, model) = (shape.id, shape.model);
     if !stream {
         sleep(cfg.ttft + cfg.inter_token * n.saturating_sub(1)).await;
         let text: String = (0..n).map(token).collect();
@@ -285,6 +365,169 @@ async fn completions(State(s): State<Arc<SimState>>, body: Bytes) -> Response {
         HeaderValue::from_static("text/event-stream"),
     );
     r
+}
+
+fn json_answer(answer: Value) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        answer.to_string(),
+    )
+        .into_response()
+}
+
+/// What an answer of the APIs other than chat looks like, unary and
+/// streamed, in each API's own shapes.
+struct Shape {
+    api: Api,
+    id: String,
+    model: String,
+    n: u32,
+    prompt_tokens: u32,
+    finish: String,
+}
+
+/// One server-sent event, named (Responses, Messages) or not.
+fn sse(name: Option<&str>, data: &Value) -> Bytes {
+    match name {
+        Some(n) => Bytes::from(format!("event: {n}\ndata: {data}\n\n")),
+        None => Bytes::from(format!("data: {data}\n\n")),
+    }
+}
+
+impl Shape {
+    fn text(&self) -> String {
+        (0..self.n).map(token).collect()
+    }
+
+    fn anthropic_stop(&self) -> &'static str {
+        if self.finish == "length" {
+            "max_tokens"
+        } else {
+            "end_turn"
+        }
+    }
+
+    fn response(&self, status: &str, text: &str, usage: bool) -> Value {
+        let mut r = json!({
+            "id": self.id, "object": "response", "created_at": 0, "status": status,
+            "model": self.model,
+            "output": [{"type": "message", "id": "msg_sim", "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+        });
+        if usage {
+            r["usage"] = json!({"input_tokens": self.prompt_tokens, "output_tokens": self.n,
+                "total_tokens": self.prompt_tokens + self.n,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0}});
+        }
+        r
+    }
+
+    fn unary(&self) -> Value {
+        let (p, n) = (self.prompt_tokens, self.n);
+        match self.api {
+            Api::Completions => json!({
+                "id": self.id, "object": "text_completion", "created": 0, "model": self.model,
+                "choices": [{"index": 0, "text": self.text(), "finish_reason": self.finish}],
+                "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n},
+            }),
+            Api::Responses => self.response("completed", &self.text(), true),
+            Api::Messages => json!({
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                "content": [{"type": "text", "text": self.text()}],
+                "stop_reason": self.anthropic_stop(), "stop_sequence": null,
+                "usage": {"input_tokens": p, "output_tokens": n},
+            }),
+            Api::Chat | Api::Embeddings => unreachable!("answered elsewhere"),
+        }
+    }
+
+    fn opening(&self) -> Vec<Bytes> {
+        match self.api {
+            Api::Responses => vec![sse(
+                Some("response.created"),
+                &json!({"type": "response.created", "sequence_number": 0,
+                    "response": self.response("in_progress", "", false)}),
+            )],
+            Api::Messages => vec![
+                sse(
+                    Some("message_start"),
+                    &json!({"type": "message_start", "message": {"id": self.id, "type": "message",
+                        "role": "assistant", "model": self.model, "content": [], "stop_reason": null,
+                        "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 1}}}),
+                ),
+                sse(
+                    Some("content_block_start"),
+                    &json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}),
+                ),
+            ],
+            _ => Vec::new(),
+        }
+    }
+
+    fn delta(&self, i: u32) -> Bytes {
+        match self.api {
+            Api::Completions => sse(
+                None,
+                &json!({"id": self.id, "object": "text_completion", "created": 0, "model": self.model,
+                    "choices": [{"index": 0, "text": token(i), "finish_reason": null}]}),
+            ),
+            Api::Responses => sse(
+                Some("response.output_text.delta"),
+                &json!({"type": "response.output_text.delta", "sequence_number": i + 1,
+                    "item_id": "msg_sim", "output_index": 0, "content_index": 0, "delta": token(i)}),
+            ),
+            Api::Messages => sse(
+                Some("content_block_delta"),
+                &json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": token(i)}}),
+            ),
+            Api::Chat | Api::Embeddings => unreachable!("answered elsewhere"),
+        }
+    }
+
+    fn closing(&self, include_usage: bool) -> Vec<Bytes> {
+        let (p, n) = (self.prompt_tokens, self.n);
+        match self.api {
+            Api::Completions => {
+                let mut out = vec![sse(
+                    None,
+                    &json!({"id": self.id, "object": "text_completion", "created": 0,
+                        "model": self.model, "choices": [{"index": 0, "text": "", "finish_reason": self.finish}]}),
+                )];
+                if include_usage {
+                    out.push(sse(
+                        None,
+                        &json!({"id": self.id, "object": "text_completion", "choices": [],
+                            "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}}),
+                    ));
+                }
+                out.push(Bytes::from_static(b"data: [DONE]\n\n"));
+                out
+            }
+            Api::Responses => vec![sse(
+                Some("response.completed"),
+                &json!({"type": "response.completed", "sequence_number": self.n + 1,
+                    "response": self.response("completed", &self.text(), true)}),
+            )],
+            Api::Messages => vec![
+                sse(
+                    Some("content_block_stop"),
+                    &json!({"type": "content_block_stop", "index": 0}),
+                ),
+                sse(
+                    Some("message_delta"),
+                    &json!({"type": "message_delta",
+                        "delta": {"stop_reason": self.anthropic_stop(), "stop_sequence": null},
+                        "usage": {"output_tokens": n}}),
+                ),
+                sse(Some("message_stop"), &json!({"type": "message_stop"})),
+            ],
+            Api::Chat | Api::Embeddings => unreachable!("answered elsewhere"),
+        }
+    }
 }
 
 /// Token `i` of every answer: "tok0 ", "tok1 ", ... so that tests can check

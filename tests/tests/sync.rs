@@ -209,7 +209,7 @@ async fn agents_outlive_control_planes_and_boot_from_their_snapshot() {
     let cfg = a1
         .wait_for("a2's relay endpoint", |c| c.relays.contains_key("us-west"))
         .await;
-    assert_eq!(cfg.relays["us-west"][0].1, a2.addr.to_string());
+    assert_eq!(cfg.relays["us-west"][0].address, a2.addr.to_string());
 
     // The replica both agents use dies; they keep serving their config.
     cp_a.kill().await;

@@ -276,6 +276,7 @@ async fn a_certificate_for_one_region_cannot_say_hello_as_another() {
             relay_address: "127.0.0.1:9".into(),
             current_version: 0,
             agent_build: "test".into(),
+            apis: Vec::new(),
         })),
     };
     let sync = |channel: Channel, msg: pb::AgentMessage| async move {
@@ -342,6 +343,7 @@ async fn the_relay_takes_only_agent_certificates_of_the_deployments_ca() {
         body: serde_json::to_vec(&serde_json::json!({"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}]})).unwrap().into(),
         stream: false,
         traceparent: String::new(),
+        api: String::new(),
     }
     };
     let call = |ch: Channel, req: pb::RelayRequest| async move {

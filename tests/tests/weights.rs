@@ -311,7 +311,7 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     west.wait_for("us-east's agent", |c| {
         c.relays
             .get("us-east")
-            .is_some_and(|agents| agents.iter().any(|(id, _)| id == "e"))
+            .is_some_and(|agents| agents.iter().any(|a| a.agent_id == "e"))
     })
     .await;
 

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use spillway_core::api::{Api, ApiSet};
 use spillway_core::model::{ApiKey, Profile, Quota, Region, RouteTable, Tenant};
 use spillway_proto::pb;
 
@@ -11,8 +12,8 @@ pub struct AgentConfig {
     pub version: u64,
     pub region: String,
     pub regions: BTreeMap<String, Region>,
-    /// Relay endpoints by region: (agent id, host:port).
-    pub relays: BTreeMap<String, Vec<(String, String)>>,
+    /// Relay endpoints by region.
+    pub relays: BTreeMap<String, Vec<RelayEndpoint>>,
     /// Profiles callable from this region, with model and destinations
     /// resolved, by id.
     pub profiles: BTreeMap<String, Profile>,
@@ -45,11 +46,34 @@ impl AgentConfig {
     }
 }
 
+/// An agent of another region (or of this one), as relays reach it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayEndpoint {
+    pub agent_id: String,
+    /// host:port of its relay service.
+    pub address: String,
+    /// The inference APIs its model servers serve.
+    pub apis: ApiSet,
+}
+
+impl AgentConfig {
+    /// Whether an agent of `region` serves `api`. A region with no agent
+    /// known is given the benefit of the doubt: the relay will say.
+    pub fn region_serves(&self, region: &str, api: Api) -> bool {
+        self.relays
+            .get(region)
+            .filter(|agents| !agents.is_empty())
+            .is_none_or(|agents| agents.iter().any(|a| a.apis.contains(api)))
+    }
+}
+
 /// What this agent can serve locally: the check that only the agent can
 /// make, because only it knows its model servers.
 #[derive(Debug, Clone, Default)]
 pub struct LocalCapabilities {
     pub models: BTreeSet<String>,
+    /// The APIs its model servers serve, announced in its hello.
+    pub apis: ApiSet,
 }
 
 impl AgentConfig {
@@ -76,12 +100,16 @@ impl AgentConfig {
             region.validate().map_err(|e| e.to_string())?;
             regions.insert(region.name.clone(), region);
         }
-        let mut relays: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+        let mut relays: BTreeMap<String, Vec<RelayEndpoint>> = BTreeMap::new();
         for a in &snapshot.agents {
             relays
                 .entry(a.region.clone())
                 .or_default()
-                .push((a.agent_id.clone(), a.relay_address.clone()));
+                .push(RelayEndpoint {
+                    agent_id: a.agent_id.clone(),
+                    address: a.relay_address.clone(),
+                    apis: ApiSet::from_names(a.apis.iter().map(String::as_str)),
+                });
         }
         let mut profiles = BTreeMap::new();
         for p in &snapshot.profiles {

@@ -137,6 +137,7 @@ async fn stream_once(
         relay_address: settings.relay_address.clone(),
         current_version,
         agent_build: env!("CARGO_PKG_VERSION").to_string(),
+        apis: settings.local.apis.names(),
     };
     send(&out, pb::agent_message::Message::Hello(hello)).await?;
     let mut inbound = client

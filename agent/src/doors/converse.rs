@@ -19,7 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::openai::MAX_TOKENS_LIMIT;
+use super::request::MAX_TOKENS_LIMIT;
+use spillway_core::api::Api;
+
 use crate::error::{CallError, INFERENCE_REGION, grpc_status, rate_metadata};
 use crate::pipeline::auth::presented;
 use crate::pipeline::{Answer, Inbound, Pipeline, Request as Call};
@@ -148,6 +150,7 @@ async fn serve(
         .and_then(|v| v.to_str().ok());
     let inbound = Inbound {
         door: "grpc",
+        api: Api::Chat,
         key: presented_key(&req),
         traceparent,
     };
@@ -243,7 +246,7 @@ impl InferenceService for ConverseDoor {
                 }],
             }),
             stop_reason: stop_reason(choice.and_then(|c| c.finish_reason.as_deref())).into(),
-            usage: completion.usage.as_ref().map(usage),
+            usage: completion.usage().as_ref().map(usage),
             metrics: Some(pb::ConverseMetrics {
                 latency_ms,
                 time_to_first_token_ms: latency_ms,
@@ -327,7 +330,7 @@ impl InferenceService for ConverseDoor {
                         let _ = tx.send(Err(Status::unavailable(msg))).await;
                         return;
                     }
-                    if let Some(u) = &c.usage {
+                    if let Some(u) = &c.usage() {
                         final_usage = Some(usage(u));
                     }
                     for choice in &c.choices {

@@ -1,6 +1,8 @@
-//! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`
-//! (unary and server-sent events) and `GET /v1/models`. Every answer names
-//! the region that served it in `x-spillway-inference-region`.
+//! The HTTP front door: OpenAI's `POST /v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings` and `/v1/responses`, Anthropic's
+//! `POST /v1/messages` (each unary and, but for embeddings, server-sent
+//! events), and `GET /v1/models`. Each call runs the one pipeline; every
+//! answer names the region that served it in `x-spillway-inference-region`.
 
 use std::sync::Arc;
 
@@ -15,7 +17,10 @@ use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
 
-use super::openai::ChatRequest;
+use spillway_core::api::Api;
+
+use super::anthropic;
+use super::request::ApiRequest;
 use crate::error::{
     CallError, INFERENCE_REGION, REQUEST_ID, http_response, json_response, rate_headers,
 };
@@ -33,6 +38,10 @@ pub struct HttpDoor {
 pub fn router(door: Arc<HttpDoor>) -> Router {
     let mut router = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/v1/messages", post(messages))
         .route("/v1/models", get(models))
         .route("/health", get(health));
     if door.serve_metrics {
@@ -42,9 +51,7 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
         .fallback(|| async {
             let e = CallError::BadRequest {
                 param: None,
-                message:
-                    "unknown path: this agent serves POST /v1/chat/completions and GET /v1/models"
-                        .into(),
+                message: "unknown path: this agent serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and /v1/messages, and GET /v1/models".into(),
             };
             let mut r = http_response(&e);
             *r.status_mut() = StatusCode::NOT_FOUND;
@@ -105,21 +112,52 @@ pub fn prometheus(metrics: &spillway_core::metrics::Metrics) -> Response {
     r
 }
 
-async fn chat_completions(
+async fn chat_completions(door: State<Arc<HttpDoor>>, h: http::HeaderMap, b: Body) -> Response {
+    call(door, h, b, Api::Chat).await
+}
+
+async fn completions(door: State<Arc<HttpDoor>>, h: http::HeaderMap, b: Body) -> Response {
+    call(door, h, b, Api::Completions).await
+}
+
+async fn embeddings(door: State<Arc<HttpDoor>>, h: http::HeaderMap, b: Body) -> Response {
+    call(door, h, b, Api::Embeddings).await
+}
+
+async fn responses(door: State<Arc<HttpDoor>>, h: http::HeaderMap, b: Body) -> Response {
+    call(door, h, b, Api::Responses).await
+}
+
+async fn messages(door: State<Arc<HttpDoor>>, h: http::HeaderMap, b: Body) -> Response {
+    call(door, h, b, Api::Messages).await
+}
+
+/// One call of `api`: the body read and parsed for its API, the pipeline,
+/// and the answer or error in the API's own shape (Anthropic's for
+/// Messages, OpenAI's for the rest).
+async fn call(
     State(door): State<Arc<HttpDoor>>,
     headers: http::HeaderMap,
     body: Body,
+    api: Api,
 ) -> Response {
+    let anthropic = api == Api::Messages;
     let body = read_body(body, door.max_body_bytes).await;
+    // The Anthropic SDKs send their key as `x-api-key`.
+    let key = match headers.get("x-api-key") {
+        Some(v) if anthropic => Some(v.to_str().unwrap_or("")),
+        _ => presented_key(&headers),
+    };
     let inbound = Inbound {
         door: "http",
-        key: presented_key(&headers),
+        api,
+        key,
         traceparent: headers.get("traceparent").and_then(|v| v.to_str().ok()),
     };
     let served = door
         .pipeline
         .serve(inbound, move || {
-            let req = ChatRequest::parse(body?)?;
+            let req = ApiRequest::parse(api, body?)?;
             Ok(Request {
                 model: req.model.clone(),
                 stream: req.stream,
@@ -128,12 +166,20 @@ async fn chat_completions(
             })
         })
         .await;
-    let mut r = match served.result {
-        Ok(answer) => answer_response(answer),
-        Err(e) => http_response(&e),
+    let mut r = match (served.result, anthropic) {
+        (Ok(answer), _) => answer_response(answer),
+        (Err(e), false) => http_response(&e),
+        (Err(e), true) => anthropic::error_response(&e),
     };
-    rate_headers(r.headers_mut(), &served.rate);
+    if anthropic {
+        anthropic::rate_headers(r.headers_mut(), &served.rate);
+    } else {
+        rate_headers(r.headers_mut(), &served.rate);
+    }
     if let Ok(id) = HeaderValue::from_str(&served.request_id) {
+        if anthropic {
+            r.headers_mut().insert("request-id", id.clone());
+        }
         r.headers_mut().insert(REQUEST_ID, id);
     }
     r

@@ -2,6 +2,7 @@
 //! [`crate::pipeline::Request`], runs [`crate::pipeline::Pipeline::serve`],
 //! and translates the answer (or the error, through [`crate::error`]) back.
 
+pub mod anthropic;
 pub mod converse;
 pub mod http;
-pub mod openai;
+pub mod request;

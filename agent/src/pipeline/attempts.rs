@@ -92,6 +92,22 @@ impl Pipeline {
                 )));
             }
         }
+        // Only regions that serve the call's API: this one's model servers,
+        // another's agents as they announced. When none is left, no retry
+        // could help: the client asked for an API the profile lacks.
+        plan.retain(|r| {
+            if *r == self.region {
+                self.upstreams.serves(&call.model, call.api)
+            } else {
+                cfg.region_serves(r, call.api)
+            }
+        });
+        if plan.is_empty() {
+            return Err(CallError::ApiNotServed {
+                profile: call.profile.clone(),
+                api: call.api,
+            });
+        }
         // Other regions that failed calls in a row are skipped for a while
         // (outlier ejection), unless that would leave nothing to try.
         // The cap on ejections counts every planned region, the source
@@ -135,7 +151,7 @@ impl Pipeline {
             };
             let result = if region == self.region {
                 self.upstreams
-                    .call(&call.model, call.body.clone(), call.stream)
+                    .call(&call.model, call.api, call.body.clone(), call.stream)
                     .await
             } else {
                 let started = tokio::time::Instant::now();
@@ -152,6 +168,7 @@ impl Pipeline {
                         RelayedCall {
                             profile: &call.profile,
                             model: &call.model,
+                            api: call.api,
                             body: call.body.clone(),
                             stream: call.stream,
                             request_id: &call.ctx.request_id,

@@ -44,7 +44,7 @@ pub fn authenticate(
             return Ok(Caller::default());
         }
         return Err(CallError::Unauthenticated(
-            "no API key: send `Authorization: Bearer <key>` (spillctl keys create makes one)"
+            "no API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`; spillctl keys create makes one)"
                 .into(),
         ));
     };

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use spillway_core::api::Api;
 use spillway_core::model::Profile;
 use tower::retry::budget::TpsBudget;
 
@@ -41,6 +42,9 @@ use auth::Caller;
 pub struct Inbound<'a> {
     /// `http` or `grpc`, for metrics and the audit record.
     pub door: &'static str,
+    /// The API called, known from the path or method before anything is
+    /// parsed.
+    pub api: Api,
     /// The API key the caller presented, if any.
     pub key: Option<&'a str>,
     /// The caller's W3C `traceparent`, if any.
@@ -55,7 +59,7 @@ pub struct Request {
     pub stream: bool,
     /// The client's `max_tokens`, if it set one.
     pub max_tokens: Option<u64>,
-    /// The chat-completions body for the model the profile resolves to.
+    /// The request body of `api` for the model the profile resolves to.
     pub body: Box<dyn FnOnce(&str) -> Bytes + Send>,
 }
 
@@ -82,6 +86,7 @@ struct PreparedCall {
     config: Arc<AgentConfig>,
     profile: String,
     model: String,
+    api: Api,
     body: Bytes,
     stream: bool,
     ctx: CallContext,
@@ -186,6 +191,7 @@ impl Pipeline {
         parse: impl FnOnce() -> Result<Request, CallError>,
     ) -> Served {
         let mut ctx = CallContext::new(inbound.door);
+        ctx.api = inbound.api;
         let mut rate = RateInfo::default();
         let result = match self.prepare(&inbound, parse, &mut ctx) {
             Ok(call) => match self.admit(&call) {
@@ -232,6 +238,7 @@ impl Pipeline {
             body: (req.body)(&model),
             profile,
             model,
+            api: inbound.api,
             stream: req.stream,
             ctx: ctx.clone(),
             config: cfg,

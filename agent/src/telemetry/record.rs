@@ -21,6 +21,8 @@ use tokio::time::Instant;
 use opentelemetry_proto::tonic::trace::v1::ResourceSpans;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
+use spillway_core::api::Api;
+
 use crate::error::CallError;
 use crate::telemetry::trace::{self, TraceParent, Tracer, kv};
 use spillway_core::metrics::Metrics;
@@ -33,6 +35,8 @@ pub struct CallContext {
     pub at_unix_ms: u64,
     /// `http` or `grpc`.
     pub door: &'static str,
+    /// The inference API called.
+    pub api: Api,
     pub tenant: Option<String>,
     pub key_id: Option<String>,
     /// The profile the call resolved to (metrics label it by this only).
@@ -61,6 +65,7 @@ impl CallContext {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             door,
+            api: Api::Chat,
             tenant: None,
             key_id: None,
             profile: None,
@@ -143,7 +148,8 @@ impl Outcome {
             CallError::PermissionDenied(_) | CallError::RelayRefused(_) => "permission_denied",
             CallError::BadRequest { .. }
             | CallError::TooLarge(_)
-            | CallError::NotCallableHere { .. } => "bad_request",
+            | CallError::NotCallableHere { .. }
+            | CallError::ApiNotServed { .. } => "bad_request",
             CallError::ProfileNotFound(_) => "not_found",
             CallError::Unavailable(_) | CallError::Upstream(_) | CallError::NoConfig => "error",
             CallError::Cancelled => "cancelled",
@@ -173,6 +179,7 @@ struct AuditRecord<'a> {
     time: String,
     request_id: &'a str,
     door: &'a str,
+    api: &'a str,
     tenant: Option<&'a str>,
     key_id: Option<&'a str>,
     profile: Option<&'a str>,
@@ -305,6 +312,7 @@ impl Recorder {
             time: rfc3339(ctx.at_unix_ms),
             request_id: &ctx.request_id,
             door: ctx.door,
+            api: ctx.api.as_str(),
             tenant: ctx.tenant.as_deref(),
             key_id: ctx.key_id.as_deref(),
             profile: ctx.profile.as_deref(),
@@ -359,7 +367,7 @@ impl Recorder {
         let served = o.inference_region.as_deref().unwrap_or("");
         let model = ctx.model.clone().unwrap_or_default();
         let mut genai = vec![
-            kv("gen_ai.operation.name", "chat"),
+            kv("gen_ai.operation.name", ctx.api.operation_name()),
             kv("gen_ai.request.model", model.as_str()),
             kv("spillway.source_region", self.region.as_str()),
             kv("spillway.inference_region", served),
@@ -404,7 +412,7 @@ impl Recorder {
                 if a.end_ns.is_none() {
                     attrs.extend(usage.iter().cloned());
                 }
-                (format!("chat {model}"), attrs)
+                (format!("{} {model}", ctx.api.operation_name()), attrs)
             };
             attrs.push(kv("spillway.attempt_region", a.region.as_str()));
             spans.push(trace::span(

@@ -1,23 +1,43 @@
-//! The one reader of model-server answers: a chat completion (unary JSON)
-//! or its chunks (server-sent events), as the meter, the load report and the
-//! doors that translate answers (Converse) need them.
+//! The one reader of model-server answers, unary JSON or server-sent
+//! events, of every API: chat and legacy completions, embeddings, OpenAI
+//! Responses and Anthropic Messages. It reads what the meter, the load
+//! report and the doors that translate answers (Converse) need: usage,
+//! finish reasons, errors, and the text of chat completions.
 
 use bytes::BytesMut;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// A chat completion, or one chunk of a streamed one: what any part of the
-/// agent reads of it, in one parse.
+/// An answer, or one event of a streamed one, of any API: what any part of
+/// the agent reads of it, in one parse.
 #[derive(Deserialize, Default, Debug)]
 pub struct Completion {
+    /// Chat and legacy completions.
     #[serde(default)]
     pub choices: Vec<Choice>,
-    pub usage: Option<Usage>,
+    usage: Option<Usage>,
     /// Set on an error event: `{"error": {...}}`, or vLLM's
     /// `{"object": "error", "message": ...}`.
     error: Option<Value>,
     object: Option<String>,
-    message: Option<String>,
+    /// The event type of Responses and Messages streams.
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// vLLM's error text, or Anthropic's `message_start` (with usage).
+    message: Option<Value>,
+    /// The Responses API's `response.completed` event (with usage).
+    response: Option<Nested>,
+    /// Anthropic's `message_delta` (with the stop reason).
+    delta: Option<Nested>,
+    /// An Anthropic message's stop reason.
+    stop_reason: Option<String>,
+}
+
+/// What is read inside a nested object of an event.
+#[derive(Deserialize, Default, Debug)]
+struct Nested {
+    usage: Option<Usage>,
+    stop_reason: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
@@ -32,9 +52,13 @@ pub struct Content {
     pub content: Option<String>,
 }
 
+/// Token usage, in OpenAI's names (Responses and Anthropic say
+/// `input_tokens` and `output_tokens`).
 #[derive(Deserialize, Debug, Clone, Copy, Default)]
 pub struct Usage {
+    #[serde(alias = "input_tokens")]
     pub prompt_tokens: Option<u64>,
+    #[serde(alias = "output_tokens")]
     pub completion_tokens: Option<u64>,
     pub total_tokens: Option<u64>,
 }
@@ -44,7 +68,7 @@ impl Completion {
         serde_json::from_slice(json)
     }
 
-    /// The error this chunk reports, if it is an error event.
+    /// The error this answer or event reports, if it is an error.
     pub fn error(&self) -> Option<String> {
         if let Some(e) = &self.error {
             return Some(
@@ -53,18 +77,37 @@ impl Completion {
                     .map_or_else(|| e.to_string(), String::from),
             );
         }
-        (self.object.as_deref() == Some("error")).then(|| {
+        let is_error = self.object.as_deref() == Some("error")
+            || matches!(self.kind.as_deref(), Some("error" | "response.failed"));
+        is_error.then(|| {
             self.message
-                .clone()
-                .unwrap_or_else(|| "unknown error".into())
+                .as_ref()
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_string()
         })
     }
 
-    /// The choices' finish reasons (`stop`, `length`, ...).
+    /// The usage it reports: at the top, or in Anthropic's `message_start`,
+    /// or in the Responses API's `response.completed`.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+            .or_else(|| self.response.as_ref().and_then(|r| r.usage))
+            .or_else(|| {
+                self.message
+                    .as_ref()
+                    .and_then(|m| Usage::deserialize(m.get("usage")?).ok())
+            })
+    }
+
+    /// Why the answer ended: the choices' finish reasons (`stop`,
+    /// `length`, ...), or Anthropic's stop reason (`end_turn`, ...).
     pub fn finish_reasons(&self) -> impl Iterator<Item = &str> {
         self.choices
             .iter()
             .filter_map(|c| c.finish_reason.as_deref())
+            .chain(self.stop_reason.as_deref())
+            .chain(self.delta.as_ref().and_then(|d| d.stop_reason.as_deref()))
     }
 }
 
@@ -72,7 +115,7 @@ impl Completion {
 pub fn output_tokens(body: &[u8]) -> u64 {
     Completion::parse(body)
         .ok()
-        .and_then(|c| c.usage)
+        .and_then(|c| c.usage())
         .and_then(|u| u.completion_tokens)
         .unwrap_or(0)
 }
@@ -161,7 +204,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.finish_reasons().collect::<Vec<_>>(), ["stop"]);
-        assert_eq!(c.usage.unwrap().completion_tokens, Some(1));
+        assert_eq!(c.usage().unwrap().completion_tokens, Some(1));
         assert!(c.error().is_none());
         let e = Completion::parse(br#"{"object":"error","message":"boom"}"#).unwrap();
         assert_eq!(e.error().as_deref(), Some("boom"));
@@ -170,5 +213,53 @@ mod tests {
         assert_eq!(output_tokens(br#"{"choices":[]}"#), 0);
         assert_eq!(output_tokens(b"not json"), 0);
         assert_eq!(count_events(b": comment\n\n"), 0);
+    }
+
+    #[test]
+    fn reads_responses_and_messages_shapes() {
+        let usage = |json: &str| {
+            let u = Completion::parse(json.as_bytes()).unwrap().usage().unwrap();
+            (u.prompt_tokens, u.completion_tokens)
+        };
+        // Responses: unary, and the stream's last event.
+        assert_eq!(
+            usage(r#"{"object":"response","usage":{"input_tokens":4,"output_tokens":2}}"#),
+            (Some(4), Some(2))
+        );
+        assert_eq!(
+            usage(
+                r#"{"type":"response.completed","response":{"usage":{"input_tokens":4,"output_tokens":3}}}"#
+            ),
+            (Some(4), Some(3))
+        );
+        // Messages: unary, message_start and message_delta.
+        let m = Completion::parse(
+            br#"{"type":"message","stop_reason":"end_turn","usage":{"input_tokens":9,"output_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.finish_reasons().collect::<Vec<_>>(), ["end_turn"]);
+        assert_eq!(
+            usage(
+                r#"{"type":"message_start","message":{"id":"m","usage":{"input_tokens":9,"output_tokens":1}}}"#
+            ),
+            (Some(9), Some(1))
+        );
+        let d = Completion::parse(
+            br#"{"type":"message_delta","delta":{"stop_reason":"max_tokens"},"usage":{"output_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.finish_reasons().collect::<Vec<_>>(), ["max_tokens"]);
+        assert_eq!(d.usage().unwrap().completion_tokens, Some(5));
+        // Errors of both streams.
+        let e = Completion::parse(
+            br#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,
+        )
+        .unwrap();
+        assert_eq!(e.error().as_deref(), Some("busy"));
+        // Embeddings: input only.
+        assert_eq!(
+            usage(r#"{"object":"list","data":[],"usage":{"prompt_tokens":6,"total_tokens":6}}"#),
+            (Some(6), None)
+        );
     }
 }

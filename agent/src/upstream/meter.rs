@@ -23,9 +23,10 @@ use crate::quota::{Quotas, Reservation};
 impl Meter {
     /// Takes the usage and finish reasons of an answer or event.
     fn read(&mut self, c: &Completion) {
-        if let Some(u) = c.usage {
+        if let Some(u) = c.usage() {
             self.input = u.prompt_tokens.or(self.input);
-            self.output = u.completion_tokens.or(self.output);
+            // Usage without output tokens (embeddings) means none.
+            self.output = u.completion_tokens.or(self.output).or(Some(0));
         }
         self.finish_reasons
             .extend(c.finish_reasons().map(String::from));
@@ -187,7 +188,9 @@ impl Stream for Metered {
                     m.events += 1;
                     // Most events carry one token and neither: parsed only
                     // when they might.
-                    if (data.contains("\"usage\"") || data.contains("\"finish_reason\":\""))
+                    if (data.contains("\"usage\"")
+                        || data.contains("\"finish_reason\":\"")
+                        || data.contains("\"stop_reason\":\""))
                         && let Ok(c) = Completion::parse(data.as_bytes())
                     {
                         m.read(&c);

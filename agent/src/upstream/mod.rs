@@ -19,6 +19,8 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 
+use spillway_core::api::{Api, ApiSet};
+
 use crate::error::CallError;
 
 pub mod answer;
@@ -32,10 +34,12 @@ use outlier::{OutlierSettings, Outliers};
 /// One model server, as configured with `--model-server`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelServerSpec {
-    /// Base URL, e.g. `http://10.0.0.5:8000` (the agent adds
-    /// `/v1/chat/completions`).
+    /// Base URL, e.g. `http://10.0.0.5:8000` (the agent adds the API's
+    /// path, `/v1/chat/completions` and so on).
     pub url: String,
     pub models: BTreeSet<String>,
+    /// The APIs it serves (default: chat and completions).
+    pub apis: ApiSet,
     /// Concurrent calls it takes; more are not sent (the region is at
     /// capacity and calls spill over).
     pub capacity: u32,
@@ -55,7 +59,7 @@ impl ModelServerSpec {
 impl FromStr for ModelServerSpec {
     type Err = String;
 
-    /// `URL,models=a|b,capacity=N[,http2]`
+    /// `URL,models=a|b[,apis=chat|embeddings][,capacity=N][,http2]`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
         let url = parts
@@ -74,6 +78,7 @@ impl FromStr for ModelServerSpec {
         let mut spec = ModelServerSpec {
             url,
             models: BTreeSet::new(),
+            apis: ApiSet::of(Api::DEFAULT),
             capacity: 64,
             http2: false,
         };
@@ -86,6 +91,19 @@ impl FromStr for ModelServerSpec {
                         .map(String::from)
                         .collect()
                 }
+                Some(("apis", a)) => {
+                    let apis = a
+                        .split('|')
+                        .map(|name| name.parse::<Api>().map_err(|e| e.to_string()))
+                        .collect::<Result<Vec<Api>, String>>()?;
+                    spec.apis = ApiSet::of(apis);
+                    if spec.apis.is_empty() {
+                        return Err(format!(
+                            "model server `{}` names no APIs (apis=chat|completions|embeddings|responses|messages)",
+                            spec.url
+                        ));
+                    }
+                }
                 Some(("capacity", c)) => {
                     spec.capacity =
                         c.parse().ok().filter(|c| *c > 0).ok_or_else(|| {
@@ -95,7 +113,7 @@ impl FromStr for ModelServerSpec {
                 None if part == "http2" => spec.http2 = true,
                 _ => {
                     return Err(format!(
-                        "unknown model-server option `{part}` (use models=a|b, capacity=N, http2)"
+                        "unknown model-server option `{part}` (use models=a|b, apis=chat|embeddings, capacity=N, http2)"
                     ));
                 }
             }
@@ -114,7 +132,8 @@ impl FromStr for ModelServerSpec {
 #[derive(Debug)]
 pub struct ModelServer {
     pub spec: ModelServerSpec,
-    completions: Uri,
+    /// The URL of each API it serves, by [`Api::index`].
+    uris: [Option<Uri>; Api::ALL.len()],
     in_flight: AtomicU32,
     /// Time to response headers, EWMA, in microseconds (0 = no sample yet).
     latency_us: AtomicU64,
@@ -261,12 +280,16 @@ impl Upstreams {
         let servers = specs
             .into_iter()
             .map(|spec| {
-                let completions = format!("{}/v1/chat/completions", spec.url)
-                    .parse()
-                    .expect("checked when the spec was parsed");
+                let uris = Api::ALL.map(|api| {
+                    spec.apis.contains(api).then(|| {
+                        format!("{}{}", spec.url, api.path())
+                            .parse()
+                            .expect("checked when the spec was parsed")
+                    })
+                });
                 Arc::new(ModelServer {
                     spec,
-                    completions,
+                    uris,
                     in_flight: AtomicU32::new(0),
                     latency_us: AtomicU64::new(0),
                     calls: AtomicU64::new(0),
@@ -321,15 +344,15 @@ impl Upstreams {
 
     /// Picks a server for `model` by power of two choices among those with a
     /// free slot, and takes the slot.
-    fn pick(&self, model: &str) -> Result<(Arc<ModelServer>, InFlight), CallError> {
+    fn pick(&self, model: &str, api: Api) -> Result<(Arc<ModelServer>, InFlight), CallError> {
         let mut serving: Vec<&Arc<ModelServer>> = self
             .servers
             .iter()
-            .filter(|s| s.spec.models.contains(model))
+            .filter(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
             .collect();
         if serving.is_empty() {
             return Err(CallError::Unavailable(format!(
-                "no model server in this region serves `{model}`"
+                "no model server in this region serves `{model}` over the {api} API"
             )));
         }
         // Leave ejected servers out, unless every one is ejected.
@@ -379,16 +402,31 @@ impl Upstreams {
         )))
     }
 
-    /// Calls a model server of this region. `body` is the chat-completions
-    /// request with `model` already set.
+    /// Whether a model server of this region serves `model` over `api`.
+    pub fn serves(&self, model: &str, api: Api) -> bool {
+        self.servers
+            .iter()
+            .any(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
+    }
+
+    /// The APIs this region's model servers serve, together.
+    pub fn apis(&self) -> ApiSet {
+        self.servers
+            .iter()
+            .fold(ApiSet::default(), |set, s| set.union(s.spec.apis))
+    }
+
+    /// Calls a model server of this region. `body` is the request of `api`
+    /// with `model` already set.
     pub async fn call(
         &self,
         model: &str,
+        api: Api,
         body: Bytes,
         stream: bool,
     ) -> Result<UpstreamAnswer, CallError> {
-        let (server, slot) = self.pick(model)?;
-        let result = self.send(&server, slot, body, stream).await;
+        let (server, slot) = self.pick(model, api)?;
+        let result = self.send(&server, slot, api, body, stream).await;
         // Passive health: a server that throttles or fails calls in a row is
         // left out of the picks for a while.
         server.calls.fetch_add(1, Ordering::Relaxed);
@@ -407,7 +445,7 @@ impl Upstreams {
                 let set: Vec<String> = self
                     .servers
                     .iter()
-                    .filter(|s| s.spec.models.contains(model))
+                    .filter(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
                     .map(|s| s.spec.url.clone())
                     .collect();
                 if self
@@ -426,10 +464,14 @@ impl Upstreams {
         &self,
         server: &Arc<ModelServer>,
         slot: InFlight,
+        api: Api,
         body: Bytes,
         stream: bool,
     ) -> Result<UpstreamAnswer, CallError> {
-        let req = Request::post(server.completions.clone())
+        let uri = server.uris[api.index()]
+            .clone()
+            .expect("picked servers serve the API");
+        let req = Request::post(uri)
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(body))
             .expect("a valid request");
@@ -573,6 +615,7 @@ mod tests {
         ModelServerSpec {
             url: url.into(),
             models: ["m".to_string()].into(),
+            apis: ApiSet::of(Api::DEFAULT),
             capacity,
             http2: false,
         }
@@ -586,6 +629,17 @@ mod tests {
         assert_eq!(s.url, "http://127.0.0.1:8000");
         assert_eq!(s.models.len(), 2);
         assert_eq!((s.capacity, s.http2), (8, true));
+        assert_eq!(s.apis, ApiSet::of(Api::DEFAULT));
+        let s: ModelServerSpec = "http://x,models=a,apis=embeddings|messages"
+            .parse()
+            .unwrap();
+        assert_eq!(s.apis, ApiSet::of([Api::Embeddings, Api::Messages]));
+        assert_eq!(
+            "http://x,models=a,apis=chat|bogus"
+                .parse::<ModelServerSpec>()
+                .unwrap_err(),
+            "unknown API `bogus`: one of chat, completions, embeddings, responses, messages"
+        );
         let s: ModelServerSpec = "https://vllm.internal:8443,models=a".parse().unwrap();
         assert_eq!(s.url, "https://vllm.internal:8443");
         for bad in [
@@ -593,6 +647,7 @@ mod tests {
             "http://x",
             "http://x,models=a,capacity=0",
             "http://x,models=a,weird",
+            "http://x,models=a,apis=",
         ] {
             assert!(bad.parse::<ModelServerSpec>().is_err(), "{bad}");
         }
@@ -606,14 +661,25 @@ mod tests {
         );
         let mut slots = Vec::new();
         for _ in 0..4 {
-            slots.push(up.pick("m").expect("a free slot").1);
+            slots.push(up.pick("m", Api::Chat).expect("a free slot").1);
         }
         // Both servers were filled evenly, then the region is at capacity.
         assert_eq!(up.servers()[0].in_flight(), 2);
         assert_eq!(up.servers()[1].in_flight(), 2);
-        assert!(matches!(up.pick("m"), Err(CallError::AtCapacity(_))));
+        assert!(matches!(
+            up.pick("m", Api::Chat),
+            Err(CallError::AtCapacity(_))
+        ));
         slots.pop();
-        assert!(up.pick("m").is_ok());
-        assert!(matches!(up.pick("other"), Err(CallError::Unavailable(_))));
+        assert!(up.pick("m", Api::Chat).is_ok());
+        assert!(matches!(
+            up.pick("other", Api::Chat),
+            Err(CallError::Unavailable(_))
+        ));
+        // Neither server says it serves embeddings.
+        assert!(matches!(
+            up.pick("m", Api::Embeddings),
+            Err(CallError::Unavailable(_))
+        ));
     }
 }

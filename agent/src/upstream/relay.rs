@@ -34,6 +34,7 @@ use crate::net::connect::TlsConnect;
 use crate::telemetry::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use spillway_core::api::Api;
 use spillway_core::metrics::Metrics;
 use spillway_core::tls::{Expect, Peer, TlsFiles};
 
@@ -112,20 +113,29 @@ impl RelayClients {
         let RelayedCall {
             profile,
             model,
+            api,
             body,
             stream,
             request_id,
             traceparent,
             spans,
         } = call;
-        let agents = cfg
+        // An agent of the region that serves the call's API (agents that
+        // announce none serve chat and completions).
+        let agents: Vec<&str> = cfg
             .relays
             .get(region)
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| {
-                CallError::Unavailable(format!("no agent of region `{region}` is connected"))
-            })?;
-        let (_, addr) = &agents[fastrand::usize(..agents.len())];
+            .into_iter()
+            .flatten()
+            .filter(|a| a.apis.contains(api))
+            .map(|a| a.address.as_str())
+            .collect();
+        if agents.is_empty() {
+            return Err(CallError::Unavailable(format!(
+                "no agent of region `{region}` serving the {api} API is connected"
+            )));
+        }
+        let addr = agents[fastrand::usize(..agents.len())];
         let mut client = RelayServiceClient::new(self.channel(region, addr)?)
             .max_decoding_message_size(MAX_RELAY_MESSAGE)
             .max_encoding_message_size(MAX_RELAY_MESSAGE);
@@ -142,6 +152,7 @@ impl RelayClients {
             body,
             stream,
             traceparent: traceparent.header(),
+            api: api.as_str().to_string(),
         });
         req.metadata_mut().insert(
             SOURCE_AGENT,
@@ -220,6 +231,7 @@ impl RelayClients {
 pub struct RelayedCall<'a> {
     pub profile: &'a str,
     pub model: &'a str,
+    pub api: Api,
     pub body: Bytes,
     pub stream: bool,
     pub request_id: &'a str,
@@ -355,7 +367,7 @@ impl RelayServer {
         let known = cfg
             .as_ref()
             .and_then(|c| c.relays.get(region))
-            .is_some_and(|agents| agents.iter().any(|(id, _)| id == agent));
+            .is_some_and(|agents| agents.iter().any(|a| a.agent_id == agent));
         if !known {
             return refuse(format!("`{caller}` is not a known agent"));
         }
@@ -389,6 +401,7 @@ impl RelayService for RelayServer {
                 1,
             );
         };
+        let api = Api::from_wire(&req.api).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // The body must ask for the model the relay names: the destination
         // serves what the source resolved, nothing else.
         let body_model = serde_json::from_slice::<ModelOnly>(&req.body)
@@ -407,7 +420,7 @@ impl RelayService for RelayServer {
             (trace::now_ns(), trace::new_span_id(), trace::new_span_id());
         let answer = self
             .upstreams
-            .call(&req.model, req.body.clone(), req.stream)
+            .call(&req.model, api, req.body.clone(), req.stream)
             .await
             .map_err(|e| {
                 count("refused");
@@ -425,6 +438,7 @@ impl RelayService for RelayServer {
         let spans: Arc<Mutex<Bytes>> = Arc::default();
         let answer_body = match TraceParent::parse(&req.traceparent).filter(|t| t.sampled) {
             Some(parent) => {
+                let op = api.operation_name();
                 let (slot, region, agent) =
                     (spans.clone(), self.region.clone(), self.agent_id.clone());
                 let (model, status, source) =
@@ -433,7 +447,7 @@ impl RelayService for RelayServer {
                     .on_finish(Box::new(move |f| {
                         let end = trace::now_ns();
                         let mut genai = vec![
-                            kv("gen_ai.operation.name", "chat"),
+                            kv("gen_ai.operation.name", op),
                             kv("gen_ai.provider.name", "openai_compatible"),
                             kv("gen_ai.request.model", model.as_str()),
                             kv("gen_ai.usage.input_tokens", f.input_tokens),
@@ -465,7 +479,7 @@ impl RelayService for RelayServer {
                             parent.trace_id,
                             model_span,
                             Some(server_span),
-                            format!("chat {model}"),
+                            format!("{op} {model}"),
                             SpanKind::Client,
                             start_ns,
                             end,

@@ -909,6 +909,7 @@ async fn sync_client(
         relay_address: format!("127.0.0.1:{}", 10_000 + id),
         current_version: 0,
         agent_build: "bench".into(),
+        apis: Vec::new(),
     };
     let _ = out
         .send(pb::AgentMessage {
