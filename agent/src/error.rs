@@ -50,11 +50,14 @@ pub enum CallError {
     /// another region may do.
     #[error("{0}")]
     Unavailable(String),
-    /// Every allowed region was tried (or the attempt limit was hit).
-    #[error("inference profile `{profile}` is throttled: {}", describe(.attempts))]
+    /// Every allowed region was tried (or the attempt limit was hit). The
+    /// client is told the regions and a cause class for each; the details
+    /// (model-server addresses, OS errors) go to the log and the audit
+    /// record only.
+    #[error("{}", describe(.profile, .attempts))]
     Exhausted {
         profile: String,
-        attempts: Vec<(String, String)>,
+        attempts: Vec<FailedAttempt>,
     },
     /// A model server answered something that is not a valid answer, or
     /// broke off. Not retried: it may have done the work.
@@ -87,18 +90,79 @@ pub enum CallError {
     Quota(Box<(Refused, RateInfo)>),
 }
 
-fn describe(attempts: &[(String, String)]) -> String {
+/// Why one region did not serve a call, as the client is told it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// It throttled, or every model server was at capacity.
+    Saturated,
+    /// It could not be reached, failed, or did not answer in time.
+    Unavailable,
+    /// The retry budget was spent before it was tried.
+    NotTried,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Saturated => "saturated",
+            Cause::Unavailable => "unavailable",
+            Cause::NotTried => "not tried (retry budget spent)",
+        }
+    }
+}
+
+/// A region tried for a call that it did not serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedAttempt {
+    pub region: String,
+    pub cause: Cause,
+    /// What happened, for the log and the audit record (may name internal
+    /// addresses); never sent to the client.
+    pub detail: String,
+}
+
+impl FailedAttempt {
+    /// A region's failure, classed by the error it gave.
+    pub fn of(region: &str, e: &CallError) -> FailedAttempt {
+        let cause = match e {
+            CallError::Throttled(_) | CallError::AtCapacity(_) => Cause::Saturated,
+            _ => Cause::Unavailable,
+        };
+        FailedAttempt {
+            region: region.to_string(),
+            cause,
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Whether a call that every region failed was throttled (some region was
+/// saturated: calling again later may do) rather than failed by an outage.
+fn saturated(attempts: &[FailedAttempt]) -> bool {
+    attempts.is_empty() || attempts.iter().any(|a| a.cause == Cause::Saturated)
+}
+
+fn describe(profile: &str, attempts: &[FailedAttempt]) -> String {
     if attempts.is_empty() {
-        return "no region could take the call".to_string();
+        return format!(
+            "inference profile `{profile}` is throttled: no region could take the call"
+        );
     }
     let tried: Vec<String> = attempts
         .iter()
-        .map(|(r, why)| format!("{r}: {why}"))
+        .map(|a| format!("{}: {}", a.region, a.cause.as_str()))
         .collect();
-    format!(
-        "every region tried was saturated or unavailable ({})",
-        tried.join("; ")
-    )
+    if saturated(attempts) {
+        format!(
+            "inference profile `{profile}` is throttled: every region tried was saturated or unavailable ({})",
+            tried.join("; ")
+        )
+    } else {
+        format!(
+            "inference profile `{profile}` is unavailable: no region tried could serve the call ({})",
+            tried.join("; ")
+        )
+    }
 }
 
 impl CallError {
@@ -117,6 +181,9 @@ impl CallError {
             | CallError::ApiNotServed { .. } => StatusCode::BAD_REQUEST,
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             CallError::Throttled(_)
             | CallError::AtCapacity(_)
             | CallError::Exhausted { .. }
@@ -141,6 +208,9 @@ impl CallError {
             ),
             CallError::ApiNotServed { .. } => ("invalid_request_error", Some("api_not_supported")),
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
+            CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
+                ("server_error", Some("regions_unavailable"))
+            }
             CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 ("rate_limit_error", Some("rate_limit_exceeded"))
             }
@@ -172,6 +242,9 @@ impl CallError {
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::ApiNotServed { .. } => Status::invalid_argument(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
+            CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
+                Status::unavailable(msg)
+            }
             CallError::Throttled(_)
             | CallError::AtCapacity(_)
             | CallError::Exhausted { .. }
@@ -215,6 +288,9 @@ pub fn http_response(e: &CallError) -> Response {
     let mut r = json_response(e.http_status(), &e.openai_json());
     let h = r.headers_mut();
     match e {
+        CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             h.insert(THROTTLE, HeaderValue::from_static("capacity"));
@@ -296,5 +372,64 @@ pub fn rate_metadata(md: &mut tonic::metadata::MetadataMap, info: &RateInfo) {
         ) {
             md.insert(k, v);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(region: &str, e: CallError) -> FailedAttempt {
+        FailedAttempt::of(region, &e)
+    }
+
+    #[test]
+    fn an_outage_is_not_a_throttle_and_keeps_its_details_to_itself() {
+        let down = CallError::Exhausted {
+            profile: "us.m".into(),
+            attempts: vec![
+                attempt(
+                    "us-east",
+                    CallError::Unavailable(
+                        "model server http://10.0.0.5:8000: Connection refused (os error 111)"
+                            .into(),
+                    ),
+                ),
+                attempt(
+                    "us-west",
+                    CallError::Unavailable("agent 10.1.0.7:7443 did not answer".into()),
+                ),
+            ],
+        };
+        assert_eq!(down.http_status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(down.to_status().code(), tonic::Code::Unavailable);
+        let json = down.openai_json();
+        assert_eq!(json["error"]["code"], "regions_unavailable");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert_eq!(
+            message,
+            "inference profile `us.m` is unavailable: no region tried could serve the call (us-east: unavailable; us-west: unavailable)"
+        );
+        assert!(!message.contains("10.") && !message.contains("os error"));
+        let r = http_response(&down);
+        assert!(!r.headers().contains_key(THROTTLE));
+
+        let busy = CallError::Exhausted {
+            profile: "us.m".into(),
+            attempts: vec![
+                attempt(
+                    "us-east",
+                    CallError::AtCapacity("every model server is at capacity".into()),
+                ),
+                attempt(
+                    "us-west",
+                    CallError::Unavailable("model server http://10.0.0.6: 503".into()),
+                ),
+            ],
+        };
+        assert_eq!(busy.http_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(busy.openai_json()["error"]["code"], "rate_limit_exceeded");
+        assert!(!busy.to_string().contains("10.0.0.6"), "{busy}");
+        assert_eq!(http_response(&busy).headers()[THROTTLE], "capacity");
     }
 }

@@ -417,6 +417,11 @@ impl ControlPlane {
         }
     }
 
+    /// What the replica logged so far.
+    pub fn log_text(&self) -> String {
+        read(&self.log)
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)

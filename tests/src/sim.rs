@@ -3,9 +3,10 @@
 //! (unary and server-sent events in each API's own shapes), with a
 //! configurable time to first token, inter-token latency, output length,
 //! concurrency limit (429 beyond it), injected failure rate and garbage
-//! answers; `/health` and `/metrics`. Tests run it in process and change
-//! its behaviour on the fly; the demo and the benchmark run the
-//! `spillway-sim` binary.
+//! answers; `/health` and `/metrics`. A chat request that offers tools
+//! gets a call to the first one. Tests run it in process and change its
+//! behaviour on the fly; the demo and the benchmark run the `spillway-sim`
+//! binary.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -302,12 +303,25 @@ async fn answer(api: Api, State(s): State<Arc<SimState>>, body: Bytes) -> Respon
         return json_answer(shape.unary());
     }
     let (id, model) = (shape.id, shape.model);
+    let tool = tool_to_call(&req);
     if !stream {
         sleep(cfg.ttft + cfg.inter_token * n.saturating_sub(1)).await;
-        let text: String = (0..n).map(token).collect();
+        let (message, finish) = match &tool {
+            Some(name) => (
+                json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "id": SIM_TOOL_CALL_ID, "type": "function",
+                    "function": {"name": name, "arguments": SIM_TOOL_ARGUMENTS},
+                }]}),
+                "tool_calls",
+            ),
+            None => {
+                let text: String = (0..n).map(token).collect();
+                (json!({"role": "assistant", "content": text}), finish)
+            }
+        };
         let answer = json!({
             "id": id, "object": "chat.completion", "created": 0, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": usage,
         });
         s.served.fetch_add(1, Ordering::Relaxed);
@@ -332,26 +346,48 @@ async fn answer(api: Api, State(s): State<Arc<SimState>>, body: Bytes) -> Respon
     let events = async_stream(move |tx| async move {
         let _slot = slot;
         sleep(cfg.ttft).await;
-        for i in 0..n {
-            if i > 0 {
-                sleep(cfg.inter_token).await;
+        if let Some(name) = tool {
+            // The call's id and name first, then its arguments in two
+            // pieces, as engines stream them.
+            let (a, b) = SIM_TOOL_ARGUMENTS.split_at(5);
+            let call = |piece: Value| json!({"tool_calls": [piece]});
+            let mut first = call(
+                json!({"index": 0, "id": SIM_TOOL_CALL_ID, "type": "function",
+                "function": {"name": name, "arguments": ""}}),
+            );
+            first["role"] = json!("assistant");
+            for delta in [
+                first,
+                call(json!({"index": 0, "function": {"arguments": a}})),
+                call(json!({"index": 0, "function": {"arguments": b}})),
+            ] {
+                if tx.send(Ok(chunk(delta, None))).await.is_err() {
+                    return;
+                }
             }
-            if cfg.break_after == Some(i) {
-                // Let what was sent reach the wire, then break off.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                let _ = tx.send(Err(std::io::Error::other("simulated break"))).await;
-                return;
+            let _ = tx.send(Ok(chunk(json!({}), Some("tool_calls")))).await;
+        } else {
+            for i in 0..n {
+                if i > 0 {
+                    sleep(cfg.inter_token).await;
+                }
+                if cfg.break_after == Some(i) {
+                    // Let what was sent reach the wire, then break off.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx.send(Err(std::io::Error::other("simulated break"))).await;
+                    return;
+                }
+                let delta = if i == 0 {
+                    json!({"role": "assistant", "content": token(i)})
+                } else {
+                    json!({"content": token(i)})
+                };
+                if tx.send(Ok(chunk(delta, None))).await.is_err() {
+                    return;
+                }
             }
-            let delta = if i == 0 {
-                json!({"role": "assistant", "content": token(i)})
-            } else {
-                json!({"content": token(i)})
-            };
-            if tx.send(Ok(chunk(delta, None))).await.is_err() {
-                return;
-            }
+            let _ = tx.send(Ok(chunk(json!({}), Some(finish)))).await;
         }
-        let _ = tx.send(Ok(chunk(json!({}), Some(finish)))).await;
         if include_usage {
             let u = json!({"id": "usage", "object": "chat.completion.chunk", "choices": [], "usage": usage});
             let _ = tx.send(Ok(Bytes::from(format!("data: {u}\n\n")))).await;
@@ -500,7 +536,8 @@ impl Shape {
                 if include_usage {
                     out.push(sse(
                         None,
-                        &json!({"id": self.id, "object": "text_completion", "choices": [],
+                        &json!({"id": self.id, "object": "text_completion", "created": 0,
+                            "model": self.model, "choices": [],
                             "usage": {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}}),
                     ));
                 }
@@ -528,6 +565,25 @@ impl Shape {
             Api::Chat | Api::Embeddings => unreachable!("answered elsewhere"),
         }
     }
+}
+
+/// The id of the tool call a chat answer makes when it is offered tools.
+pub const SIM_TOOL_CALL_ID: &str = "call_sim_1";
+/// The arguments of that call.
+pub const SIM_TOOL_ARGUMENTS: &str = r#"{"q":"tok0"}"#;
+
+/// The tool a chat request should call: its first tool, when it offers
+/// tools and the user spoke last. After a tool's answer (a `tool` message
+/// last), the model answers in text.
+fn tool_to_call(req: &Value) -> Option<String> {
+    let first = req["tools"].as_array()?.first()?;
+    let last = req["messages"].as_array()?.last()?;
+    (last["role"] == "user").then(|| {
+        first["function"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    })
 }
 
 /// Token `i` of every answer: "tok0 ", "tok1 ", ... so that tests can check

@@ -108,6 +108,16 @@ async fn http_bad_input_is_refused_with_the_field_named() {
     assert_eq!(a.status, 413, "{}", a.text());
     assert_eq!(a.json()["error"]["code"], "request_too_large");
 
+    // The wrong method on a known path: 405 with an error body like the rest.
+    let a = http.get(east, "/v1/chat/completions").await;
+    assert_eq!(a.status, 405, "{}", a.text());
+    let e = a.json();
+    assert_eq!(e["error"]["type"], "invalid_request_error", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("GET"),
+        "{e}"
+    );
+
     // Nothing reached a model server, and good calls still work.
     assert_eq!(served_everywhere(&cluster).await, 0);
     let ok = http

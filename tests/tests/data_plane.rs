@@ -220,6 +220,7 @@ async fn converse_over_grpc_names_the_serving_region() {
             ..Default::default()
         }),
         request_metadata: Default::default(),
+        tool_config: None,
     };
     let resp = client.converse(req.clone()).await.unwrap();
     assert_eq!(
@@ -249,6 +250,7 @@ async fn converse_over_grpc_names_the_serving_region() {
             pb::converse_stream_event::Event::ContentDelta(d) => text.push_str(&d.text),
             pb::converse_stream_event::Event::MessageStop(_) => stopped = true,
             pb::converse_stream_event::Event::Metadata(m) => usage = m.usage,
+            _ => {}
         }
     }
     assert_eq!(start_region.as_deref(), Some("us-east"));

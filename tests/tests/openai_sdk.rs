@@ -97,3 +97,104 @@ async fn the_openai_client_works_unchanged() {
         other => panic!("expected an API error, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_openai_client_calls_completions_embeddings_and_responses() {
+    use async_openai::types::completions::CreateCompletionRequestArgs;
+    use async_openai::types::embeddings::CreateEmbeddingRequestArgs;
+    use async_openai::types::responses::{CreateResponseArgs, ResponseStreamEvent};
+
+    let cluster = Cluster::start(ClusterSpec {
+        anonymous: false,
+        ..ClusterSpec::default()
+    })
+    .await;
+    let openai = client(&cluster, "us-east").await;
+    let four: String = (0..4).map(token).collect();
+
+    // Legacy completions, unary and streamed.
+    let request = CreateCompletionRequestArgs::default()
+        .model(US)
+        .prompt("hello")
+        .max_tokens(4u32)
+        .build()
+        .unwrap();
+    let answer = openai
+        .completions()
+        .create(request.clone())
+        .await
+        .expect("a completion");
+    assert_eq!(answer.choices[0].text, four);
+    let mut stream = openai
+        .completions()
+        .create_stream(request)
+        .await
+        .expect("a stream");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        for choice in chunk.expect("a chunk").choices {
+            text.push_str(&choice.text);
+        }
+    }
+    assert_eq!(text, four);
+
+    // Embeddings: one vector per input, usage counting input only.
+    let answer = openai
+        .embeddings()
+        .create(
+            CreateEmbeddingRequestArgs::default()
+                .model(US)
+                .input(["hello", "world"])
+                .build()
+                .unwrap(),
+        )
+        .await
+        .expect("embeddings");
+    assert_eq!(answer.data.len(), 2);
+    assert!(answer.usage.prompt_tokens > 0);
+
+    // Responses, stateless: unary and streamed events.
+    let request = CreateResponseArgs::default()
+        .model(US)
+        .input("hello")
+        .max_output_tokens(4u32)
+        .store(false)
+        .build()
+        .unwrap();
+    let answer = openai
+        .responses()
+        .create(request.clone())
+        .await
+        .expect("a response");
+    assert_eq!(answer.output_text().as_deref(), Some(four.as_str()));
+    let mut stream = openai
+        .responses()
+        .create_stream(request)
+        .await
+        .expect("a stream");
+    let (mut text, mut completed) = (String::new(), false);
+    while let Some(event) = stream.next().await {
+        match event.expect("an event") {
+            ResponseStreamEvent::ResponseOutputTextDelta(d) => text.push_str(&d.delta),
+            ResponseStreamEvent::ResponseCompleted(_) => completed = true,
+            _ => {}
+        }
+    }
+    assert_eq!(text, four);
+    assert!(completed);
+
+    // A stored response is refused, as an API error the client reads.
+    let stored = CreateResponseArgs::default()
+        .model(US)
+        .input("hello")
+        .store(true)
+        .build()
+        .unwrap();
+    match openai.responses().create(stored).await {
+        Err(async_openai::error::OpenAIError::ApiError(e)) => {
+            assert_eq!(e.status_code, 400, "{e:?}");
+            assert_eq!(e.api_error.param.as_deref(), Some("store"), "{e:?}");
+        }
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}

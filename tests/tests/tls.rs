@@ -482,6 +482,64 @@ async fn the_control_plane_talks_to_etcd_over_tls_with_a_client_certificate() {
 }
 
 #[tokio::test]
+async fn a_tls_control_plane_refuses_a_plaintext_etcd_unless_told() {
+    let pki = pki();
+    let etcd = spillway_tests::Etcd::start().await;
+    assert!(etcd.endpoint.starts_with("http://"));
+    let tls = [
+        "--tls-ca",
+        s(&pki.cp.ca),
+        "--tls-cert",
+        s(&pki.cp.cert),
+        "--tls-key",
+        s(&pki.cp.key),
+    ];
+    let out = tokio::process::Command::new(bin("spillway-control-plane"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd-endpoints",
+            &etcd.endpoint,
+        ])
+        .args(tls)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("is plaintext while TLS is on") && err.contains("--allow-plaintext-etcd"),
+        "{err}"
+    );
+    // Told so, it starts (with a warning) and writes through.
+    let cp = ControlPlane::start_with(
+        Some(&etcd.endpoint),
+        "cp",
+        &[&tls[..], &["--allow-plaintext-etcd"]].concat(),
+    )
+    .await;
+    let admin = [
+        "--tls-ca",
+        s(&pki.admin.ca),
+        "--tls-cert",
+        s(&pki.admin.cert),
+        "--tls-key",
+        s(&pki.admin.key),
+    ];
+    let (ok, _, err) = cp
+        .spillctl(&[&admin[..], &["regions", "create", "us-east", "-g", "us"]].concat())
+        .await;
+    assert!(ok, "{err}");
+    assert!(
+        etcd.etcdctl(&["get", "/spillway/v1/regions/us-east", "--print-value-only"])
+            .await
+            .contains("us-east")
+    );
+    let log = cp.log_text();
+    assert!(log.contains("talking to etcd in plaintext"), "{log}");
+}
+
+#[tokio::test]
 async fn a_relay_goes_only_to_an_agent_of_the_destination_region() {
     let pki = pki();
     let cp = tls_control_plane(&pki, &[]).await;
@@ -562,12 +620,12 @@ async fn plaintext_east_plane() -> ControlPlane {
 }
 
 /// One call through an agent of us-east whose only model server serves
-/// HTTPS with `identity`, trusting `ca`; the answer, and how many
-/// requests reached the server.
+/// HTTPS with `identity`, trusting `ca`; the answer, how many requests
+/// reached the server, and what the audit record says of the attempt.
 async fn call_an_https_model_server(
     identity: &TlsFiles,
     ca: &Path,
-) -> (spillway_tests::cluster::HttpAnswer, u64) {
+) -> (spillway_tests::cluster::HttpAnswer, u64, String) {
     let sim = TestSim::start_tls(SimConfig::default(), identity).await;
     let cp = plaintext_east_plane().await;
     let planes = [cp.url()];
@@ -577,6 +635,8 @@ async fn call_an_https_model_server(
     server.url = format!("https://{}", sim.addr);
     opts.model_servers = vec![server];
     opts.model_server_ca = Some(ca.to_path_buf());
+    let audit = dir.path().join("audit");
+    opts.audit_dir = Some(audit.clone());
     let agent = TestAgent::start_with(opts).await;
     agent
         .wait_for("the profile", |c| c.routes.contains_key(US))
@@ -588,7 +648,25 @@ async fn call_an_https_model_server(
         .state
         .received
         .load(std::sync::atomic::Ordering::Relaxed);
-    (answer, received)
+    let file = audit.join("audit.jsonl");
+    spillway_tests::wait_until("the call's audit record", Duration::from_secs(10), || {
+        let file = file.clone();
+        async move { std::fs::read_to_string(file).is_ok_and(|t| t.ends_with('\n')) }
+    })
+    .await;
+    let record: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    let detail = record["attempts"][0]["outcome"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (answer, received, detail)
 }
 
 #[tokio::test]
@@ -600,26 +678,29 @@ async fn https_model_servers_are_reached_only_with_a_certificate_of_their_ca_for
     let good = models_ca
         .issue("vllm", "spiffe://example/model-server/vllm")
         .unwrap();
-    let (answer, received) = call_an_https_model_server(&good, &models_ca.ca_path()).await;
+    let (answer, received, _) = call_an_https_model_server(&good, &models_ca.ca_path()).await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.region(), Some("us-east"));
     assert_eq!(received, 1);
-    // Certified by another CA: no request is sent, and the call fails with
-    // the reason.
+    // Certified by another CA: no request is sent, and the call fails; the
+    // client is told the region was unavailable, the audit record (in the
+    // source region) says why.
     let impostor = rogue_ca
         .issue("rogue", "spiffe://example/model-server/rogue")
         .unwrap();
-    let (answer, received) = call_an_https_model_server(&impostor, &models_ca.ca_path()).await;
-    assert_ne!(answer.status, 200, "{}", answer.text());
-    assert!(answer.text().contains("certificate"), "{}", answer.text());
+    let (answer, received, why) = call_an_https_model_server(&impostor, &models_ca.ca_path()).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert!(!answer.text().contains("127.0.0.1"), "{}", answer.text());
+    assert!(why.contains("certificate"), "{why}");
     assert_eq!(received, 0);
     // Certified by the right CA, but for another host.
     let elsewhere = models_ca
         .issue_for_names("elsewhere", &["vllm.elsewhere.example"])
         .unwrap();
-    let (answer, received) = call_an_https_model_server(&elsewhere, &models_ca.ca_path()).await;
-    assert_ne!(answer.status, 200, "{}", answer.text());
-    assert!(answer.text().contains("certificate"), "{}", answer.text());
+    let (answer, received, why) =
+        call_an_https_model_server(&elsewhere, &models_ca.ca_path()).await;
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert!(why.contains("certificate"), "{why}");
     assert_eq!(received, 0);
 }
 

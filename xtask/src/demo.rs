@@ -203,7 +203,10 @@ pub fn demo(exit_after: bool) -> Result<()> {
         for i in 1..=2 {
             let (child, addr) = start_sim(&bin, capacity, log(&format!("sim-{region}-{i}"))?)?;
             procs.0.push(child);
-            servers.push(format!("http://{addr},models={MODEL},capacity={capacity}"));
+            // The simulator serves every API an engine can.
+            servers.push(format!(
+                "http://{addr},models={MODEL},apis=chat|completions|embeddings|responses|messages,capacity={capacity}"
+            ));
         }
         let (grpc, http) = (free_port()?, free_port()?);
         let mut cmd = Command::new(bin.join("spillway-agent"));

@@ -105,7 +105,10 @@ mod tests {
         assert_eq!(r.status(), 401);
         let throttled = error_response(&CallError::Exhausted {
             profile: "p".into(),
-            attempts: vec![],
+            attempts: vec![crate::error::FailedAttempt::of(
+                "us-east",
+                &CallError::AtCapacity("full".into()),
+            )],
         });
         assert_eq!(throttled.status(), 429);
         assert_eq!(throttled.headers()["retry-after"], "1");

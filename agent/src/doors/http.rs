@@ -57,6 +57,20 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
             *r.status_mut() = StatusCode::NOT_FOUND;
             r
         })
+        // A known path called with the wrong method: 405, in the same
+        // OpenAI error shape as every other refusal.
+        .method_not_allowed_fallback(|method: http::Method, uri: http::Uri| async move {
+            let e = CallError::BadRequest {
+                param: None,
+                message: format!(
+                    "method {method} is not allowed on {}: the /v1 calls are POST, /v1/models and /health are GET",
+                    uri.path()
+                ),
+            };
+            let mut r = http_response(&e);
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+            r
+        })
         .with_state(door)
 }
 

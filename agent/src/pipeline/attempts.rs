@@ -10,7 +10,7 @@ use spillway_core::model::RouteTable;
 use tower::retry::budget::Budget;
 
 use super::{Answer, Pipeline, PreparedCall, Routed, route};
-use crate::error::CallError;
+use crate::error::{CallError, Cause, FailedAttempt};
 use crate::telemetry::record::AttemptSpan;
 use crate::telemetry::trace::{self, RemoteSpans, TraceParent};
 use crate::upstream::relay::RelayedCall;
@@ -135,10 +135,11 @@ impl Pipeline {
             // Only a retry after a call that was really made spends the
             // budget: moving on from a region at capacity made no call.
             if i > 0 && spent_call && !self.budget.withdraw() {
-                failed.push((
-                    region.to_string(),
-                    "not tried: the retry budget is spent".to_string(),
-                ));
+                failed.push(FailedAttempt {
+                    region: region.to_string(),
+                    cause: Cause::NotTried,
+                    detail: "not tried: the retry budget is spent".to_string(),
+                });
                 break;
             }
             let attempt = AttemptSpan {
@@ -219,7 +220,7 @@ impl Pipeline {
                 }
                 Err(e) if e.retriable() => {
                     spent_call |= !matches!(e, CallError::AtCapacity(_));
-                    failed.push((region.to_string(), e.to_string()));
+                    failed.push(FailedAttempt::of(region, &e));
                     spans.push(AttemptSpan {
                         end_ns: Some(trace::now_ns()),
                         error: Some(e.to_string()),
@@ -229,6 +230,9 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
         }
+        // What each region said, addresses and all, stays here and in the
+        // audit record; the client is told the regions and the causes.
+        tracing::warn!(profile = %call.profile, attempts = ?failed, "no region served the call");
         Err(CallError::Exhausted {
             profile: call.profile,
             attempts: failed,

@@ -23,7 +23,7 @@ use tower::retry::budget::TpsBudget;
 
 use crate::control::snapshot::AgentConfig;
 use crate::control::sync::ConfigWatch;
-use crate::error::CallError;
+use crate::error::{CallError, FailedAttempt};
 use crate::quota::{CallScope, Quotas, RateInfo, Reservation, estimate_input_tokens};
 use crate::telemetry::record::{AttemptSpan, CallContext, Recorder};
 use crate::telemetry::trace::RemoteSpans;
@@ -103,7 +103,7 @@ struct Admission {
 struct Routed {
     answer: Answer,
     /// Regions tried before the serving one, with why they did not serve.
-    failed_attempts: Vec<(String, String)>,
+    failed_attempts: Vec<FailedAttempt>,
     /// Every attempt as a span (the serving one last, still open).
     attempt_spans: Vec<AttemptSpan>,
     /// Where a destination's spans land, for a relayed call.

@@ -23,7 +23,7 @@ use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use spillway_core::api::Api;
 
-use crate::error::CallError;
+use crate::error::{CallError, FailedAttempt};
 use crate::telemetry::trace::{self, TraceParent, Tracer, kv};
 use spillway_core::metrics::Metrics;
 
@@ -120,13 +120,13 @@ pub struct AttemptSpan {
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
     pub status: u16,
-    /// `ok`, `throttled_quota`, `throttled_capacity`, `unauthenticated`,
+    /// `ok`, `throttled_quota`, `throttled_capacity`, `unavailable`, `unauthenticated`,
     /// `permission_denied`, `bad_request`, `not_found`, `error`, or
     /// `incomplete` (the stream broke off or the client left).
     pub outcome: &'static str,
     pub inference_region: Option<String>,
     /// Regions tried before the serving one, with why they did not serve.
-    pub attempts: Vec<(String, String)>,
+    pub attempts: Vec<FailedAttempt>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub ttft: Option<Duration>,
@@ -141,6 +141,12 @@ impl Outcome {
     pub fn of_error(e: &CallError) -> Outcome {
         let outcome = match e {
             CallError::Quota(_) => "throttled_quota",
+            // Every region failed, none was saturated: an outage.
+            CallError::Exhausted { .. }
+                if e.http_status() == http::StatusCode::SERVICE_UNAVAILABLE =>
+            {
+                "unavailable"
+            }
             CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Exhausted { .. } => {
                 "throttled_capacity"
             }
@@ -323,7 +329,10 @@ impl Recorder {
             attempts: o
                 .attempts
                 .iter()
-                .map(|(region, outcome)| Attempt { region, outcome })
+                .map(|a| Attempt {
+                    region: &a.region,
+                    outcome: &a.detail,
+                })
                 .chain(o.inference_region.as_deref().map(|r| Attempt {
                     region: r,
                     outcome: "served",

@@ -2,7 +2,7 @@
 //! events, of every API: chat and legacy completions, embeddings, OpenAI
 //! Responses and Anthropic Messages. It reads what the meter, the load
 //! report and the doors that translate answers (Converse) need: usage,
-//! finish reasons, errors, and the text of chat completions.
+//! finish reasons, errors, and the text and tool calls of chat completions.
 
 use bytes::BytesMut;
 use serde::Deserialize;
@@ -50,6 +50,36 @@ pub struct Choice {
 #[derive(Deserialize, Debug)]
 pub struct Content {
     pub content: Option<String>,
+    /// The tool calls of a message, or pieces of them in a stream's delta
+    /// (where `index` says which call a piece belongs to).
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A chat completion's tool call, or a piece of one: every field may be
+/// absent from a stream's delta.
+#[derive(Deserialize, Debug, Default)]
+pub struct ToolCall {
+    pub index: Option<u32>,
+    pub id: Option<String>,
+    pub function: Option<FunctionCall>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+pub struct FunctionCall {
+    pub name: Option<String>,
+    /// The arguments as JSON text. Some engines send a JSON object rather
+    /// than text; it is read as its text.
+    #[serde(default, deserialize_with = "json_text")]
+    pub arguments: Option<String>,
+}
+
+/// A string as it is, any other JSON value as its text (`null` as none).
+fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => None,
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
+    })
 }
 
 /// Token usage, in OpenAI's names (Responses and Anthropic say
@@ -213,6 +243,48 @@ mod tests {
         assert_eq!(output_tokens(br#"{"choices":[]}"#), 0);
         assert_eq!(output_tokens(b"not json"), 0);
         assert_eq!(count_events(b": comment\n\n"), 0);
+    }
+
+    #[test]
+    fn reads_tool_calls_of_messages_and_deltas() {
+        let c = Completion::parse(
+            br#"{"choices":[{"message":{"content":null,"tool_calls":[{"id":"call_1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},"finish_reason":"tool_calls"}]}"#,
+        )
+        .unwrap();
+        let m = c.choices[0].message.as_ref().unwrap();
+        assert_eq!(m.content, None);
+        let calls = m.tool_calls.as_ref().unwrap();
+        assert_eq!(calls[0].id.as_deref(), Some("call_1"));
+        let f = calls[0].function.as_ref().unwrap();
+        assert_eq!(
+            (f.name.as_deref(), f.arguments.as_deref()),
+            (Some("f"), Some(r#"{"a":1}"#))
+        );
+        // A delta's piece: only the index and some arguments; an engine that
+        // sends the arguments as an object; `null` tool calls.
+        let d = Completion::parse(
+            br#"{"choices":[{"delta":{"tool_calls":[{"index":1,"function":{"arguments":"{\"q"}},{"index":2,"function":{"arguments":{"b":2}}}]}}]}"#,
+        )
+        .unwrap();
+        let calls = d.choices[0]
+            .delta
+            .as_ref()
+            .unwrap()
+            .tool_calls
+            .as_ref()
+            .unwrap();
+        assert_eq!(calls[0].index, Some(1));
+        assert_eq!(calls[0].id, None);
+        let f = calls[0].function.as_ref().unwrap();
+        assert_eq!(
+            (f.name.as_deref(), f.arguments.as_deref()),
+            (None, Some(r#"{"q"#))
+        );
+        let f = calls[1].function.as_ref().unwrap();
+        assert_eq!(f.arguments.as_deref(), Some(r#"{"b":2}"#));
+        let n = Completion::parse(br#"{"choices":[{"delta":{"content":"x","tool_calls":null}}]}"#)
+            .unwrap();
+        assert!(n.choices[0].delta.as_ref().unwrap().tool_calls.is_none());
     }
 
     #[test]

@@ -535,8 +535,11 @@ impl Upstreams {
                             .output_tokens
                             .fetch_add(count_events(c), Ordering::Relaxed);
                     }
+                    // The client hears that it broke off; where and why go to
+                    // the log (internal addresses are not the client's).
                     chunk.map_err(|e| {
-                        CallError::Upstream(format!("model server {url} broke off the stream: {e}"))
+                        tracing::warn!(server = %url, error = %e, "a model server broke off a stream");
+                        CallError::Upstream("the model server broke off the stream".into())
                     })
                 })
                 .chain(
@@ -554,12 +557,12 @@ impl Upstreams {
         let body = tokio::time::timeout(self.settings.body_timeout, resp.into_body().collect())
             .await
             .map_err(|_| {
-                CallError::Upstream(format!(
-                    "model server {url} did not finish its answer in time"
-                ))
+                tracing::warn!(server = %url, "a model server did not finish its answer in time");
+                CallError::Upstream("the model server did not finish its answer in time".into())
             })?
             .map_err(|e| {
-                CallError::Upstream(format!("model server {url} broke off its answer: {e}"))
+                tracing::warn!(server = %url, error = %e, "a model server broke off its answer");
+                CallError::Upstream("the model server broke off its answer".into())
             })?
             .to_bytes();
         drop(slot);

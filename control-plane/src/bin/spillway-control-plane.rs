@@ -74,6 +74,11 @@ struct Args {
     /// only; without it, --tls-ca, --tls-cert and --tls-key are required.
     #[arg(long)]
     insecure_dev: bool,
+    /// With TLS on, still talk to an `http://` etcd, in the clear (logged
+    /// as a warning). Meant for an etcd on the loopback; the catalog
+    /// (tenants, key hashes, route tables) crosses that link.
+    #[arg(long)]
+    allow_plaintext_etcd: bool,
 }
 
 #[tokio::main]
@@ -97,6 +102,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!("{warning}");
     }
     for ep in &args.etcd_endpoints {
+        // With TLS on every other hop, a plaintext etcd would carry the
+        // catalog in the clear: only when the operator says so.
+        if tls.is_some() && !ep.starts_with("https://") {
+            if !args.allow_plaintext_etcd {
+                anyhow::bail!(
+                    "--etcd-endpoints `{ep}` is plaintext while TLS is on: use https:// with --etcd-ca/--etcd-cert/--etcd-key, or --allow-plaintext-etcd for an etcd on the loopback"
+                );
+            }
+            tracing::warn!(endpoint = %ep, "talking to etcd in plaintext (--allow-plaintext-etcd): the catalog crosses this link in the clear");
+        }
         match (ep.starts_with("https://"), etcd_tls.is_some()) {
             (false, true) => anyhow::bail!(
                 "--etcd-endpoints `{ep}` is not https:// while --etcd-ca/--etcd-cert/--etcd-key are given"

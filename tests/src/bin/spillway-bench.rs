@@ -378,7 +378,7 @@ async fn main() -> Result<()> {
         &planes,
         &[
             format!(
-                "http://{},models=bench-m|drain-m,capacity=1000000",
+                "http://{},models=bench-m|drain-m,apis=chat|embeddings,capacity=1000000",
                 fast.addr
             ),
             format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
@@ -515,6 +515,34 @@ async fn main() -> Result<()> {
         grpc_rows.push(Row {
             concurrency: c,
             figures: grpc,
+        });
+    }
+
+    // Embeddings, unary: the same stack for another door, beside the
+    // simulator called directly.
+    let mut embedding_rows = Vec::new();
+    let embeddings = "/v1/embeddings";
+    for c in [1, 64] {
+        eprintln!("bench: embeddings at concurrency {c}");
+        let mut samples: BTreeMap<&str, Sample> = BTreeMap::new();
+        for _ in 0..plan.rounds {
+            for (name, target, model) in [
+                ("direct", uri(fast.addr, embeddings), "bench-m"),
+                ("agent", uri(east.http, embeddings), "global.bench-m"),
+            ] {
+                let body: Bytes = json!({"model": model, "input": ["hello", "world"]})
+                    .to_string()
+                    .into();
+                let s = closed_http(&plan, &client, c, target, body).await;
+                samples.entry(name).or_default().merge(s);
+            }
+        }
+        embedding_rows.push(Row {
+            concurrency: c,
+            figures: samples
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.stats()))
+                .collect(),
         });
     }
 
@@ -699,6 +727,7 @@ async fn main() -> Result<()> {
         "local_http": local_rows,
         "relay_http": relay_rows,
         "grpc": grpc_rows,
+        "embeddings": embedding_rows,
         "ttft": ttft_rows,
         "open_loop": open_rows,
         "propagation": propagation,
@@ -728,6 +757,7 @@ async fn main() -> Result<()> {
         ("local", &local_rows),
         ("relay", &relay_rows),
         ("grpc", &grpc_rows),
+        ("embeddings", &embedding_rows),
         ("ttft", &ttft_rows),
         ("open", &open_rows),
     ] {
@@ -1082,6 +1112,10 @@ fn markdown(r: &Value) -> String {
         (
             "gRPC Converse through the agent, beside HTTP direct to the simulator",
             "grpc",
+        ),
+        (
+            "Embeddings (`POST /v1/embeddings`, two inputs): direct to the simulator, through the agent",
+            "embeddings",
         ),
         ("Time to first token, streaming", "ttft"),
         (

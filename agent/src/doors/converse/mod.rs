@@ -2,7 +2,9 @@
 //! (unary) and `ConverseStream` (server streaming). Requests become
 //! OpenAI chat-completions calls on the same pipeline as the HTTP door;
 //! answers come back as Converse messages, with the serving region in the
-//! response and in the `x-spillway-inference-region` metadata.
+//! response and in the `x-spillway-inference-region` metadata. Text,
+//! images, tool use and system prompts translate to and from the engines'
+//! chat completions in [`translate`].
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,123 +12,28 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use serde_json::{Value, json};
 use spillway_proto::pb::{
-    self, content_block::Block, converse_stream_event::Event,
-    inference_service_server::InferenceService,
+    self, converse_stream_event::Event, inference_service_server::InferenceService,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::request::MAX_TOKENS_LIMIT;
 use spillway_core::api::Api;
 
 use crate::error::{CallError, INFERENCE_REGION, grpc_status, rate_metadata};
 use crate::pipeline::auth::presented;
-use crate::pipeline::{Answer, Inbound, Pipeline, Request as Call};
+use crate::pipeline::{Answer, Inbound, Pipeline};
 use crate::quota::RateInfo;
 use crate::upstream::AnswerBody;
 use crate::upstream::answer::{Completion, SseParser, Usage, refusal_message};
 
+mod translate;
+
+use translate::{StreamBlocks, parse};
+
 pub struct ConverseDoor {
     pub pipeline: Arc<Pipeline>,
-}
-
-fn text_of(blocks: &[pb::ContentBlock]) -> String {
-    blocks
-        .iter()
-        .filter_map(|b| b.block.as_ref().map(|Block::Text(t)| t.as_str()))
-        .collect::<Vec<_>>()
-        .join("")
-}
-
-/// Checks a Converse request and turns it into a chat-completions call.
-fn parse(req: &pb::ConverseRequest, stream: bool) -> Result<Call, CallError> {
-    if req.model_id.is_empty() {
-        return Err(CallError::bad(
-            "model_id",
-            "invalid model_id: required (an inference profile id)",
-        ));
-    }
-    if req.messages.is_empty() {
-        return Err(CallError::bad(
-            "messages",
-            "invalid messages: at least one message is required",
-        ));
-    }
-    let mut messages = Vec::with_capacity(req.messages.len() + 1);
-    let system = text_of(&req.system);
-    if !system.is_empty() {
-        messages.push(json!({"role": "system", "content": system}));
-    }
-    for (i, m) in req.messages.iter().enumerate() {
-        let role = match pb::Role::try_from(m.role) {
-            Ok(pb::Role::User) => "user",
-            Ok(pb::Role::Assistant) => "assistant",
-            _ => {
-                return Err(CallError::bad(
-                    &format!("messages[{i}].role"),
-                    format!("invalid messages[{i}].role: USER or ASSISTANT"),
-                ));
-            }
-        };
-        messages.push(json!({"role": role, "content": text_of(&m.content)}));
-    }
-    let mut body = serde_json::Map::new();
-    body.insert("messages".into(), Value::Array(messages));
-    if let Some(cfg) = &req.inference_config {
-        if let Some(n) = cfg.max_tokens {
-            if n == 0 || u64::from(n) > MAX_TOKENS_LIMIT {
-                return Err(CallError::bad(
-                    "inference_config.max_tokens",
-                    format!("invalid inference_config.max_tokens: from 1 to {MAX_TOKENS_LIMIT}"),
-                ));
-            }
-            body.insert("max_tokens".into(), json!(n));
-        }
-        if let Some(t) = cfg.temperature {
-            if !(0.0..=2.0).contains(&t) {
-                return Err(CallError::bad(
-                    "inference_config.temperature",
-                    "invalid inference_config.temperature: from 0 to 2",
-                ));
-            }
-            body.insert("temperature".into(), json!(t));
-        }
-        if let Some(p) = cfg.top_p {
-            if !(0.0..=1.0).contains(&p) {
-                return Err(CallError::bad(
-                    "inference_config.top_p",
-                    "invalid inference_config.top_p: from 0 to 1",
-                ));
-            }
-            body.insert("top_p".into(), json!(p));
-        }
-        if !cfg.stop_sequences.is_empty() {
-            body.insert("stop".into(), json!(cfg.stop_sequences));
-        }
-    }
-    if stream {
-        body.insert("stream".into(), Value::Bool(true));
-        body.insert("stream_options".into(), json!({"include_usage": true}));
-    }
-    let max_tokens = req
-        .inference_config
-        .as_ref()
-        .and_then(|c| c.max_tokens)
-        .map(u64::from);
-    Ok(Call {
-        model: req.model_id.clone(),
-        stream,
-        max_tokens,
-        body: Box::new(move |model| {
-            body.insert("model".into(), Value::String(model.to_string()));
-            serde_json::to_vec(&body)
-                .expect("a JSON map serializes")
-                .into()
-        }),
-    })
 }
 
 /// The API key of the `authorization: Bearer <key>` metadata, if any.
@@ -173,14 +80,6 @@ fn usage(u: &Usage) -> pb::TokenUsage {
         input_tokens: input as u32,
         output_tokens: output as u32,
         total_tokens: u.total_tokens.unwrap_or(input + output) as u32,
-    }
-}
-
-fn stop_reason(r: Option<&str>) -> pb::StopReason {
-    match r {
-        Some("length") => pb::StopReason::MaxTokens,
-        Some("content_filter") => pb::StopReason::ContentFiltered,
-        _ => pb::StopReason::EndTurn,
     }
 }
 
@@ -232,20 +131,14 @@ impl InferenceService for ConverseDoor {
                 "the model server reported an error: {e}"
             )));
         }
-        let choice = completion.choices.first();
-        let text = choice
-            .and_then(|c| c.message.as_ref())
-            .and_then(|m| m.content.clone())
-            .unwrap_or_default();
+        let (content, stop_reason) = translate::output(completion.choices.first());
         let latency_ms = started.elapsed().as_millis() as u64;
         let resp = pb::ConverseResponse {
             output: Some(pb::Message {
                 role: pb::Role::Assistant.into(),
-                content: vec![pb::ContentBlock {
-                    block: Some(Block::Text(text)),
-                }],
+                content,
             }),
-            stop_reason: stop_reason(choice.and_then(|c| c.finish_reason.as_deref())).into(),
+            stop_reason: stop_reason.into(),
             usage: completion.usage().as_ref().map(usage),
             metrics: Some(pb::ConverseMetrics {
                 latency_ms,
@@ -296,6 +189,7 @@ impl InferenceService for ConverseDoor {
                 return;
             }
             let mut sse = SseParser::default();
+            let mut blocks = StreamBlocks::default();
             let mut first_token: Option<u64> = None;
             let mut final_usage = None;
             loop {
@@ -334,23 +228,24 @@ impl InferenceService for ConverseDoor {
                         final_usage = Some(usage(u));
                     }
                     for choice in &c.choices {
-                        if let Some(text) = choice.delta.as_ref().and_then(|d| d.content.clone())
-                            && !text.is_empty()
-                        {
-                            first_token.get_or_insert_with(|| started.elapsed().as_millis() as u64);
-                            if !send(Event::ContentDelta(pb::ContentDelta { text })).await {
-                                return;
+                        for event in blocks.choice(choice) {
+                            if matches!(event, Event::ContentDelta(_) | Event::ContentBlockStart(_))
+                            {
+                                first_token
+                                    .get_or_insert_with(|| started.elapsed().as_millis() as u64);
                             }
-                        }
-                        if let Some(reason) = choice.finish_reason.as_deref() {
-                            let stop = pb::MessageStop {
-                                stop_reason: stop_reason(Some(reason)).into(),
-                            };
-                            if !send(Event::MessageStop(stop)).await {
+                            if !send(event).await {
                                 return;
                             }
                         }
                     }
+                }
+            }
+            // A stream that ended without a finish reason still closes its
+            // blocks.
+            for event in blocks.finish() {
+                if !send(event).await {
+                    return;
                 }
             }
             let latency_ms = started.elapsed().as_millis() as u64;
