@@ -63,6 +63,11 @@ pub enum CallError {
     /// broke off. Not retried: it may have done the work.
     #[error("{0}")]
     Upstream(String),
+    /// A destination has no model server for the call's model over its API
+    /// (its agent announces the APIs of all its servers together); the
+    /// next region may serve it. Not a failure of that region.
+    #[error("{0}")]
+    NotServedThere(String),
     /// No region of the profile serves the API the client called.
     #[error(
         "inference profile `{profile}` is not served over the {api} API (POST {}) in any region it may use: call an API its model servers serve",
@@ -99,6 +104,8 @@ pub enum Cause {
     Unavailable,
     /// The retry budget was spent before it was tried.
     NotTried,
+    /// It serves the profile's model, but not over the call's API.
+    NotServed,
 }
 
 impl Cause {
@@ -107,6 +114,7 @@ impl Cause {
             Cause::Saturated => "saturated",
             Cause::Unavailable => "unavailable",
             Cause::NotTried => "not tried (retry budget spent)",
+            Cause::NotServed => "does not serve this API",
         }
     }
 }
@@ -126,6 +134,7 @@ impl FailedAttempt {
     pub fn of(region: &str, e: &CallError) -> FailedAttempt {
         let cause = match e {
             CallError::Throttled(_) | CallError::AtCapacity(_) => Cause::Saturated,
+            CallError::NotServedThere(_) => Cause::NotServed,
             _ => Cause::Unavailable,
         };
         FailedAttempt {
@@ -170,15 +179,26 @@ impl CallError {
     pub fn retriable(&self) -> bool {
         matches!(
             self,
-            CallError::Throttled(_) | CallError::AtCapacity(_) | CallError::Unavailable(_)
+            CallError::Throttled(_)
+                | CallError::AtCapacity(_)
+                | CallError::Unavailable(_)
+                | CallError::NotServedThere(_)
         )
+    }
+
+    /// Whether it counts against the region that gave it (ejection, the
+    /// error rate in load reports): a failure, not a call it does not
+    /// serve.
+    pub fn is_failure(&self) -> bool {
+        self.retriable() && !matches!(self, CallError::NotServedThere(_))
     }
 
     pub fn http_status(&self) -> StatusCode {
         match self {
             CallError::BadRequest { .. }
             | CallError::NotCallableHere { .. }
-            | CallError::ApiNotServed { .. } => StatusCode::BAD_REQUEST,
+            | CallError::ApiNotServed { .. }
+            | CallError::NotServedThere(_) => StatusCode::BAD_REQUEST,
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
@@ -206,7 +226,9 @@ impl CallError {
                 "invalid_request_error",
                 Some("model_not_available_in_region"),
             ),
-            CallError::ApiNotServed { .. } => ("invalid_request_error", Some("api_not_supported")),
+            CallError::ApiNotServed { .. } | CallError::NotServedThere(_) => {
+                ("invalid_request_error", Some("api_not_supported"))
+            }
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
                 ("server_error", Some("regions_unavailable"))
@@ -241,6 +263,7 @@ impl CallError {
             CallError::ProfileNotFound(_) => Status::not_found(msg),
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::ApiNotServed { .. } => Status::invalid_argument(msg),
+            CallError::NotServedThere(_) => Status::unimplemented(msg),
             CallError::TooLarge(_) => Status::invalid_argument(msg),
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
                 Status::unavailable(msg)
@@ -336,17 +359,35 @@ fn reset(d: std::time::Duration) -> HeaderValue {
 /// The `x-ratelimit-*` headers of OpenAI's API, for the tightest quota
 /// covering the call: its limit, and what this agent can still admit now.
 pub fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
-    const REQUESTS: [&str; 3] = [
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-    ];
-    const TOKENS: [&str; 3] = [
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
-    ];
-    for (names, state) in [(REQUESTS, &info.requests), (TOKENS, &info.tokens)] {
+    put_rate_headers(
+        h,
+        info,
+        [
+            [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        ],
+        reset,
+    );
+}
+
+/// Rate-limit headers under `names` (limit, remaining, reset; requests
+/// then tokens), with resets written by `reset`: the one shape behind
+/// OpenAI's and Anthropic's headers.
+pub fn put_rate_headers(
+    h: &mut HeaderMap,
+    info: &RateInfo,
+    names: [[&'static str; 3]; 2],
+    reset: impl Fn(std::time::Duration) -> HeaderValue,
+) {
+    for (names, state) in names.iter().zip([&info.requests, &info.tokens]) {
         if let Some(state) = state {
             h.insert(
                 HeaderName::from_static(names[0]),

@@ -437,3 +437,151 @@ async fn calls_go_only_where_their_api_is_served() {
     assert!(a.text().contains("messages API"), "{}", a.text());
     assert_eq!(eu.served(), 0);
 }
+
+#[tokio::test]
+async fn a_broken_messages_stream_ends_with_an_anthropic_error_event_and_is_charged_what_it_streamed()
+ {
+    let cluster = Cluster::start(ClusterSpec {
+        audit: true,
+        ..ClusterSpec::default()
+    })
+    .await;
+    let east = cluster.region("us-east");
+    for sim in &east.sims {
+        sim.state.set(|c| c.break_after = Some(3));
+    }
+    let http = Http::default();
+    let a = http
+        .post(
+            east.agent.http,
+            "/v1/messages",
+            body(Api::Messages, US, true),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    let text = a.text();
+    // The tokens before the break, then an error event the Anthropic SDK
+    // raises: `event: error` with Anthropic's error object.
+    assert!(text.contains("tok2 "), "{text}");
+    let error = text
+        .split("event: error\ndata: ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no error event: {text}"));
+    let error: Value = serde_json::from_str(error.lines().next().unwrap()).unwrap();
+    assert_eq!(error["type"], "error", "{error}");
+    assert_eq!(error["error"]["type"], "api_error", "{error}");
+    // Unknown paths and wrong methods under /v1/messages answer in
+    // Anthropic's shape too.
+    let a = http.get(east.agent.http, "/v1/messages").await;
+    assert_eq!(a.status, 405);
+    assert_eq!(a.json()["type"], "error");
+    // The call is charged the three tokens it streamed, not the one that
+    // `message_start` announced.
+    spillway_tests::wait_until(
+        "the broken call's audit record",
+        std::time::Duration::from_secs(10),
+        || async { !east.audit().is_empty() },
+    )
+    .await;
+    let record = &east.audit()[0];
+    assert_eq!(record["outcome"], "incomplete", "{record}");
+    assert!(record["output_tokens"].as_u64().unwrap() >= 3, "{record}");
+}
+
+#[tokio::test]
+async fn a_region_that_serves_the_model_but_not_over_the_api_is_passed_over_not_ejected() {
+    use spillway_tests::cluster::MODEL;
+    use spillway_tests::sim::SimConfig;
+    use spillway_tests::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server};
+
+    let cp = ControlPlane::start_with(None, "cp", &["--weights-interval-ms", "60000"]).await;
+    for r in ["us-east", "us-west"] {
+        cp.create_region(r, "us").await;
+    }
+    cp.admin()
+        .await
+        .create_profile(pb::CreateProfileRequest {
+            profile: Some(pb::InferenceProfile {
+                id: US.into(),
+                destinations: vec!["us-east".into(), "us-west".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let planes = [cp.url()];
+    // us-west serves the model over chat only; its other server makes
+    // embeddings of another model, so its agent announces embeddings too.
+    let (chat_sim, other_sim, east_sim) = (
+        TestSim::start(SimConfig::default()).await,
+        TestSim::start(SimConfig::default()).await,
+        TestSim::start(SimConfig::default()).await,
+    );
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut west = AgentOptions::new("w", "us-west", &planes, d1.path());
+    let mut chat_only = model_server(chat_sim.addr, &[MODEL], 64);
+    chat_only.apis = ApiSet::of([Api::Chat]);
+    let mut embedder = model_server(other_sim.addr, &["bge-small"], 64);
+    embedder.apis = ApiSet::of([Api::Embeddings]);
+    west.model_servers = vec![chat_only, embedder];
+    let west = TestAgent::start_with(west).await;
+    let mut east = AgentOptions::new("e", "us-east", &planes, d2.path());
+    let mut east_chat = model_server(east_sim.addr, &[MODEL], 64);
+    east_chat.apis = ApiSet::of([Api::Chat]);
+    east.model_servers = vec![east_chat];
+    let east = TestAgent::start_with(east).await;
+    east.wait_for("us-west's agent and the profile", |c| {
+        c.routes.contains_key(US)
+            && c.relays
+                .get("us-west")
+                .is_some_and(|a| a.iter().any(|e| e.apis.contains(Api::Embeddings)))
+    })
+    .await;
+    west.wait_for("us-east's agent", |c| c.relays.contains_key("us-east"))
+        .await;
+
+    let http = Http::default();
+    for _ in 0..3 {
+        let a = http
+            .post(
+                east.http,
+                "/v1/embeddings",
+                body(Api::Embeddings, US, false),
+            )
+            .await;
+        assert_eq!(a.status, 400, "{}", a.text());
+        assert_eq!(
+            a.json()["error"]["code"],
+            "api_not_supported",
+            "{}",
+            a.text()
+        );
+    }
+    let received = |s: &TestSim| s.state.received.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        received(&chat_sim) + received(&other_sim) + received(&east_sim),
+        0
+    );
+    // us-west was not ejected for it: with us-east's server down, chat
+    // calls still fail over to us-west.
+    east_sim
+        .state
+        .down
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..3 {
+        let a = http
+            .post(
+                east.http,
+                "/v1/chat/completions",
+                body(Api::Chat, US, false),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.region(), Some("us-west"));
+    }
+    let metrics = http.get(east.http, "/metrics").await.text();
+    assert!(
+        !metrics.contains("spillway_agent_ejections_total{region=\"us-west\"}"),
+        "{metrics}"
+    );
+}

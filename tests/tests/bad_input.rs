@@ -231,6 +231,24 @@ async fn relay_calls_from_something_that_is_not_an_agent_are_refused() {
         .insert("spillway-source-agent", "us-east/agent-1".parse().unwrap());
     let s = client.relay(other_model).await.expect_err("model mismatch");
     assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+    // A Responses call that does not tell the engine `store: false`: the
+    // destination does not take residency on trust.
+    for body in [
+        serde_json::json!({"model": MODEL, "input": "hi"}),
+        serde_json::json!({"model": MODEL, "input": "hi", "store": true}),
+    ] {
+        let mut stored = tonic::Request::new(pb::RelayRequest {
+            api: "responses".into(),
+            body: body.to_string().into(),
+            ..req()
+        });
+        stored
+            .metadata_mut()
+            .insert("spillway-source-agent", "us-east/agent-1".parse().unwrap());
+        let s = client.relay(stored).await.expect_err("stored response");
+        assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+        assert!(s.message().contains("store: false"), "{}", s.message());
+    }
     assert_eq!(cluster.region("us-west").served(), 0);
 }
 

@@ -114,15 +114,20 @@ async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<S
 /// Regions us-east and us-west (and eu-west), the US profile, and a route
 /// that sends us-east's calls to us-west, written with the operator's
 /// certificate.
-async fn seed(cp: &ControlPlane, pki: &Pki, with_eu: bool) {
-    let admin = [
+/// spillctl's flags for the operator's certificate.
+fn admin_flags(pki: &Pki) -> [&str; 6] {
+    [
         "--tls-ca",
         s(&pki.admin.ca),
         "--tls-cert",
         s(&pki.admin.cert),
         "--tls-key",
         s(&pki.admin.key),
-    ];
+    ]
+}
+
+async fn seed(cp: &ControlPlane, pki: &Pki, with_eu: bool) {
+    let admin = admin_flags(pki);
     let mut writes = vec![
         &["regions", "create", "us-east", "-g", "us"][..],
         &["regions", "create", "us-west", "-g", "us"][..],
@@ -518,14 +523,7 @@ async fn a_tls_control_plane_refuses_a_plaintext_etcd_unless_told() {
         &[&tls[..], &["--allow-plaintext-etcd"]].concat(),
     )
     .await;
-    let admin = [
-        "--tls-ca",
-        s(&pki.admin.ca),
-        "--tls-cert",
-        s(&pki.admin.cert),
-        "--tls-key",
-        s(&pki.admin.key),
-    ];
+    let admin = admin_flags(&pki);
     let (ok, _, err) = cp
         .spillctl(&[&admin[..], &["regions", "create", "us-east", "-g", "us"]].concat())
         .await;

@@ -10,7 +10,7 @@ use axum::response::Response;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use serde_json::json;
 
-use crate::error::{CallError, THROTTLE, json_response};
+use crate::error::{CallError, THROTTLE, json_response, put_rate_headers};
 use crate::quota::RateInfo;
 use crate::telemetry::record::rfc3339;
 
@@ -28,15 +28,18 @@ fn error_type(status: StatusCode) -> &'static str {
     }
 }
 
+/// Anthropic's error object for a failed call.
+pub fn error_json(e: &CallError) -> serde_json::Value {
+    json!({
+        "type": "error",
+        "error": {"type": error_type(e.http_status()), "message": e.to_string()},
+    })
+}
+
 /// A failed call as Anthropic answers one, with the same status, throttle
 /// cause and `retry-after` as the OpenAI doors.
 pub fn error_response(e: &CallError) -> Response {
-    let status = e.http_status();
-    let body = json!({
-        "type": "error",
-        "error": {"type": error_type(status), "message": e.to_string()},
-    });
-    let mut r = json_response(status, &body);
+    let mut r = json_response(e.http_status(), &error_json(e));
     // The throttling headers are the same as the OpenAI doors'; the rate
     // figures are put in Anthropic's names by `rate_headers`.
     let shared = crate::error::http_response(e);
@@ -55,36 +58,29 @@ pub fn error_response(e: &CallError) -> Response {
 /// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` for the
 /// tightest quota covering the call; resets are RFC 3339 times.
 pub fn rate_headers(h: &mut HeaderMap, info: &RateInfo) {
-    const REQUESTS: [&str; 3] = [
-        "anthropic-ratelimit-requests-limit",
-        "anthropic-ratelimit-requests-remaining",
-        "anthropic-ratelimit-requests-reset",
-    ];
-    const TOKENS: [&str; 3] = [
-        "anthropic-ratelimit-tokens-limit",
-        "anthropic-ratelimit-tokens-remaining",
-        "anthropic-ratelimit-tokens-reset",
-    ];
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    for (names, state) in [(REQUESTS, &info.requests), (TOKENS, &info.tokens)] {
-        if let Some(state) = state {
-            h.insert(
-                HeaderName::from_static(names[0]),
-                HeaderValue::from(state.limit),
-            );
-            h.insert(
-                HeaderName::from_static(names[1]),
-                HeaderValue::from(state.remaining),
-            );
-            let at = (now + state.reset).as_millis() as u64;
-            h.insert(
-                HeaderName::from_static(names[2]),
-                HeaderValue::from_str(&rfc3339(at)).expect("a time is a valid header value"),
-            );
-        }
-    }
+    put_rate_headers(
+        h,
+        info,
+        [
+            [
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+                "anthropic-ratelimit-requests-reset",
+            ],
+            [
+                "anthropic-ratelimit-tokens-limit",
+                "anthropic-ratelimit-tokens-remaining",
+                "anthropic-ratelimit-tokens-reset",
+            ],
+        ],
+        |reset| {
+            let at = (now + reset).as_millis() as u64;
+            HeaderValue::from_str(&rfc3339(at)).expect("a time is a valid header value")
+        },
+    );
 }
 
 #[cfg(test)]

@@ -48,17 +48,15 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
         router = router.route("/metrics", get(metrics));
     }
     router
-        .fallback(|| async {
+        .fallback(|uri: http::Uri| async move {
             let e = CallError::BadRequest {
                 param: None,
                 message: "unknown path: this agent serves POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses and /v1/messages, and GET /v1/models".into(),
             };
-            let mut r = http_response(&e);
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            r
+            refusal(&uri, &e, StatusCode::NOT_FOUND)
         })
         // A known path called with the wrong method: 405, in the same
-        // OpenAI error shape as every other refusal.
+        // error shape as every other refusal.
         .method_not_allowed_fallback(|method: http::Method, uri: http::Uri| async move {
             let e = CallError::BadRequest {
                 param: None,
@@ -67,11 +65,21 @@ pub fn router(door: Arc<HttpDoor>) -> Router {
                     uri.path()
                 ),
             };
-            let mut r = http_response(&e);
-            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            r
+            refusal(&uri, &e, StatusCode::METHOD_NOT_ALLOWED)
         })
         .with_state(door)
+}
+
+/// A refusal before any door ran, in the shape of the API the path is
+/// under (Anthropic's under `/v1/messages`).
+fn refusal(uri: &http::Uri, e: &CallError, status: StatusCode) -> Response {
+    let mut r = if uri.path().starts_with("/v1/messages") {
+        anthropic::error_response(e)
+    } else {
+        http_response(e)
+    };
+    *r.status_mut() = status;
+    r
 }
 
 async fn health(State(door): State<Arc<HttpDoor>>) -> Response {
@@ -84,13 +92,13 @@ async fn health(State(door): State<Arc<HttpDoor>>) -> Response {
     }
 }
 
-/// The API key of `Authorization: Bearer <key>`, if any.
+/// The API key of `Authorization: Bearer <key>`, or of `x-api-key` (what
+/// the Anthropic SDKs send), if any.
 fn presented_key(headers: &http::HeaderMap) -> Option<&str> {
-    presented(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(|v| v.to_str().map_err(|_| ())),
-    )
+    match headers.get(header::AUTHORIZATION) {
+        Some(v) => presented(Some(v.to_str().map_err(|_| ()))),
+        None => headers.get("x-api-key").map(|v| v.to_str().unwrap_or("")),
+    }
 }
 
 async fn models(State(door): State<Arc<HttpDoor>>, headers: http::HeaderMap) -> Response {
@@ -157,11 +165,7 @@ async fn call(
 ) -> Response {
     let anthropic = api == Api::Messages;
     let body = read_body(body, door.max_body_bytes).await;
-    // The Anthropic SDKs send their key as `x-api-key`.
-    let key = match headers.get("x-api-key") {
-        Some(v) if anthropic => Some(v.to_str().unwrap_or("")),
-        _ => presented_key(&headers),
-    };
+    let key = presented_key(&headers);
     let inbound = Inbound {
         door: "http",
         api,
@@ -181,7 +185,7 @@ async fn call(
         })
         .await;
     let mut r = match (served.result, anthropic) {
-        (Ok(answer), _) => answer_response(answer),
+        (Ok(answer), _) => answer_response(answer, api),
         (Err(e), false) => http_response(&e),
         (Err(e), true) => anthropic::error_response(&e),
     };
@@ -219,7 +223,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, CallError> {
 
 /// The model server's answer as it came: JSON, or server-sent events
 /// passed through.
-fn answer_response(answer: Answer) -> Response {
+fn answer_response(answer: Answer, api: Api) -> Response {
     let region =
         HeaderValue::from_str(&answer.region).expect("region names are valid header values");
     let mut response = match answer.body {
@@ -234,14 +238,21 @@ fn answer_response(answer: Answer) -> Response {
         AnswerBody::Stream(s) => {
             // A failure after the first byte cannot be retried: the stream
             // ends with an error event the client can see.
-            let events = s.map(|chunk| {
+            let events = s.map(move |chunk| {
                 Ok::<Bytes, std::convert::Infallible>(match chunk {
                     Ok(b) => b,
                     Err(e) => {
                         tracing::warn!(error = %e, "stream failed after it started");
                         // Blank lines first: the broken-off event may have
                         // stopped mid-line.
-                        format!("\n\ndata: {}\n\n", e.openai_json()).into()
+                        match api {
+                            // Anthropic's SDKs read a named `error` event.
+                            Api::Messages => {
+                                format!("\n\nevent: error\ndata: {}\n\n", anthropic::error_json(&e))
+                            }
+                            _ => format!("\n\ndata: {}\n\n", e.openai_json()),
+                        }
+                        .into()
                     }
                 })
             });

@@ -31,9 +31,18 @@ pub struct ApiRequest {
     body: Bytes,
     /// Where the value of `model` sits in `body`.
     model_span: (usize, usize),
-    /// Where `"store":false,` goes: right after the opening brace, for a
-    /// Responses call that did not say (the engine must keep nothing).
-    store_at: Option<usize>,
+    /// For a Responses call that did not say `store: false` (the engine
+    /// must keep nothing): where `false` goes.
+    store: Option<StoreFix>,
+}
+
+/// How `store: false` gets into a Responses body.
+#[derive(Debug, Clone, Copy)]
+enum StoreFix {
+    /// `"store":false,` right after the opening brace (no `store` at all).
+    Insert(usize),
+    /// `false` over the `null` between these offsets.
+    Replace(usize, usize),
 }
 
 const CHAT_ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -205,7 +214,7 @@ impl ApiRequest {
             return Err(required());
         }
         let stream = fields.boolean("stream")?;
-        let mut store_at = None;
+        let mut store = None;
         let max_tokens = match api {
             Api::Chat => {
                 fields.messages(CHAT_ROLES)?;
@@ -265,9 +274,16 @@ impl ApiRequest {
                         "`background` is not supported: it needs a stored response",
                     ));
                 }
-                if fields.get("store").is_none() {
-                    store_at = Some(top.get().as_ptr() as usize - bytes.as_ptr() as usize + 1);
-                }
+                store = match fields.0.get("store") {
+                    None => Some(StoreFix::Insert(
+                        top.get().as_ptr() as usize - bytes.as_ptr() as usize + 1,
+                    )),
+                    Some(null) if null.get() == "null" => {
+                        let at = null.get().as_ptr() as usize - bytes.as_ptr() as usize;
+                        Some(StoreFix::Replace(at, at + null.get().len()))
+                    }
+                    Some(_) => None,
+                };
                 fields.tokens("max_output_tokens")?
             }
             Api::Messages => {
@@ -302,7 +318,7 @@ impl ApiRequest {
             max_tokens,
             body: bytes,
             model_span,
-            store_at,
+            store,
         })
     }
 
@@ -310,20 +326,26 @@ impl ApiRequest {
     /// `model` replaced by the model the profile resolves to (and, for a
     /// Responses call that did not say, `"store":false` added).
     pub fn body_for(&self, model: &str) -> Bytes {
-        const STORE: &[u8] = b"\"store\":false,";
         let quoted = serde_json::to_string(model).expect("a string serializes");
         let (start, end) = self.model_span;
-        let mut out =
-            BytesMut::with_capacity(self.body.len() - (end - start) + quoted.len() + STORE.len());
+        // Every change as (from, to, what goes there), in the body's order;
+        // an array, not a Vec: this runs on every call.
+        const NONE: (usize, usize, &[u8]) = (usize::MAX, usize::MAX, b"");
+        let mut splices = [(start, end, quoted.as_bytes()), NONE];
+        splices[1] = match self.store {
+            Some(StoreFix::Insert(at)) => (at, at, b"\"store\":false,"),
+            Some(StoreFix::Replace(from, to)) => (from, to, b"false"),
+            None => NONE,
+        };
+        splices.sort_unstable_by_key(|s| s.0);
+        let mut out = BytesMut::with_capacity(self.body.len() + quoted.len() + 16);
         let mut from = 0;
-        if let Some(at) = self.store_at {
-            out.extend_from_slice(&self.body[..at]);
-            out.extend_from_slice(STORE);
-            from = at;
+        for (at, to, with) in splices.into_iter().take_while(|s| s.0 != usize::MAX) {
+            out.extend_from_slice(&self.body[from..at]);
+            out.extend_from_slice(with);
+            from = to;
         }
-        out.extend_from_slice(&self.body[from..start]);
-        out.extend_from_slice(quoted.as_bytes());
-        out.extend_from_slice(&self.body[end..]);
+        out.extend_from_slice(&self.body[from..]);
         out.freeze()
     }
 }
@@ -559,6 +581,25 @@ mod other_apis {
         assert_eq!(
             (v["store"].as_bool(), v["model"].as_str()),
             (Some(false), Some("m"))
+        );
+        // A `store: null` becomes false, where it stands.
+        let req = parse(
+            Api::Responses,
+            r#"{"store":null,"model":"us.m","input":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            req.body_for("m"),
+            Bytes::from(r#"{"store":false,"model":"m","input":"hi"}"#)
+        );
+        let req = parse(
+            Api::Responses,
+            r#"{"model":"us.m","input":"hi","store":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            req.body_for("m"),
+            Bytes::from(r#"{"model":"m","input":"hi","store":false}"#)
         );
         // A client that said false is forwarded as it said.
         let raw = r#"{"input":"hi","store":false,"model":"us.m"}"#;

@@ -52,7 +52,7 @@ impl Pipeline {
         c.calls += 1;
         match result {
             Err(CallError::Throttled(_)) => c.throttles += 1,
-            Err(e) if e.retriable() => c.errors += 1,
+            Err(e) if e.is_failure() => c.errors += 1,
             _ => {}
         }
         c.latency_us = crate::upstream::ewma_step(c.latency_us, took);
@@ -184,7 +184,7 @@ impl Pipeline {
             if region != self.region {
                 match &result {
                     Ok(_) => self.ejected.success(&region.to_string()),
-                    Err(e) if e.retriable() => {
+                    Err(e) if e.is_failure() => {
                         if self.ejected.failure(
                             &region.to_string(),
                             &planned,
@@ -230,9 +230,22 @@ impl Pipeline {
                 Err(e) => return Err(e),
             }
         }
+        // Every region tried serves the model, none over this API: the
+        // client asked for something the profile lacks.
+        if !failed.is_empty() && failed.iter().all(|a| a.cause == Cause::NotServed) {
+            return Err(CallError::ApiNotServed {
+                profile: call.profile,
+                api: call.api,
+            });
+        }
         // What each region said, addresses and all, stays here and in the
-        // audit record; the client is told the regions and the causes.
-        tracing::warn!(profile = %call.profile, attempts = ?failed, "no region served the call");
+        // audit record; the client is told the regions and the causes. An
+        // outage is worth a warning; saturation is the normal throttle.
+        if failed.iter().any(|a| a.cause == Cause::Saturated) {
+            tracing::debug!(profile = %call.profile, attempts = ?failed, "every region was saturated");
+        } else {
+            tracing::warn!(profile = %call.profile, attempts = ?failed, "no region could serve the call");
+        }
         Err(CallError::Exhausted {
             profile: call.profile,
             attempts: failed,

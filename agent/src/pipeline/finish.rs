@@ -55,16 +55,18 @@ impl Pipeline {
             ctx: Some(ctx),
         };
         // A unary answer that is not JSON is the model server's fault: it
-        // fails here, before it is metered as served. What is read of it
-        // here is all the meter needs.
+        // fails here, before it is metered as served. Only its syntax is
+        // checked: a shape the reader does not know is still served, and
+        // the meter reads what it can of it.
         let routed = self.attempts(call).await.and_then(|routed| {
             let read = match &routed.answer.body {
                 AnswerBody::Full(b) if routed.answer.status.is_success() => {
-                    Some(Completion::parse(b).map_err(|e| {
+                    serde_json::from_slice::<serde::de::IgnoredAny>(b).map_err(|e| {
                         CallError::Upstream(format!(
                             "the model server's answer is not valid JSON: {e}"
                         ))
-                    })?)
+                    })?;
+                    Completion::parse(b).ok()
                 }
                 _ => None,
             };

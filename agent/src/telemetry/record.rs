@@ -155,7 +155,8 @@ impl Outcome {
             CallError::BadRequest { .. }
             | CallError::TooLarge(_)
             | CallError::NotCallableHere { .. }
-            | CallError::ApiNotServed { .. } => "bad_request",
+            | CallError::ApiNotServed { .. }
+            | CallError::NotServedThere(_) => "bad_request",
             CallError::ProfileNotFound(_) => "not_found",
             CallError::Unavailable(_) | CallError::Upstream(_) | CallError::NoConfig => "error",
             CallError::Cancelled => "cancelled",

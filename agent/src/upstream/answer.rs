@@ -44,11 +44,15 @@ struct Nested {
 pub struct Choice {
     pub message: Option<Content>,
     pub delta: Option<Content>,
+    #[serde(default, deserialize_with = "string_only")]
     pub finish_reason: Option<String>,
 }
 
 #[derive(Deserialize, Debug)]
 pub struct Content {
+    /// The text, when it is a string (an engine that sends parts, or
+    /// anything else, is read as no text rather than refused).
+    #[serde(default, deserialize_with = "string_only")]
     pub content: Option<String>,
     /// The tool calls of a message, or pieces of them in a stream's delta
     /// (where `index` says which call a piece belongs to).
@@ -73,6 +77,15 @@ pub struct FunctionCall {
     pub arguments: Option<String>,
 }
 
+/// A string, or nothing for any other JSON value: what the agent does not
+/// need to understand does not fail the read.
+fn string_only<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        _ => None,
+    })
+}
+
 /// A string as it is, any other JSON value as its text (`null` as none).
 fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     Ok(match Value::deserialize(d)? {
@@ -82,15 +95,29 @@ fn json_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D
     })
 }
 
-/// Token usage, in OpenAI's names (Responses and Anthropic say
-/// `input_tokens` and `output_tokens`).
+/// Token usage, in OpenAI's chat names or the Responses and Anthropic
+/// names (`input_tokens`, `output_tokens`); an engine may send both.
 #[derive(Deserialize, Debug, Clone, Copy, Default)]
 pub struct Usage {
-    #[serde(alias = "input_tokens")]
-    pub prompt_tokens: Option<u64>,
-    #[serde(alias = "output_tokens")]
-    pub completion_tokens: Option<u64>,
-    pub total_tokens: Option<u64>,
+    prompt_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl Usage {
+    pub fn input(&self) -> Option<u64> {
+        self.prompt_tokens.or(self.input_tokens)
+    }
+
+    pub fn output(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
+    }
+
+    pub fn total(&self) -> Option<u64> {
+        self.total_tokens
+    }
 }
 
 impl Completion {
@@ -142,11 +169,16 @@ impl Completion {
 }
 
 /// Output tokens of a unary answer, from its usage (0 when it gives none).
+/// Reads the usage alone: the load report needs nothing else of it.
 pub fn output_tokens(body: &[u8]) -> u64 {
-    Completion::parse(body)
+    #[derive(Deserialize)]
+    struct UsageOnly {
+        usage: Option<Usage>,
+    }
+    serde_json::from_slice::<UsageOnly>(body)
         .ok()
-        .and_then(|c| c.usage())
-        .and_then(|u| u.completion_tokens)
+        .and_then(|a| a.usage)
+        .and_then(|u| u.output())
         .unwrap_or(0)
 }
 
@@ -234,7 +266,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.finish_reasons().collect::<Vec<_>>(), ["stop"]);
-        assert_eq!(c.usage().unwrap().completion_tokens, Some(1));
+        assert_eq!(c.usage().unwrap().output(), Some(1));
         assert!(c.error().is_none());
         let e = Completion::parse(br#"{"object":"error","message":"boom"}"#).unwrap();
         assert_eq!(e.error().as_deref(), Some("boom"));
@@ -291,7 +323,7 @@ mod tests {
     fn reads_responses_and_messages_shapes() {
         let usage = |json: &str| {
             let u = Completion::parse(json.as_bytes()).unwrap().usage().unwrap();
-            (u.prompt_tokens, u.completion_tokens)
+            (u.input(), u.output())
         };
         // Responses: unary, and the stream's last event.
         assert_eq!(
@@ -321,7 +353,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(d.finish_reasons().collect::<Vec<_>>(), ["max_tokens"]);
-        assert_eq!(d.usage().unwrap().completion_tokens, Some(5));
+        assert_eq!(d.usage().unwrap().output(), Some(5));
         // Errors of both streams.
         let e = Completion::parse(
             br#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#,

@@ -24,9 +24,9 @@ impl Meter {
     /// Takes the usage and finish reasons of an answer or event.
     fn read(&mut self, c: &Completion) {
         if let Some(u) = c.usage() {
-            self.input = u.prompt_tokens.or(self.input);
+            self.input = u.input().or(self.input);
             // Usage without output tokens (embeddings) means none.
-            self.output = u.completion_tokens.or(self.output).or(Some(0));
+            self.output = u.output().or(self.output).or(Some(0));
         }
         self.finish_reasons
             .extend(c.finish_reasons().map(String::from));
@@ -120,9 +120,17 @@ impl Meter {
         if std::mem::replace(&mut self.done, true) {
             return;
         }
+        // A stream that did not end may not have reported its final usage
+        // (Anthropic's `message_start` says 1 output token before any is
+        // made): it is charged at least what was counted of it.
+        let output = match self.output {
+            Some(n) if self.complete => n,
+            Some(n) => n.max(self.events),
+            None => self.events,
+        };
         let finished = Finished {
             input_tokens: self.input.unwrap_or(self.input_estimate),
-            output_tokens: self.output.unwrap_or(self.events),
+            output_tokens: output,
             ttft: self.first_byte,
             complete: self.complete,
             finish_reasons: std::mem::take(&mut self.finish_reasons),
@@ -303,5 +311,35 @@ mod tests {
         drop(body);
         assert!(!seen.lock().unwrap().clone().unwrap().complete);
         assert_eq!(left(&q), 848, "a client that left: the input estimate");
+
+        // A Messages stream broken off after its start (which reports one
+        // output token) is charged what was streamed, not that one token.
+        let (r, _) = q.admit(&CALL, 100, 500).unwrap();
+        let chunks: Vec<Result<Bytes, CallError>> = vec![
+            Ok(Bytes::from_static(
+                b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":10,\"output_tokens\":1}}}\n\n",
+            )),
+            Ok(Bytes::from_static(
+                b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"a\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"b\"}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"c\"}}\n\n",
+            )),
+            Err(CallError::Upstream("broke off".into())),
+        ];
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let hook = seen.clone();
+        let body = Meter::new(Instant::now(), 100)
+            .with_reservation(q.clone(), r)
+            .on_finish(Box::new(move |f| *hook.lock().unwrap() = Some(f.clone())))
+            .body(AnswerBody::Stream(
+                futures_util::stream::iter(chunks).boxed(),
+            ));
+        let AnswerBody::Stream(mut s) = body else {
+            unreachable!()
+        };
+        while let Some(Ok(_)) = s.next().await {}
+        let f = seen.lock().unwrap().clone().unwrap();
+        assert_eq!(
+            (f.input_tokens, f.output_tokens, f.complete),
+            (10, 4, false)
+        );
     }
 }

@@ -434,7 +434,7 @@ impl Upstreams {
             Err(CallError::Throttled(_)) => {
                 server.throttles.fetch_add(1, Ordering::Relaxed);
             }
-            Err(e) if e.retriable() => {
+            Err(e) if e.is_failure() => {
                 server.errors.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}

@@ -186,8 +186,9 @@ impl RelayClients {
                 http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY)
             }
             _ => {
+                tracing::warn!(agent = %addr, %region, "a relay answered without a head");
                 return Err(CallError::Upstream(format!(
-                    "agent {addr} of {region} answered without a head"
+                    "the agent of {region} answered without a head"
                 )));
             }
         };
@@ -212,12 +213,7 @@ impl RelayClients {
                 })) => keep_spans(spans, &t),
                 Ok(Some(_)) => {}
                 Ok(None) => break,
-                Err(s) => {
-                    return Err(CallError::Upstream(format!(
-                        "the relay from {region} broke off: {}",
-                        s.message()
-                    )));
-                }
+                Err(s) => return Err(broke_off(&region, &s)),
             }
         }
         Ok(UpstreamAnswer {
@@ -270,17 +266,18 @@ fn async_stream(
                     })) => keep_spans(&spans, &t),
                     Ok(Some(_)) => continue,
                     Ok(None) => return None,
-                    Err(s) => {
-                        let e = CallError::Upstream(format!(
-                            "the relay from {region} broke off: {}",
-                            s.message()
-                        ));
-                        return Some((Err(e), None));
-                    }
+                    Err(s) => return Some((Err(broke_off(&region, &s)), None)),
                 }
             }
         }
     })
+}
+
+/// A relay that broke off after its head: the client is told which region,
+/// the log what happened (which may name addresses and OS errors).
+fn broke_off(region: &str, s: &Status) -> CallError {
+    tracing::warn!(%region, error = %s.message(), "a relay broke off");
+    CallError::Upstream(format!("the relay from {region} broke off"))
 }
 
 /// How a destination's refusal maps back: saturation and unavailability
@@ -289,6 +286,8 @@ fn from_status(region: &str, s: Status) -> CallError {
     let msg = format!("{region}: {}", s.message());
     match s.code() {
         Code::ResourceExhausted => CallError::Throttled(msg),
+        // It serves the model, not over this API: the next region may.
+        Code::Unimplemented => CallError::NotServedThere(msg),
         // The destination broke off, or the call cannot be relayed at all
         // (too large, malformed): another region would fare no better.
         Code::DataLoss | Code::OutOfRange | Code::InvalidArgument => CallError::Upstream(msg),
@@ -299,6 +298,7 @@ fn from_status(region: &str, s: Status) -> CallError {
 #[derive(serde::Deserialize)]
 struct ModelOnly {
     model: Option<String>,
+    store: Option<bool>,
 }
 
 /// The destination side.
@@ -404,13 +404,30 @@ impl RelayService for RelayServer {
         let api = Api::from_wire(&req.api).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // The body must ask for the model the relay names: the destination
         // serves what the source resolved, nothing else.
-        let body_model = serde_json::from_slice::<ModelOnly>(&req.body)
-            .ok()
-            .and_then(|m| m.model);
-        if body_model.as_deref() != Some(req.model.as_str()) {
+        let read = serde_json::from_slice::<ModelOnly>(&req.body).ok();
+        let body_model = read.as_ref().and_then(|m| m.model.as_deref());
+        if body_model != Some(req.model.as_str()) {
             return Err(Status::invalid_argument(format!(
                 "the relayed body asks for model {body_model:?}, not `{}`",
                 req.model
+            )));
+        }
+        // Nothing about a relayed call may be kept here: a Responses call
+        // must tell the engine not to store it (the source sees to that;
+        // the destination does not take it on trust).
+        if api == Api::Responses && read.and_then(|m| m.store) != Some(false) {
+            return Err(Status::invalid_argument(
+                "a relayed Responses call must say `store: false`: nothing may be kept where it is served",
+            ));
+        }
+        // An agent announces the APIs of all its model servers together: a
+        // call whose model is served here only over other APIs is sent on
+        // by the source, without counting against this region.
+        if !self.upstreams.serves(&req.model, api) {
+            count("not_served");
+            return Err(Status::unimplemented(format!(
+                "region `{}` serves `{}` over no model server of the {api} API",
+                self.region, req.model
             )));
         }
         // Served here or not at all: a relayed call is never relayed again.

@@ -72,14 +72,11 @@ async fn serve(
 }
 
 fn usage(u: &Usage) -> pb::TokenUsage {
-    let (input, output) = (
-        u.prompt_tokens.unwrap_or(0),
-        u.completion_tokens.unwrap_or(0),
-    );
+    let (input, output) = (u.input().unwrap_or(0), u.output().unwrap_or(0));
     pb::TokenUsage {
         input_tokens: input as u32,
         output_tokens: output as u32,
-        total_tokens: u.total_tokens.unwrap_or(input + output) as u32,
+        total_tokens: u.total().unwrap_or(input + output) as u32,
     }
 }
 
