@@ -689,7 +689,7 @@ fn check_certificate(at: &str, o: &Value, all: &[Value], out: &mut Vec<String>) 
     }
 }
 
-/// Spillway's identity in a URI SAN, as proto/src/tls.rs reads it; csi-driver
+/// Spillway's identity in a URI SAN, as core/src/tls.rs reads it; csi-driver
 /// variables like ${POD_NAME} count as a name.
 fn spiffe_identity(uri: &str) -> Option<String> {
     let rest = uri.strip_prefix("spiffe://spillway/")?;
@@ -889,10 +889,10 @@ fn check_dashboard(d: &Value, exprs: &mut Vec<(String, String)>) -> Vec<String> 
     out
 }
 
-/// The metric families proto/src/metrics.rs declares, with the series names
+/// The metric families core/src/metrics.rs declares, with the series names
 /// a histogram adds.
 fn exported_metrics() -> Result<BTreeSet<String>> {
-    let path = root().join("proto/src/metrics.rs");
+    let path = root().join("core/src/metrics.rs");
     let src =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     // The families are (name, type, help) string triples before the registry.
@@ -910,7 +910,7 @@ fn exported_metrics() -> Result<BTreeSet<String>> {
         }
     }
     if out.is_empty() {
-        bail!("found no metric families in proto/src/metrics.rs");
+        bail!("found no metric families in core/src/metrics.rs");
     }
     Ok(out)
 }
@@ -1000,7 +1000,7 @@ fn check_metric_names(
                 continue;
             }
             out.push(format!(
-                "{at}: metric `{n}` is not exported by the code (proto/src/metrics.rs), recorded by a rule, nor listed in deploy/prometheus/metrics-pending.txt"
+                "{at}: metric `{n}` is not exported by the code (core/src/metrics.rs), recorded by a rule, nor listed in deploy/prometheus/metrics-pending.txt"
             ));
         }
     }
