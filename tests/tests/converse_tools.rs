@@ -432,3 +432,57 @@ async fn bad_input_is_refused_naming_its_field_and_reaches_no_engine() {
         .sum();
     assert_eq!(received, 0);
 }
+
+#[tokio::test]
+async fn an_image_is_not_counted_as_input_tokens_by_its_bytes() {
+    let cluster = Cluster::start(ClusterSpec::default()).await;
+    // 60,000 tokens a minute for the profile in us-east: a 1 MB image read
+    // as text (about 350,000 tokens of base64) would be refused outright.
+    cluster
+        .cp
+        .admin()
+        .await
+        .create_quota(pb::CreateQuotaRequest {
+            quota: Some(pb::Quota {
+                scope: Some(pb::QuotaScope {
+                    profile: US.into(),
+                    source_region: "us-east".into(),
+                    ..Default::default()
+                }),
+                tokens_per_minute: Some(60_000),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    cluster
+        .region("us-east")
+        .agent
+        .wait_for("the quota", |c| !c.quotas.is_empty())
+        .await;
+    let mut client = client(&cluster, "us-east").await;
+    let req = pb::ConverseRequest {
+        model_id: US.into(),
+        messages: vec![user(vec![
+            text("what is this?"),
+            pb::ContentBlock {
+                block: Some(Block::Image(pb::ImageBlock {
+                    format: pb::ImageFormat::Png.into(),
+                    bytes: vec![7u8; 1_000_000].into(),
+                })),
+            },
+        ])],
+        inference_config: Some(pb::InferenceConfig {
+            max_tokens: Some(4),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let resp = client.converse(req).await.expect("admitted").into_inner();
+    assert_eq!(resp.inference_region, "us-east");
+    let (_, body) = take_last(&cluster, "us-east").unwrap();
+    let url = body["messages"][0]["content"][1]["image_url"]["url"]
+        .as_str()
+        .unwrap();
+    assert!(url.starts_with("data:image/png;base64,") && url.len() > 1_300_000);
+}

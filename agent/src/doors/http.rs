@@ -180,6 +180,7 @@ async fn call(
                 model: req.model.clone(),
                 stream: req.stream,
                 max_tokens: req.max_tokens,
+                uncounted_bytes: 0,
                 body: Box::new(move |model| req.body_for(model)),
             })
         })

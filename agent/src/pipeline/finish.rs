@@ -5,7 +5,6 @@
 //! leaves while it is routed, by the guard.
 
 use crate::error::CallError;
-use crate::quota::estimate_input_tokens;
 use crate::telemetry::record::{CallContext, Outcome, Recorder};
 use crate::upstream::AnswerBody;
 use crate::upstream::answer::Completion;
@@ -44,7 +43,7 @@ impl Pipeline {
         admission: Admission,
     ) -> Result<Answer, CallError> {
         let ctx = call.ctx.clone();
-        let mut meter = Meter::new(ctx.started, estimate_input_tokens(call.body.len()));
+        let mut meter = Meter::new(ctx.started, call.input_estimate);
         if let Some(r) = admission.reservation {
             meter = meter.with_reservation(self.quotas.clone(), r);
         }

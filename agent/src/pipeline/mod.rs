@@ -59,6 +59,10 @@ pub struct Request {
     pub stream: bool,
     /// The client's `max_tokens`, if it set one.
     pub max_tokens: Option<u64>,
+    /// Bytes of the body that the input-token estimate leaves out (an
+    /// image's base64 data is not four bytes a token); the real usage
+    /// settles the reservation all the same.
+    pub uncounted_bytes: usize,
     /// The request body of `api` for the model the profile resolves to.
     pub body: Box<dyn FnOnce(&str) -> Bytes + Send>,
 }
@@ -88,6 +92,8 @@ struct PreparedCall {
     model: String,
     api: Api,
     body: Bytes,
+    /// The input tokens estimated before the answer tells.
+    input_estimate: u64,
     stream: bool,
     ctx: CallContext,
 }
@@ -234,8 +240,10 @@ impl Pipeline {
         ctx.model = Some(profile.model.clone());
         auth::authorize(&cfg, &caller, &profile.id)?;
         let (profile, model) = (profile.id.clone(), profile.model.clone());
+        let body = (req.body)(&model);
         Ok(PreparedCall {
-            body: (req.body)(&model),
+            input_estimate: estimate_input_tokens(body.len().saturating_sub(req.uncounted_bytes)),
+            body,
             profile,
             model,
             api: inbound.api,
@@ -288,7 +296,7 @@ impl Pipeline {
                 rate: RateInfo::default(),
             });
         }
-        let input = estimate_input_tokens(call.body.len());
+        let input = call.input_estimate;
         let max_tokens = call
             .ctx
             .max_tokens

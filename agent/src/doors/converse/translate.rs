@@ -93,10 +93,21 @@ pub fn parse(req: &pb::ConverseRequest, stream: bool) -> Result<Call, CallError>
         .as_ref()
         .and_then(|c| c.max_tokens)
         .map(u64::from);
+    // Images travel as base64: left out of the input-token estimate.
+    let uncounted_bytes = req
+        .messages
+        .iter()
+        .flat_map(|m| &m.content)
+        .filter_map(|b| match &b.block {
+            Some(Block::Image(img)) => Some(img.bytes.len().div_ceil(3) * 4),
+            _ => None,
+        })
+        .sum();
     Ok(Call {
         model: req.model_id.clone(),
         stream,
         max_tokens,
+        uncounted_bytes,
         body: Box::new(move |model| {
             body.insert("model".into(), Value::String(model.to_string()));
             serde_json::to_vec(&body)
