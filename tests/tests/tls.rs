@@ -111,23 +111,23 @@ async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<S
     (status, region)
 }
 
-/// Regions us-east and us-west (and eu-west), the US profile, and a route
-/// that sends us-east's calls to us-west, written with the operator's
-/// certificate.
-/// spillctl's flags for the operator's certificate.
-fn admin_flags(pki: &Pki) -> [&str; 6] {
+/// The flags that give a binary these TLS files.
+fn tls_flags(files: &TlsFiles) -> [&str; 6] {
     [
         "--tls-ca",
-        s(&pki.admin.ca),
+        s(&files.ca),
         "--tls-cert",
-        s(&pki.admin.cert),
+        s(&files.cert),
         "--tls-key",
-        s(&pki.admin.key),
+        s(&files.key),
     ]
 }
 
+/// Regions us-east and us-west (and eu-west), the US profile, and a route
+/// that sends us-east's calls to us-west, written with the operator's
+/// certificate.
 async fn seed(cp: &ControlPlane, pki: &Pki, with_eu: bool) {
-    let admin = admin_flags(pki);
+    let admin = tls_flags(&pki.admin);
     let mut writes = vec![
         &["regions", "create", "us-east", "-g", "us"][..],
         &["regions", "create", "us-west", "-g", "us"][..],
@@ -198,14 +198,7 @@ async fn every_hop_is_tls_and_identities_come_from_certificates() {
     .await;
     assert!(ok && out.contains("us-west"), "{out}");
     // An agent's certificate is no admin certificate.
-    let as_agent = [
-        "--tls-ca",
-        s(&pki.east.ca),
-        "--tls-cert",
-        s(&pki.east.cert),
-        "--tls-key",
-        s(&pki.east.key),
-    ];
+    let as_agent = tls_flags(&pki.east);
     let (ok, out) = spillctl(&cp, &as_agent, &["regions", "list"]).await;
     assert!(!ok && out.contains("admin certificate"), "{out}");
 
@@ -259,14 +252,7 @@ async fn plaintext_refused(addr: SocketAddr) -> bool {
 }
 
 async fn tls_control_plane(pki: &Pki, extra: &[&str]) -> ControlPlane {
-    let tls = [
-        "--tls-ca",
-        s(&pki.cp.ca),
-        "--tls-cert",
-        s(&pki.cp.cert),
-        "--tls-key",
-        s(&pki.cp.key),
-    ];
+    let tls = tls_flags(&pki.cp);
     ControlPlane::start_with(None, "cp", &[&tls[..], extra].concat()).await
 }
 
@@ -491,14 +477,7 @@ async fn a_tls_control_plane_refuses_a_plaintext_etcd_unless_told() {
     let pki = pki();
     let etcd = spillway_tests::Etcd::start().await;
     assert!(etcd.endpoint.starts_with("http://"));
-    let tls = [
-        "--tls-ca",
-        s(&pki.cp.ca),
-        "--tls-cert",
-        s(&pki.cp.cert),
-        "--tls-key",
-        s(&pki.cp.key),
-    ];
+    let tls = tls_flags(&pki.cp);
     let out = tokio::process::Command::new(bin("spillway-control-plane"))
         .args([
             "--listen",
@@ -523,7 +502,7 @@ async fn a_tls_control_plane_refuses_a_plaintext_etcd_unless_told() {
         &[&tls[..], &["--allow-plaintext-etcd"]].concat(),
     )
     .await;
-    let admin = admin_flags(&pki);
+    let admin = tls_flags(&pki.admin);
     let (ok, _, err) = cp
         .spillctl(&[&admin[..], &["regions", "create", "us-east", "-g", "us"]].concat())
         .await;
