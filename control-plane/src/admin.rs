@@ -510,6 +510,7 @@ impl Admin {
                     reporting: load.is_some_and(|l| l.fresh),
                     ttft_ms,
                     output_tokens_per_second: tokens_per_s,
+                    ..Default::default()
                 }
             })
             .collect();

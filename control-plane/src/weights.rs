@@ -414,6 +414,7 @@ pub(crate) mod tests {
                     priority: *p,
                 })
                 .collect(),
+            ttft_objective_ms: None,
             revision: 0,
         }
     }

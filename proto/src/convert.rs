@@ -97,6 +97,7 @@ impl From<pb::RouteTable> for RouteTable {
                     priority: d.priority,
                 })
                 .collect(),
+            ttft_objective_ms: (t.ttft_objective_ms > 0).then_some(t.ttft_objective_ms),
             revision: t.revision,
         }
     }
@@ -116,6 +117,7 @@ impl From<RouteTable> for pb::RouteTable {
                     priority: d.priority,
                 })
                 .collect(),
+            ttft_objective_ms: t.ttft_objective_ms.unwrap_or(0),
             revision: t.revision,
         }
     }

@@ -216,6 +216,7 @@ impl Cluster {
                     priority: *p,
                 })
                 .collect(),
+            ttft_objective_ms: 0,
             revision: 0,
         };
         admin

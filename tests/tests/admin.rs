@@ -36,6 +36,7 @@ fn route(p: &str, src: &str, d: &[(&str, f64)]) -> pb::RouteTable {
                 priority: 0,
             })
             .collect(),
+        ttft_objective_ms: 0,
         revision: 0,
     }
 }

@@ -335,6 +335,7 @@ async fn the_relay_takes_only_agent_certificates_of_the_deployments_ca() {
         stream: false,
         traceparent: String::new(),
         api: String::new(),
+        ttft_objective_ms: 0,
     }
     };
     let call = |ch: Channel, req: pb::RelayRequest| async move {

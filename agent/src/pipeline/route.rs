@@ -55,6 +55,7 @@ mod tests {
                     priority: *p,
                 })
                 .collect(),
+            ttft_objective_ms: None,
             revision: 0,
         }
     }

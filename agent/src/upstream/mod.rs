@@ -332,6 +332,7 @@ impl Upstreams {
                 ttft_ewma_us: s.ttft_us.load(Ordering::Relaxed),
                 total_ewma_us: s.total_us.load(Ordering::Relaxed),
                 output_tokens: s.output_tokens.swap(0, Ordering::Relaxed),
+                ..Default::default()
             })
             .collect();
         spillway_proto::pb::LoadReport {

@@ -153,6 +153,7 @@ impl RelayClients {
             stream,
             traceparent: traceparent.header(),
             api: api.as_str().to_string(),
+            ttft_objective_ms: 0,
         });
         req.metadata_mut().insert(
             SOURCE_AGENT,

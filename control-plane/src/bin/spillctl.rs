@@ -1048,6 +1048,7 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
                 profile,
                 source_region: source,
                 destinations,
+                ttft_objective_ms: 0,
                 revision: 0,
             };
             let written = match existing {

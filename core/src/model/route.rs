@@ -20,6 +20,11 @@ pub struct RouteTable {
     pub profile: String,
     pub source_region: String,
     pub destinations: Vec<RouteDestination>,
+    /// Time-to-first-token objective in milliseconds: a model server whose
+    /// engine's TTFT p90 is above it counts as saturated for this table's
+    /// calls, which spill. `None`: no objective.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_objective_ms: Option<u32>,
     #[serde(skip)]
     pub revision: i64,
 }
@@ -57,6 +62,14 @@ impl RouteTable {
                 ));
             }
         }
+        if let Some(ms) = self.ttft_objective_ms
+            && !(1..=600_000).contains(&ms)
+        {
+            return Err(invalid(
+                "route_table.ttft_objective_ms",
+                format!("{ms} is not between 1 and 600000 milliseconds"),
+            ));
+        }
         if self.destinations.iter().all(|d| d.weight == 0.0) {
             return Err(invalid(
                 "route_table.destinations",
@@ -88,6 +101,7 @@ impl RouteTable {
                     priority: u32::from(has_source && d != source_region),
                 })
                 .collect(),
+            ttft_objective_ms: None,
             revision: 0,
         }
     }

@@ -46,6 +46,7 @@ fn route(p: &str, src: &str, d: &[(&str, f64)]) -> RouteTable {
                 priority: 0,
             })
             .collect(),
+        ttft_objective_ms: None,
         revision: 0,
     }
 }

@@ -260,6 +260,7 @@ async fn main() -> Result<()> {
             weight: 1.0,
             priority: 0,
         }],
+        ttft_objective_ms: 0,
         revision: 0,
     };
     admin
@@ -280,6 +281,7 @@ async fn main() -> Result<()> {
                 priority: 0,
             })
             .collect(),
+        ttft_objective_ms: 0,
         revision: 0,
     };
     admin
