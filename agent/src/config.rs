@@ -45,10 +45,15 @@ pub struct AgentArgs {
     /// Address of the OpenAI-compatible HTTP front door.
     #[arg(long, env = "SPILLWAY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
-    /// A model server of this region: `URL,models=a|b[,capacity=N][,http2]`
-    /// (capacity: concurrent calls, default 64); repeatable. An update that
-    /// routes a profile to this region for a model none of them serves is
-    /// refused (NACKed).
+    /// A model server of this region, repeatable:
+    /// `URL,models=a|b[,apis=chat|completions|embeddings|responses|messages]
+    /// [,metrics=auto|vllm|sglang|llamacpp|none][,metrics_url=URL]
+    /// [,capacity=N[,static]][,http2]`. Its load comes from the engine's own
+    /// metrics (`metrics=auto` detects vLLM, SGLang and llama.cpp at
+    /// `URL/metrics`), else from a concurrency limit learned from time to
+    /// first token; `capacity` is an optional upper bound (`static`: a fixed
+    /// limit, nothing learned). An update that routes a profile to this
+    /// region for a model none of them serves is refused (NACKed).
     #[arg(
         long = "model-server",
         env = "SPILLWAY_MODEL_SERVERS",
@@ -60,6 +65,17 @@ pub struct AgentArgs {
     /// servers). Plain `http://` servers need none.
     #[arg(long, env = "SPILLWAY_MODEL_SERVER_CA")]
     pub model_server_ca: Option<PathBuf>,
+    /// How often each model server's engine metrics are scraped, in ms.
+    /// Figures older than four intervals (at least a second) are stale, and
+    /// the server counts as saturated.
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    pub metrics_interval_ms: u64,
+    /// KV-cache usage (0 to 1] at which an engine counts as saturated.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_fraction)]
+    pub saturation_kv: f64,
+    /// Requests waiting in an engine's queue at which it counts as saturated.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub saturation_queue: u32,
     /// Regions a call tries at most, the first included.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
     pub max_attempts: u8,
@@ -135,5 +151,12 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("`{s}` is not a number from 0 to 1")),
+    }
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(r),
+        _ => Err(format!("`{s}` is not a number above 0 and at most 1")),
     }
 }

@@ -25,7 +25,7 @@ use crate::quota::Quotas;
 use crate::telemetry::record::{AuditSettings, Recorder};
 use crate::telemetry::trace::Tracer;
 use crate::upstream::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
-use crate::upstream::{ModelServerSpec, UpstreamSettings, Upstreams};
+use crate::upstream::{ModelServerSpec, SaturationSettings, UpstreamSettings, Upstreams};
 use spillway_core::tls::{Expect, TlsFiles};
 
 /// Everything an agent needs to start.
@@ -77,6 +77,15 @@ impl AgentSettings {
             model_servers: args.model_servers.clone(),
             upstream: UpstreamSettings {
                 header_timeout: timeout,
+                saturation: SaturationSettings {
+                    kv_max: args.saturation_kv,
+                    queue_max: f64::from(args.saturation_queue),
+                    scrape_interval: Duration::from_millis(args.metrics_interval_ms),
+                    // Four intervals, and never under a second (llm-d's
+                    // 200 ms is for a scrape every 50 ms in one cluster).
+                    stale_after: Duration::from_millis(args.metrics_interval_ms * 4)
+                        .max(Duration::from_secs(1)),
+                },
                 ..UpstreamSettings::default()
             },
             pipeline: PipelineSettings {
@@ -232,6 +241,10 @@ pub async fn start(
         settings.model_servers,
         settings.upstream.clone(),
     ));
+    // The engines' figures first, so that the first calls are placed by
+    // them and a metrics URL that does not answer is logged at once.
+    upstreams.scrape_once().await;
+    upstreams.spawn_scrapers();
     // The pipeline needs the config watch, and load reports need the
     // pipeline: the report reads it through a slot filled just below.
     let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =

@@ -593,14 +593,31 @@ impl<'a> AgentOptions<'a> {
 }
 
 /// A model-server spec for `addr` serving `models` over every API (the
-/// simulator serves them all).
+/// simulator serves them all), with a fixed limit of `capacity` calls and
+/// no engine metrics: the simple simulator's behaviour, where a test needs
+/// a known number of slots.
 pub fn model_server(addr: SocketAddr, models: &[&str], capacity: u32) -> ModelServerSpec {
     ModelServerSpec {
-        url: format!("http://{addr}"),
-        models: models.iter().map(|m| m.to_string()).collect(),
         apis: spillway_core::api::ApiSet::of(spillway_core::api::Api::ALL),
-        capacity,
-        http2: false,
+        capacity: Some(capacity),
+        fixed: true,
+        metrics: spillway_agent::upstream::engine::MetricsMode::None,
+        ..ModelServerSpec::new(&format!("http://{addr}"), models.iter().copied())
+    }
+}
+
+/// A model-server spec for `addr` as an operator writes it for a real
+/// engine: no capacity, engine metrics read as `metrics` says (`auto`
+/// detects them).
+pub fn engine_server(
+    addr: SocketAddr,
+    models: &[&str],
+    metrics: spillway_agent::upstream::engine::MetricsMode,
+) -> ModelServerSpec {
+    ModelServerSpec {
+        apis: spillway_core::api::ApiSet::of(spillway_core::api::Api::ALL),
+        metrics,
+        ..ModelServerSpec::new(&format!("http://{addr}"), models.iter().copied())
     }
 }
 

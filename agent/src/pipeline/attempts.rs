@@ -66,6 +66,9 @@ impl Pipeline {
             .get(&call.profile)
             .ok_or_else(|| CallError::ProfileNotFound(call.profile.clone()))?;
         let mut plan = route::plan(table, fastrand::f64);
+        let objective = table
+            .ttft_objective_ms
+            .map(|ms| std::time::Duration::from_millis(u64::from(ms)));
         // The tenant's region policy: a denied region never gets the call,
         // not even by failover; when nothing is left, the call fails closed.
         if let Some(tenant) = call.ctx.tenant.as_ref().and_then(|t| cfg.tenants.get(t))
@@ -152,7 +155,13 @@ impl Pipeline {
             };
             let result = if region == self.region {
                 self.upstreams
-                    .call(&call.model, call.api, call.body.clone(), call.stream)
+                    .call(
+                        &call.model,
+                        call.api,
+                        call.body.clone(),
+                        call.stream,
+                        objective,
+                    )
                     .await
             } else {
                 let started = tokio::time::Instant::now();
@@ -175,6 +184,7 @@ impl Pipeline {
                             request_id: &call.ctx.request_id,
                             traceparent,
                             spans: &remote,
+                            ttft_objective: objective,
                         },
                     )
                     .await;

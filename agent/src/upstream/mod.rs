@@ -1,15 +1,23 @@
-//! The region's model servers: OpenAI-compatible HTTP servers, balanced by
-//! load with power-of-two-choices over in-flight calls and latency (the
-//! peak-EWMA idea of `tower::balance`), over pooled HTTP/1.1 or HTTP/2
-//! connections, plaintext or TLS (`https://` servers, whose certificates
-//! must chain to the CA the agent is given). Streams pass through without
-//! being buffered.
+//! The region's model servers: OpenAI-compatible HTTP servers, reached over
+//! pooled HTTP/1.1 or HTTP/2 connections, plaintext or TLS (`https://`
+//! servers, whose certificates must chain to the CA the agent is given).
+//! Streams pass through without being buffered.
+//!
+//! How loaded a server is comes from the engine itself where it says
+//! (`engine.rs`: vLLM's, SGLang's or llama.cpp's `/metrics`, scraped every
+//! 250 ms), else from a concurrency limit learned from time to first token
+//! (`limit.rs`); `capacity=` is an optional upper bound. Each server gets a
+//! saturation score ([`ModelServer::saturation`]); a call goes to the less
+//! saturated of two random servers that are not saturated, and when every
+//! server is, the region is saturated and the call spills.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -24,11 +32,15 @@ use spillway_core::api::{Api, ApiSet};
 use crate::error::CallError;
 
 pub mod answer;
+pub mod engine;
+pub mod limit;
 pub mod meter;
 pub mod outlier;
 pub mod relay;
 
 use answer::count_events;
+use engine::{EngineKind, Figures, MetricsMode, Page, TtftWindow};
+use limit::{AdaptiveLimit, LimitSettings};
 use outlier::{OutlierSettings, Outliers};
 
 /// One model server, as configured with `--model-server`.
@@ -40,14 +52,37 @@ pub struct ModelServerSpec {
     pub models: BTreeSet<String>,
     /// The APIs it serves (default: chat and completions).
     pub apis: ApiSet,
-    /// Concurrent calls it takes; more are not sent (the region is at
-    /// capacity and calls spill over).
-    pub capacity: u32,
+    /// An upper bound on the calls it runs at once (the engine's, with
+    /// engine metrics; this agent's own, without). `None`: no bound but
+    /// what the engine's figures or the learned limit say.
+    pub capacity: Option<u32>,
+    /// `capacity` is the limit, not learned (`static`; needs `capacity`).
+    pub fixed: bool,
+    /// Which engine metrics to read from `metrics_url`.
+    pub metrics: MetricsMode,
+    /// Where the engine's Prometheus metrics are (default: `<url>/metrics`).
+    pub metrics_url: String,
     /// Speak HTTP/2 with prior knowledge instead of HTTP/1.1.
     pub http2: bool,
 }
 
 impl ModelServerSpec {
+    /// A server at `url` serving `models` over the default APIs, with
+    /// every option at its default.
+    pub fn new(url: &str, models: impl IntoIterator<Item = impl Into<String>>) -> ModelServerSpec {
+        let url = url.trim_end_matches('/').to_string();
+        ModelServerSpec {
+            metrics_url: format!("{url}/metrics"),
+            url,
+            models: models.into_iter().map(Into::into).collect(),
+            apis: ApiSet::of(Api::DEFAULT),
+            capacity: None,
+            fixed: false,
+            metrics: MetricsMode::Auto,
+            http2: false,
+        }
+    }
+
     /// Whether it is reached over TLS (`https://`, in any case).
     pub fn is_https(&self) -> bool {
         self.url
@@ -56,32 +91,28 @@ impl ModelServerSpec {
     }
 }
 
+fn check_url(url: &str, what: &str) -> Result<(), String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|_| format!("{what} `{url}` is not a URL like http://host:port"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+        return Err(format!(
+            "{what} `{url}` must be an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(())
+}
+
 impl FromStr for ModelServerSpec {
     type Err = String;
 
-    /// `URL,models=a|b[,apis=chat|embeddings][,capacity=N][,http2]`
+    /// `URL,models=a|b[,apis=chat|embeddings][,capacity=N][,static]
+    /// [,metrics=auto|vllm|sglang|llamacpp|none][,metrics_url=URL][,http2]`
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(',');
-        let url = parts
-            .next()
-            .unwrap_or_default()
-            .trim_end_matches('/')
-            .to_string();
-        let uri: Uri = url
-            .parse()
-            .map_err(|_| format!("`{url}` is not a URL like http://host:port"))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(format!(
-                "`{url}` must be an http:// or https:// URL with a host"
-            ));
-        }
-        let mut spec = ModelServerSpec {
-            url,
-            models: BTreeSet::new(),
-            apis: ApiSet::of(Api::DEFAULT),
-            capacity: 64,
-            http2: false,
-        };
+        let url = parts.next().unwrap_or_default().trim_end_matches('/');
+        check_url(url, "model server")?;
+        let mut spec = ModelServerSpec::new(url, Vec::<String>::new());
         for part in parts {
             match part.split_once('=') {
                 Some(("models", m)) => {
@@ -106,14 +137,20 @@ impl FromStr for ModelServerSpec {
                 }
                 Some(("capacity", c)) => {
                     spec.capacity =
-                        c.parse().ok().filter(|c| *c > 0).ok_or_else(|| {
+                        Some(c.parse().ok().filter(|c| *c > 0).ok_or_else(|| {
                             format!("capacity `{c}` is not a positive whole number")
-                        })?
+                        })?)
                 }
+                Some(("metrics", m)) => spec.metrics = m.parse()?,
+                Some(("metrics_url", u)) => {
+                    check_url(u, "metrics_url")?;
+                    spec.metrics_url = u.to_string();
+                }
+                None if part == "static" => spec.fixed = true,
                 None if part == "http2" => spec.http2 = true,
                 _ => {
                     return Err(format!(
-                        "unknown model-server option `{part}` (use models=a|b, apis=chat|embeddings, capacity=N, http2)"
+                        "unknown model-server option `{part}` (use models=a|b, apis=chat|embeddings, capacity=N, static, metrics=auto|vllm|sglang|llamacpp|none, metrics_url=URL, http2)"
                     ));
                 }
             }
@@ -121,6 +158,12 @@ impl FromStr for ModelServerSpec {
         if spec.models.is_empty() {
             return Err(format!(
                 "model server `{}` names no models (add models=a|b)",
+                spec.url
+            ));
+        }
+        if spec.fixed && spec.capacity.is_none() {
+            return Err(format!(
+                "model server `{}`: `static` fixes the limit at capacity=N, which is missing",
                 spec.url
             ));
         }
@@ -137,6 +180,11 @@ pub struct ModelServer {
     in_flight: AtomicU32,
     /// Time to response headers, EWMA, in microseconds (0 = no sample yet).
     latency_us: AtomicU64,
+    /// Calls sent and calls finished since the start: the calls this agent
+    /// added to the engine since its figures were scraped are the
+    /// difference of their moves since then.
+    started: AtomicU64,
+    finished: AtomicU64,
     /// Counters since the last load report.
     calls: AtomicU64,
     errors: AtomicU64,
@@ -145,6 +193,86 @@ pub struct ModelServer {
     /// Time to the answer's first byte and to its end, EWMAs in µs.
     ttft_us: AtomicU64,
     total_us: AtomicU64,
+    limit: Mutex<AdaptiveLimit>,
+    engine: Mutex<EngineView>,
+}
+
+/// What the agent knows of a server's engine from its metrics.
+#[derive(Debug, Default)]
+struct EngineView {
+    /// The dialect declared, or detected from the first page that had one.
+    kind: Option<EngineKind>,
+    /// The last good page's figures, when and against which counters.
+    figures: Option<Figures>,
+    scraped_at: Option<Instant>,
+    started_then: u64,
+    finished_then: u64,
+    /// The engine's TTFT p90 over the last seconds, in seconds.
+    ttft_p90: Option<f64>,
+    ttft: TtftWindow,
+    /// The calls the engine held without queuing when it last queued some:
+    /// its limit at that mix (llama.cpp's slots, say).
+    full_at: Option<f64>,
+    /// The calls a full KV cache held, as last estimated (running / usage).
+    kv_limit: Option<f64>,
+    state: ScrapeState,
+}
+
+/// How the last scrape went, for logging only what changes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ScrapeState {
+    #[default]
+    NotYet,
+    Good,
+    /// Answered, with no engine metrics the agent reads (auto).
+    NoEngine,
+    /// Answered with something unreadable: the learned limit decides.
+    Garbage,
+    /// Did not answer (refused, timed out, an error status).
+    Failing,
+}
+
+/// When the saturation score of a server says it is full.
+#[derive(Debug, Clone)]
+pub struct SaturationSettings {
+    /// KV-cache usage (0 to 1) at which a server is saturated.
+    pub kv_max: f64,
+    /// Requests waiting in the engine's queue at which it is saturated.
+    pub queue_max: f64,
+    /// Engine figures older than this are stale: the server counts as
+    /// saturated.
+    pub stale_after: Duration,
+    /// How often engine metrics are scraped.
+    pub scrape_interval: Duration,
+}
+
+impl Default for SaturationSettings {
+    fn default() -> Self {
+        SaturationSettings {
+            kv_max: 0.9,
+            queue_max: 2.0,
+            stale_after: Duration::from_secs(1),
+            scrape_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A server's saturation as of now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Saturation {
+    /// max(load / limit, waiting / queue_max, kv / kv_max); at least 1
+    /// when `saturated`.
+    pub score: f64,
+    /// Whether a call may not be sent there now.
+    pub saturated: bool,
+    /// Calls it takes without queuing, as estimated (finite).
+    pub limit: f64,
+    /// Whether fresh engine figures decided.
+    pub from_engine: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl ModelServer {
@@ -152,19 +280,199 @@ impl ModelServer {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    fn load_score(&self) -> f64 {
-        // Peak-EWMA flavour: expected wait grows with both the queue and the
-        // observed latency. Unknown latency counts as 1 ms.
-        let latency = match self.latency_us.load(Ordering::Relaxed) {
-            0 => 1_000.0,
-            l => l as f64,
-        };
-        f64::from(self.in_flight() + 1) * latency / f64::from(self.spec.capacity)
+    /// The limit learned from time to first token.
+    pub fn learned_limit(&self) -> f64 {
+        if self.spec.fixed {
+            return f64::from(self.spec.capacity.unwrap_or(1));
+        }
+        lock(&self.limit).limit()
     }
 
-    fn observe(&self, took: Duration) {
-        ewma(&self.latency_us, took);
+    /// How saturated the server is now, for calls whose route table has
+    /// time-to-first-token `objective` (see ARCHITECTURE.md, "Saturation").
+    pub fn saturation(
+        &self,
+        s: &SaturationSettings,
+        objective: Option<Duration>,
+        now: Instant,
+    ) -> Saturation {
+        let capacity = self.spec.capacity.map_or(f64::INFINITY, f64::from);
+        let learned = self.learned_limit();
+        let own_ttft = match self.ttft_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(us as f64 / 1e6),
+        };
+        let v = lock(&self.engine);
+        let fresh = v
+            .scraped_at
+            .is_some_and(|at| now.saturating_duration_since(at) <= s.stale_after);
+        // Engine figures are expected once the dialect is known, unless the
+        // page turned out unreadable (then the learned limit decides).
+        let expects = self.spec.metrics != MetricsMode::None
+            && v.kind.is_some()
+            && v.state != ScrapeState::Garbage;
+        let over_objective = |ttft: Option<f64>| {
+            objective.is_some_and(|o| ttft.is_some_and(|t| t > o.as_secs_f64()))
+        };
+        match (&v.figures, expects, fresh) {
+            (Some(f), true, true) => {
+                let started = self.started.load(Ordering::Relaxed);
+                let finished = self.finished.load(Ordering::Relaxed);
+                // This agent's calls since the scrape: sent minus finished.
+                let mine = (started.saturating_sub(v.started_then) as f64)
+                    - (finished.saturating_sub(v.finished_then) as f64);
+                let load = (f.running + f.waiting + mine).max(0.0);
+                let kv = f.kv_usage.unwrap_or(0.0);
+                let kv_limit = (f.running >= 1.0 && kv >= 0.01).then(|| f.running * s.kv_max / kv);
+                // Where the engine reports its KV cache, that says what fits
+                // (the mix of lengths varies); where not, the count it held
+                // when it last queued (llama.cpp's slots).
+                let engine_limit = if f.kv_usage.is_some() {
+                    kv_limit
+                } else {
+                    v.full_at
+                };
+                let limit = [engine_limit, Some(capacity)]
+                    .into_iter()
+                    .flatten()
+                    .fold(f64::INFINITY, f64::min);
+                let score = [
+                    if limit.is_finite() { load / limit } else { 0.0 },
+                    f.waiting / s.queue_max,
+                    kv / s.kv_max,
+                ]
+                .into_iter()
+                .fold(0.0, f64::max);
+                let saturated = load + 1.0 > limit
+                    || f.waiting >= s.queue_max
+                    || kv >= s.kv_max
+                    || over_objective(v.ttft_p90.or(own_ttft));
+                // A finite estimate for the load report, known or remembered.
+                let estimate = if limit.is_finite() {
+                    limit
+                } else {
+                    v.kv_limit
+                        .map_or(learned, |full| full * s.kv_max)
+                        .min(capacity)
+                };
+                Saturation {
+                    score: if saturated { score.max(1.0) } else { score },
+                    saturated,
+                    limit: estimate,
+                    from_engine: true,
+                }
+            }
+            (_, true, false) => Saturation {
+                // Stale: the engine may be drowning, or gone.
+                score: f64::INFINITY,
+                saturated: true,
+                limit: v
+                    .kv_limit
+                    .map(|full| full * s.kv_max)
+                    .or(v.full_at)
+                    .unwrap_or(learned)
+                    .min(capacity),
+                from_engine: false,
+            },
+            _ => {
+                let limit = learned.min(capacity);
+                let load = f64::from(self.in_flight());
+                let saturated = load + 1.0 > limit || over_objective(own_ttft);
+                let score = load / limit;
+                Saturation {
+                    score: if saturated { score.max(1.0) } else { score },
+                    saturated,
+                    limit,
+                    from_engine: false,
+                }
+            }
+        }
     }
+
+    /// Takes in the outcome of a scrape of the engine's metrics.
+    fn scraped(&self, outcome: Scrape, now: Instant, epoch: Instant) {
+        let mut v = lock(&self.engine);
+        let declared = match self.spec.metrics {
+            MetricsMode::Engine(k) => Some(k),
+            _ => None,
+        };
+        let url = &self.spec.metrics_url;
+        let next = match outcome {
+            Scrape::Page(bytes) => match engine::read(&bytes, v.kind.or(declared)) {
+                Page::Engine(kind, f) => {
+                    if v.kind.is_none() {
+                        tracing::info!(server = %self.spec.url, engine = %kind, "reading the engine's own load from its metrics");
+                    }
+                    v.kind = Some(kind);
+                    v.ttft_p90 = v.ttft.push(now.saturating_duration_since(epoch), f.ttft);
+                    if f.waiting > 0.0 {
+                        v.full_at = Some(f.running.max(1.0));
+                    } else if v.full_at.is_some_and(|full| f.running > full) {
+                        v.full_at = None;
+                    }
+                    let kv = f.kv_usage.unwrap_or(0.0);
+                    if f.running >= 1.0 && kv >= 0.01 {
+                        v.kv_limit = Some(f.running / kv);
+                    }
+                    v.figures = Some(f);
+                    v.scraped_at = Some(now);
+                    v.started_then = self.started.load(Ordering::Relaxed);
+                    v.finished_then = self.finished.load(Ordering::Relaxed);
+                    ScrapeState::Good
+                }
+                Page::NoEngine => {
+                    if v.state != ScrapeState::NoEngine {
+                        tracing::info!(server = %self.spec.url, metrics = %url, "no engine metrics (vLLM, SGLang, llama.cpp) found: the concurrency limit is learned from time to first token");
+                    }
+                    ScrapeState::NoEngine
+                }
+                Page::Garbage(why) => {
+                    if v.state != ScrapeState::Garbage {
+                        tracing::warn!(server = %self.spec.url, metrics = %url, problem = %why, "the engine's metrics cannot be read; the concurrency limit learned from time to first token decides until they can");
+                    }
+                    ScrapeState::Garbage
+                }
+            },
+            Scrape::Missing(status) => {
+                if v.kind.is_none() {
+                    // Auto, and there are none (404, say): not an outage.
+                    if v.state != ScrapeState::NoEngine {
+                        tracing::info!(server = %self.spec.url, metrics = %url, %status, "no engine metrics: the concurrency limit is learned from time to first token");
+                    }
+                    ScrapeState::NoEngine
+                } else {
+                    if v.state != ScrapeState::Failing {
+                        tracing::warn!(server = %self.spec.url, metrics = %url, %status, "the engine's metrics stopped answering: the server counts as saturated while they are stale");
+                    }
+                    ScrapeState::Failing
+                }
+            }
+            Scrape::Failed(why) => {
+                if v.state != ScrapeState::Failing {
+                    if v.kind.is_some() {
+                        tracing::warn!(server = %self.spec.url, metrics = %url, error = %why, "the engine's metrics do not answer: the server counts as saturated while they are stale");
+                    } else {
+                        tracing::warn!(server = %self.spec.url, metrics = %url, error = %why, "the model server's metrics do not answer; until they do, the concurrency limit learned from time to first token decides");
+                    }
+                }
+                ScrapeState::Failing
+            }
+        };
+        if next == ScrapeState::Good
+            && matches!(v.state, ScrapeState::Failing | ScrapeState::Garbage)
+        {
+            tracing::info!(server = %self.spec.url, "the engine's metrics answer again");
+        }
+        v.state = next;
+    }
+}
+
+/// What one scrape brought.
+enum Scrape {
+    Page(Bytes),
+    /// An error status.
+    Missing(StatusCode),
+    Failed(String),
 }
 
 /// Holds one in-flight slot of a model server until dropped (when a unary
@@ -174,6 +482,7 @@ pub struct InFlight(Arc<ModelServer>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.finished.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -204,6 +513,7 @@ pub struct UpstreamSettings {
     /// Whom `https://` model servers are trusted by: their certificate must
     /// chain to these roots. `None`: no https server can be reached.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub saturation: SaturationSettings,
 }
 
 impl Default for UpstreamSettings {
@@ -213,6 +523,7 @@ impl Default for UpstreamSettings {
             header_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(600),
             tls: None,
+            saturation: SaturationSettings::default(),
         }
     }
 }
@@ -235,6 +546,8 @@ pub struct Upstreams {
     settings: UpstreamSettings,
     /// Servers ejected after failing or throttling calls in a row, by URL.
     ejected: Outliers<String>,
+    /// When the agent started: the origin of the TTFT windows' clocks.
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -287,11 +600,25 @@ impl Upstreams {
                             .expect("checked when the spec was parsed")
                     })
                 });
+                let engine = EngineView {
+                    kind: match spec.metrics {
+                        MetricsMode::Engine(k) => Some(k),
+                        _ => None,
+                    },
+                    ..EngineView::default()
+                };
                 Arc::new(ModelServer {
+                    limit: Mutex::new(AdaptiveLimit::new(
+                        LimitSettings::for_capacity(spec.capacity),
+                        Instant::now(),
+                    )),
+                    engine: Mutex::new(engine),
                     spec,
                     uris,
                     in_flight: AtomicU32::new(0),
                     latency_us: AtomicU64::new(0),
+                    started: AtomicU64::new(0),
+                    finished: AtomicU64::new(0),
                     calls: AtomicU64::new(0),
                     errors: AtomicU64::new(0),
                     throttles: AtomicU64::new(0),
@@ -307,6 +634,7 @@ impl Upstreams {
             http2,
             settings,
             ejected: Outliers::new(OutlierSettings::default()),
+            epoch: Instant::now(),
         }
     }
 
@@ -317,22 +645,47 @@ impl Upstreams {
     /// What the servers did since the last call of this, for the load
     /// report (the counters restart).
     pub fn load_report(&self, interval: Duration) -> spillway_proto::pb::LoadReport {
+        let now = Instant::now();
+        let settings = &self.settings.saturation;
         let servers = self
             .servers
             .iter()
-            .map(|s| spillway_proto::pb::ServerLoad {
-                url: s.spec.url.clone(),
-                models: s.spec.models.iter().cloned().collect(),
-                capacity: s.spec.capacity,
-                in_flight: s.in_flight(),
-                calls: s.calls.swap(0, Ordering::Relaxed),
-                errors: s.errors.swap(0, Ordering::Relaxed),
-                throttles: s.throttles.swap(0, Ordering::Relaxed),
-                latency_ewma_us: s.latency_us.load(Ordering::Relaxed),
-                ttft_ewma_us: s.ttft_us.load(Ordering::Relaxed),
-                total_ewma_us: s.total_us.load(Ordering::Relaxed),
-                output_tokens: s.output_tokens.swap(0, Ordering::Relaxed),
-                ..Default::default()
+            .map(|s| {
+                let sat = s.saturation(settings, None, now);
+                let engine = {
+                    let v = lock(&s.engine);
+                    v.kind.map(|kind| {
+                        let f = v.figures.unwrap_or_default();
+                        let age = v.scraped_at.map(|at| now.saturating_duration_since(at));
+                        spillway_proto::pb::EngineLoad {
+                            kind: kind.to_string(),
+                            running: f.running,
+                            waiting: f.waiting,
+                            kv_usage: f.kv_usage,
+                            ttft_p90_ms: v.ttft_p90.map_or(0.0, |t| t * 1000.0),
+                            fresh: v.state != ScrapeState::Garbage
+                                && age.is_some_and(|a| a <= settings.stale_after),
+                            age_ms: age.map_or(0, |a| a.as_millis() as u64),
+                        }
+                    })
+                };
+                spillway_proto::pb::ServerLoad {
+                    url: s.spec.url.clone(),
+                    models: s.spec.models.iter().cloned().collect(),
+                    capacity: s.spec.capacity.unwrap_or(0),
+                    in_flight: s.in_flight(),
+                    calls: s.calls.swap(0, Ordering::Relaxed),
+                    errors: s.errors.swap(0, Ordering::Relaxed),
+                    throttles: s.throttles.swap(0, Ordering::Relaxed),
+                    latency_ewma_us: s.latency_us.load(Ordering::Relaxed),
+                    ttft_ewma_us: s.ttft_us.load(Ordering::Relaxed),
+                    total_ewma_us: s.total_us.load(Ordering::Relaxed),
+                    output_tokens: s.output_tokens.swap(0, Ordering::Relaxed),
+                    engine,
+                    learned_limit: s.learned_limit(),
+                    limit: if sat.limit.is_finite() { sat.limit } else { 0.0 },
+                    saturation: if sat.score.is_finite() { sat.score } else { 1e9 },
+                }
             })
             .collect();
         spillway_proto::pb::LoadReport {
@@ -343,9 +696,90 @@ impl Upstreams {
         }
     }
 
-    /// Picks a server for `model` by power of two choices among those with a
-    /// free slot, and takes the slot.
-    fn pick(&self, model: &str, api: Api) -> Result<(Arc<ModelServer>, InFlight), CallError> {
+    /// Scrapes each server's engine metrics every `scrape_interval`, until
+    /// the agent stops. Call once, after [`Upstreams::scrape_once`].
+    pub fn spawn_scrapers(self: &Arc<Self>) {
+        for (i, server) in self.servers.iter().enumerate() {
+            if server.spec.metrics == MetricsMode::None {
+                continue;
+            }
+            let me = self.clone();
+            tokio::spawn(async move {
+                let every = me.settings.saturation.scrape_interval;
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    me.scrape(i).await;
+                    // A server found to have no engine metrics is asked again
+                    // now and then (it may be restarted as one that has).
+                    let server = &me.servers[i];
+                    if lock(&server.engine).state == ScrapeState::NoEngine {
+                        tokio::time::sleep(NO_ENGINE_RECHECK).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Scrapes every server's metrics once, together (at start, so that the
+    /// first calls are placed with the engines' figures, and a metrics URL
+    /// that does not answer is reported at once).
+    pub async fn scrape_once(&self) {
+        let all = (0..self.servers.len())
+            .filter(|i| self.servers[*i].spec.metrics != MetricsMode::None)
+            .map(|i| self.scrape(i));
+        futures_util::future::join_all(all).await;
+    }
+
+    async fn scrape(&self, i: usize) {
+        let server = &self.servers[i];
+        let timeout = (self.settings.saturation.scrape_interval * 2).min(Duration::from_secs(2));
+        let outcome = match tokio::time::timeout(timeout, self.fetch_metrics(server)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Scrape::Failed(format!("no answer within {timeout:?}")),
+        };
+        server.scraped(outcome, Instant::now(), self.epoch);
+    }
+
+    async fn fetch_metrics(&self, server: &ModelServer) -> Scrape {
+        let Ok(uri) = server.spec.metrics_url.parse::<Uri>() else {
+            return Scrape::Failed("not a URL".into());
+        };
+        let req = Request::get(uri)
+            .header(header::ACCEPT, "text/plain;version=0.0.4")
+            .body(Full::new(Bytes::new()))
+            .expect("a valid request");
+        let client = if server.spec.http2 {
+            &self.http2
+        } else {
+            &self.http1
+        };
+        let resp = match client.request(req).await {
+            Ok(r) => r,
+            Err(e) => return Scrape::Failed(chain(&e)),
+        };
+        if !resp.status().is_success() {
+            return Scrape::Missing(resp.status());
+        }
+        match http_body_util::Limited::new(resp.into_body(), MAX_METRICS_PAGE)
+            .collect()
+            .await
+        {
+            Ok(body) => Scrape::Page(body.to_bytes()),
+            Err(e) => Scrape::Failed(format!("reading the page: {e}")),
+        }
+    }
+
+    /// Picks a server for `model` by power of two choices among those that
+    /// are not saturated, the less saturated of the two, and takes a slot.
+    fn pick(
+        &self,
+        model: &str,
+        api: Api,
+        objective: Option<Duration>,
+    ) -> Result<(Arc<ModelServer>, InFlight), CallError> {
         let mut serving: Vec<&Arc<ModelServer>> = self
             .servers
             .iter()
@@ -357,7 +791,7 @@ impl Upstreams {
             )));
         }
         // Leave ejected servers out, unless every one is ejected.
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let healthy: Vec<&Arc<ModelServer>> = serving
             .iter()
             .copied()
@@ -366,41 +800,37 @@ impl Upstreams {
         if !healthy.is_empty() {
             serving = healthy;
         }
-        // Claim a slot on the better of two random servers; when it filled up
-        // in between, try the other, then the rest in order of load.
-        // Scores are read once: they move under concurrent calls, and a sort
-        // must see one consistent order.
-        let scores: Vec<f64> = serving.iter().map(|s| s.load_score()).collect();
-        let score = |i: &usize| scores[*i];
-        let mut order: Vec<usize> = (0..serving.len()).collect();
-        order.sort_by(|p, q| score(p).total_cmp(&score(q)));
-        if order.len() > 2 {
-            let a = fastrand::usize(..serving.len());
-            let mut b = fastrand::usize(..serving.len() - 1);
-            if b >= a {
-                b += 1;
+        // Scores are read once: they move under concurrent calls, and a
+        // choice must see one consistent view.
+        let open: Vec<(&Arc<ModelServer>, f64)> = serving
+            .iter()
+            .map(|s| (*s, s.saturation(&self.settings.saturation, objective, now)))
+            .filter(|(_, sat)| !sat.saturated)
+            .map(|(s, sat)| (s, sat.score))
+            .collect();
+        let chosen = match open.len() {
+            0 => {
+                return Err(CallError::AtCapacity(format!(
+                    "every model server for `{model}` in this region is saturated"
+                )));
             }
-            let (win, lose) = if score(&a) <= score(&b) {
-                (a, b)
-            } else {
-                (b, a)
-            };
-            order.retain(|i| *i != win && *i != lose);
-            order.splice(0..0, [win, lose]);
-        }
-        for server in order.into_iter().map(|i| serving[i]) {
-            let claimed = server
-                .in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
-                    (n < server.spec.capacity).then_some(n + 1)
-                });
-            if claimed.is_ok() {
-                return Ok((server.clone(), InFlight(server.clone())));
+            1 => open[0].0,
+            n => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                if open[a].1 <= open[b].1 {
+                    open[a].0
+                } else {
+                    open[b].0
+                }
             }
-        }
-        Err(CallError::AtCapacity(format!(
-            "every model server for `{model}` in this region is at capacity"
-        )))
+        };
+        chosen.in_flight.fetch_add(1, Ordering::AcqRel);
+        chosen.started.fetch_add(1, Ordering::AcqRel);
+        Ok((chosen.clone(), InFlight(chosen.clone())))
     }
 
     /// Whether a model server of this region serves `model` over `api`.
@@ -418,15 +848,17 @@ impl Upstreams {
     }
 
     /// Calls a model server of this region. `body` is the request of `api`
-    /// with `model` already set.
+    /// with `model` already set. Servers whose time to first token is past
+    /// `objective` count as saturated.
     pub async fn call(
         &self,
         model: &str,
         api: Api,
         body: Bytes,
         stream: bool,
+        objective: Option<Duration>,
     ) -> Result<UpstreamAnswer, CallError> {
-        let (server, slot) = self.pick(model, api)?;
+        let (server, slot) = self.pick(model, api, objective)?;
         let result = self.send(&server, slot, api, body, stream).await;
         // Passive health: a server that throttles or fails calls in a row is
         // left out of the picks for a while.
@@ -482,6 +914,7 @@ impl Upstreams {
             &self.http1
         };
         let started = Instant::now();
+        let sent_with = server.in_flight();
         let wait = if stream {
             self.settings.header_timeout
         } else {
@@ -503,9 +936,12 @@ impl Upstreams {
             }
             Ok(Ok(resp)) => resp,
         };
-        server.observe(started.elapsed());
+        ewma(&server.latency_us, started.elapsed());
         let status = resp.status();
         if status == StatusCode::TOO_MANY_REQUESTS {
+            if !server.spec.fixed {
+                lock(&server.limit).on_overload(started, sent_with, Instant::now());
+            }
             return Err(CallError::Throttled(format!(
                 "model server {} is throttling",
                 server.spec.url
@@ -530,7 +966,16 @@ impl Upstreams {
                     if let Ok(c) = &chunk {
                         if !seen_first {
                             seen_first = true;
-                            ewma(&first.ttft_us, started.elapsed());
+                            let ttft = started.elapsed();
+                            ewma(&first.ttft_us, ttft);
+                            if !first.spec.fixed {
+                                lock(&first.limit).on_first_token(
+                                    started,
+                                    sent_with,
+                                    ttft,
+                                    Instant::now(),
+                                );
+                            }
                         }
                         first
                             .output_tokens
@@ -581,6 +1026,12 @@ impl Upstreams {
     }
 }
 
+/// Largest metrics page read (a vLLM server's is about 100 KB).
+const MAX_METRICS_PAGE: usize = 8 * 1024 * 1024;
+
+/// How often a server found to have no engine metrics is asked again.
+const NO_ENGINE_RECHECK: Duration = Duration::from_secs(10);
+
 /// One step of the EWMAs the agent keeps in microseconds (weight 1/5 for
 /// the new sample; 0 means no sample yet).
 pub fn ewma_step(old_us: u64, took: Duration) -> u64 {
@@ -617,11 +1068,10 @@ mod tests {
 
     fn spec(url: &str, capacity: u32) -> ModelServerSpec {
         ModelServerSpec {
-            url: url.into(),
-            models: ["m".to_string()].into(),
-            apis: ApiSet::of(Api::DEFAULT),
-            capacity,
-            http2: false,
+            capacity: Some(capacity),
+            fixed: true,
+            metrics: MetricsMode::None,
+            ..ModelServerSpec::new(url, ["m"])
         }
     }
 
@@ -632,17 +1082,33 @@ mod tests {
             .unwrap();
         assert_eq!(s.url, "http://127.0.0.1:8000");
         assert_eq!(s.models.len(), 2);
-        assert_eq!((s.capacity, s.http2), (8, true));
+        assert_eq!((s.capacity, s.http2, s.fixed), (Some(8), true, false));
         assert_eq!(s.apis, ApiSet::of(Api::DEFAULT));
+        assert_eq!(s.metrics, MetricsMode::Auto);
+        assert_eq!(s.metrics_url, "http://127.0.0.1:8000/metrics");
         let s: ModelServerSpec = "http://x,models=a,apis=embeddings|messages"
             .parse()
             .unwrap();
         assert_eq!(s.apis, ApiSet::of([Api::Embeddings, Api::Messages]));
+        assert_eq!(s.capacity, None);
+        let s: ModelServerSpec =
+            "http://x:8000,models=a,metrics=vllm,metrics_url=http://x:9090/m,capacity=4,static"
+                .parse()
+                .unwrap();
+        assert_eq!(s.metrics, MetricsMode::Engine(EngineKind::Vllm));
+        assert_eq!(s.metrics_url, "http://x:9090/m");
+        assert_eq!((s.capacity, s.fixed), (Some(4), true));
         assert_eq!(
             "http://x,models=a,apis=chat|bogus"
                 .parse::<ModelServerSpec>()
                 .unwrap_err(),
             "unknown API `bogus`: one of chat, completions, embeddings, responses, messages"
+        );
+        assert_eq!(
+            "http://x,models=a,metrics=bogus"
+                .parse::<ModelServerSpec>()
+                .unwrap_err(),
+            "unknown metrics `bogus`: one of auto, vllm, sglang, llamacpp, none"
         );
         let s: ModelServerSpec = "https://vllm.internal:8443,models=a".parse().unwrap();
         assert_eq!(s.url, "https://vllm.internal:8443");
@@ -652,38 +1118,160 @@ mod tests {
             "http://x,models=a,capacity=0",
             "http://x,models=a,weird",
             "http://x,models=a,apis=",
+            "http://x,models=a,static",
+            "http://x,models=a,metrics_url=nope",
         ] {
             assert!(bad.parse::<ModelServerSpec>().is_err(), "{bad}");
         }
     }
 
-    #[test]
-    fn picks_by_load_and_throttles_at_capacity() {
+    #[tokio::test]
+    async fn picks_by_load_and_spills_at_a_fixed_capacity() {
         let up = Upstreams::new(
             vec![spec("http://a", 2), spec("http://b", 2)],
             UpstreamSettings::default(),
         );
         let mut slots = Vec::new();
         for _ in 0..4 {
-            slots.push(up.pick("m", Api::Chat).expect("a free slot").1);
+            slots.push(up.pick("m", Api::Chat, None).expect("a free slot").1);
         }
-        // Both servers were filled evenly, then the region is at capacity.
+        // Both servers were filled evenly, then the region is saturated.
         assert_eq!(up.servers()[0].in_flight(), 2);
         assert_eq!(up.servers()[1].in_flight(), 2);
         assert!(matches!(
-            up.pick("m", Api::Chat),
+            up.pick("m", Api::Chat, None),
             Err(CallError::AtCapacity(_))
         ));
         slots.pop();
-        assert!(up.pick("m", Api::Chat).is_ok());
+        assert!(up.pick("m", Api::Chat, None).is_ok());
         assert!(matches!(
-            up.pick("other", Api::Chat),
+            up.pick("other", Api::Chat, None),
             Err(CallError::Unavailable(_))
         ));
         // Neither server says it serves embeddings.
         assert!(matches!(
-            up.pick("m", Api::Embeddings),
+            up.pick("m", Api::Embeddings, None),
             Err(CallError::Unavailable(_))
         ));
+    }
+
+    fn vllm_page(running: f64, waiting: f64, kv: f64) -> Bytes {
+        Bytes::from(format!(
+            "vllm:num_requests_running{{model_name=\"m\"}} {running}\n\
+             vllm:num_requests_waiting{{model_name=\"m\"}} {waiting}\n\
+             vllm:kv_cache_usage_perc{{model_name=\"m\"}} {kv}\n"
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn engine_figures_decide_and_go_stale() {
+        let up = Upstreams::new(
+            vec![ModelServerSpec::new("http://a", ["m"])],
+            UpstreamSettings::default(),
+        );
+        let s = &up.servers()[0];
+        let cfg = SaturationSettings::default();
+        let now = || Instant::now();
+        // Before any page (auto): the learned limit (4 to start) decides.
+        let sat = s.saturation(&cfg, None, now());
+        assert!(!sat.saturated && !sat.from_engine && sat.limit == 4.0, "{sat:?}");
+        // Six running use 45% of the KV cache: twelve would fill 90%.
+        s.scraped(Scrape::Page(vllm_page(6.0, 0.0, 0.45)), now(), up.epoch);
+        let sat = s.saturation(&cfg, None, now());
+        assert!(sat.from_engine && !sat.saturated, "{sat:?}");
+        assert!((sat.limit - 12.0).abs() < 1e-9 && (sat.score - 0.5).abs() < 1e-9);
+        // This agent sends five more before the next scrape: 11 + 1 fits,
+        // 12 + 1 does not.
+        let mut slots = Vec::new();
+        for _ in 0..5 {
+            slots.push(up.pick("m", Api::Chat, None).unwrap().1);
+        }
+        slots.push(up.pick("m", Api::Chat, None).unwrap().1);
+        assert!(matches!(
+            up.pick("m", Api::Chat, None),
+            Err(CallError::AtCapacity(_))
+        ));
+        // A queue of two, or the KV cache at 90%, is saturation whatever
+        // the count says.
+        slots.clear();
+        s.scraped(Scrape::Page(vllm_page(1.0, 2.0, 0.1)), now(), up.epoch);
+        assert!(s.saturation(&cfg, None, now()).saturated);
+        s.scraped(Scrape::Page(vllm_page(1.0, 0.0, 0.95)), now(), up.epoch);
+        assert!(s.saturation(&cfg, None, now()).saturated);
+        s.scraped(Scrape::Page(vllm_page(1.0, 0.0, 0.05)), now(), up.epoch);
+        assert!(!s.saturation(&cfg, None, now()).saturated);
+        // The metrics stop answering: stale after a second, saturated.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        s.scraped(Scrape::Failed("refused".into()), now(), up.epoch);
+        assert!(!s.saturation(&cfg, None, now()).saturated);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        let sat = s.saturation(&cfg, None, now());
+        assert!(sat.saturated && sat.score.is_infinite(), "{sat:?}");
+        // Garbage: the learned limit decides again, not saturated.
+        s.scraped(Scrape::Page(Bytes::from_static(b"<html>")), now(), up.epoch);
+        let sat = s.saturation(&cfg, None, now());
+        assert!(!sat.saturated && !sat.from_engine, "{sat:?}");
+        // And a good page brings the engine back.
+        s.scraped(Scrape::Page(vllm_page(2.0, 0.0, 0.1)), now(), up.epoch);
+        assert!(s.saturation(&cfg, None, now()).from_engine);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_bounds_the_engine_and_declared_engines_start_saturated() {
+        let bounded = ModelServerSpec {
+            capacity: Some(3),
+            metrics: MetricsMode::Engine(EngineKind::Vllm),
+            ..ModelServerSpec::new("http://a", ["m"])
+        };
+        let up = Upstreams::new(vec![bounded], UpstreamSettings::default());
+        let s = &up.servers()[0];
+        let cfg = SaturationSettings::default();
+        // Declared vLLM, never scraped: no figures yet, saturated.
+        assert!(s.saturation(&cfg, None, Instant::now()).saturated);
+        s.scraped(
+            Scrape::Page(vllm_page(3.0, 0.0, 0.1)),
+            Instant::now(),
+            up.epoch,
+        );
+        let sat = s.saturation(&cfg, None, Instant::now());
+        assert!(sat.saturated && sat.limit == 3.0, "{sat:?}");
+        // Without metrics, `capacity` is where the learned limit starts.
+        let up = Upstreams::new(
+            vec![ModelServerSpec {
+                capacity: Some(3),
+                metrics: MetricsMode::None,
+                ..ModelServerSpec::new("http://a", ["m"])
+            }],
+            UpstreamSettings::default(),
+        );
+        assert_eq!(up.servers()[0].learned_limit(), 3.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ttft_objective_is_saturation() {
+        let up = Upstreams::new(
+            vec![ModelServerSpec::new("http://a", ["m"])],
+            UpstreamSettings::default(),
+        );
+        let s = &up.servers()[0];
+        let cfg = SaturationSettings::default();
+        let page = |count_fast: u32, count_slow: u32| {
+            Bytes::from(format!(
+                "vllm:num_requests_running 1\n\
+                 vllm:time_to_first_token_seconds_bucket{{le=\"0.1\"}} {count_fast}\n\
+                 vllm:time_to_first_token_seconds_bucket{{le=\"1.0\"}} {}\n\
+                 vllm:time_to_first_token_seconds_bucket{{le=\"+Inf\"}} {}\n",
+                count_fast + count_slow,
+                count_fast + count_slow
+            ))
+        };
+        s.scraped(Scrape::Page(page(10, 0)), Instant::now(), up.epoch);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        // Ten more calls, all between 0.1 and 1 s: p90 over 0.1 s.
+        s.scraped(Scrape::Page(page(10, 10)), Instant::now(), up.epoch);
+        let objective = Some(Duration::from_millis(100));
+        assert!(s.saturation(&cfg, objective, Instant::now()).saturated);
+        assert!(!s.saturation(&cfg, Some(Duration::from_secs(2)), Instant::now()).saturated);
+        assert!(!s.saturation(&cfg, None, Instant::now()).saturated);
     }
 }

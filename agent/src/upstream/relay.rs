@@ -119,6 +119,7 @@ impl RelayClients {
             request_id,
             traceparent,
             spans,
+            ttft_objective,
         } = call;
         // An agent of the region that serves the call's API (agents that
         // announce none serve chat and completions).
@@ -153,7 +154,8 @@ impl RelayClients {
             stream,
             traceparent: traceparent.header(),
             api: api.as_str().to_string(),
-            ttft_objective_ms: 0,
+            ttft_objective_ms: ttft_objective
+                .map_or(0, |d| d.as_millis().min(u128::from(u32::MAX)) as u32),
         });
         req.metadata_mut().insert(
             SOURCE_AGENT,
@@ -236,6 +238,9 @@ pub struct RelayedCall<'a> {
     /// hang from.
     pub traceparent: TraceParent,
     pub spans: &'a RemoteSpans,
+    /// The route table's time-to-first-token objective, which the
+    /// destination applies to its own model servers.
+    pub ttft_objective: Option<Duration>,
 }
 
 /// Keeps the spans a destination sent in its trailer.
@@ -438,7 +443,14 @@ impl RelayService for RelayServer {
             (trace::now_ns(), trace::new_span_id(), trace::new_span_id());
         let answer = self
             .upstreams
-            .call(&req.model, api, req.body.clone(), req.stream)
+            .call(
+                &req.model,
+                api,
+                req.body.clone(),
+                req.stream,
+                (req.ttft_objective_ms > 0)
+                    .then(|| Duration::from_millis(u64::from(req.ttft_objective_ms))),
+            )
             .await
             .map_err(|e| {
                 count("refused");

@@ -380,12 +380,12 @@ async fn main() -> Result<()> {
         &planes,
         &[
             format!(
-                "http://{},models=bench-m|drain-m,apis=chat|embeddings,capacity=1000000",
+                "http://{},models=bench-m|drain-m,apis=chat|embeddings,capacity=1000000,static,metrics=none",
                 fast.addr
             ),
-            format!("http://{},models=stream-m,capacity=1000000", streaming.addr),
-            format!("http://{},models=long-m,capacity=1000000", long.addr),
-            format!("http://{},models=spill-m,capacity=8", slow.addr),
+            format!("http://{},models=stream-m,capacity=1000000,static,metrics=none", streaming.addr),
+            format!("http://{},models=long-m,capacity=1000000,static,metrics=none", long.addr),
+            format!("http://{},models=spill-m,capacity=8,static,metrics=none", slow.addr),
         ],
         &east_flags,
     )
@@ -396,8 +396,8 @@ async fn main() -> Result<()> {
         "us-west",
         &planes,
         &[
-            format!("http://{},models=drain-m,capacity=1000000", flaky.addr),
-            format!("http://{},models=spill-m,capacity=1000000", fast.addr),
+            format!("http://{},models=drain-m,capacity=1000000,static,metrics=none", flaky.addr),
+            format!("http://{},models=spill-m,capacity=1000000,static,metrics=none", fast.addr),
         ],
         &threads,
     )
