@@ -280,10 +280,12 @@ pub async fn start(
     // Quotas, and the version gauge, follow the config.
     let (mut watch, mut stop, enforced) = (config.clone(), shutdown.clone(), quotas.clone());
     let gauge = recorder.metrics.clone();
+    let sharing = upstreams.clone();
     tokio::spawn(async move {
         loop {
             if let Some(cfg) = watch.borrow_and_update().clone() {
                 enforced.configure(&cfg.quotas, cfg.region_agents(), cfg.all_agents());
+                sharing.set_peers(cfg.region_agents());
                 gauge.set("spillway_agent_config_version", &[], cfg.version as f64);
             }
             tokio::select! {

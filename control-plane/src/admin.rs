@@ -480,7 +480,7 @@ impl Admin {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let loads = crate::leader::loads_for(&state, &resolved.model, now_ms, self.silence);
+        let regions = crate::leader::regions_for(&state, &resolved.model, now_ms, self.silence);
         let destinations = table
             .destinations
             .iter()
@@ -488,8 +488,10 @@ impl Admin {
                 let w = effective
                     .as_ref()
                     .and_then(|e| e.weights.iter().find(|w| w.region == d.region));
-                let load = loads.get(&d.region);
+                let view = regions.get(&d.region);
+                let load = view.map(|v| &v.load);
                 let (ttft_ms, tokens_per_s) = region_speed(&state, &d.region, &resolved.model);
+                let engines = view.map(|v| engine_figures(&v.servers)).unwrap_or_default();
                 pb::ExplainedDestination {
                     region: d.region.clone(),
                     base_weight: d.weight,
@@ -510,7 +512,7 @@ impl Admin {
                     reporting: load.is_some_and(|l| l.fresh),
                     ttft_ms,
                     output_tokens_per_second: tokens_per_s,
-                    ..Default::default()
+                    ..engines
                 }
             })
             .collect();
@@ -522,6 +524,32 @@ impl Admin {
             leader: effective.map(|e| e.leader).unwrap_or_default(),
         })
     }
+}
+
+/// The engines' figures of a region's model servers, each counted once as
+/// the weight engine counts it (`leader::regions_for`): requests running
+/// and waiting summed, the highest KV-cache usage and the slowest TTFT p90
+/// over the servers with fresh engine figures; the learned limits summed;
+/// and how many servers there are and are saturated (stale ones are). Only
+/// those fields are set.
+fn engine_figures(servers: &[crate::leader::ServerView]) -> pb::ExplainedDestination {
+    let mut out = pb::ExplainedDestination {
+        servers: u32::try_from(servers.len()).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    for s in servers {
+        out.learned_limit += s.learned_limit;
+        out.saturated_servers += u32::from(s.saturated);
+        if let crate::leader::EngineView::Fresh(e) = &s.engine {
+            out.engine_running += e.running;
+            out.engine_waiting += e.waiting;
+            out.engine_ttft_p90_ms = out.engine_ttft_p90_ms.max(e.ttft_p90_ms);
+            if let Some(kv) = e.kv_usage {
+                out.kv_usage = Some(out.kv_usage.map_or(kv, |k: f64| k.max(kv)));
+            }
+        }
+    }
+    out
 }
 
 /// A region's time to first token (the slowest server's EWMA) and output
@@ -559,4 +587,156 @@ fn decode_all<T>(
         out.extend(pick(object));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{EngineHealth, HealthRecord, ServerHealth};
+    use crate::store::Op;
+
+    async fn admin_with_region() -> Admin {
+        let admin = Admin::new(Store::memory(), std::time::Duration::from_secs(3));
+        admin
+            .create_region(Request::new(pb::CreateRegionRequest {
+                region: Some(pb::Region {
+                    name: "us-east".into(),
+                    geography: "us".into(),
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .unwrap();
+        admin
+            .create_profile(Request::new(pb::CreateProfileRequest {
+                profile: Some(pb::InferenceProfile {
+                    id: "us.m".into(),
+                    destinations: vec!["us-east".into()],
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .unwrap();
+        admin
+    }
+
+    async fn report(admin: &Admin, agent: &str, servers: Vec<ServerHealth>) {
+        let record = HealthRecord {
+            agent_id: agent.into(),
+            region: "us-east".into(),
+            received_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+            interval_seconds: 1.0,
+            servers,
+            relays: Vec::new(),
+            quotas: Vec::new(),
+        };
+        let put = Op::Put {
+            key: keys::health("us-east", agent),
+            value: keys::encode(&record),
+            lease: None,
+        };
+        admin.store.txn(vec![], vec![put]).await.unwrap();
+    }
+
+    fn vllm(running: f64, waiting: f64, kv: f64, saturation: f64) -> ServerHealth {
+        ServerHealth {
+            url: "http://gpu-1".into(),
+            models: vec!["m".into()],
+            engine: Some(EngineHealth {
+                kind: "vllm".into(),
+                running,
+                waiting,
+                kv_usage: Some(kv),
+                ttft_p90_ms: 180.0,
+                fresh: true,
+                age_ms: 0,
+            }),
+            learned_limit: 9.0,
+            limit: 14.0,
+            saturation,
+            ..Default::default()
+        }
+    }
+
+    fn plain(learned: f64, saturation: f64) -> ServerHealth {
+        ServerHealth {
+            url: "http://cpu-1".into(),
+            models: vec!["m".into()],
+            in_flight: 1,
+            learned_limit: learned,
+            limit: learned,
+            saturation,
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn explain_shows_each_engine_once() {
+        let admin = admin_with_region().await;
+        // Two agents share both servers: the engine's figures count once,
+        // the learned limits of the server without engine metrics add up.
+        report(
+            &admin,
+            "a1",
+            vec![vllm(12.0, 6.0, 0.91, 1.5), plain(3.0, 0.2)],
+        )
+        .await;
+        report(
+            &admin,
+            "a2",
+            vec![vllm(12.0, 6.0, 0.91, 1.5), plain(4.0, 0.3)],
+        )
+        .await;
+        let e = admin
+            .explain(pb::ExplainRouteRequest {
+                profile: "us.m".into(),
+                source_region: "us-east".into(),
+            })
+            .await
+            .unwrap();
+        let d = &e.destinations[0];
+        assert_eq!(
+            (d.engine_running, d.engine_waiting, d.kv_usage),
+            (12.0, 6.0, Some(0.91))
+        );
+        assert_eq!(
+            (d.learned_limit, d.engine_ttft_p90_ms),
+            (9.0 + 3.0 + 4.0, 180.0)
+        );
+        assert_eq!((d.servers, d.saturated_servers), (2, 1));
+        // The load behind the weights: the engine's 18 requests and both
+        // agents' one call, against the engine's limit and the learned ones.
+        assert_eq!((d.in_flight, d.capacity), (18.0 + 2.0, 14.0 + 7.0));
+        assert!(d.reporting);
+    }
+
+    #[tokio::test]
+    async fn explain_without_engines_has_no_engine_figures() {
+        let admin = admin_with_region().await;
+        report(&admin, "a1", vec![plain(3.0, 1.0)]).await;
+        let e = admin
+            .explain(pb::ExplainRouteRequest {
+                profile: "us.m".into(),
+                source_region: "us-east".into(),
+            })
+            .await
+            .unwrap();
+        let d = &e.destinations[0];
+        assert_eq!(
+            (
+                d.engine_running,
+                d.engine_waiting,
+                d.kv_usage,
+                d.engine_ttft_p90_ms
+            ),
+            (0.0, 0.0, None, 0.0)
+        );
+        assert_eq!(
+            (d.learned_limit, d.servers, d.saturated_servers),
+            (3.0, 1, 1)
+        );
+    }
 }

@@ -122,7 +122,7 @@ pub struct RelayHealth {
     pub latency_ewma_us: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerHealth {
     pub url: String,
     pub models: Vec<String>,
@@ -138,6 +138,40 @@ pub struct ServerHealth {
     pub total_ewma_us: u64,
     #[serde(default)]
     pub output_tokens: u64,
+    /// What the engine said of itself, when the agent reads its metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineHealth>,
+    /// The concurrency limit the agent learned from time to first token.
+    #[serde(default)]
+    pub learned_limit: f64,
+    /// Calls the server takes without queuing, as the agent estimates them
+    /// (0 from agents that predate the estimate: `capacity` stands for it).
+    #[serde(default)]
+    pub limit: f64,
+    /// The agent's saturation score for the server (1 or more: saturated).
+    #[serde(default)]
+    pub saturation: f64,
+}
+
+/// A model server's engine figures, as one agent last read them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineHealth {
+    /// The metrics dialect: vllm, sglang or llamacpp.
+    pub kind: String,
+    /// Requests being generated, and waiting in the engine's queue: every
+    /// caller's, not only this agent's.
+    pub running: f64,
+    pub waiting: f64,
+    /// KV-cache usage from 0 to 1, when the engine reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_usage: Option<f64>,
+    pub ttft_p90_ms: f64,
+    /// Whether the agent's last scrape was recent; stale figures count as
+    /// saturated.
+    pub fresh: bool,
+    /// Milliseconds from the scrape to the report.
+    pub age_ms: u64,
 }
 
 /// The effective weights of one route table, written by the leader.

@@ -13,7 +13,7 @@ use spillway_core::model::ProfileKind;
 use spillway_core::shutdown::Shutdown;
 use tokio::sync::watch;
 
-use crate::keys::{self, WeightsRecord};
+use crate::keys::{self, EngineHealth, ServerHealth, WeightsRecord};
 use crate::leases::{self, QuotaLeader};
 use crate::state::State;
 use crate::store::{Compare, LeaseId, Op, Store};
@@ -144,53 +144,216 @@ async fn campaign(
     }
 }
 
-/// Each region's load for `model`, from the agents' latest reports.
+/// Each region's load for `model`, from the agents' latest reports: one
+/// figure per model server, however many agents share it (see
+/// [`regions_for`]).
 pub fn loads_for(
     state: &State,
     model: &str,
     now_ms: u64,
     silence: Duration,
 ) -> BTreeMap<String, RegionLoad> {
-    let mut loads: BTreeMap<String, RegionLoad> = BTreeMap::new();
-    let mut calls: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    regions_for(state, model, now_ms, silence)
+        .into_iter()
+        .map(|(region, r)| (region, r.load))
+        .collect()
+}
+
+/// A region's load for one model, and the model servers it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegionView {
+    pub load: RegionLoad,
+    /// By URL.
+    pub servers: Vec<ServerView>,
+}
+
+/// One model server of a region as the region's fresh reports show it,
+/// counted once however many agents report it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerView {
+    pub url: String,
+    /// What it adds to the region's load (both 0 when its engine figures
+    /// are stale).
+    pub in_flight: f64,
+    pub capacity: f64,
+    pub engine: EngineView,
+    /// The concurrency limit the agents learned from time to first token:
+    /// from the report whose engine figures count, else summed over the
+    /// agents (each learns its own share) up to the operator's bound.
+    pub learned_limit: f64,
+    /// Its freshest report says it is saturated, or its figures are stale.
+    pub saturated: bool,
+}
+
+/// What the engine of a model server said of itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineView {
+    /// Its agents read no engine metrics (or predate reading them).
+    None,
+    /// The freshest figures any agent read.
+    Fresh(EngineHealth),
+    /// Agents read its metrics, but none recently.
+    Stale,
+}
+
+/// Each region's load for `model` and the model servers behind it, from the
+/// agents' reports that are fresh (received within `silence`).
+///
+/// Agents of a region share their model servers, so a server counts once,
+/// grouped by URL over the region's reports:
+///
+/// - With fresh engine figures in any report, the engine knows every
+///   caller's requests: the report with the most recent figures decides,
+///   in flight = running + waiting, capacity = that agent's `limit`.
+/// - Without engine figures, each agent knows only its own calls: in
+///   flight is their sum, and capacity the sum of the agents' limits (each
+///   learned its share), up to the operator's bound (`capacity=`) when one
+///   is set. A report of an older agent has no limit: its `capacity` stands
+///   for it, so that older agents count as they did, once per server.
+/// - With engine figures that are all stale (the engine may be drowning,
+///   or gone; agents send it nothing while they are), the server adds
+///   nothing: capacity and in flight 0. It then offers no spare capacity
+///   and does not dilute the utilization of the region's healthy servers
+///   (counting it as full, in flight = capacity = its last limit, would
+///   push a region whose other servers are fine toward spilling), and a
+///   region whose servers are all stale has no capacity, so the weight
+///   engine drains it, as it does a silent one. When every region is
+///   stale at once, there is no healthy capacity anywhere and the engine
+///   panics (spreads by base weight) rather than drain everything. Reports
+///   without engine figures for such a server (an older agent's) do not
+///   make it count: the agents that read its metrics avoid it.
+///
+/// Error rates are over every agent's calls, as each counts its own.
+pub fn regions_for(
+    state: &State,
+    model: &str,
+    now_ms: u64,
+    silence: Duration,
+) -> BTreeMap<String, RegionView> {
+    let mut regions: BTreeMap<String, RegionView> = BTreeMap::new();
+    let mut calls: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    // Each server's reports with their age, by (region, URL).
+    let mut reports: BTreeMap<(&str, &str), Vec<(Duration, &ServerHealth)>> = BTreeMap::new();
     for seen in state.health.values() {
         let h = &seen.value;
-        // Fresh by this replica's own clock when it followed the record;
-        // by the record's timestamp otherwise.
-        let fresh = match seen.at {
-            Some(at) => at.elapsed() <= silence,
-            None => now_ms.saturating_sub(h.received_at_ms) <= silence.as_millis() as u64,
+        // Age by this replica's own clock when it followed the record; by
+        // the record's timestamp otherwise.
+        let age = match seen.at {
+            Some(at) => at.elapsed(),
+            None => Duration::from_millis(now_ms.saturating_sub(h.received_at_ms)),
         };
-        let entry = loads.entry(h.region.clone()).or_insert(RegionLoad {
-            capacity: 0.0,
-            in_flight: 0.0,
-            error_rate: 0.0,
-            fresh: false,
+        let view = regions.entry(h.region.clone()).or_insert(RegionView {
+            load: RegionLoad {
+                capacity: 0.0,
+                in_flight: 0.0,
+                error_rate: 0.0,
+                fresh: false,
+            },
+            servers: Vec::new(),
         });
-        if !fresh {
+        if age > silence {
             continue;
         }
-        entry.fresh = true;
+        view.load.fresh = true;
         for s in h
             .servers
             .iter()
             .filter(|s| s.models.iter().any(|m| m == model))
         {
-            entry.capacity += f64::from(s.capacity);
-            entry.in_flight += f64::from(s.in_flight);
-            let c = calls.entry(h.region.clone()).or_default();
+            reports
+                .entry((h.region.as_str(), s.url.as_str()))
+                .or_default()
+                .push((age, s));
+            let c = calls.entry(h.region.as_str()).or_default();
             c.0 = c.0.saturating_add(s.calls);
             c.1 = c.1.saturating_add(s.errors);
         }
     }
-    for (region, (n, errors)) in calls {
-        if n > 0
-            && let Some(l) = loads.get_mut(&region)
-        {
-            l.error_rate = errors as f64 / n as f64;
+    for ((region, url), reports) in reports {
+        let server = server_view(url, &reports);
+        if let Some(view) = regions.get_mut(region) {
+            view.load.capacity += server.capacity;
+            view.load.in_flight += server.in_flight;
+            view.servers.push(server);
         }
     }
-    loads
+    for (region, (n, errors)) in calls {
+        if n > 0
+            && let Some(view) = regions.get_mut(region)
+        {
+            view.load.error_rate = errors as f64 / n as f64;
+        }
+    }
+    regions
+}
+
+/// Calls a server takes without queuing, by one agent's report: its
+/// estimate, or the operator's figure from an agent that predates it.
+fn limit_of(s: &ServerHealth) -> f64 {
+    if s.limit > 0.0 {
+        s.limit
+    } else {
+        f64::from(s.capacity)
+    }
+}
+
+/// The youngest of some reports, by age.
+fn newest<'a>(
+    reports: impl Iterator<Item = (Duration, &'a ServerHealth)>,
+) -> Option<&'a ServerHealth> {
+    reports.min_by_key(|(age, _)| *age).map(|(_, s)| s)
+}
+
+/// One server from its reports (with their ages), as [`regions_for`]
+/// counts it.
+fn server_view(url: &str, reports: &[(Duration, &ServerHealth)]) -> ServerView {
+    // Agents may disagree on the operator's bound (a config being rolled
+    // out): the smallest one set holds.
+    let bound = reports
+        .iter()
+        .map(|(_, s)| s.capacity)
+        .filter(|c| *c > 0)
+        .min()
+        .map_or(f64::INFINITY, f64::from);
+    // The figures' own age counts: a report just received may carry an
+    // older scrape than one received a moment before.
+    let engine = newest(reports.iter().filter_map(|(age, s)| {
+        let e = s.engine.as_ref().filter(|e| e.fresh)?;
+        Some((age.saturating_add(Duration::from_millis(e.age_ms)), *s))
+    }));
+    let stale = engine.is_none() && reports.iter().any(|(_, s)| s.engine.is_some());
+    let summed =
+        |f: fn(&ServerHealth) -> f64| reports.iter().map(|(_, s)| f(s)).sum::<f64>().min(bound);
+    let learned = |s: &ServerHealth| s.learned_limit;
+    match engine {
+        Some(s) => {
+            let e = s.engine.clone().unwrap_or_default();
+            ServerView {
+                url: url.to_string(),
+                in_flight: e.running + e.waiting,
+                capacity: limit_of(s).min(bound),
+                learned_limit: s.learned_limit.min(bound),
+                saturated: s.saturation >= 1.0,
+                engine: EngineView::Fresh(e),
+            }
+        }
+        None if stale => ServerView {
+            url: url.to_string(),
+            in_flight: 0.0,
+            capacity: 0.0,
+            engine: EngineView::Stale,
+            learned_limit: summed(learned),
+            saturated: true,
+        },
+        None => ServerView {
+            url: url.to_string(),
+            in_flight: reports.iter().map(|(_, s)| f64::from(s.in_flight)).sum(),
+            capacity: summed(limit_of),
+            engine: EngineView::None,
+            learned_limit: summed(learned),
+            saturated: newest(reports.iter().copied()).is_some_and(|s| s.saturation >= 1.0),
+        },
+    }
 }
 
 /// Regions drained for errors are held out for a while (doubling at each
@@ -355,6 +518,289 @@ pub async fn write_fenced(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::HealthRecord;
+    use crate::state::Seen;
+
+    const NOW_MS: u64 = 1_000_000;
+    const SILENCE: Duration = Duration::from_secs(3);
+
+    /// A state holding these agents' reports: (region, agent, received
+    /// this many ms ago, servers).
+    fn state(reports: Vec<(&str, &str, u64, Vec<ServerHealth>)>) -> State {
+        let mut st = State::default();
+        for (region, agent, ago, servers) in reports {
+            let record = HealthRecord {
+                agent_id: agent.into(),
+                region: region.into(),
+                received_at_ms: NOW_MS - ago,
+                interval_seconds: 1.0,
+                servers,
+                relays: Vec::new(),
+                quotas: Vec::new(),
+            };
+            st.health.insert(
+                keys::health(region, agent),
+                Seen {
+                    value: record,
+                    at: None,
+                },
+            );
+        }
+        st
+    }
+
+    /// A server of model `m` as one agent reports it, with that agent's
+    /// calls in flight and its limit.
+    fn server(url: &str, in_flight: u32, limit: f64) -> ServerHealth {
+        ServerHealth {
+            url: url.into(),
+            models: vec!["m".into()],
+            in_flight,
+            limit,
+            learned_limit: limit,
+            ..Default::default()
+        }
+    }
+
+    /// The same with fresh engine figures scraped `age_ms` before the
+    /// report.
+    fn engine(url: &str, running: f64, waiting: f64, limit: f64, age_ms: u64) -> ServerHealth {
+        ServerHealth {
+            engine: Some(EngineHealth {
+                kind: "vllm".into(),
+                running,
+                waiting,
+                kv_usage: Some(0.5),
+                ttft_p90_ms: 100.0,
+                fresh: true,
+                age_ms,
+            }),
+            ..server(url, 1, limit)
+        }
+    }
+
+    fn stale(url: &str, limit: f64) -> ServerHealth {
+        let mut s = engine(url, 30.0, 20.0, limit, 9000);
+        s.engine.as_mut().unwrap().fresh = false;
+        s.saturation = 1e9;
+        s
+    }
+
+    fn loads(st: &State) -> BTreeMap<String, RegionLoad> {
+        loads_for(st, "m", NOW_MS, SILENCE)
+    }
+
+    #[test]
+    fn agents_sharing_engine_servers_count_each_server_once() {
+        // Three agents share s1 and s2; each reports the engines' figures
+        // (every caller's requests) and its own limit estimate.
+        let mut older = engine("http://s1", 0.0, 0.0, 0.0, 0);
+        (older.calls, older.errors) = (10, 1);
+        let st = state(vec![
+            (
+                "r",
+                "a1",
+                100,
+                vec![
+                    engine("http://s1", 6.0, 2.0, 10.0, 50),
+                    engine("http://s2", 3.0, 0.0, 8.0, 50),
+                ],
+            ),
+            // Received last, but its scrape of s1 is older than a1's.
+            (
+                "r",
+                "a2",
+                10,
+                vec![
+                    engine("http://s1", 5.0, 0.0, 9.0, 500),
+                    engine("http://s2", 4.0, 1.0, 12.0, 0),
+                ],
+            ),
+            (
+                "r",
+                "a3",
+                1500,
+                vec![older, engine("http://s2", 1.0, 0.0, 6.0, 0)],
+            ),
+        ]);
+        let views = regions_for(&st, "m", NOW_MS, SILENCE);
+        let r = &views["r"];
+        assert_eq!(r.servers.len(), 2, "{r:?}");
+        // s1 from a1 (the freshest scrape), s2 from a2.
+        assert_eq!((r.servers[0].in_flight, r.servers[0].capacity), (8.0, 10.0));
+        assert_eq!((r.servers[1].in_flight, r.servers[1].capacity), (5.0, 12.0));
+        assert_eq!(
+            r.load,
+            RegionLoad {
+                capacity: 22.0,
+                in_flight: 13.0,
+                error_rate: 0.1,
+                fresh: true,
+            }
+        );
+        assert_eq!(loads(&st)["r"], r.load);
+    }
+
+    #[test]
+    fn without_engine_figures_the_agents_limits_add_up_to_the_bound() {
+        // Each agent knows only its own calls and learned its own share.
+        let capped = |in_flight, limit| ServerHealth {
+            capacity: 10,
+            ..server("http://s2", in_flight, limit)
+        };
+        let st = state(vec![
+            (
+                "r",
+                "a1",
+                0,
+                vec![server("http://s1", 1, 3.0), capped(2, 4.0)],
+            ),
+            (
+                "r",
+                "a2",
+                0,
+                vec![server("http://s1", 2, 4.0), capped(3, 4.0)],
+            ),
+            (
+                "r",
+                "a3",
+                0,
+                vec![server("http://s1", 3, 5.0), capped(4, 4.0)],
+            ),
+        ]);
+        let r = &regions_for(&st, "m", NOW_MS, SILENCE)["r"];
+        assert_eq!((r.servers[0].in_flight, r.servers[0].capacity), (6.0, 12.0));
+        assert_eq!(
+            (r.servers[1].in_flight, r.servers[1].capacity),
+            (9.0, 10.0),
+            "the operator's capacity= bounds the sum"
+        );
+        assert_eq!(r.servers[1].learned_limit, 10.0);
+        assert_eq!((r.load.capacity, r.load.in_flight), (22.0, 15.0));
+    }
+
+    #[test]
+    fn stale_engines_offer_nothing_and_a_region_of_them_is_drained() {
+        let st = state(vec![
+            // In "ok", s1's engine went stale for both agents; s2 is fine,
+            // and s3 is stale for one agent only.
+            (
+                "ok",
+                "a1",
+                0,
+                vec![
+                    stale("http://s1", 10.0),
+                    engine("http://s2", 2.0, 0.0, 10.0, 0),
+                    stale("http://s3", 10.0),
+                ],
+            ),
+            (
+                "ok",
+                "a2",
+                0,
+                vec![
+                    stale("http://s1", 10.0),
+                    engine("http://s3", 1.0, 0.0, 10.0, 0),
+                ],
+            ),
+            // An older agent, or one that reads no metrics, still reports
+            // s1 without engine figures: it stays out all the same.
+            ("ok", "a3", 0, vec![server("http://s1", 4, 10.0)]),
+            ("gone", "b1", 0, vec![stale("http://t1", 10.0)]),
+            ("gone", "b2", 0, vec![stale("http://t2", 10.0)]),
+            (
+                "fine",
+                "c1",
+                0,
+                vec![engine("http://u1", 1.0, 0.0, 10.0, 0)],
+            ),
+        ]);
+        let views = regions_for(&st, "m", NOW_MS, SILENCE);
+        let ok = &views["ok"];
+        assert_eq!(ok.servers[0].engine, EngineView::Stale);
+        assert!(ok.servers[0].saturated);
+        assert!(!ok.servers[2].saturated, "one fresh scrape is enough");
+        // s1 adds nothing: s2 and s3 at 15% stay under the target.
+        assert_eq!((ok.load.capacity, ok.load.in_flight), (20.0, 3.0));
+        assert_eq!(views["gone"].load.capacity, 0.0);
+        assert!(views["gone"].load.fresh, "its agents still report");
+
+        let s = weights::EngineSettings::default();
+        let table = weights::tests::table(&[("ok", 1.0, 0), ("gone", 1.0, 0), ("fine", 1.0, 1)]);
+        let t = weights::target(&table, &loads(&st), &[], &s);
+        let w = |r: &str| t.iter().find(|w| w.region == r).unwrap();
+        assert_eq!(w("ok").weight, 1.0, "{t:?}");
+        assert_eq!(w("gone").reason, weights::Reason::Drained, "{t:?}");
+
+        // Every region stale: no healthy capacity anywhere, so the engine
+        // spreads by base weight rather than drain them all.
+        let all = state(vec![
+            ("ok", "a1", 0, vec![stale("http://s1", 10.0)]),
+            ("gone", "b1", 0, vec![stale("http://t1", 10.0)]),
+            ("fine", "c1", 0, vec![stale("http://u1", 10.0)]),
+        ]);
+        let t = weights::target(&table, &loads(&all), &[], &s);
+        assert!(
+            t.iter().all(|w| w.reason == weights::Reason::Panic),
+            "{t:?}"
+        );
+    }
+
+    #[test]
+    fn records_of_older_agents_count_their_capacity_once_per_server() {
+        // Stored by a build before engine figures: no limit, no engine.
+        let old = |agent: &str, url: &str, in_flight: u32| {
+            let json = format!(
+                r#"{{"agent_id":"{agent}","region":"r","received_at_ms":{NOW_MS},
+                "interval_seconds":1.0,"servers":[{{"url":"{url}","models":["m"],
+                "capacity":8,"in_flight":{in_flight},"calls":4,"errors":0,"throttles":0,
+                "latency_ewma_us":900}}]}}"#
+            );
+            let kv = crate::store::KeyValue {
+                key: keys::health("r", agent),
+                value: json.into_bytes(),
+                mod_revision: 1,
+            };
+            match keys::decode(&kv).expect("an old record decodes") {
+                keys::Object::Health(h) => h,
+                _ => panic!("not a health record"),
+            }
+        };
+        let mut st = State::default();
+        for (agent, url, in_flight) in [
+            ("a1", "http://shared", 2),
+            ("a2", "http://shared", 3),
+            ("a3", "http://own", 1),
+        ] {
+            let h = old(agent, url, in_flight);
+            assert_eq!(
+                (h.servers[0].limit, h.servers[0].engine.as_ref()),
+                (0.0, None)
+            );
+            st.health
+                .insert(keys::health("r", agent), Seen { value: h, at: None });
+        }
+        let r = &regions_for(&st, "m", NOW_MS, SILENCE)["r"];
+        assert_eq!(r.servers.len(), 2);
+        assert_eq!(
+            (r.load.capacity, r.load.in_flight),
+            (16.0, 6.0),
+            "the shared server's capacity counts once: {r:?}"
+        );
+    }
+
+    #[test]
+    fn silent_agents_do_not_count() {
+        let st = state(vec![
+            ("r", "a1", 0, vec![server("http://s1", 1, 4.0)]),
+            ("r", "a2", 5000, vec![server("http://s1", 7, 4.0)]),
+            ("q", "b1", 5000, vec![server("http://t1", 7, 4.0)]),
+        ]);
+        let l = loads(&st);
+        assert_eq!((l["r"].capacity, l["r"].in_flight), (4.0, 1.0));
+        assert!(!l["q"].fresh);
+        assert_eq!(l["q"].capacity, 0.0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_region_drained_for_errors_is_held_out_then_for_longer() {

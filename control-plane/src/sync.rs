@@ -535,23 +535,7 @@ impl Session {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             interval_seconds: report.interval_seconds,
-            servers: report
-                .servers
-                .into_iter()
-                .map(|s| keys::ServerHealth {
-                    url: s.url,
-                    models: s.models,
-                    capacity: s.capacity,
-                    in_flight: s.in_flight,
-                    calls: s.calls,
-                    errors: s.errors,
-                    throttles: s.throttles,
-                    latency_ewma_us: s.latency_ewma_us,
-                    ttft_ewma_us: s.ttft_ewma_us,
-                    total_ewma_us: s.total_ewma_us,
-                    output_tokens: s.output_tokens,
-                })
-                .collect(),
+            servers: report.servers.into_iter().map(server_health).collect(),
             relays: report
                 .relays
                 .into_iter()
@@ -627,5 +611,122 @@ impl Session {
                 Ok(())
             }
         }
+    }
+}
+
+/// The largest figure a report may carry (calls, requests, milliseconds):
+/// far beyond any real server, and small enough that sums over every
+/// report of a region stay finite.
+const MAX_FIGURE: f64 = 1e9;
+
+/// A reported figure as it may be stored: a load report is untrusted input,
+/// and a NaN, an infinity or a negative count must never reach the weight
+/// engine, so those are dropped (0, "not known").
+fn figure(x: f64) -> f64 {
+    if x.is_finite() && x >= 0.0 {
+        x.min(MAX_FIGURE)
+    } else {
+        0.0
+    }
+}
+
+/// One model server of a load report in its stored form, with every
+/// floating-point figure checked.
+fn server_health(s: pb::ServerLoad) -> keys::ServerHealth {
+    keys::ServerHealth {
+        url: s.url,
+        models: s.models,
+        capacity: s.capacity,
+        in_flight: s.in_flight,
+        calls: s.calls,
+        errors: s.errors,
+        throttles: s.throttles,
+        latency_ewma_us: s.latency_ewma_us,
+        ttft_ewma_us: s.ttft_ewma_us,
+        total_ewma_us: s.total_ewma_us,
+        output_tokens: s.output_tokens,
+        engine: s.engine.map(|e| keys::EngineHealth {
+            kind: e.kind,
+            running: figure(e.running),
+            waiting: figure(e.waiting),
+            kv_usage: e.kv_usage.filter(|k| k.is_finite() && *k >= 0.0),
+            ttft_p90_ms: figure(e.ttft_p90_ms),
+            fresh: e.fresh,
+            age_ms: e.age_ms,
+        }),
+        learned_limit: figure(s.learned_limit),
+        limit: figure(s.limit),
+        // An infinite score is the agent's plainest "saturated" (it sends
+        // 1e9 for it); only a NaN or a negative score says nothing.
+        saturation: if s.saturation == f64::INFINITY {
+            MAX_FIGURE
+        } else {
+            figure(s.saturation)
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_numbers_in_a_report_are_dropped_before_they_are_stored() {
+        let report = pb::ServerLoad {
+            url: "http://s1".into(),
+            models: vec!["m".into()],
+            capacity: 8,
+            in_flight: 3,
+            engine: Some(pb::EngineLoad {
+                kind: "vllm".into(),
+                running: f64::NAN,
+                waiting: -2.0,
+                kv_usage: Some(f64::NAN),
+                ttft_p90_ms: f64::INFINITY,
+                fresh: true,
+                age_ms: 40,
+            }),
+            learned_limit: f64::NEG_INFINITY,
+            limit: f64::NAN,
+            saturation: f64::NAN,
+            ..Default::default()
+        };
+        let s = server_health(report);
+        let e = s.engine.clone().expect("engine figures kept");
+        assert_eq!(
+            (e.running, e.waiting, e.kv_usage, e.ttft_p90_ms),
+            (0.0, 0.0, None, 0.0)
+        );
+        assert_eq!((e.kind.as_str(), e.fresh, e.age_ms), ("vllm", true, 40));
+        assert_eq!((s.learned_limit, s.limit, s.saturation), (0.0, 0.0, 0.0));
+        assert_eq!((s.capacity, s.in_flight), (8, 3));
+        // Stored and read back, nothing is NaN (JSON would make it null).
+        let back: keys::ServerHealth = serde_json::from_slice(&keys::encode(&s)).unwrap();
+        assert_eq!(back, s);
+
+        // Good figures pass as they are; an infinite score is saturated,
+        // and absurd counts are bounded.
+        let s = server_health(pb::ServerLoad {
+            engine: Some(pb::EngineLoad {
+                running: 12.0,
+                waiting: 1e300,
+                kv_usage: Some(0.91),
+                ttft_p90_ms: 180.0,
+                ..Default::default()
+            }),
+            learned_limit: 7.5,
+            limit: 14.0,
+            saturation: f64::INFINITY,
+            ..Default::default()
+        });
+        let e = s.engine.unwrap();
+        assert_eq!(
+            (e.running, e.waiting, e.kv_usage, e.ttft_p90_ms),
+            (12.0, MAX_FIGURE, Some(0.91), 180.0)
+        );
+        assert_eq!(
+            (s.learned_limit, s.limit, s.saturation),
+            (7.5, 14.0, MAX_FIGURE)
+        );
     }
 }

@@ -2,10 +2,21 @@
 //! priorities) and each region's load, the effective weights one source
 //! region's agents use. Pure: inputs in, weights out, no clock, no I/O.
 //!
+//! A region's load (`leader::regions_for`) counts each model server once,
+//! however many of the region's agents share it. Where a server's engine
+//! reports its own figures, they decide: in flight is the requests running
+//! and waiting in the engine (every caller's), capacity the calls it takes
+//! without queuing as the agents estimate them from its KV cache. Where it
+//! does not, in flight is the sum of the agents' calls and capacity the sum
+//! of the concurrency limits they learned from time to first token, up to
+//! the operator's `capacity=` bound. A server whose engine figures went
+//! stale adds nothing (no spare capacity).
+//!
 //! How it decides, for one route table:
 //!
 //! - A region is **drained** (weight 0) when its agents went silent, its
-//!   error rate crossed the drain threshold, or it has no capacity.
+//!   error rate crossed the drain threshold, or it has no capacity (as when
+//!   every one of its servers has stale engine figures).
 //! - Destinations are taken by priority level, lowest first (the default
 //!   table puts the source region alone at the first level). A level gets
 //!   all the traffic while its utilization (in-flight over capacity) is at or
@@ -30,11 +41,13 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use spillway_core::model::RouteTable;
 
-/// One region's load, summed over its agents' reports.
+/// One region's load for a model, summed over its model servers, each
+/// counted once (see the module's introduction).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RegionLoad {
-    /// Concurrent calls its model servers take.
+    /// Concurrent calls its model servers take without queuing.
     pub capacity: f64,
+    /// Calls on them now (queued in an engine included).
     pub in_flight: f64,
     /// Share of recent calls that failed, in [0, 1].
     pub error_rate: f64,

@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 pub mod bench;
 pub mod certs;
 pub mod cluster;
+pub mod engine_load;
 pub mod otlp;
 pub mod proxy;
 pub mod quota_load;
@@ -161,6 +162,11 @@ impl AgentProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id().expect("a running agent")
+    }
+
+    /// What it logged so far (warnings and errors).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("agent.log")).unwrap_or_default()
     }
 }
 
@@ -774,9 +780,14 @@ impl TestSim {
                 let listener = spillway_agent::net::tls_listener::TlsListener::new(listener, tls)
                     .expect("the sim's TLS listener");
                 let router = sim::router(state.clone());
+                let hung = state.clone();
                 tokio::spawn(async move {
                     let _ = axum::serve(listener, router)
-                        .with_graceful_shutdown(stopped)
+                        .with_graceful_shutdown(async move {
+                            stopped.await;
+                            // A hung scrape must not hold the shutdown up.
+                            hung.begin_shutdown();
+                        })
                         .await;
                 });
             }

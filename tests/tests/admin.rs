@@ -502,3 +502,116 @@ async fn concurrent_writes_of_different_objects_all_land() {
         .regions;
     assert_eq!(regions.len(), 12);
 }
+
+/// A route table's time-to-first-token objective, through the admin API
+/// and spillctl: out of range is refused naming the field, `routes set`
+/// without the flag keeps it, `--ttft-objective-ms 0` clears it, and get,
+/// list and explain show it.
+#[tokio::test]
+async fn route_tables_carry_a_ttft_objective() {
+    let cp = ControlPlane::start(None, "cp").await;
+    cp.create_region("us-east", "us").await;
+    cp.create_region("us-west", "us").await;
+    let mut a = cp.admin().await;
+    a.create_profile(pb::CreateProfileRequest {
+        profile: Some(profile("us.llama-3.1-8b", &["us-east", "us-west"])),
+    })
+    .await
+    .unwrap();
+    let mut table = route("us.llama-3.1-8b", "us-east", &[("us-east", 1.0)]);
+    table.ttft_objective_ms = 600_001;
+    assert_refused(
+        a.create_route_table(pb::CreateRouteTableRequest {
+            route_table: Some(table.clone()),
+        })
+        .await,
+        Code::InvalidArgument,
+        "route_table.ttft_objective_ms",
+    );
+    table.ttft_objective_ms = 1500;
+    let created = a
+        .create_route_table(pb::CreateRouteTableRequest {
+            route_table: Some(table),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.ttft_objective_ms, 1500);
+
+    let objective = || async {
+        let (ok, out, err) = cp
+            .spillctl(&[
+                "routes",
+                "get",
+                "us.llama-3.1-8b",
+                "-s",
+                "us-east",
+                "-o",
+                "json",
+            ])
+            .await;
+        assert!(ok, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()["ttft_objective_ms"].clone()
+    };
+    assert_eq!(objective().await, 1500);
+    // Setting the destinations again keeps the objective.
+    let (ok, _, err) = cp
+        .spillctl(&[
+            "routes",
+            "set",
+            "us.llama-3.1-8b",
+            "-s",
+            "us-east",
+            "--dest",
+            "us-east=1",
+            "--dest",
+            "us-west=1:1",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(objective().await, 1500);
+    let (ok, out, err) = cp.spillctl(&["routes", "list"]).await;
+    assert!(
+        ok && out.contains("TTFT OBJECTIVE") && out.contains("1500 ms"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = cp
+        .spillctl(&["routes", "explain", "us.llama-3.1-8b", "-s", "us-east"])
+        .await;
+    assert!(ok && out.contains("ttft objective 1500 ms"), "{out}{err}");
+    // Out of range from the command line: one line naming the field.
+    let (ok, _, err) = cp
+        .spillctl(&[
+            "routes",
+            "set",
+            "us.llama-3.1-8b",
+            "-s",
+            "us-east",
+            "--dest",
+            "us-east=1",
+            "--ttft-objective-ms",
+            "700000",
+        ])
+        .await;
+    assert!(
+        !ok && err.contains("route_table.ttft_objective_ms") && err.contains("invalid_argument"),
+        "{err}"
+    );
+    assert_eq!(objective().await, 1500, "a refused write changed nothing");
+    // 0 clears it.
+    let (ok, _, err) = cp
+        .spillctl(&[
+            "routes",
+            "set",
+            "us.llama-3.1-8b",
+            "-s",
+            "us-east",
+            "--dest",
+            "us-east=1",
+            "--ttft-objective-ms",
+            "0",
+        ])
+        .await;
+    assert!(ok, "{err}");
+    assert_eq!(objective().await, serde_json::Value::Null);
+}

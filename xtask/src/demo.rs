@@ -16,7 +16,10 @@ const REGIONS: &[(&str, &str)] = &[("us-east", "us"), ("us-west", "us"), ("eu-we
 const MODEL: &str = "llama-3.1-8b";
 /// Concurrent sequences of each us-east model server: small, so that the
 /// burst saturates us-east and spills.
+/// Calls each of us-east's engines holds by KV cache: the demo's call
+/// takes about 41 KV tokens (a 100-byte prompt and 16 output tokens).
 const EAST_CAPACITY: u32 = 4;
+const EAST_KV_TOKENS: &str = "170";
 const OTHER_CAPACITY: u32 = 32;
 const BURST: usize = 48;
 
@@ -201,12 +204,30 @@ pub fn demo(exit_after: bool) -> Result<()> {
         };
         let mut servers = Vec::new();
         for i in 1..=2 {
-            let (child, addr) = start_sim(&bin, capacity, log(&format!("sim-{region}-{i}"))?)?;
+            // us-east runs engine-like simulators (continuous batching under
+            // a KV-cache budget, vLLM's metrics) with no capacity given: the
+            // agent reads their load from their metrics. The others are
+            // simple simulators with a capacity.
+            let east = *region == "us-east";
+            let engine: &[&str] = if east {
+                &["--engine", "vllm", "--kv-tokens", EAST_KV_TOKENS]
+            } else {
+                &[]
+            };
+            let (child, addr) = start_sim(
+                &bin,
+                capacity,
+                engine,
+                log(&format!("sim-{region}-{i}"))?,
+            )?;
             procs.0.push(child);
             // The simulator serves every API an engine can.
-            servers.push(format!(
-                "http://{addr},models={MODEL},apis=chat|completions|embeddings|responses|messages,capacity={capacity}"
-            ));
+            let apis = "apis=chat|completions|embeddings|responses|messages";
+            servers.push(if east {
+                format!("http://{addr},models={MODEL},{apis}")
+            } else {
+                format!("http://{addr},models={MODEL},{apis},capacity={capacity}")
+            });
         }
         let (grpc, http) = (free_port()?, free_port()?);
         let mut cmd = Command::new(bin.join("spillway-agent"));
@@ -262,7 +283,7 @@ pub fn demo(exit_after: bool) -> Result<()> {
         .find(|a| a.region == "us-east")
         .expect("us-east agent");
     println!(
-        "sending {BURST} calls at once to us-east for `{us}` (us-east's model servers take {} at a time)...",
+        "sending {BURST} calls at once to us-east for `{us}` (us-east's two vLLM-mode engines hold about {} calls at a time by KV cache; no capacity is configured)...",
         2 * EAST_CAPACITY
     );
     let started = Instant::now();
@@ -336,7 +357,7 @@ pub fn demo(exit_after: bool) -> Result<()> {
     // Sustained saturation: the agents' load reports reach the control
     // plane, whose weight engine moves part of us-east's share to us-west;
     // when the load stops, us-east takes it back.
-    println!("\nkeeping us-east saturated for 4 s; the weight engine follows the load reports...");
+    println!("\nkeeping us-east saturated for 4 s; the weight engine follows the load reports (routes explain shows the engines' KV cache and queue)...");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let callers: Vec<_> = (0..3 * EAST_CAPACITY as usize)
         .map(|_| {
@@ -437,7 +458,12 @@ pub fn demo(exit_after: bool) -> Result<()> {
 }
 
 /// Starts a simulator and reads the address it listens on.
-fn start_sim(bin: &Path, capacity: u32, log: std::fs::File) -> Result<(Child, String)> {
+fn start_sim(
+    bin: &Path,
+    capacity: u32,
+    engine: &[&str],
+    log: std::fs::File,
+) -> Result<(Child, String)> {
     let mut child = Command::new(bin.join("spillway-sim"))
         .args([
             "--listen",
@@ -450,6 +476,7 @@ fn start_sim(bin: &Path, capacity: u32, log: std::fs::File) -> Result<(Child, St
             "16",
         ])
         .args(["--max-concurrent", &capacity.to_string()])
+        .args(engine)
         .stdout(Stdio::piped())
         .stderr(log)
         .spawn()

@@ -289,13 +289,20 @@ impl ModelServer {
     }
 
     /// How saturated the server is now, for calls whose route table has
-    /// time-to-first-token `objective` (see ARCHITECTURE.md, "Saturation").
+    /// time-to-first-token `objective` (see ARCHITECTURE.md, "Saturation"),
+    /// when `peers` agents (this one included) share it. The room the
+    /// engine had at the last scrape is shared among them: this agent may
+    /// add its share, a fraction rounded up with probability equal to it by
+    /// `draw` (uniform in [0, 1); 0 for the strictest answer).
     pub fn saturation(
         &self,
         s: &SaturationSettings,
         objective: Option<Duration>,
+        peers: u32,
+        draw: f64,
         now: Instant,
     ) -> Saturation {
+        let peers = f64::from(peers.max(1));
         let capacity = self.spec.capacity.map_or(f64::INFINITY, f64::from);
         let learned = self.learned_limit();
         let own_ttft = match self.ttft_us.load(Ordering::Relaxed) {
@@ -321,14 +328,21 @@ impl ModelServer {
                 // This agent's calls since the scrape: sent minus finished.
                 let mine = (started.saturating_sub(v.started_then) as f64)
                     - (finished.saturating_sub(v.finished_then) as f64);
-                let load = (f.running + f.waiting + mine).max(0.0);
+                // The engine's load now, if every agent sharing it sent as
+                // many calls since the scrape as this one.
+                let load = (f.running + f.waiting + mine * peers).max(0.0);
                 let kv = f.kv_usage.unwrap_or(0.0);
                 let kv_limit = (f.running >= 1.0 && kv >= 0.01).then(|| f.running * s.kv_max / kv);
                 // Where the engine reports its KV cache, that says what fits
-                // (the mix of lengths varies); where not, the count it held
-                // when it last queued (llama.cpp's slots).
+                // (the mix of lengths varies); an idle engine says nothing,
+                // so what a full cache held last time, or until it was ever
+                // seen busy, the learned limit (a short cold start). Where
+                // there is no KV figure, the count it held when it last
+                // queued (llama.cpp's slots), or nothing: it queues once.
                 let engine_limit = if f.kv_usage.is_some() {
                     kv_limit
+                        .or(v.kv_limit.map(|full| full * s.kv_max))
+                        .or(Some(learned))
                 } else {
                     v.full_at
                 };
@@ -343,7 +357,8 @@ impl ModelServer {
                 ]
                 .into_iter()
                 .fold(0.0, f64::max);
-                let saturated = load + 1.0 > limit
+                let share = (limit - f.running - f.waiting) / peers;
+                let saturated = mine + 1.0 > share + draw
                     || f.waiting >= s.queue_max
                     || kv >= s.kv_max
                     || over_objective(v.ttft_p90.or(own_ttft));
@@ -548,6 +563,8 @@ pub struct Upstreams {
     ejected: Outliers<String>,
     /// When the agent started: the origin of the TTFT windows' clocks.
     epoch: Instant,
+    /// The agents of this region, which share its model servers.
+    peers: AtomicU32,
 }
 
 impl std::fmt::Debug for Upstreams {
@@ -635,7 +652,14 @@ impl Upstreams {
             settings,
             ejected: Outliers::new(OutlierSettings::default()),
             epoch: Instant::now(),
+            peers: AtomicU32::new(1),
         }
+    }
+
+    /// How many agents of this region share its model servers (from the
+    /// control plane's snapshot; at least one).
+    pub fn set_peers(&self, agents: u32) {
+        self.peers.store(agents.max(1), Ordering::Relaxed);
     }
 
     pub fn servers(&self) -> &[Arc<ModelServer>] {
@@ -651,7 +675,8 @@ impl Upstreams {
             .servers
             .iter()
             .map(|s| {
-                let sat = s.saturation(settings, None, now);
+                let peers = self.peers.load(Ordering::Relaxed);
+                let sat = s.saturation(settings, None, peers, 0.0, now);
                 let engine = {
                     let v = lock(&s.engine);
                     v.kind.map(|kind| {
@@ -804,7 +829,16 @@ impl Upstreams {
         // choice must see one consistent view.
         let open: Vec<(&Arc<ModelServer>, f64)> = serving
             .iter()
-            .map(|s| (*s, s.saturation(&self.settings.saturation, objective, now)))
+            .map(|s| {
+                let sat = s.saturation(
+                    &self.settings.saturation,
+                    objective,
+                    self.peers.load(Ordering::Relaxed),
+                    fastrand::f64(),
+                    now,
+                );
+                (*s, sat)
+            })
             .filter(|(_, sat)| !sat.saturated)
             .map(|(s, sat)| (s, sat.score))
             .collect();
@@ -1173,11 +1207,11 @@ mod tests {
         let cfg = SaturationSettings::default();
         let now = || Instant::now();
         // Before any page (auto): the learned limit (4 to start) decides.
-        let sat = s.saturation(&cfg, None, now());
+        let sat = s.saturation(&cfg, None, 1, 0.0, now());
         assert!(!sat.saturated && !sat.from_engine && sat.limit == 4.0, "{sat:?}");
         // Six running use 45% of the KV cache: twelve would fill 90%.
         s.scraped(Scrape::Page(vllm_page(6.0, 0.0, 0.45)), now(), up.epoch);
-        let sat = s.saturation(&cfg, None, now());
+        let sat = s.saturation(&cfg, None, 1, 0.0, now());
         assert!(sat.from_engine && !sat.saturated, "{sat:?}");
         assert!((sat.limit - 12.0).abs() < 1e-9 && (sat.score - 0.5).abs() < 1e-9);
         // This agent sends five more before the next scrape: 11 + 1 fits,
@@ -1195,25 +1229,25 @@ mod tests {
         // the count says.
         slots.clear();
         s.scraped(Scrape::Page(vllm_page(1.0, 2.0, 0.1)), now(), up.epoch);
-        assert!(s.saturation(&cfg, None, now()).saturated);
+        assert!(s.saturation(&cfg, None, 1, 0.0, now()).saturated);
         s.scraped(Scrape::Page(vllm_page(1.0, 0.0, 0.95)), now(), up.epoch);
-        assert!(s.saturation(&cfg, None, now()).saturated);
+        assert!(s.saturation(&cfg, None, 1, 0.0, now()).saturated);
         s.scraped(Scrape::Page(vllm_page(1.0, 0.0, 0.05)), now(), up.epoch);
-        assert!(!s.saturation(&cfg, None, now()).saturated);
+        assert!(!s.saturation(&cfg, None, 1, 0.0, now()).saturated);
         // The metrics stop answering: stale after a second, saturated.
         tokio::time::advance(Duration::from_millis(500)).await;
         s.scraped(Scrape::Failed("refused".into()), now(), up.epoch);
-        assert!(!s.saturation(&cfg, None, now()).saturated);
+        assert!(!s.saturation(&cfg, None, 1, 0.0, now()).saturated);
         tokio::time::advance(Duration::from_millis(600)).await;
-        let sat = s.saturation(&cfg, None, now());
+        let sat = s.saturation(&cfg, None, 1, 0.0, now());
         assert!(sat.saturated && sat.score.is_infinite(), "{sat:?}");
         // Garbage: the learned limit decides again, not saturated.
         s.scraped(Scrape::Page(Bytes::from_static(b"<html>")), now(), up.epoch);
-        let sat = s.saturation(&cfg, None, now());
+        let sat = s.saturation(&cfg, None, 1, 0.0, now());
         assert!(!sat.saturated && !sat.from_engine, "{sat:?}");
         // And a good page brings the engine back.
         s.scraped(Scrape::Page(vllm_page(2.0, 0.0, 0.1)), now(), up.epoch);
-        assert!(s.saturation(&cfg, None, now()).from_engine);
+        assert!(s.saturation(&cfg, None, 1, 0.0, now()).from_engine);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1227,13 +1261,13 @@ mod tests {
         let s = &up.servers()[0];
         let cfg = SaturationSettings::default();
         // Declared vLLM, never scraped: no figures yet, saturated.
-        assert!(s.saturation(&cfg, None, Instant::now()).saturated);
+        assert!(s.saturation(&cfg, None, 1, 0.0, Instant::now()).saturated);
         s.scraped(
             Scrape::Page(vllm_page(3.0, 0.0, 0.1)),
             Instant::now(),
             up.epoch,
         );
-        let sat = s.saturation(&cfg, None, Instant::now());
+        let sat = s.saturation(&cfg, None, 1, 0.0, Instant::now());
         assert!(sat.saturated && sat.limit == 3.0, "{sat:?}");
         // Without metrics, `capacity` is where the learned limit starts.
         let up = Upstreams::new(
@@ -1270,8 +1304,8 @@ mod tests {
         // Ten more calls, all between 0.1 and 1 s: p90 over 0.1 s.
         s.scraped(Scrape::Page(page(10, 10)), Instant::now(), up.epoch);
         let objective = Some(Duration::from_millis(100));
-        assert!(s.saturation(&cfg, objective, Instant::now()).saturated);
-        assert!(!s.saturation(&cfg, Some(Duration::from_secs(2)), Instant::now()).saturated);
-        assert!(!s.saturation(&cfg, None, Instant::now()).saturated);
+        assert!(s.saturation(&cfg, objective, 1, 0.0, Instant::now()).saturated);
+        assert!(!s.saturation(&cfg, Some(Duration::from_secs(2)), 1, 0.0, Instant::now()).saturated);
+        assert!(!s.saturation(&cfg, None, 1, 0.0, Instant::now()).saturated);
     }
 }

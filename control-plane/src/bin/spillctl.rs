@@ -56,6 +56,8 @@ Examples:
   spillctl profiles create us.llama-3.1-8b --destinations us-east,us-west
   spillctl profiles create team-search --base-profile us.llama-3.1-8b --tag cost-center=search
   spillctl routes set us.llama-3.1-8b --source us-east --dest us-east=3 --dest us-west=1
+  spillctl routes set us.llama-3.1-8b --source us-east --dest us-east=1 --dest us-west=1:1 --ttft-objective-ms 1500
+  spillctl routes explain us.llama-3.1-8b --source us-east
   spillctl quotas create --profile us.llama-3.1-8b --source us-east --rpm 600 --tpm 200000
   spillctl tenants create acme --profiles 'us.*' --deny-regions us-west
   spillctl keys create --tenant acme
@@ -614,6 +616,12 @@ enum RouteCmd {
         /// priorities are tried first); repeatable.
         #[arg(long = "dest", required = true, value_parser = parse_dest)]
         destinations: Vec<pb::RouteDestination>,
+        /// Time-to-first-token objective, in milliseconds (1 to 600000): a
+        /// model server whose engine reports a TTFT p90 above it counts as
+        /// saturated for this table's calls, so they spill. 0 removes it;
+        /// without this flag, a table being replaced keeps its objective.
+        #[arg(long, value_name = "MS")]
+        ttft_objective_ms: Option<u32>,
         #[command(flatten)]
         revision: RevisionArg,
     },
@@ -1023,8 +1031,76 @@ const ROUTE_COLS: &[(&str, &str)] = &[
     ("PROFILE", "profile"),
     ("SOURCE", "source_region"),
     ("DESTINATIONS", "destinations"),
+    ("TTFT OBJECTIVE", "ttft_objective"),
     ("REVISION", "revision"),
 ];
+
+/// The objective a table written by `routes set` gets: the flag's (0: none),
+/// else the one of the table it replaces, if any.
+fn objective_to_write(flag: Option<u32>, existing: Option<&pb::RouteTable>) -> u32 {
+    flag.unwrap_or_else(|| existing.map_or(0, |t| t.ttft_objective_ms))
+}
+
+/// The TTFT objective that applies to calls of `profile` from `source`: an
+/// application profile follows the route table of the profile it copies,
+/// and with no table there is none.
+async fn objective_for(c: &mut Client, profile: &str, source: &str) -> anyhow::Result<u32> {
+    let p = c
+        .get_profile(pb::GetProfileRequest { id: profile.into() })
+        .await
+        .map_err(status_line)?
+        .into_inner();
+    let owner = if p.base_profile.is_empty() {
+        p.id
+    } else {
+        p.base_profile
+    };
+    let get = pb::GetRouteTableRequest {
+        profile: owner,
+        source_region: source.into(),
+    };
+    match c.get_route_table(get).await {
+        Ok(t) => Ok(t.into_inner().ttft_objective_ms),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(0),
+        Err(s) => Err(status_line(s)),
+    }
+}
+
+/// The engines' part of an explained destination, e.g. `kv 91%, 6 waiting,
+/// 12 running, 2/2 servers saturated, ttft p90 180 ms`, with only what is
+/// known: no KV usage when no engine reports one, and where no server
+/// reports engine figures, the limit learned from time to first token
+/// instead. Empty when the region reported no model server.
+fn engines_text(d: &pb::ExplainedDestination) -> String {
+    if d.servers == 0 {
+        return String::new();
+    }
+    // An idle engine may report all zeros and no KV usage (llama.cpp):
+    // it then reads as a server without engine figures, which for an idle
+    // server says nothing wrong.
+    let engines = d.kv_usage.is_some()
+        || d.engine_running > 0.0
+        || d.engine_waiting > 0.0
+        || d.engine_ttft_p90_ms > 0.0;
+    let mut parts = Vec::new();
+    if engines {
+        if let Some(kv) = d.kv_usage {
+            parts.push(format!("kv {:.0}%", kv * 100.0));
+        }
+        parts.push(format!("{:.0} waiting", d.engine_waiting));
+        parts.push(format!("{:.0} running", d.engine_running));
+    } else {
+        parts.push(format!("learned limit {:.0}", d.learned_limit));
+    }
+    parts.push(format!(
+        "{}/{} servers saturated",
+        d.saturated_servers, d.servers
+    ));
+    if d.engine_ttft_p90_ms > 0.0 {
+        parts.push(format!("ttft p90 {:.0} ms", d.engine_ttft_p90_ms));
+    }
+    parts.join(", ")
+}
 
 async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<String> {
     let one = |t: pb::RouteTable| render(out, vec![route_json(&t)], ROUTE_COLS);
@@ -1033,6 +1109,7 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
             profile,
             source,
             destinations,
+            ttft_objective_ms,
             revision,
         } => {
             let get = pb::GetRouteTableRequest {
@@ -1048,7 +1125,7 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
                 profile,
                 source_region: source,
                 destinations,
-                ttft_objective_ms: 0,
+                ttft_objective_ms: objective_to_write(ttft_objective_ms, existing.as_ref()),
                 revision: 0,
             };
             let written = match existing {
@@ -1096,14 +1173,15 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
         }
         RouteCmd::Explain { profile, source } => {
             let req = pb::ExplainRouteRequest {
-                profile,
-                source_region: source,
+                profile: profile.clone(),
+                source_region: source.clone(),
             };
             let e = c
                 .explain_route(req)
                 .await
                 .map_err(status_line)?
                 .into_inner();
+            let objective = objective_for(c, &profile, &source).await?;
             if out == Output::Json {
                 let dests: Vec<Value> = e
                     .destinations
@@ -1114,11 +1192,16 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
                             "weight": d.weight, "reason": d.reason, "capacity": d.capacity,
                             "in_flight": d.in_flight, "error_rate": d.error_rate, "reporting": d.reporting,
                             "ttft_ms": d.ttft_ms, "output_tokens_per_second": d.output_tokens_per_second,
+                            "engine_running": d.engine_running, "engine_waiting": d.engine_waiting,
+                            "kv_usage": d.kv_usage, "learned_limit": d.learned_limit,
+                            "engine_ttft_p90_ms": d.engine_ttft_p90_ms, "servers": d.servers,
+                            "saturated_servers": d.saturated_servers,
                         })
                     })
                     .collect();
                 let v = json!({
                     "profile": e.profile, "source_region": e.source_region, "model": e.model,
+                    "ttft_objective_ms": (objective > 0).then_some(objective),
                     "leader": e.leader, "destinations": dests,
                 });
                 return Ok(serde_json::to_string_pretty(&v)?);
@@ -1145,6 +1228,7 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
                         "weight": format!("{:.3}", d.weight),
                         "reason": d.reason,
                         "load": load,
+                        "servers": if d.reporting { engines_text(d) } else { String::new() },
                     })
                 })
                 .collect();
@@ -1153,8 +1237,13 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
             } else {
                 e.leader.as_str()
             };
+            let objective = if objective > 0 {
+                format!(", ttft objective {objective} ms")
+            } else {
+                String::new()
+            };
             let head = format!(
-                "{} from {} (model {}), weights computed by {leader}\n",
+                "{} from {} (model {}{objective}), weights computed by {leader}\n",
                 e.profile, e.source_region, e.model
             );
             head + &render(
@@ -1166,6 +1255,7 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
                     ("WEIGHT", "weight"),
                     ("REASON", "reason"),
                     ("LOAD", "load"),
+                    ("SERVERS", "servers"),
                 ],
             )
         }
@@ -1231,7 +1321,13 @@ fn route_json(t: &pb::RouteTable) -> Value {
         .iter()
         .map(|d| json!({"region": d.region, "weight": d.weight, "priority": d.priority}))
         .collect();
-    json!({"profile": t.profile, "source_region": t.source_region, "destinations": dests, "revision": t.revision})
+    let objective = (t.ttft_objective_ms > 0).then_some(t.ttft_objective_ms);
+    json!({
+        "profile": t.profile, "source_region": t.source_region, "destinations": dests,
+        "ttft_objective_ms": objective,
+        "ttft_objective": objective.map_or_else(|| "none".to_string(), |ms| format!("{ms} ms")),
+        "revision": t.revision,
+    })
 }
 
 fn agent_json(a: &pb::AgentStatus) -> Value {
@@ -1314,4 +1410,124 @@ fn render(out: Output, rows: Vec<Value>, cols: &[(&str, &str)]) -> String {
         lines.push(line(row.iter().map(String::as_str).collect()));
     }
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    fn set(args: &[&str]) -> Option<u32> {
+        let mut argv = vec!["spillctl", "routes", "set", "p", "-s", "a", "--dest", "a=1"];
+        argv.extend(args);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Routes(RouteCmd::Set {
+                ttft_objective_ms, ..
+            }) => ttft_objective_ms,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_set_keeps_sets_or_clears_the_ttft_objective() {
+        let existing = pb::RouteTable {
+            ttft_objective_ms: 800,
+            ..Default::default()
+        };
+        // Without the flag a replaced table keeps its objective; a new
+        // one has none.
+        assert_eq!(set(&[]), None);
+        assert_eq!(objective_to_write(set(&[]), Some(&existing)), 800);
+        assert_eq!(objective_to_write(set(&[]), None), 0);
+        let given = set(&["--ttft-objective-ms", "1500"]);
+        assert_eq!(objective_to_write(given, Some(&existing)), 1500);
+        // 0 clears it.
+        let cleared = set(&["--ttft-objective-ms", "0"]);
+        assert_eq!(objective_to_write(cleared, Some(&existing)), 0);
+        // Not a count of milliseconds: refused before anything is sent.
+        for bad in ["-5", "fast", "1.5"] {
+            let argv = [
+                "spillctl",
+                "routes",
+                "set",
+                "p",
+                "-s",
+                "a",
+                "--dest",
+                "a=1",
+                "--ttft-objective-ms",
+                bad,
+            ];
+            assert!(Cli::try_parse_from(argv).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn route_tables_show_their_objective() {
+        let mut t = pb::RouteTable {
+            profile: "p".into(),
+            source_region: "a".into(),
+            destinations: vec![pb::RouteDestination {
+                region: "a".into(),
+                weight: 1.0,
+                priority: 0,
+            }],
+            ttft_objective_ms: 1500,
+            revision: 7,
+        };
+        let table = render(Output::Table, vec![route_json(&t)], ROUTE_COLS);
+        assert!(
+            table.lines().next().unwrap().contains("TTFT OBJECTIVE"),
+            "{table}"
+        );
+        assert!(table.lines().nth(1).unwrap().contains("1500 ms"), "{table}");
+        assert_eq!(route_json(&t)["ttft_objective_ms"], 1500);
+        t.ttft_objective_ms = 0;
+        assert!(render(Output::Table, vec![route_json(&t)], ROUTE_COLS).contains("none"));
+        assert_eq!(route_json(&t)["ttft_objective_ms"], Value::Null);
+    }
+
+    #[test]
+    fn explain_shows_what_the_engines_say() {
+        let engines = pb::ExplainedDestination {
+            engine_running: 12.0,
+            engine_waiting: 6.0,
+            kv_usage: Some(0.91),
+            learned_limit: 9.0,
+            engine_ttft_p90_ms: 180.0,
+            servers: 2,
+            saturated_servers: 2,
+            ..Default::default()
+        };
+        assert_eq!(
+            engines_text(&engines),
+            "kv 91%, 6 waiting, 12 running, 2/2 servers saturated, ttft p90 180 ms"
+        );
+        // No KV usage reported (llama.cpp): none shown.
+        let slots = pb::ExplainedDestination {
+            kv_usage: None,
+            ..engines.clone()
+        };
+        assert_eq!(
+            engines_text(&slots),
+            "6 waiting, 12 running, 2/2 servers saturated, ttft p90 180 ms"
+        );
+        // No engine metrics: the learned limit instead.
+        let learned = pb::ExplainedDestination {
+            learned_limit: 7.0,
+            servers: 3,
+            saturated_servers: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            engines_text(&learned),
+            "learned limit 7, 0/3 servers saturated"
+        );
+        assert_eq!(engines_text(&pb::ExplainedDestination::default()), "");
+    }
 }
