@@ -157,9 +157,7 @@ pub struct EngineRun {
 
 impl EngineRun {
     pub fn ok(&self) -> impl Iterator<Item = &Call> {
-        self.calls
-            .iter()
-            .filter(|c| c.status == 200 && c.complete)
+        self.calls.iter().filter(|c| c.status == 200 && c.complete)
     }
 
     pub fn failed(&self) -> usize {
@@ -196,14 +194,19 @@ impl EngineRun {
         quantile(&mut v, q)
     }
 
-    /// Calls the callers would have made had each taken the unloaded time.
+    /// Calls the callers would have sent had each taken the unloaded time:
+    /// a caller sends until the load ends, so each sends as many as start
+    /// within its window.
     pub fn offered(&self) -> f64 {
         let s = &self.scenario;
-        let mut busy = Duration::ZERO;
-        for i in 0..s.callers_to {
-            busy += self.elapsed.saturating_sub(start_of(s, i));
-        }
-        busy.as_secs_f64() / self.unloaded_call.as_secs_f64()
+        let window = s.ramp + s.hold;
+        (0..s.callers_to)
+            .map(|i| {
+                (window.saturating_sub(start_of(s, i)).as_secs_f64()
+                    / self.unloaded_call.as_secs_f64())
+                .ceil()
+            })
+            .sum()
     }
 }
 
@@ -296,7 +299,10 @@ pub async fn run(s: EngineScenario) -> EngineRun {
     let mut times = Vec::new();
     for i in 0..7 {
         let c = call(&http, doors[i % doors.len()], s.max_tokens, Instant::now()).await;
-        assert!(c.status == 200 && c.complete, "an unloaded call failed: {c:?}");
+        assert!(
+            c.status == 200 && c.complete,
+            "an unloaded call failed: {c:?}"
+        );
         ttfts.push(c.ttft.expect("a first token"));
         times.push(c.took);
     }

@@ -70,7 +70,10 @@ async fn engine_signals_spill_before_the_engines_queue() {
         .map(|i| counted.queue_quantile(i, 0.99))
         .max()
         .unwrap_or(0);
-    assert!(worst >= 4, "per-agent counting should queue: {said_counted}\n{said}");
+    assert!(
+        worst >= 4,
+        "per-agent counting should queue: {said_counted}\n{said}"
+    );
 }
 
 /// No metrics: the limit each agent learns from time to first token spills
@@ -85,7 +88,10 @@ async fn without_metrics_learned_limits_spill_and_hold_ttft() {
     assert_eq!(run.failed(), 0, "{said}");
     assert!(run.served_in("us-west") > 0, "nothing spilled: {said}");
     let local = run.ttft_quantile(Some("us-east"), 0.9);
-    assert!(local <= run.unloaded_ttft * 3, "local ttft p90 {local:?}: {said}");
+    assert!(
+        local <= run.unloaded_ttft * 3,
+        "local ttft p90 {local:?}: {said}"
+    );
 }
 
 /// us-east (an agent process, to read its log) in front of two engines,
@@ -163,25 +169,22 @@ impl Fixture {
 }
 
 async fn east_agent(planes: &[String], servers: &[String]) -> AgentProcess {
-    AgentProcess::start_with(
-        "east-0",
-        "us-east",
-        planes,
-        servers,
-        &["--allow-anonymous"],
-    )
-    .await
+    AgentProcess::start_with("east-0", "us-east", planes, servers, &["--allow-anonymous"]).await
 }
 
 /// Waits until the agent serves calls (it has the profile and us-west).
 async fn until_serving(f: &Fixture, door: SocketAddr) {
-    wait_until("the agent serves calls", Duration::from_secs(20), || async {
-        f.http
-            .post(door, "/v1/chat/completions", chat(PROFILE, false))
-            .await
-            .status
-            == 200
-    })
+    wait_until(
+        "the agent serves calls",
+        Duration::from_secs(20),
+        || async {
+            f.http
+                .post(door, "/v1/chat/completions", chat(PROFILE, false))
+                .await
+                .status
+                == 200
+        },
+    )
     .await;
 }
 
@@ -224,33 +227,37 @@ async fn silent_metrics_saturate_and_garbage_falls_back() {
 
     // Both silent: us-east is saturated, calls spill, none fails.
     f.sims[1].state.set_metrics(SimMetrics::Hang);
-    wait_until("calls spill to us-west", Duration::from_secs(20), || async {
-        f.calls(east.http, 5).await.iter().all(|r| r == "us-west")
-    })
+    wait_until(
+        "calls spill to us-west",
+        Duration::from_secs(20),
+        || async { f.calls(east.http, 5).await.iter().all(|r| r == "us-west") },
+    )
     .await;
     let served = f.calls(east.http, 20).await;
     assert!(served.iter().all(|r| r == "us-west"), "{served:?}");
-    assert!(
-        east.log().contains("counts as saturated"),
-        "{}",
-        east.log()
-    );
+    assert!(east.log().contains("counts as saturated"), "{}", east.log());
 
     // Server 1 answers garbage, server 0 answers again: both serve (the
     // garbage one by its learned limit), one warning for the garbage.
     f.sims[1].state.set_metrics(SimMetrics::Garbage);
     f.sims[0].state.set_metrics(SimMetrics::Normal);
-    wait_until("both engines serve again", Duration::from_secs(20), || async {
-        let (a, b) = (f.received(0), f.received(1));
-        let served = f.calls(east.http, 20).await;
-        served.iter().all(|r| r == "us-east") && f.received(0) > a && f.received(1) > b
-    })
+    wait_until(
+        "both engines serve again",
+        Duration::from_secs(20),
+        || async {
+            let (a, b) = (f.received(0), f.received(1));
+            let served = f.calls(east.http, 20).await;
+            served.iter().all(|r| r == "us-east") && f.received(0) > a && f.received(1) > b
+        },
+    )
     .await;
     // Several scrapes later, still one line.
     let scrapes = f.sims[1].state.metrics_served();
-    wait_until("more scrapes of the garbage", Duration::from_secs(10), || async {
-        f.sims[1].state.metrics_served() >= scrapes + 4
-    })
+    wait_until(
+        "more scrapes of the garbage",
+        Duration::from_secs(10),
+        || async { f.sims[1].state.metrics_served() >= scrapes + 4 },
+    )
     .await;
     let log = east.log();
     assert_eq!(
@@ -269,12 +276,20 @@ async fn silent_metrics_saturate_and_garbage_falls_back() {
 async fn bad_metrics_settings() {
     spillway_tests::init_logging();
     agent_refuses_to_start(
-        &["--model-server", "http://127.0.0.1:9,models=m,metrics=bogus"],
+        &[
+            "--model-server",
+            "http://127.0.0.1:9,models=m,metrics=bogus",
+        ],
         "unknown metrics `bogus`: one of auto, vllm, sglang, llamacpp, none",
     )
     .await;
     agent_refuses_to_start(
-        &["--saturation-kv", "1.5", "--model-server", "http://127.0.0.1:9,models=m"],
+        &[
+            "--saturation-kv",
+            "1.5",
+            "--model-server",
+            "http://127.0.0.1:9,models=m",
+        ],
         "not a number above 0 and at most 1",
     )
     .await;
@@ -295,7 +310,10 @@ async fn bad_metrics_settings() {
     assert!(served.iter().all(|r| r == "us-west"), "{served:?}");
     drop(east);
 
-    let auto = format!("http://{},models={MODEL},metrics_url={nowhere}", f.sims[0].addr);
+    let auto = format!(
+        "http://{},models={MODEL},metrics_url={nowhere}",
+        f.sims[0].addr
+    );
     let east = east_agent(&planes, &[auto]).await;
     wait_until("a warning at start", Duration::from_secs(10), || async {
         east.log().contains("metrics do not answer")

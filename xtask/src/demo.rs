@@ -214,12 +214,8 @@ pub fn demo(exit_after: bool) -> Result<()> {
             } else {
                 &[]
             };
-            let (child, addr) = start_sim(
-                &bin,
-                capacity,
-                engine,
-                log(&format!("sim-{region}-{i}"))?,
-            )?;
+            let (child, addr) =
+                start_sim(&bin, capacity, engine, log(&format!("sim-{region}-{i}"))?)?;
             procs.0.push(child);
             // The simulator serves every API an engine can.
             let apis = "apis=chat|completions|embeddings|responses|messages";
@@ -357,7 +353,9 @@ pub fn demo(exit_after: bool) -> Result<()> {
     // Sustained saturation: the agents' load reports reach the control
     // plane, whose weight engine moves part of us-east's share to us-west;
     // when the load stops, us-east takes it back.
-    println!("\nkeeping us-east saturated for 4 s; the weight engine follows the load reports (routes explain shows the engines' KV cache and queue)...");
+    println!(
+        "\nkeeping us-east saturated for 4 s; the weight engine follows the load reports (routes explain shows the engines' KV cache and queue)..."
+    );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let callers: Vec<_> = (0..3 * EAST_CAPACITY as usize)
         .map(|_| {

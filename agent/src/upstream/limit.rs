@@ -205,7 +205,10 @@ mod tests {
         // the limit add about one.
         let before = l.limit();
         let after = calls(&mut l, 9, 9, PREFILL).await;
-        assert!(after > before + 0.9 && after < before + 1.1, "{before} -> {after}");
+        assert!(
+            after > before + 0.9 && after < before + 1.1,
+            "{before} -> {after}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

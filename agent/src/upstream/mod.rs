@@ -679,7 +679,10 @@ impl Upstreams {
                 let sat = s.saturation(settings, None, peers, 0.0, now);
                 let engine = {
                     let v = lock(&s.engine);
-                    v.kind.map(|kind| {
+                    // An unreadable page is not an engine's figures: the
+                    // learned limit decides, and is what the report says.
+                    let readable = v.state != ScrapeState::Garbage;
+                    v.kind.filter(|_| readable).map(|kind| {
                         let f = v.figures.unwrap_or_default();
                         let age = v.scraped_at.map(|at| now.saturating_duration_since(at));
                         spillway_proto::pb::EngineLoad {
@@ -688,8 +691,7 @@ impl Upstreams {
                             waiting: f.waiting,
                             kv_usage: f.kv_usage,
                             ttft_p90_ms: v.ttft_p90.map_or(0.0, |t| t * 1000.0),
-                            fresh: v.state != ScrapeState::Garbage
-                                && age.is_some_and(|a| a <= settings.stale_after),
+                            fresh: age.is_some_and(|a| a <= settings.stale_after),
                             age_ms: age.map_or(0, |a| a.as_millis() as u64),
                         }
                     })
@@ -708,8 +710,16 @@ impl Upstreams {
                     output_tokens: s.output_tokens.swap(0, Ordering::Relaxed),
                     engine,
                     learned_limit: s.learned_limit(),
-                    limit: if sat.limit.is_finite() { sat.limit } else { 0.0 },
-                    saturation: if sat.score.is_finite() { sat.score } else { 1e9 },
+                    limit: if sat.limit.is_finite() {
+                        sat.limit
+                    } else {
+                        0.0
+                    },
+                    saturation: if sat.score.is_finite() {
+                        sat.score
+                    } else {
+                        1e9
+                    },
                 }
             })
             .collect();
@@ -1208,7 +1218,10 @@ mod tests {
         let now = || Instant::now();
         // Before any page (auto): the learned limit (4 to start) decides.
         let sat = s.saturation(&cfg, None, 1, 0.0, now());
-        assert!(!sat.saturated && !sat.from_engine && sat.limit == 4.0, "{sat:?}");
+        assert!(
+            !sat.saturated && !sat.from_engine && sat.limit == 4.0,
+            "{sat:?}"
+        );
         // Six running use 45% of the KV cache: twelve would fill 90%.
         s.scraped(Scrape::Page(vllm_page(6.0, 0.0, 0.45)), now(), up.epoch);
         let sat = s.saturation(&cfg, None, 1, 0.0, now());
@@ -1304,8 +1317,14 @@ mod tests {
         // Ten more calls, all between 0.1 and 1 s: p90 over 0.1 s.
         s.scraped(Scrape::Page(page(10, 10)), Instant::now(), up.epoch);
         let objective = Some(Duration::from_millis(100));
-        assert!(s.saturation(&cfg, objective, 1, 0.0, Instant::now()).saturated);
-        assert!(!s.saturation(&cfg, Some(Duration::from_secs(2)), 1, 0.0, Instant::now()).saturated);
+        assert!(
+            s.saturation(&cfg, objective, 1, 0.0, Instant::now())
+                .saturated
+        );
+        assert!(
+            !s.saturation(&cfg, Some(Duration::from_secs(2)), 1, 0.0, Instant::now())
+                .saturated
+        );
         assert!(!s.saturation(&cfg, None, 1, 0.0, Instant::now()).saturated);
     }
 }

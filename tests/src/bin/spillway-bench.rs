@@ -42,6 +42,9 @@ struct Args {
     /// An nginx binary to measure as the reverse-proxy floor.
     #[arg(long)]
     nginx: Option<PathBuf>,
+    /// Run only the engine-saturation scenario and print its table.
+    #[arg(long)]
+    engine_saturation_only: bool,
 }
 
 struct Plan {
@@ -224,6 +227,16 @@ async fn main() -> Result<()> {
         }
     };
     std::fs::create_dir_all(&args.out)?;
+    if args.engine_saturation_only {
+        let engines = engine_saturation(&plan).await;
+        let r = json!({"engine_saturation": engines});
+        std::fs::write(
+            args.out.join("engine-saturation.json"),
+            serde_json::to_string_pretty(&r)?,
+        )?;
+        println!("{}", engine_table(&r));
+        return Ok(());
+    }
     let started = Instant::now();
     eprintln!("bench: starting the cluster");
 
@@ -396,8 +409,14 @@ async fn main() -> Result<()> {
         "us-west",
         &planes,
         &[
-            format!("http://{},models=drain-m,capacity=1000000,static,metrics=none", flaky.addr),
-            format!("http://{},models=spill-m,capacity=1000000,static,metrics=none", fast.addr),
+            format!(
+                "http://{},models=drain-m,capacity=1000000,static,metrics=none",
+                flaky.addr
+            ),
+            format!(
+                "http://{},models=spill-m,capacity=1000000,static,metrics=none",
+                fast.addr
+            ),
         ],
         &threads,
     )
@@ -608,6 +627,9 @@ async fn main() -> Result<()> {
     eprintln!("bench: a shared quota (three agents, 600 requests a minute)");
     let quota = quota(&plan).await;
 
+    eprintln!("bench: engine saturation (vLLM-mode engines, callers 4 to 40)");
+    let engines = engine_saturation(&plan).await;
+
     // The verdicts against the targets, and the report.
     let at = |rows: &[Row], c: usize, name: &str| -> Stats {
         rows.iter()
@@ -696,6 +718,28 @@ async fn main() -> Result<()> {
         target: format!("within one lease ({} s)", quota.lease_s),
         met: quota.reclaim_s.is_some_and(|s| s <= quota.lease_s as f64),
     });
+    if let Some(e) = engines.first() {
+        targets.push(Target {
+            name: "engine saturation: TTFT p99 with engine signals / unloaded TTFT".into(),
+            measured: format!("{:.2}", e.ttft_p99_ms / e.unloaded_ttft_ms),
+            target: "≤ 1.5".into(),
+            met: e.ttft_p99_ms <= 1.5 * e.unloaded_ttft_ms,
+        });
+        targets.push(Target {
+            name: "engine saturation: throughput / offered load, engine signals".into(),
+            measured: format!("{:.1}%", e.served_share * 100.0),
+            target: "≥ 95%".into(),
+            met: e.served_share >= 0.95,
+        });
+        targets.push(Target {
+            name: "engine saturation: first spill after the engines fill".into(),
+            measured: e
+                .first_spill_after_s
+                .map_or("never".into(), |s| format!("{s:.2} s")),
+            target: "≤ 1 s".into(),
+            met: e.first_spill_after_s.is_some_and(|s| s <= 1.0),
+        });
+    }
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
     targets.push(Target {
         name: "agent RSS, idle".into(),
@@ -736,6 +780,7 @@ async fn main() -> Result<()> {
         "failover": failover,
         "spill": spill,
         "quota": quota,
+        "engine_saturation": engines,
         "telemetry": {"audit_records": audit_records, "spans_exported": spans},
         "memory": {
             "agent_idle_mb": mb(agent_idle_rss),
@@ -1199,6 +1244,7 @@ fn markdown(r: &Value) -> String {
         "\nus-east's agent audited every call it took ({} records) and traced 1% of them ({} spans exported) while it was measured.\n",
         t["audit_records"], t["spans_exported"]
     ));
+    md.push_str(&engine_table(r));
     let mem = &r["memory"];
     md.push_str(&format!(
         "\n## Memory (RSS)\n\n| process | load | MB |\n| --- | --- | --- |\n| agent | idle | {:.1} |\n| agent | {} concurrent streams | {:.1} |\n| control plane | {} sync streams | {:.1} |\n",
@@ -1447,4 +1493,92 @@ async fn quota(plan: &Plan) -> QuotaFigures {
         overshoot_down: down.map(|d| d.1),
         reclaim_s: run.reclaim_seconds(),
     }
+}
+
+/// One placement's figures in the engine-saturation scenario.
+#[derive(Serialize)]
+struct EngineFigures {
+    placement: String,
+    calls: usize,
+    failed: usize,
+    spilled: usize,
+    /// From the callers first outnumbering what the engines hold to the
+    /// first call served elsewhere (negative: it spilled before).
+    first_spill_after_s: Option<f64>,
+    /// The engines' waiting queue, p99 over 10 ms samples, the worse server.
+    queue_p99: u32,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    unloaded_ttft_ms: f64,
+    /// Calls served over the calls the callers would have made had each
+    /// taken the unloaded time.
+    served_share: f64,
+}
+
+/// The engine-saturation scenario under three placements, one after the
+/// other: the engines' own signals, a static capacity set too high (the
+/// engines queue), and no spill at all.
+async fn engine_saturation(plan: &Plan) -> Vec<EngineFigures> {
+    use spillway_tests::engine_load::{self, EngineScenario, Placement};
+    let quick = plan.rounds == 1;
+    let mut out = Vec::new();
+    for placement in [
+        Placement::EngineSignals,
+        Placement::StaticCapacity(64),
+        Placement::NoSpill,
+    ] {
+        let mut scenario = EngineScenario::new(placement);
+        // Calls of about a second, as a chat answer of 64 tokens is.
+        scenario.max_tokens = 64;
+        scenario.sim.output_tokens = 64;
+        scenario.sim.inter_token = Duration::from_millis(14);
+        scenario.sim.kv_tokens = 6 * engine_load::footprint(64);
+        scenario.ramp = Duration::from_secs(if quick { 6 } else { 12 });
+        scenario.hold = Duration::from_secs(if quick { 4 } else { 8 });
+        let run = engine_load::run(scenario).await;
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let served = run.ok().count();
+        out.push(EngineFigures {
+            placement: placement.name(),
+            calls: run.calls.len(),
+            failed: run.failed(),
+            spilled: served - run.served_in("us-east"),
+            first_spill_after_s: run
+                .first_spill()
+                .map(|at| at.as_secs_f64() - run.saturated_at.as_secs_f64()),
+            queue_p99: (0..run.scenario.sims)
+                .map(|i| run.queue_quantile(i, 0.99))
+                .max()
+                .unwrap_or(0),
+            ttft_p50_ms: ms(run.ttft_quantile(None, 0.5)),
+            ttft_p99_ms: ms(run.ttft_quantile(None, 0.99)),
+            unloaded_ttft_ms: ms(run.unloaded_ttft),
+            served_share: served as f64 / run.offered(),
+        });
+    }
+    out
+}
+
+/// The engine-saturation section of the report.
+fn engine_table(r: &Value) -> String {
+    let mut md = String::new();
+    md.push_str("\n## Engine saturation\n\nus-east: three agents share two vLLM-mode simulators that hold about 12 calls by KV-cache budget (and queue the rest); us-west has room. Closed-loop streaming callers ramp from 4 to 40, then hold.\n\n| placement | calls | failed | spilled | first spill after the engines fill | engine queue p99 (max of servers) | TTFT p50 / p99 ms (unloaded) | throughput / offered |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    for e in r["engine_saturation"].as_array().into_iter().flatten() {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.0} / {:.0} ({:.0}) | {:.1}% |\n",
+            e["placement"].as_str().unwrap_or(""),
+            e["calls"],
+            e["failed"],
+            e["spilled"],
+            e["first_spill_after_s"]
+                .as_f64()
+                .map_or("never".to_string(), |s| format!("{s:.2} s")),
+            e["queue_p99"],
+            e["ttft_p50_ms"].as_f64().unwrap_or(f64::NAN),
+            e["ttft_p99_ms"].as_f64().unwrap_or(f64::NAN),
+            e["unloaded_ttft_ms"].as_f64().unwrap_or(f64::NAN),
+            e["served_share"].as_f64().unwrap_or(f64::NAN) * 100.0,
+        ));
+    }
+    md
 }
