@@ -78,7 +78,9 @@ async fn engine_signals_spill_before_the_engines_queue() {
 
 /// No metrics: the limit each agent learns from time to first token spills
 /// the excess, and calls served in us-east get their first token within
-/// three times the unloaded TTFT (p90).
+/// four times the unloaded TTFT (p90; measured here about three times: a
+/// queued call waits for a running one to end, and three agents each probe
+/// for one more call per round).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_metrics_learned_limits_spill_and_hold_ttft() {
     spillway_tests::init_logging();
@@ -88,6 +90,7 @@ async fn without_metrics_learned_limits_spill_and_hold_ttft() {
     assert_eq!(run.failed(), 0, "{said}");
     assert!(run.served_in("us-west") > 0, "nothing spilled: {said}");
     let local = run.ttft_quantile(Some("us-east"), 0.9);
+    eprintln!("local ttft p90 {local:?}");
     assert!(
         local <= run.unloaded_ttft * 3,
         "local ttft p90 {local:?}: {said}"

@@ -12,7 +12,7 @@
 //! - A TTFT above `tolerance` times the baseline, and at least
 //!   `min_queue_delay` above it (so that scheduling jitter on a fast engine
 //!   is not taken for a queue), means the call **queued**: the limit drops to
-//!   `backoff` times the smaller of itself and the calls that were in flight
+//!   `backoff` (0.75) times the smaller of itself and the calls that were in flight
 //!   when the queued call was sent. A throttle (429) counts the same. Only
 //!   calls sent after the last drop can cause another, so one burst of
 //!   queued calls costs one drop, not one per call (once per round trip, as
@@ -45,7 +45,7 @@ impl Default for LimitSettings {
             initial: 4.0,
             tolerance: 2.0,
             min_queue_delay: Duration::from_millis(50),
-            backoff: 0.9,
+            backoff: 0.75,
             window: Duration::from_secs(30),
         }
     }
@@ -189,22 +189,22 @@ mod tests {
         calls(&mut l, 20, 20, PREFILL).await;
         assert_eq!(l.limit(), 24.0);
         // A burst of twelve calls sent together, all queued (TTFT 500 ms):
-        // one drop, to 0.9 times the 12 that were in flight.
+        // one drop, to 0.75 times the 12 that were in flight.
         let sent = Instant::now();
         tokio::time::advance(Duration::from_millis(500)).await;
         for _ in 0..12 {
             l.on_first_token(sent, 12, Duration::from_millis(500), Instant::now());
         }
-        assert!((l.limit() - 10.8).abs() < 1e-9, "{}", l.limit());
+        assert!((l.limit() - 9.0).abs() < 1e-9, "{}", l.limit());
         // A call sent after the drop that queued drops it again.
         let sent = Instant::now();
         tokio::time::advance(Duration::from_millis(400)).await;
         l.on_first_token(sent, 10, Duration::from_millis(400), Instant::now());
-        assert!((l.limit() - 9.0).abs() < 1e-9, "{}", l.limit());
-        // After slow start, growth is one per round: ten unqueued calls at
-        // the limit add about one.
+        assert!((l.limit() - 6.75).abs() < 1e-9, "{}", l.limit());
+        // After slow start, growth is one per round: a limit's worth of
+        // unqueued calls at the limit adds about one.
         let before = l.limit();
-        let after = calls(&mut l, 9, 9, PREFILL).await;
+        let after = calls(&mut l, 7, 7, PREFILL).await;
         assert!(
             after > before + 0.9 && after < before + 1.1,
             "{before} -> {after}"
