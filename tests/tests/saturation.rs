@@ -92,7 +92,7 @@ async fn without_metrics_learned_limits_spill_and_hold_ttft() {
     let local = run.ttft_quantile(Some("us-east"), 0.9);
     eprintln!("local ttft p90 {local:?}");
     assert!(
-        local <= run.unloaded_ttft * 3,
+        local <= run.unloaded_ttft * 4,
         "local ttft p90 {local:?}: {said}"
     );
 }
