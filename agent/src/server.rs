@@ -244,7 +244,7 @@ pub async fn start(
     // The engines' figures first, so that the first calls are placed by
     // them and a metrics URL that does not answer is logged at once.
     upstreams.scrape_once().await;
-    upstreams.spawn_scrapers();
+    upstreams.spawn_scrapers(&shutdown);
     // The pipeline needs the config watch, and load reports need the
     // pipeline: the report reads it through a slot filled just below.
     let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =

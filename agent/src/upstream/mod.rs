@@ -732,27 +732,34 @@ impl Upstreams {
     }
 
     /// Scrapes each server's engine metrics every `scrape_interval`, until
-    /// the agent stops. Call once, after [`Upstreams::scrape_once`].
-    pub fn spawn_scrapers(self: &Arc<Self>) {
+    /// `shutdown`. Call once, after [`Upstreams::scrape_once`].
+    pub fn spawn_scrapers(self: &Arc<Self>, shutdown: &spillway_core::shutdown::Shutdown) {
         for (i, server) in self.servers.iter().enumerate() {
             if server.spec.metrics == MetricsMode::None {
                 continue;
             }
-            let me = self.clone();
+            let (me, mut stop) = (self.clone(), shutdown.clone());
             tokio::spawn(async move {
                 let every = me.settings.saturation.scrape_interval;
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    me.scrape(i).await;
-                    // A server found to have no engine metrics is asked again
-                    // now and then (it may be restarted as one that has).
-                    let server = &me.servers[i];
-                    if lock(&server.engine).state == ScrapeState::NoEngine {
-                        tokio::time::sleep(NO_ENGINE_RECHECK).await;
+                let scraping = async {
+                    loop {
+                        tick.tick().await;
+                        me.scrape(i).await;
+                        // A server found to have no engine metrics is asked
+                        // again now and then (it may come back as one that
+                        // has them).
+                        let server = &me.servers[i];
+                        if lock(&server.engine).state == ScrapeState::NoEngine {
+                            tokio::time::sleep(NO_ENGINE_RECHECK).await;
+                        }
                     }
+                };
+                tokio::select! {
+                    _ = stop.wait() => {}
+                    _ = scraping => {}
                 }
             });
         }
