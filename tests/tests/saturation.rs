@@ -326,3 +326,86 @@ async fn bad_metrics_settings() {
     let served = f.calls(east.http, 10).await;
     assert!(served.iter().all(|r| r == "us-east"), "{served:?}");
 }
+
+/// A route table's time-to-first-token objective: while the engines' TTFT
+/// p90 is past it, us-east's servers count as saturated and calls spill;
+/// with an objective they meet, calls stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttft_objective_spills_calls_the_engines_are_too_slow_for() {
+    spillway_tests::init_logging();
+    let (f, planes) = Fixture::start().await;
+    for sim in &f.sims {
+        sim.state.set(|c| c.ttft = Duration::from_millis(150));
+    }
+    let servers: Vec<String> = f
+        .sims
+        .iter()
+        .map(|s| format!("http://{},models={MODEL}", s.addr))
+        .collect();
+    let east = east_agent(&planes, &servers).await;
+    until_serving(&f, east.http).await;
+    let set = |objective_ms: u32, first: bool| {
+        let cp = &f._cp;
+        async move {
+            let table = pb::RouteTable {
+                profile: PROFILE.into(),
+                source_region: "us-east".into(),
+                destinations: [("us-east", 0), ("us-west", 1)]
+                    .into_iter()
+                    .map(|(r, p)| pb::RouteDestination {
+                        region: r.into(),
+                        weight: 1.0,
+                        priority: p,
+                    })
+                    .collect(),
+                ttft_objective_ms: objective_ms,
+                revision: 0,
+            };
+            let mut admin = cp.admin().await;
+            if first {
+                admin
+                    .create_route_table(pb::CreateRouteTableRequest {
+                        route_table: Some(table),
+                    })
+                    .await
+                    .expect("the route table");
+            } else {
+                let current = admin
+                    .get_route_table(pb::GetRouteTableRequest {
+                        profile: PROFILE.into(),
+                        source_region: "us-east".into(),
+                    })
+                    .await
+                    .expect("the route table")
+                    .into_inner();
+                let table = pb::RouteTable {
+                    revision: current.revision,
+                    ..table
+                };
+                admin
+                    .update_route_table(pb::UpdateRouteTableRequest {
+                        route_table: Some(table),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("the route table");
+            }
+        }
+    };
+    // 100 ms: the engines' 150 ms prefill is past it.
+    set(100, true).await;
+    wait_until(
+        "calls spill past the objective",
+        Duration::from_secs(20),
+        || async { f.calls(east.http, 5).await.iter().all(|r| r == "us-west") },
+    )
+    .await;
+    // 1 s: met; calls stay in us-east.
+    set(1000, false).await;
+    wait_until(
+        "calls stay under the objective",
+        Duration::from_secs(20),
+        || async { f.calls(east.http, 5).await.iter().all(|r| r == "us-east") },
+    )
+    .await;
+}
