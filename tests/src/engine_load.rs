@@ -150,8 +150,7 @@ pub struct EngineRun {
     /// `spillctl routes explain`'s view of us-east, taken at the height of
     /// the load.
     pub explained: Option<pb::ExplainedDestination>,
-    /// The run's load reports as stored, per us-east agent: seen by the
-    /// control plane at the height of the load.
+    /// From the start of the load to the last caller's end.
     pub elapsed: Duration,
 }
 

@@ -375,7 +375,6 @@ async fn a_ttft_objective_spills_calls_the_engines_are_too_slow_for() {
                 admin
                     .update_route_table(pb::UpdateRouteTableRequest {
                         route_table: Some(table),
-                        ..Default::default()
                     })
                     .await
                     .expect("the route table");

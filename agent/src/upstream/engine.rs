@@ -206,8 +206,10 @@ pub struct Figures {
     pub ttft: Histogram,
 }
 
-/// What a page of metrics turned out to be.
+/// What a page of metrics turned out to be. (Returned by value once per
+/// scrape: the histogram's fixed array is cheaper there than a box.)
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Page {
     Engine(EngineKind, Figures),
     /// Prometheus text without any engine family the agent reads.

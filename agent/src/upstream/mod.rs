@@ -412,6 +412,12 @@ impl ModelServer {
             _ => None,
         };
         let url = &self.spec.metrics_url;
+        let no_engine = |was: ScrapeState, why: &str| {
+            if was != ScrapeState::NoEngine {
+                tracing::info!(server = %self.spec.url, metrics = %url, %why, "no engine metrics: the concurrency limit is learned from time to first token");
+            }
+            ScrapeState::NoEngine
+        };
         let next = match outcome {
             Scrape::Page(bytes) => match engine::read(&bytes, v.kind.or(declared)) {
                 Page::Engine(kind, f) => {
@@ -435,12 +441,7 @@ impl ModelServer {
                     v.finished_then = self.finished.load(Ordering::Relaxed);
                     ScrapeState::Good
                 }
-                Page::NoEngine => {
-                    if v.state != ScrapeState::NoEngine {
-                        tracing::info!(server = %self.spec.url, metrics = %url, "no engine metrics (vLLM, SGLang, llama.cpp) found: the concurrency limit is learned from time to first token");
-                    }
-                    ScrapeState::NoEngine
-                }
+                Page::NoEngine => no_engine(v.state, "no vLLM, SGLang or llama.cpp families"),
                 Page::Garbage(why) => {
                     if v.state != ScrapeState::Garbage {
                         tracing::warn!(server = %self.spec.url, metrics = %url, problem = %why, "the engine's metrics cannot be read; the concurrency limit learned from time to first token decides until they can");
@@ -451,10 +452,7 @@ impl ModelServer {
             Scrape::Missing(status) => {
                 if v.kind.is_none() {
                     // Auto, and there are none (404, say): not an outage.
-                    if v.state != ScrapeState::NoEngine {
-                        tracing::info!(server = %self.spec.url, metrics = %url, %status, "no engine metrics: the concurrency limit is learned from time to first token");
-                    }
-                    ScrapeState::NoEngine
+                    no_engine(v.state, status.as_str())
                 } else {
                     if v.state != ScrapeState::Failing {
                         tracing::warn!(server = %self.spec.url, metrics = %url, %status, "the engine's metrics stopped answering: the server counts as saturated while they are stale");
