@@ -79,13 +79,57 @@ pub struct AgentArgs {
     /// Regions a call tries at most, the first included.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=10))]
     pub max_attempts: u8,
-    /// Largest request body accepted; larger ones get 413.
+    /// Largest request accepted: an HTTP body (larger ones get 413, before
+    /// the body is read when `Content-Length` says so) or a Converse gRPC
+    /// message (RESOURCE_EXHAUSTED).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Seconds to wait for a model server's or a relay's response headers
-    /// before trying the next region.
+    /// Seconds a client has, once the request head arrived, to send the
+    /// whole request body; then it gets 408 and the connection is closed.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout_secs: u64,
+    /// Milliseconds, per attempt, until the first byte: a streaming call's
+    /// head from a model server or another region, and another region's
+    /// acknowledgment of a relayed call. Past it, the next region is
+    /// tried. (A unary call's head from a model server comes only when
+    /// generation is done; that is bounded by the answer's own timeout.)
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub attempt_timeout_ms: u64,
+    /// Seconds for the same deadline (the older flag; use
+    /// --attempt-timeout-ms).
+    #[arg(long, hide = true, conflicts_with = "attempt_timeout_ms", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upstream_timeout_secs: Option<u64>,
+    /// Milliseconds to connect to a model server or another region's agent,
+    /// TCP and TLS handshake together.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub connect_timeout_ms: u64,
+    /// Milliseconds of silence from another region's agent (or an HTTP/2
+    /// model server) after which the agent pings it; also the TCP
+    /// keep-alive interval of HTTP/1 model-server connections.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub keepalive_interval_ms: u64,
+    /// Milliseconds a ping may go unanswered before the connection, and
+    /// the calls on it, are given up (those before their first byte fail
+    /// over).
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub keepalive_timeout_ms: u64,
+    /// Seconds a client has, from its first byte, to send a request's
+    /// whole head (with TLS, the handshake too); then the connection is
+    /// closed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection with no call in flight stays open.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub upstream_timeout_secs: u64,
+    pub idle_timeout_secs: u64,
+    /// Connections open at once on each port (HTTP door, gRPC); past it new
+    /// ones are refused (HTTP: 503) and the open ones keep being served.
+    /// Capped at three quarters of the open-files limit.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+    /// On SIGTERM or SIGINT: seconds that calls in flight get to finish
+    /// before the agent writes out its audit log and exits.
+    #[arg(long, env = "SPILLWAY_DRAIN_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_secs: u64,
     /// Output tokens a call reserves against a token quota when it sets no
     /// `max_tokens`.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

@@ -20,6 +20,10 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// On a 429: why, `quota` (the source region's quota, not spilled) or
 /// `capacity` (every region tried was saturated).
 pub const THROTTLE: &str = "x-spillway-throttle";
+/// On a RESOURCE_EXHAUSTED gRPC status: the request was over this limit,
+/// in bytes. It tells a refusal for size, which no other region would
+/// take either, from a throttle.
+pub const TOO_LARGE: &str = "x-spillway-too-large";
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CallError {
@@ -37,8 +41,16 @@ pub enum CallError {
         "inference profile `{profile}` is not callable from region `{region}`: call an agent of a region the profile serves, or use a profile of this region's geography"
     )]
     NotCallableHere { profile: String, region: String },
-    #[error("the request body is larger than this agent's limit of {0} bytes")]
+    /// The request (an HTTP body, a gRPC message) is over the agent's
+    /// limit, in bytes.
+    #[error("the request is larger than this agent's limit of {0} bytes")]
     TooLarge(usize),
+    /// The request body did not arrive within the door's deadline.
+    #[error(
+        "the request body did not arrive within this agent's limit of {} s",
+        .0.as_secs_f64()
+    )]
+    BodyTimeout(std::time::Duration),
     /// The region (or a model server) is saturated; another region may do.
     #[error("{0}")]
     Throttled(String),
@@ -201,6 +213,7 @@ impl CallError {
             | CallError::NotServedThere(_) => StatusCode::BAD_REQUEST,
             CallError::ProfileNotFound(_) => StatusCode::NOT_FOUND,
             CallError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            CallError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -230,6 +243,7 @@ impl CallError {
                 ("invalid_request_error", Some("api_not_supported"))
             }
             CallError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
+            CallError::BodyTimeout(_) => ("invalid_request_error", Some("request_timeout")),
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
                 ("server_error", Some("regions_unavailable"))
             }
@@ -264,7 +278,9 @@ impl CallError {
             CallError::NotCallableHere { .. } => Status::failed_precondition(msg),
             CallError::ApiNotServed { .. } => Status::invalid_argument(msg),
             CallError::NotServedThere(_) => Status::unimplemented(msg),
-            CallError::TooLarge(_) => Status::invalid_argument(msg),
+            // What gRPC servers answer to a message over their limit.
+            CallError::TooLarge(_) => Status::resource_exhausted(msg),
+            CallError::BodyTimeout(_) => Status::deadline_exceeded(msg),
             CallError::Exhausted { attempts, .. } if !saturated(attempts) => {
                 Status::unavailable(msg)
             }
@@ -329,9 +345,13 @@ pub fn http_response(e: &CallError) -> Response {
 }
 
 /// A failed call as a gRPC status; a quota refusal carries the rate-limit
-/// metadata, `retry-after` and `x-spillway-throttle`, as over HTTP.
+/// metadata, `retry-after` and `x-spillway-throttle`, as over HTTP, and a
+/// refusal for size `x-spillway-too-large`.
 pub fn grpc_status(e: &CallError) -> Status {
     let mut status = e.to_status();
+    if let CallError::TooLarge(limit) = e {
+        status.metadata_mut().insert(TOO_LARGE, (*limit).into());
+    }
     if let CallError::Quota(q) = e {
         rate_metadata(status.metadata_mut(), &q.1);
         let md = status.metadata_mut();
@@ -422,6 +442,27 @@ mod tests {
 
     fn attempt(region: &str, e: CallError) -> FailedAttempt {
         FailedAttempt::of(region, &e)
+    }
+
+    #[test]
+    fn the_doors_limits_name_themselves() {
+        let big = CallError::TooLarge(65_536);
+        assert_eq!(big.http_status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(big.openai_json()["error"]["code"], "request_too_large");
+        let status = grpc_status(&big);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("65536"), "{}", status.message());
+        assert_eq!(status.metadata().get(TOO_LARGE).unwrap(), "65536");
+
+        let slow = CallError::BodyTimeout(std::time::Duration::from_secs(30));
+        assert_eq!(slow.http_status(), StatusCode::REQUEST_TIMEOUT);
+        let json = slow.openai_json();
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert_eq!(json["error"]["code"], "request_timeout");
+        assert_eq!(
+            json["error"]["message"],
+            "the request body did not arrive within this agent's limit of 30 s"
+        );
     }
 
     #[test]

@@ -6,20 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use spillway_core::api::ApiSet;
 use spillway_core::shutdown::{self, Shutdown};
 use spillway_proto::pb;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::AgentArgs;
 use crate::control::snapshot::LocalCapabilities;
 use crate::control::sync::{self, ConfigWatch, LoadSource, SyncSettings};
-use crate::doors::converse::ConverseDoor;
+use crate::doors::converse::{ConverseDoor, MessageLimit};
 use crate::doors::http::{self, HttpDoor};
 use crate::net::connect::TlsConnect;
-use crate::net::tls_listener::TlsListener;
+use crate::net::serve::{ConnLimits, HttpServer};
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::quota::Quotas;
 use crate::telemetry::record::{AuditSettings, Recorder};
@@ -36,6 +34,8 @@ pub struct AgentSettings {
     pub upstream: UpstreamSettings,
     pub pipeline: PipelineSettings,
     pub max_body_bytes: usize,
+    /// How long a client has to send a request body (the HTTP door).
+    pub body_read_timeout: Duration,
     /// Where audit records go; none when unset.
     pub audit: Option<AuditSettings>,
     /// This region's OTLP/gRPC collector; no traces when unset.
@@ -54,11 +54,17 @@ pub struct AgentSettings {
     pub model_server_ca: Option<std::path::PathBuf>,
     /// Whom an `https://` collector must be certified by.
     pub otlp_ca: Option<std::path::PathBuf>,
+    /// Timeouts and the connection limit of the HTTP door and the gRPC
+    /// port.
+    pub conn_limits: ConnLimits,
 }
 
 impl AgentSettings {
     pub fn from_args(args: &AgentArgs, relay_address: String) -> AgentSettings {
-        let timeout = Duration::from_secs(args.upstream_timeout_secs);
+        let attempt = args.upstream_timeout_secs.map_or(
+            Duration::from_millis(args.attempt_timeout_ms),
+            Duration::from_secs,
+        );
         AgentSettings {
             sync: SyncSettings {
                 agent_id: args.agent_id.clone(),
@@ -76,7 +82,10 @@ impl AgentSettings {
             },
             model_servers: args.model_servers.clone(),
             upstream: UpstreamSettings {
-                header_timeout: timeout,
+                connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+                header_timeout: attempt,
+                keepalive_interval: Duration::from_millis(args.keepalive_interval_ms),
+                keepalive_timeout: Duration::from_millis(args.keepalive_timeout_ms),
                 saturation: SaturationSettings {
                     kv_max: args.saturation_kv,
                     queue_max: f64::from(args.saturation_queue),
@@ -95,6 +104,7 @@ impl AgentSettings {
                 ..PipelineSettings::default()
             },
             max_body_bytes: args.max_body_bytes,
+            body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
             audit: args.audit_dir.clone().map(|dir| AuditSettings {
                 dir,
                 max_bytes: args.audit_max_bytes,
@@ -114,6 +124,12 @@ impl AgentSettings {
             )
             .ok()
             .flatten(),
+            conn_limits: ConnLimits {
+                header_timeout: Duration::from_secs(args.header_read_timeout_secs),
+                idle_timeout: Duration::from_secs(args.idle_timeout_secs),
+                max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+                ..ConnLimits::default()
+            },
         }
     }
 }
@@ -206,14 +222,54 @@ pub enum RunError {
     },
 }
 
-/// A started agent: its config watch, the pipeline, and the server tasks.
+/// A started agent: its config watch, the pipeline, and the servers.
 pub struct RunningAgent {
     pub config: ConfigWatch,
     pub pipeline: Arc<Pipeline>,
     pub grpc: tokio::task::JoinHandle<Result<(), RunError>>,
-    pub http: tokio::task::JoinHandle<Result<(), RunError>>,
+    pub http: HttpServer,
     /// Where `/metrics` is served when it has a listener of its own.
     pub metrics: Option<std::net::SocketAddr>,
+    pub recorder: Arc<Recorder>,
+}
+
+impl RunningAgent {
+    /// After shutdown fired: waits up to `drain` for the calls in flight
+    /// on both ports to be answered (the listeners stopped accepting when
+    /// it fired), then writes out the audit log (synced to disk) and the
+    /// OTLP exporters.
+    pub async fn finish(self, drain: Duration) -> Result<(), RunError> {
+        let started = tokio::time::Instant::now();
+        let open = self.http.open();
+        // The sync said goodbye to the control plane (its watch closes
+        // when it has; it bounds that itself).
+        let mut config = self.config.clone();
+        let left = async move { while config.changed().await.is_ok() {} };
+        let drained = tokio::time::timeout(drain, async {
+            let (grpc, (), ()) = tokio::join!(self.grpc, self.http.drained(), left);
+            grpc
+        })
+        .await;
+        let result = match drained {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Ok(()),
+            Err(_) => {
+                tracing::warn!(
+                    ?drain,
+                    "calls still in flight after the drain time; they are cut (--drain-secs)"
+                );
+                Ok(())
+            }
+        };
+        let flushed = self.recorder.flush(Duration::from_secs(5)).await;
+        tracing::info!(
+            connections_at_shutdown = open,
+            drained_in = ?started.elapsed(),
+            audit_and_exports_flushed = flushed,
+            "drained"
+        );
+        result
+    }
 }
 
 /// Starts the config stream, the gRPC server on `grpc` and the HTTP front
@@ -267,6 +323,7 @@ pub async fn start(
         settings.trace_sample_ratio,
     );
     let recorder = Recorder::start(region.clone(), settings.audit, settings.audit_otlp, tracer);
+    let limits = settings.conn_limits.clone();
     let (reporting, slot, demand) = (upstreams.clone(), pipeline_slot.clone(), quotas.clone());
     sync_settings.load = Some(LoadSource(Arc::new(move |interval| {
         let mut report = reporting.load_report(interval);
@@ -321,7 +378,13 @@ pub async fn start(
             };
             health.set_service_status("", status).await;
             tokio::select! {
-                _ = stop.wait() => return,
+                _ = stop.wait() => {
+                    // Draining: load balancers and probes stop sending.
+                    health
+                        .set_service_status("", tonic_health::ServingStatus::NotServing)
+                        .await;
+                    return;
+                }
                 changed = watch.changed() => if changed.is_err() { return },
             }
         }
@@ -335,9 +398,12 @@ pub async fn start(
         agent_id.clone(),
         tls.is_some(),
     );
-    let converse = ConverseDoor {
-        pipeline: pipeline.clone(),
-    };
+    let converse = crate::doors::converse::service(
+        ConverseDoor {
+            pipeline: pipeline.clone(),
+        },
+        settings.max_body_bytes,
+    );
     let mut stop = shutdown.clone();
     let mut grpc_server = tonic::transport::Server::builder();
     if let Some(files) = &tls {
@@ -352,24 +418,37 @@ pub async fn start(
         Some(files) => Some(files.rustls_server().map_err(RunError::Tls)?),
         None => None,
     };
+    let counted = recorder.metrics.clone();
+    let grpc_incoming = spillway_core::net::limited_incoming(
+        grpc,
+        limits.max_connections,
+        limits.header_timeout,
+        move || {
+            counted.add(
+                "spillway_agent_connections_closed_total",
+                &[("reason", "limit")],
+                1,
+            )
+        },
+    );
     let grpc_task = tokio::spawn(async move {
         grpc_server
+            // Dead peers: a ping every 10 s, answered within 10 s.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_concurrent_streams(Some(limits.max_streams))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
-            .add_service(
+            .add_service(MessageLimit::new(
                 pb::relay_service_server::RelayServiceServer::new(relay)
                     .max_decoding_message_size(MAX_RELAY_MESSAGE)
                     .max_encoding_message_size(MAX_RELAY_MESSAGE),
-            )
-            .add_service(pb::inference_service_server::InferenceServiceServer::new(
-                converse,
+                MAX_RELAY_MESSAGE,
             ))
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                async move { stop.wait().await },
-            )
+            .add_service(converse)
+            .serve_with_incoming_shutdown(grpc_incoming, async move { stop.wait().await })
             .await?;
         Ok(())
     });
@@ -385,53 +464,45 @@ pub async fn start(
                 async move { http::prometheus(&metrics) }
             }),
         );
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.wait().await })
-                .await
-            {
-                tracing::error!(error = %e, "the metrics listener stopped");
-            }
-        });
+        // Under the same timeouts and limit as the door.
+        HttpServer::start(
+            listener,
+            None,
+            app,
+            settings.conn_limits.clone(),
+            recorder.metrics.clone(),
+            shutdown.clone(),
+        )?;
     }
     let door = Arc::new(HttpDoor {
         pipeline: pipeline.clone(),
         max_body_bytes: settings.max_body_bytes,
+        body_read_timeout: settings.body_read_timeout,
         serve_metrics: settings.metrics_listen.is_none(),
     });
-    let mut stop = shutdown;
-    let http_task = tokio::spawn(async move {
-        let router = http::router(door);
-        match http_tls {
-            Some(config) => {
-                axum::serve(TlsListener::new(http, config)?, router)
-                    .with_graceful_shutdown(async move { stop.wait().await })
-                    .await?
-            }
-            None => {
-                // Small writes (stream chunks) go out at once, not after a
-                // delayed ACK.
-                let http = http.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(http, router)
-                    .with_graceful_shutdown(async move { stop.wait().await })
-                    .await?
-            }
-        }
-        Ok(())
-    });
+    let http = HttpServer::start(
+        http,
+        http_tls,
+        http::router(door),
+        settings.conn_limits,
+        recorder.metrics.clone(),
+        shutdown,
+    )?;
     Ok(RunningAgent {
         config,
         pipeline,
         grpc: grpc_task,
-        http: http_task,
+        http,
         metrics: metrics_addr,
+        recorder,
     })
 }
 
-/// Runs an agent from its flags until `signal` resolves.
+/// Runs an agent from its flags until `signal` resolves, then drains:
+/// health says NOT_SERVING, the control plane hears that this agent leaves
+/// (other regions stop relaying here), the listeners stop accepting, calls
+/// in flight get up to `--drain-secs` to finish, and the audit log and the
+/// OTLP exporters are written out before exit.
 pub async fn run(
     args: AgentArgs,
     grpc: TcpListener,
@@ -442,11 +513,11 @@ pub async fn run(
         .relay_address
         .clone()
         .unwrap_or_else(|| grpc.local_addr().map(|a| a.to_string()).unwrap_or_default());
+    let drain = Duration::from_secs(args.drain_secs);
     let (trigger, shutdown) = shutdown::channel();
     let agent = start(AgentSettings::from_args(&args, relay), grpc, http, shutdown).await?;
     signal.await;
-    tracing::info!("shutting down");
+    tracing::info!(?drain, "shutting down: draining calls in flight");
     trigger.trigger();
-    agent.grpc.await.unwrap_or(Ok(()))?;
-    agent.http.await.unwrap_or(Ok(()))
+    agent.finish(drain).await
 }

@@ -3,7 +3,9 @@
 //! goes when the replica does); the leader turns the agents' load reports
 //! into effective weights every interval and writes the ones that changed,
 //! each write guarded by the revision of its leader key, so that a deposed
-//! leader cannot overwrite a newer one's weights.
+//! leader cannot overwrite a newer one's weights. A leader that shuts down
+//! resigns (deletes its key), and a follower campaigns as soon as it sees
+//! the key go, so that leadership moves at once, not after the lease TTL.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -46,11 +48,11 @@ impl Default for LeaderSettings {
 }
 
 /// Campaigns for leadership and, while leader, runs the weights loop, until
-/// shutdown.
+/// shutdown; then resigns if it leads.
 pub async fn run(
     replica: String,
     store: Store,
-    state: watch::Receiver<Arc<State>>,
+    mut state: watch::Receiver<Arc<State>>,
     lease: watch::Receiver<LeaseId>,
     settings: LeaderSettings,
     metrics: Arc<Metrics>,
@@ -65,8 +67,16 @@ pub async fn run(
     let mut quotas = QuotaLeader::new(settings.quota_lease);
     loop {
         tokio::select! {
-            _ = shutdown.wait() => return,
+            _ = shutdown.wait() => {
+                if let Some(fence) = leading {
+                    resign(&replica, &store, fence).await;
+                    metrics.set("spillway_cp_leader", &[], 0.0);
+                }
+                return;
+            }
             _ = tick.tick() => {}
+            // A follower need not wait for its tick when the key is free.
+            _ = vacated(&mut state), if leading.is_none() => {}
             _ = quota_tick.tick() => {
                 if let Some(fence) = leading {
                     let st = state.borrow().clone();
@@ -115,6 +125,43 @@ pub async fn run(
                 tracing::warn!(error = %e, "could not write weights");
             }
         }
+    }
+}
+
+/// Resolves when the replica's view of the store shows no leader key
+/// (after a change: a vacancy already seen does not count again).
+async fn vacated(state: &mut watch::Receiver<Arc<State>>) {
+    loop {
+        if state.changed().await.is_err() {
+            // The follower stopped: only the ticks are left.
+            std::future::pending::<()>().await;
+        }
+        let st = state.borrow_and_update();
+        if st.loaded && st.leader.is_none() {
+            return;
+        }
+    }
+}
+
+/// Gives the leadership up by deleting the leader key while it is still
+/// this term's (guarded by the fence), so that a follower takes over at
+/// once rather than when the replica's lease expires.
+async fn resign(replica: &str, store: &Store, fence: i64) {
+    let ours = Compare {
+        key: keys::LEADER.to_string(),
+        mod_revision: fence,
+    };
+    let delete = Op::Delete {
+        key: keys::LEADER.to_string(),
+    };
+    match store.txn(vec![ours], vec![delete]).await {
+        Ok(o) if o.succeeded => tracing::info!(replica = %replica, "resigned the leadership"),
+        Ok(_) => tracing::info!(replica = %replica, "the leadership had already moved on"),
+        Err(e) => tracing::warn!(
+            replica = %replica,
+            error = %e,
+            "could not resign the leadership; it goes when the replica's lease does"
+        ),
     }
 }
 
@@ -224,6 +271,10 @@ pub enum EngineView {
 ///   make it count: the agents that read its metrics avoid it.
 ///
 /// Error rates are over every agent's calls, as each counts its own.
+///
+/// A region of the catalog with no agent connected is silent (not fresh,
+/// no capacity) as soon as any region reports, so the weight engine drains
+/// it; with no reports anywhere, nothing is known against any region.
 pub fn regions_for(
     state: &State,
     model: &str,
@@ -282,6 +333,29 @@ pub fn regions_for(
             && let Some(view) = regions.get_mut(region)
         {
             view.load.error_rate = errors as f64 / n as f64;
+        }
+    }
+    // A region none of whose agents is connected (they left, or the
+    // replicas ended their streams after they hung) has nothing to serve a
+    // relay with, and its reports went with its agents. Once reports come
+    // in at all, it counts as silent, so that it stays drained rather than
+    // come back as a region that never reported (whose agents predate
+    // load reports) would.
+    if !state.health.is_empty() {
+        let connected: std::collections::BTreeSet<&str> =
+            state.agents.values().map(|a| a.region.as_str()).collect();
+        for region in state.catalog.regions.keys() {
+            if !connected.contains(region.as_str()) {
+                regions.entry(region.clone()).or_insert_with(|| RegionView {
+                    load: RegionLoad {
+                        capacity: 0.0,
+                        in_flight: 0.0,
+                        error_rate: 0.0,
+                        fresh: false,
+                    },
+                    servers: Vec::new(),
+                });
+            }
         }
     }
     regions
@@ -800,6 +874,48 @@ mod tests {
         assert_eq!((l["r"].capacity, l["r"].in_flight), (4.0, 1.0));
         assert!(!l["q"].fresh);
         assert_eq!(l["q"].capacity, 0.0);
+    }
+
+    #[test]
+    fn a_region_whose_agents_are_all_gone_is_silent() {
+        let mut st = state(vec![("r", "a1", 0, vec![server("http://s1", 1, 4.0)])]);
+        for region in ["r", "gone", "old"] {
+            st.catalog.regions.insert(
+                region.into(),
+                spillway_core::model::Region {
+                    name: region.into(),
+                    geography: "us".into(),
+                    description: String::new(),
+                    revision: 0,
+                },
+            );
+        }
+        // "r" reports; "old" has an agent that sends no reports (an older
+        // build); "gone" has neither agents nor reports.
+        for (region, agent) in [("r", "a1"), ("old", "b1")] {
+            st.agents.insert(
+                format!("agents/{region}/{agent}"),
+                keys::AgentRecord {
+                    agent_id: agent.into(),
+                    region: region.into(),
+                    relay_address: "127.0.0.1:9".into(),
+                    control_plane: "cp".into(),
+                    connected_at_unix: 0,
+                    sent_version: 0,
+                    acked_version: 0,
+                    nacked_version: 0,
+                    nack_reason: String::new(),
+                    apis: Vec::new(),
+                },
+            );
+        }
+        let l = loads(&st);
+        assert!(l["r"].fresh);
+        assert!(!l["gone"].fresh && l["gone"].capacity == 0.0, "{l:?}");
+        assert!(!l.contains_key("old"), "nothing is known against it: {l:?}");
+        // With no reports anywhere, nothing is known against any region.
+        st.health.clear();
+        assert!(loads(&st).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,7 +9,6 @@ use std::time::Duration;
 use spillway_proto::pb;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::server::TcpIncoming;
 
 use crate::admin::Admin;
 use crate::leader::{self, LeaderSettings};
@@ -47,6 +46,8 @@ pub struct Settings {
     /// Where `GET /metrics` (Prometheus text) is served; not at all when
     /// unset.
     pub metrics_listen: Option<SocketAddr>,
+    /// gRPC connections open at once; past it new ones are closed.
+    pub max_connections: usize,
 }
 
 impl Default for Settings {
@@ -62,6 +63,7 @@ impl Default for Settings {
             admin_token: None,
             etcd_tls: None,
             metrics_listen: None,
+            max_connections: 10_000,
         }
     }
 }
@@ -113,9 +115,18 @@ pub async fn open_store(settings: &Settings) -> Result<Store, RunError> {
     })
 }
 
-/// Serves a replica on `listener` until `shutdown` resolves, then ends the
-/// agent streams, revokes the replica's lease (so its agents' records go at
-/// once) and returns.
+/// How long connections may drain after shutdown before they are closed:
+/// a client holding a stream open (a health watch) must not keep the
+/// replica, and its lease, alive.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long the leader task may take to resign on the way out.
+const RESIGN_WAIT: Duration = Duration::from_secs(2);
+
+/// Serves a replica on `listener` until `shutdown` resolves, then, at
+/// once, stops accepting and resigns the leadership if it holds it (so
+/// another replica leads within moments); ends the agent streams, revokes
+/// the replica's lease (so its agents' records go at once) and returns.
 pub async fn run(
     settings: Settings,
     store: Store,
@@ -208,11 +219,21 @@ pub async fn run(
         tls: settings.tls.is_some(),
         token: settings.admin_token.clone(),
     };
-    server
+    // Connections need no credentials to open: a bounded number.
+    let refused = metrics.clone();
+    let incoming = spillway_core::net::limited_incoming(
+        listener,
+        settings.max_connections,
+        Duration::from_secs(10),
+        move || refused.add("spillway_cp_connections_refused_total", &[], 1),
+    );
+    let serving = server
         // Notice agents whose host died without closing the connection, so
         // that their streams end and their records go.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .max_concurrent_streams(Some(256))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
@@ -225,13 +246,21 @@ pub async fn run(
         .add_service(pb::control_service_server::ControlServiceServer::new(
             Sync::new(replica, settings.tls.is_some()),
         ))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move { stop.wait().await },
-        )
-        .await?;
+        .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
+    let mut grace = shutdown.clone();
+    tokio::select! {
+        served = serving => served?,
+        _ = async { grace.wait().await; tokio::time::sleep(DRAIN_GRACE).await } => {
+            tracing::warn!("connections still open {DRAIN_GRACE:?} after shutdown; closing them");
+        }
+    }
     keeper.abort();
-    leader.abort();
+    // The leader task resigns as soon as shutdown fires, while the streams
+    // drain; it has had that long already.
+    let resigning = leader.abort_handle();
+    if tokio::time::timeout(RESIGN_WAIT, leader).await.is_err() {
+        resigning.abort();
+    }
     let lease = *lease_rx.borrow();
     if let Err(e) = store.revoke_lease(lease).await {
         tracing::warn!(error = %e, "could not revoke the replica's lease; it will expire");

@@ -511,6 +511,11 @@ impl Session {
             pb::agent_message::Message::Hello(_) => {
                 return Err("a second hello on one stream".to_string());
             }
+            // The agent is leaving: the stream ends here, and with it the
+            // agent's record, so the next snapshots leave it out.
+            pb::agent_message::Message::Goodbye(_) => {
+                return Err("the agent said goodbye".to_string());
+            }
             pb::agent_message::Message::Load(report) => {
                 self.record_load(report).await;
                 return Ok(());

@@ -13,6 +13,7 @@ pub mod api;
 pub mod backoff;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod shutdown;
 pub mod tenant;
 pub mod tls;

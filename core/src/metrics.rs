@@ -64,6 +64,11 @@ pub const AGENT: &[Family] = &[
         "gauge",
         "The config version this agent runs.",
     ),
+    (
+        "spillway_agent_connections_closed_total",
+        "counter",
+        "Connections the agent closed or refused, by reason: header_timeout (a request head or TLS handshake too slow), idle, evicted (idle, to make room at the connection limit), limit (refused at the connection limit).",
+    ),
 ];
 
 /// The control plane's families.
@@ -87,6 +92,11 @@ pub const CONTROL_PLANE: &[Family] = &[
         "spillway_cp_leader",
         "gauge",
         "1 while this replica is the leader (weights and quota leases).",
+    ),
+    (
+        "spillway_cp_connections_refused_total",
+        "counter",
+        "gRPC connections closed at once because --max-connections were open.",
     ),
     (
         "spillway_cp_updates_sent_total",

@@ -512,6 +512,28 @@ impl ControlPlane {
         self.child.kill().await.expect("killing the control plane");
     }
 
+    /// SIGTERM: what an orchestrator sends to stop a replica gracefully.
+    pub async fn terminate(&self) {
+        let pid = self.pid().expect("a running control plane");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .expect("running kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+    }
+
+    /// Waits up to `timeout` for the replica to exit; its exit status.
+    pub async fn exited(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.expect("waiting for the control plane"),
+            Err(_) => panic!(
+                "the control plane did not exit within {timeout:?}; log: {}",
+                self.log()
+            ),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
@@ -550,6 +572,8 @@ pub struct AgentOptions<'a> {
     pub model_servers: Vec<ModelServerSpec>,
     pub pipeline: PipelineSettings,
     pub max_body_bytes: usize,
+    /// How long a client has to send a request body.
+    pub body_read_timeout: Duration,
     pub upstream_timeout: Duration,
     pub report_interval: Duration,
     pub audit_dir: Option<PathBuf>,
@@ -564,6 +588,8 @@ pub struct AgentOptions<'a> {
     pub model_server_ca: Option<PathBuf>,
     /// The CA an `https://` collector is trusted by.
     pub otlp_ca: Option<PathBuf>,
+    /// The door's and the gRPC port's timeouts and connection limit.
+    pub conn_limits: spillway_agent::net::serve::ConnLimits,
 }
 
 impl<'a> AgentOptions<'a> {
@@ -585,6 +611,7 @@ impl<'a> AgentOptions<'a> {
                 ..PipelineSettings::default()
             },
             max_body_bytes: 4 * 1024 * 1024,
+            body_read_timeout: spillway_agent::doors::http::DEFAULT_BODY_READ_TIMEOUT,
             upstream_timeout: Duration::from_secs(5),
             report_interval: Duration::from_millis(250),
             audit_dir: None,
@@ -594,6 +621,7 @@ impl<'a> AgentOptions<'a> {
             metrics_listen: None,
             model_server_ca: None,
             otlp_ca: None,
+            conn_limits: Default::default(),
         }
     }
 }
@@ -677,6 +705,7 @@ impl TestAgent {
             },
             pipeline: opts.pipeline,
             max_body_bytes: opts.max_body_bytes,
+            body_read_timeout: opts.body_read_timeout,
             audit: opts.audit_dir.map(|dir| AuditSettings {
                 dir,
                 max_bytes: 64 * 1024 * 1024,
@@ -688,6 +717,7 @@ impl TestAgent {
             metrics_listen: opts.metrics_listen,
             model_server_ca: opts.model_server_ca,
             otlp_ca: opts.otlp_ca,
+            conn_limits: opts.conn_limits,
             tls: opts.tls,
         };
         let (trigger, shutdown) = shutdown::channel();

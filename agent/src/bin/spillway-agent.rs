@@ -35,7 +35,30 @@ async fn async_main(args: AgentArgs) {
     }
 }
 
-async fn run(args: AgentArgs) -> anyhow::Result<()> {
+async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
+    // Every connection is an open file: take what the hard limit allows,
+    // and keep the connection limit under it.
+    match raise_nofile_limit() {
+        Ok((soft, hard)) => {
+            let room = (soft / 4 * 3).max(64);
+            if args.max_connections > room {
+                tracing::warn!(
+                    max_connections = args.max_connections,
+                    open_files = soft,
+                    capped = room,
+                    "--max-connections is more than the open-files limit allows; capped (raise LimitNOFILE / ulimit -n)"
+                );
+                args.max_connections = room;
+            }
+            tracing::info!(
+                open_files = soft,
+                hard_limit = hard,
+                max_connections = args.max_connections,
+                "open-files limit"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
     let tls = spillway_core::tls::TlsFiles::from_flags(
         "tls-",
         args.tls_ca.clone(),
@@ -79,4 +102,32 @@ async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     server::run(args, grpc, http, spillway_core::shutdown::signal()).await?;
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (connections are
+/// files), and returns both as they are after.
+fn raise_nofile_limit() -> std::io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // An unlimited hard limit still stops at the kernel's nr_open.
+        let target = lim.rlim_max.min(1 << 20);
+        if lim.rlim_cur < target {
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim = raised;
+        }
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
 }

@@ -2,6 +2,9 @@
 //! in a `tokio::sync::watch`; reconnects with exponential backoff and
 //! jitter, moving through the listed control planes; ACKs what it applies
 //! and NACKs (with the reason) what it cannot, keeping the previous config.
+//! On shutdown it says goodbye, so that the control plane drops it from
+//! every other agent's snapshot at once, and stops; nothing else (the
+//! agent's servers may go on answering the calls they have).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use spillway_core::shutdown::Shutdown;
 use spillway_proto::pb::{self, control_service_client::ControlServiceClient};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 use tonic::transport::Endpoint;
 
 use crate::control::persist;
@@ -22,6 +26,10 @@ use crate::quota::Quotas;
 /// Snapshots larger than this are refused by the transport (a receive
 /// limit, so that a broken control plane cannot exhaust the agent).
 const MAX_UPDATE_BYTES: usize = 32 * 1024 * 1024;
+
+/// How long, after its goodbye, the agent waits for the control plane to
+/// close the stream (which it does once the agent is off the snapshots).
+const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct SyncSettings {
@@ -54,7 +62,10 @@ impl std::fmt::Debug for LoadSource {
     }
 }
 
-/// The latest good config; `None` until one was received or loaded.
+/// The latest good config; `None` until one was received or loaded. Its
+/// sender goes when the sync has stopped after shutdown (once the control
+/// plane took the goodbye, or the wait for that ran out), so a receiver's
+/// `changed()` failing says the agent is done with the control plane.
 pub type ConfigWatch = watch::Receiver<Option<Arc<AgentConfig>>>;
 
 /// Loads the persisted config (if any), then follows the control planes
@@ -86,15 +97,21 @@ async fn follow(
     loop {
         let endpoint = &settings.control_planes[next % settings.control_planes.len()];
         next += 1;
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            result = stream_once(endpoint, &settings, &tx) => match result {
-                Ok(()) => {
-                    tracing::warn!(control_plane = %endpoint, "config stream ended; reconnecting");
-                    backoff.reset();
-                }
-                Err(e) => tracing::warn!(control_plane = %endpoint, error = %e, "config stream failed"),
-            },
+        let mut stop = shutdown.clone();
+        let ended = tokio::select! {
+            ended = stream_once(endpoint, &settings, &tx, shutdown.clone()) => ended,
+            // The stream says goodbye itself; this bounds it, whatever it
+            // was waiting on when shutdown fired (a full send queue, a slow
+            // disk), to the goodbye's own wait and as long again.
+            _ = async { stop.wait().await; tokio::time::sleep(2 * GOODBYE_WAIT).await } => Ok(Ended::Left),
+        };
+        match ended {
+            Ok(Ended::Left) => return,
+            Ok(Ended::Delivered) => {
+                tracing::warn!(control_plane = %endpoint, "config stream ended; reconnecting");
+                backoff.reset();
+            }
+            Err(e) => tracing::warn!(control_plane = %endpoint, error = %e, "config stream failed"),
         }
         tokio::select! {
             _ = shutdown.wait() => return,
@@ -103,14 +120,122 @@ async fn follow(
     }
 }
 
+/// How a stream ended without failing.
+enum Ended {
+    /// It delivered at least one update first: the caller resets its
+    /// backoff.
+    Delivered,
+    /// Shutdown: the agent said goodbye (or had no stream to say it on).
+    Left,
+}
+
 /// One stream to one control plane: hello, then apply updates until it
-/// ends. Returns `Ok` when the stream delivered at least one update before
-/// ending, so that the caller resets its backoff.
+/// ends or `shutdown` fires.
 async fn stream_once(
     endpoint: &str,
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
-) -> Result<(), String> {
+    mut shutdown: Shutdown,
+) -> Result<Ended, String> {
+    let (out, mut inbound) = tokio::select! {
+        _ = shutdown.wait() => return Ok(Ended::Left),
+        opened = open(endpoint, settings, tx) => opened?,
+    };
+    tracing::info!(control_plane = %endpoint, "config stream open");
+    let mut got_any = false;
+    let mut reports = tokio::time::interval(settings.report_interval);
+    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_report = tokio::time::Instant::now();
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.wait() => {
+                goodbye(endpoint, &out, &mut inbound).await;
+                return Ok(Ended::Left);
+            }
+            m = inbound.message() => m,
+            _ = reports.tick() => {
+                if let Some(load) = &settings.load {
+                    let now = tokio::time::Instant::now();
+                    let report = (load.0)(now - last_report);
+                    last_report = now;
+                    // A report never waits: when the stream is backed up, this
+                    // one is dropped (the next carries the counters on).
+                    let msg = pb::AgentMessage { message: Some(pb::agent_message::Message::Load(report)) };
+                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(msg) {
+                        return Err("the stream is gone".into());
+                    }
+                }
+                continue;
+            }
+        };
+        let msg = match next {
+            Ok(Some(m)) => m,
+            Ok(None) if got_any => return Ok(Ended::Delivered),
+            Ok(None) => return Err("closed before the first update".into()),
+            Err(s) if got_any => {
+                tracing::warn!(error = %s.message(), "config stream broke");
+                return Ok(Ended::Delivered);
+            }
+            Err(s) => return Err(s.message().to_string()),
+        };
+        let update = match msg.message {
+            Some(pb::control_message::Message::Update(update)) => update,
+            Some(pb::control_message::Message::Leases(leases)) => {
+                settings.quotas.apply_leases(&leases);
+                continue;
+            }
+            None => continue,
+        };
+        got_any = true;
+        let reply = apply(&update, settings, tx).await;
+        send(&out, reply).await?;
+    }
+}
+
+/// Tells the control plane that this agent is leaving, and waits (up to
+/// [`GOODBYE_WAIT`]) for it to close the stream: by then the agent is off
+/// every snapshot, so other regions stop relaying to it. A control plane
+/// of an older build ignores the goodbye; it drops the agent when the
+/// stream goes, at the end of the wait.
+async fn goodbye(
+    endpoint: &str,
+    out: &mpsc::Sender<pb::AgentMessage>,
+    inbound: &mut Streaming<pb::ControlMessage>,
+) {
+    let said = async {
+        send(out, pb::agent_message::Message::Goodbye(pb::Goodbye {})).await?;
+        // Updates that cross the goodbye are not applied: the agent keeps
+        // the config it serves its last calls with.
+        while let Ok(Some(_)) = inbound.message().await {}
+        Ok::<(), String>(())
+    };
+    match tokio::time::timeout(GOODBYE_WAIT, said).await {
+        Ok(Ok(())) => {
+            tracing::info!(control_plane = %endpoint, "said goodbye to the control plane")
+        }
+        Ok(Err(e)) => {
+            tracing::info!(control_plane = %endpoint, error = %e, "could not say goodbye")
+        }
+        Err(_) => tracing::warn!(
+            control_plane = %endpoint,
+            "the control plane did not close the stream within {GOODBYE_WAIT:?} of the goodbye; leaving anyway"
+        ),
+    }
+}
+
+/// Connects and says hello: the stream's outbound queue and its inbound
+/// half.
+async fn open(
+    endpoint: &str,
+    settings: &SyncSettings,
+    tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+) -> Result<
+    (
+        mpsc::Sender<pb::AgentMessage>,
+        Streaming<pb::ControlMessage>,
+    ),
+    String,
+> {
     let ep = match &settings.tls {
         Some(_) => TlsConnect::endpoint(endpoint)?,
         None => Endpoint::from_shared(endpoint.to_string())
@@ -140,56 +265,12 @@ async fn stream_once(
         apis: settings.local.apis.names(),
     };
     send(&out, pb::agent_message::Message::Hello(hello)).await?;
-    let mut inbound = client
+    let inbound = client
         .sync(ReceiverStream::new(out_rx))
         .await
         .map_err(|s| format!("sync refused: {}", s.message()))?
         .into_inner();
-    tracing::info!(control_plane = %endpoint, "config stream open");
-    let mut got_any = false;
-    let mut reports = tokio::time::interval(settings.report_interval);
-    reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_report = tokio::time::Instant::now();
-    loop {
-        let next = tokio::select! {
-            m = inbound.message() => m,
-            _ = reports.tick() => {
-                if let Some(load) = &settings.load {
-                    let now = tokio::time::Instant::now();
-                    let report = (load.0)(now - last_report);
-                    last_report = now;
-                    // A report never waits: when the stream is backed up, this
-                    // one is dropped (the next carries the counters on).
-                    let msg = pb::AgentMessage { message: Some(pb::agent_message::Message::Load(report)) };
-                    if let Err(mpsc::error::TrySendError::Closed(_)) = out.try_send(msg) {
-                        return Err("the stream is gone".into());
-                    }
-                }
-                continue;
-            }
-        };
-        let msg = match next {
-            Ok(Some(m)) => m,
-            Ok(None) if got_any => return Ok(()),
-            Ok(None) => return Err("closed before the first update".into()),
-            Err(s) if got_any => {
-                tracing::warn!(error = %s.message(), "config stream broke");
-                return Ok(());
-            }
-            Err(s) => return Err(s.message().to_string()),
-        };
-        let update = match msg.message {
-            Some(pb::control_message::Message::Update(update)) => update,
-            Some(pb::control_message::Message::Leases(leases)) => {
-                settings.quotas.apply_leases(&leases);
-                continue;
-            }
-            None => continue,
-        };
-        got_any = true;
-        let reply = apply(&update, settings, tx).await;
-        send(&out, reply).await?;
-    }
+    Ok((out, inbound))
 }
 
 /// Applies one update, or says why not; returns the ACK or NACK to send.

@@ -17,7 +17,7 @@ use crate::telemetry::record::rfc3339;
 /// Anthropic's error type for a status.
 fn error_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "invalid_request_error",
+        400 | 408 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",

@@ -2,4 +2,5 @@
 //! that check who answers.
 
 pub mod connect;
+pub mod serve;
 pub mod tls_listener;

@@ -154,6 +154,7 @@ impl Outcome {
             CallError::PermissionDenied(_) | CallError::RelayRefused(_) => "permission_denied",
             CallError::BadRequest { .. }
             | CallError::TooLarge(_)
+            | CallError::BodyTimeout(_)
             | CallError::NotCallableHere { .. }
             | CallError::ApiNotServed { .. }
             | CallError::NotServedThere(_) => "bad_request",
@@ -220,13 +221,20 @@ pub struct Recorder {
     pub region: String,
     pub metrics: Arc<Metrics>,
     pub tracer: Arc<Tracer>,
-    audit: Option<mpsc::Sender<Vec<u8>>>,
+    audit: Option<mpsc::Sender<AuditItem>>,
     /// Audit records also go to the region's collector as OTLP logs.
     audit_otlp: bool,
     dropped: AtomicU64,
 }
 
 const AUDIT_QUEUE: usize = 16_384;
+
+/// What the audit writer is handed: a record (one JSON line), or a request
+/// to write out and sync to disk what came before, answered when done.
+enum AuditItem {
+    Record(Vec<u8>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
 /// How long the audit writer gathers records before one write (what a
 /// crash can lose).
 const AUDIT_BATCH: Duration = Duration::from_millis(50);
@@ -359,7 +367,7 @@ impl Recorder {
         }
         let Some(tx) = &self.audit else { return };
         line.push(b'\n');
-        if tx.try_send(line).is_err() {
+        if tx.try_send(AuditItem::Record(line)).is_err() {
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "the audit writer is behind; records dropped");
@@ -369,6 +377,27 @@ impl Recorder {
 }
 
 impl Recorder {
+    /// Writes out every audit record handed over so far, syncs the file to
+    /// disk, then flushes the OTLP exporters; what shutdown waits for, up
+    /// to `within`. Returns whether everything was written in time.
+    pub async fn flush(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut done = true;
+        if let Some(tx) = &self.audit {
+            let (reply, written) = tokio::sync::oneshot::channel();
+            let flushed =
+                async { tx.send(AuditItem::Flush(reply)).await.is_ok() && written.await.is_ok() };
+            done &= tokio::time::timeout_at(deadline, flushed)
+                .await
+                .unwrap_or(false);
+        }
+        done &= self
+            .tracer
+            .flush(deadline.saturating_duration_since(tokio::time::Instant::now()))
+            .await;
+        done
+    }
+
     /// The call's spans: its own (the door's server span, then one client
     /// span per attempt: the model-server call with the GenAI attributes,
     /// or the relay), and those the destination sent back.
@@ -453,65 +482,101 @@ impl Recorder {
     }
 }
 
-async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>) {
     if let Err(e) = tokio::fs::create_dir_all(&settings.dir).await {
         tracing::error!(dir = %settings.dir.display(), error = %e, "cannot create the audit folder; audit records are lost");
+        // Still answer flushes, so that shutdown does not wait in vain.
+        while let Some(item) = rx.recv().await {
+            if let AuditItem::Flush(reply) = item {
+                let _ = reply.send(());
+            }
+        }
         return;
     }
     let current = settings.dir.join("audit.jsonl");
     let mut file: Option<tokio::fs::File> = None;
     let mut size = tokio::fs::metadata(&current).await.map_or(0, |m| m.len());
     while let Some(first) = rx.recv().await {
-        // What arrives within the next moment goes in the same write: one
-        // wake-up and one write per batch, not per call.
-        tokio::time::sleep(AUDIT_BATCH).await;
-        let mut batch = first;
-        while let Ok(more) = rx.try_recv() {
-            batch.extend_from_slice(&more);
-            if batch.len() > 4 << 20 {
-                break;
+        let mut batch = Vec::new();
+        let mut flush = None;
+        match first {
+            AuditItem::Record(line) => {
+                // What arrives within the next moment goes in the same
+                // write: one wake-up and one write per batch, not per call.
+                tokio::time::sleep(AUDIT_BATCH).await;
+                batch = line;
+            }
+            AuditItem::Flush(reply) => flush = Some(reply),
+        }
+        while flush.is_none() && batch.len() <= 4 << 20 {
+            match rx.try_recv() {
+                Ok(AuditItem::Record(more)) => batch.extend_from_slice(&more),
+                Ok(AuditItem::Flush(reply)) => flush = Some(reply),
+                Err(_) => break,
             }
         }
-        if size > 0 && size + batch.len() as u64 > settings.max_bytes {
-            file = None;
-            let stamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis());
-            let rotated = settings.dir.join(format!("audit-{stamp}.jsonl"));
-            if let Err(e) = tokio::fs::rename(&current, &rotated).await {
-                tracing::warn!(error = %e, "cannot rotate the audit log");
-            }
-            size = 0;
-            prune(&settings).await;
+        if !batch.is_empty() {
+            write_batch(&settings, &current, &mut file, &mut size, &batch).await;
         }
-        if file.is_none() {
-            match tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&current)
-                .await
+        if let Some(reply) = flush {
+            if let Some(f) = &mut file
+                && let Err(e) = f.sync_all().await
             {
-                Ok(f) => file = Some(f),
-                Err(e) => {
-                    tracing::error!(file = %current.display(), error = %e, "cannot open the audit log");
-                    continue;
-                }
+                tracing::error!(error = %e, "cannot sync the audit log to disk");
+            }
+            let _ = reply.send(());
+        }
+    }
+}
+
+/// Appends one batch to the current audit file, rotating it first when
+/// the batch would take it past its size.
+async fn write_batch(
+    settings: &AuditSettings,
+    current: &std::path::Path,
+    file: &mut Option<tokio::fs::File>,
+    size: &mut u64,
+    batch: &[u8],
+) {
+    if *size > 0 && *size + batch.len() as u64 > settings.max_bytes {
+        *file = None;
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        let rotated = settings.dir.join(format!("audit-{stamp}.jsonl"));
+        if let Err(e) = tokio::fs::rename(current, &rotated).await {
+            tracing::warn!(error = %e, "cannot rotate the audit log");
+        }
+        *size = 0;
+        prune(settings).await;
+    }
+    if file.is_none() {
+        match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(current)
+            .await
+        {
+            Ok(f) => *file = Some(f),
+            Err(e) => {
+                tracing::error!(file = %current.display(), error = %e, "cannot open the audit log");
+                return;
             }
         }
-        let failed = match &mut file {
-            Some(f) => match f.write_all(&batch).await {
-                Ok(()) => {
-                    size += batch.len() as u64;
-                    f.flush().await.err()
-                }
-                Err(e) => Some(e),
-            },
-            None => None,
-        };
-        if let Some(e) = failed {
-            tracing::error!(error = %e, "cannot write the audit log");
-            file = None;
-        }
+    }
+    let failed = match file {
+        Some(f) => match f.write_all(batch).await {
+            Ok(()) => {
+                *size += batch.len() as u64;
+                f.flush().await.err()
+            }
+            Err(e) => Some(e),
+        },
+        None => None,
+    };
+    if let Some(e) = failed {
+        tracing::error!(error = %e, "cannot write the audit log");
+        *file = None;
     }
 }
 

@@ -260,8 +260,8 @@ pub type RemoteSpans = Arc<Mutex<Vec<ResourceSpans>>>;
 /// request path: batched every 500 ms; when the collector is away or slow,
 /// spans are dropped (and counted in the log), never queued without bound.
 pub struct Tracer {
-    tx: Option<mpsc::Sender<ResourceSpans>>,
-    logs: Option<mpsc::Sender<LogRecord>>,
+    tx: Option<mpsc::Sender<Export<ResourceSpans>>>,
+    logs: Option<mpsc::Sender<Export<LogRecord>>>,
     pub region: String,
     pub agent_id: String,
     /// The share of calls without a caller's decision that are traced.
@@ -269,6 +269,13 @@ pub struct Tracer {
 }
 
 const EXPORT_QUEUE: usize = 4096;
+
+/// What an exporter is handed: an item, or a request to export what came
+/// before at once, answered when done.
+enum Export<T> {
+    Item(T),
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
 /// How long an exporter gathers before one export.
 const EXPORT_BATCH: Duration = Duration::from_millis(200);
 
@@ -313,7 +320,7 @@ impl Tracer {
     /// Hands a log record (an audit record) to the logs exporter.
     pub fn export_log(&self, record: LogRecord) {
         if let Some(tx) = &self.logs
-            && tx.try_send(record).is_err()
+            && tx.try_send(Export::Item(record)).is_err()
         {
             tracing::debug!("the log exporter is behind; a record dropped");
         }
@@ -322,11 +329,29 @@ impl Tracer {
     pub fn export(&self, batch: Vec<ResourceSpans>) {
         if let Some(tx) = &self.tx {
             for rs in batch {
-                if tx.try_send(rs).is_err() {
+                if tx.try_send(Export::Item(rs)).is_err() {
                     tracing::debug!("the trace exporter is behind; spans dropped");
                 }
             }
         }
+    }
+}
+
+impl Tracer {
+    /// Exports what was handed over so far, at once; for shutdown. Returns
+    /// whether both exporters finished within `within`.
+    pub async fn flush(&self, within: Duration) -> bool {
+        async fn one<T>(tx: &Option<mpsc::Sender<Export<T>>>) -> bool {
+            let Some(tx) = tx else { return true };
+            let (reply, done) = tokio::sync::oneshot::channel();
+            tx.send(Export::Flush(reply)).await.is_ok() && done.await.is_ok()
+        }
+        tokio::time::timeout(within, async {
+            let (spans, logs) = tokio::join!(one(&self.tx), one(&self.logs));
+            spans && logs
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -341,36 +366,52 @@ pub fn collector(endpoint: &str, tls: Option<ClientTlsConfig>) -> Result<Channel
     Ok(ep.connect_lazy())
 }
 
-async fn export(endpoint: String, channel: Channel, mut rx: mpsc::Receiver<ResourceSpans>) {
+async fn export(endpoint: String, channel: Channel, mut rx: mpsc::Receiver<Export<ResourceSpans>>) {
     let mut client = TraceServiceClient::new(channel);
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
         // Gather what arrives within a short window into one export.
-        let batch = gather(&mut rx, first).await;
-        let req = ExportTraceServiceRequest {
-            resource_spans: batch,
-        };
-        let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
-        if !matches!(sent, Ok(Ok(_))) {
-            failures += 1;
-            if failures.is_power_of_two() {
-                tracing::warn!(%endpoint, failures, "could not export traces; spans dropped");
+        let (batch, flush) = gather(&mut rx, first).await;
+        if !batch.is_empty() {
+            let req = ExportTraceServiceRequest {
+                resource_spans: batch,
+            };
+            let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
+            if !matches!(sent, Ok(Ok(_))) {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(%endpoint, failures, "could not export traces; spans dropped");
+                }
             }
+        }
+        if let Some(reply) = flush {
+            let _ = reply.send(());
         }
     }
 }
 
-/// `first` and what else arrives within one batch window, up to 2,048.
-async fn gather<T>(rx: &mut mpsc::Receiver<T>, first: T) -> Vec<T> {
-    tokio::time::sleep(EXPORT_BATCH).await;
-    let mut batch = vec![first];
+/// `first` and what else arrives within one batch window, up to 2,048,
+/// and a flush request if one came (it ends the batch, without waiting).
+async fn gather<T>(
+    rx: &mut mpsc::Receiver<Export<T>>,
+    first: Export<T>,
+) -> (Vec<T>, Option<tokio::sync::oneshot::Sender<()>>) {
+    let mut batch = Vec::new();
+    match first {
+        Export::Item(item) => {
+            tokio::time::sleep(EXPORT_BATCH).await;
+            batch.push(item);
+        }
+        Export::Flush(reply) => return (batch, Some(reply)),
+    }
     while batch.len() < 2048 {
         match rx.try_recv() {
-            Ok(item) => batch.push(item),
+            Ok(Export::Item(item)) => batch.push(item),
+            Ok(Export::Flush(reply)) => return (batch, Some(reply)),
             Err(_) => break,
         }
     }
-    batch
+    (batch, None)
 }
 
 /// Exports audit records as OTLP logs, batched like spans.
@@ -378,29 +419,34 @@ async fn export_logs(
     endpoint: String,
     channel: Channel,
     resource: Resource,
-    mut rx: mpsc::Receiver<LogRecord>,
+    mut rx: mpsc::Receiver<Export<LogRecord>>,
 ) {
     let mut client = LogsServiceClient::new(channel);
     let mut failures = 0u64;
     while let Some(first) = rx.recv().await {
-        let batch = gather(&mut rx, first).await;
-        let req = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                resource: Some(resource.clone()),
-                scope_logs: vec![ScopeLogs {
-                    scope: Some(scope()),
-                    log_records: batch,
+        let (batch, flush) = gather(&mut rx, first).await;
+        if !batch.is_empty() {
+            let req = ExportLogsServiceRequest {
+                resource_logs: vec![ResourceLogs {
+                    resource: Some(resource.clone()),
+                    scope_logs: vec![ScopeLogs {
+                        scope: Some(scope()),
+                        log_records: batch,
+                        schema_url: String::new(),
+                    }],
                     schema_url: String::new(),
                 }],
-                schema_url: String::new(),
-            }],
-        };
-        let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
-        if !matches!(sent, Ok(Ok(_))) {
-            failures += 1;
-            if failures.is_power_of_two() {
-                tracing::warn!(%endpoint, failures, "could not export audit logs; records dropped");
+            };
+            let sent = tokio::time::timeout(Duration::from_secs(5), client.export(req)).await;
+            if !matches!(sent, Ok(Ok(_))) {
+                failures += 1;
+                if failures.is_power_of_two() {
+                    tracing::warn!(%endpoint, failures, "could not export audit logs; records dropped");
+                }
             }
+        }
+        if let Some(reply) = flush {
+            let _ = reply.send(());
         }
     }
 }

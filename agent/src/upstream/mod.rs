@@ -10,6 +10,10 @@
 //! saturation score ([`ModelServer::saturation`]); a call goes to the less
 //! saturated of two random servers that are not saturated, and when every
 //! server is, the region is saturated and the call spills.
+//!
+//! Every wait on a server is bounded ([`UpstreamSettings`]): connecting,
+//! TCP and TLS handshake together; a stream's head; a unary answer. HTTP/2
+//! connections are pinged, HTTP/1 ones kept alive by TCP.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
@@ -25,11 +29,12 @@ use http::{Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use spillway_core::api::{Api, ApiSet};
 
 use crate::error::CallError;
+use crate::net::connect::Bounded;
 
 pub mod answer;
 pub mod engine;
@@ -511,18 +516,35 @@ pub enum AnswerBody {
     Stream(futures_util::stream::BoxStream<'static, Result<Bytes, CallError>>),
 }
 
+/// How long the agent waits on its peers (model servers, other regions'
+/// agents) before it calls them unavailable and the call moves on; see
+/// ARCHITECTURE.md, "Hung peers".
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
+    /// Connecting: TCP and the TLS handshake together (a stopped peer's
+    /// kernel still accepts TCP; only the handshake tells).
     pub connect_timeout: Duration,
-    /// Until a stream's response headers arrive: a streaming model server
-    /// answers at once, so a silent one is unavailable and the next region
-    /// is tried.
+    /// The deadline, per attempt, for the first byte (`--attempt-timeout-ms`):
+    /// a stream's head (a streaming model server answers its head at once,
+    /// before generating, so a silent one is unavailable and the next
+    /// region is tried) and a relay's acknowledgment by the destination
+    /// agent (which it sends as soon as it takes the call).
     pub header_timeout: Duration,
     /// Until a unary answer has been read whole. Many model servers send a
     /// unary answer's headers only when generation is done, so a unary call
-    /// gets this long for its headers too: a long generation must not be
-    /// mistaken for an outage and run again elsewhere.
+    /// to a model server gets this long for its headers too: a long
+    /// generation must not be mistaken for an outage and run again
+    /// elsewhere.
     pub body_timeout: Duration,
+    /// HTTP/2 pings on relay channels and HTTP/2 model-server connections:
+    /// one after this long without a frame from the peer (and the first
+    /// TCP keep-alive probe on HTTP/1 model-server connections, then one
+    /// per interval).
+    pub keepalive_interval: Duration,
+    /// A ping unanswered this long closes the connection, and fails the
+    /// calls on it (before their first byte, they move on). TCP keep-alive
+    /// gives up after as many probes as fit in it.
+    pub keepalive_timeout: Duration,
     /// Whom `https://` model servers are trusted by: their certificate must
     /// chain to these roots. `None`: no https server can be reached.
     pub tls: Option<Arc<rustls::ClientConfig>>,
@@ -533,12 +555,24 @@ impl Default for UpstreamSettings {
     fn default() -> Self {
         UpstreamSettings {
             connect_timeout: Duration::from_secs(2),
-            header_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(600),
+            keepalive_interval: Duration::from_secs(1),
+            keepalive_timeout: Duration::from_secs(2),
             tls: None,
             saturation: SaturationSettings::default(),
         }
     }
+}
+
+/// TCP keep-alive probes sent before a silent connection is given up: as
+/// many as fit in the keep-alive timeout, at least one.
+fn keepalive_probes(s: &UpstreamSettings) -> u32 {
+    let interval = s.keepalive_interval.as_millis().max(1);
+    s.keepalive_timeout
+        .as_millis()
+        .div_ceil(interval)
+        .clamp(1, 127) as u32
 }
 
 /// A TLS client that trusts nobody: https model servers without a CA
@@ -554,8 +588,8 @@ fn trusting_nobody() -> rustls::ClientConfig {
 /// The region's model servers and the pooled clients that reach them.
 pub struct Upstreams {
     servers: Vec<Arc<ModelServer>>,
-    http1: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
-    http2: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    http1: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
+    http2: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     settings: UpstreamSettings,
     /// Servers ejected after failing or throttling calls in a row, by URL.
     ejected: Outliers<String>,
@@ -578,6 +612,13 @@ impl Upstreams {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
+        // A host that vanished (a black-holed network) is noticed on an
+        // HTTP/1 connection only by TCP keep-alive: a unary answer may be
+        // minutes of silence. (A peer's kernel answers the probes for a
+        // stopped process: that one only the body timeout bounds.)
+        connector.set_keepalive(Some(settings.keepalive_interval));
+        connector.set_keepalive_interval(Some(settings.keepalive_interval));
+        connector.set_keepalive_retries(Some(keepalive_probes(&settings)));
         // https:// URLs go through the TLS layer below.
         connector.enforce_http(false);
         let tls = settings
@@ -585,26 +626,35 @@ impl Upstreams {
             .as_deref()
             .cloned()
             .unwrap_or_else(trusting_nobody);
+        // The connect timeout covers the TLS handshake too, which the TCP
+        // connector's own does not.
+        let bounded = |c| Bounded::new(c, settings.connect_timeout);
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
-            .build(
+            .build(bounded(
                 HttpsConnectorBuilder::new()
                     .with_tls_config(tls.clone())
                     .https_or_http()
                     .enable_http1()
                     .wrap_connector(connector.clone()),
-            );
+            ));
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .pool_idle_timeout(Duration::from_secs(90))
-            .build(
+            // A peer that stops answering pings is dropped, with the calls
+            // on it, rather than waited on.
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(settings.keepalive_interval))
+            .http2_keep_alive_timeout(settings.keepalive_timeout)
+            .http2_keep_alive_while_idle(true)
+            .build(bounded(
                 HttpsConnectorBuilder::new()
                     .with_tls_config(tls)
                     .https_or_http()
                     .enable_http2()
                     .wrap_connector(connector),
-            );
+            ));
         let servers = specs
             .into_iter()
             .map(|spec| {

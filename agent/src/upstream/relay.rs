@@ -4,6 +4,16 @@
 //! answer streams back on the same call: a head (status, serving region),
 //! body chunks as they come, and a trailer.
 //!
+//! The destination acknowledges a call as soon as it takes it (the gRPC
+//! response headers, with `spillway-relay-ack`), before its model server
+//! answers: the source holds an acknowledgment to the attempt deadline, so
+//! a hung destination fails over in seconds even for a unary call, whose
+//! head comes only when generation is done. While it waits for the head,
+//! HTTP/2 pings on the channel tell a peer that stopped answering. A
+//! destination of an older build acknowledges only with its head; until
+//! one has acknowledged early, the source waits for it as it always did
+//! (see ARCHITECTURE.md, "Hung peers").
+//!
 //! With TLS (the default), the relay is mutual TLS and a caller must present
 //! an agent certificate of the deployment's CA naming the source region it
 //! claims. Under `--insecure-dev`, a relay call must name its source agent
@@ -12,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,10 +52,20 @@ use spillway_core::tls::{Expect, Peer, TlsFiles};
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
 
+/// Response metadata of a destination that acknowledges a call as soon as
+/// it takes it, before its head.
+pub const ACK: &str = "spillway-relay-ack";
+
+/// A pooled channel to one agent, and whether it acknowledges early.
+struct Pooled {
+    channel: Channel,
+    acks_early: Arc<AtomicBool>,
+}
+
 /// Pooled channels to other regions' agents.
 pub struct RelayClients {
     me: String,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<String, Pooled>>,
     settings: UpstreamSettings,
     /// Mutual TLS to other agents, with this agent's certificate; each
     /// destination must present an agent certificate of its region.
@@ -56,9 +77,11 @@ pub struct RelayClients {
 pub const MAX_RELAY_MESSAGE: usize = 64 * 1024 * 1024;
 
 impl RelayClients {
-    /// `settings` bound the wait for the destination's head as for a local
-    /// model server: a stream's head comes at once, a unary answer's only
-    /// when it is done.
+    /// `settings` bound connecting (TCP and TLS), the wait for the
+    /// destination's acknowledgment (the attempt deadline), and the wait
+    /// for its head as for a local model server: a stream's head comes at
+    /// once, a unary answer's only when it is done. Their keep-alive
+    /// settings drive the channels' HTTP/2 pings.
     pub fn new(
         region: &str,
         agent_id: &str,
@@ -74,19 +97,26 @@ impl RelayClients {
     }
 
     /// The pooled channel to the agent at `addr`, which must be an agent
-    /// of `region`.
-    fn channel(&self, region: &str, addr: &str) -> Result<Channel, CallError> {
+    /// of `region`, and whether that agent acknowledges calls early.
+    fn channel(&self, region: &str, addr: &str) -> Result<(Channel, Arc<AtomicBool>), CallError> {
         let key = format!("{region}/{addr}");
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(&key) {
-            return Ok(c.clone());
+            return Ok((c.channel.clone(), c.acks_early.clone()));
         }
         let unavailable = |e: String| CallError::Unavailable(format!("relay to `{addr}`: {e}"));
+        // The connect timeout covers the TLS handshake (tonic bounds the
+        // whole connector). Pings go out whenever the peer has been silent
+        // for an interval, idle or not, so that a peer that stopped (a
+        // frozen process, a black-holed network) closes the channel, and
+        // fails the calls on it, within interval + timeout.
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unavailable(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
+            .connect_timeout(self.settings.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
+            .http2_keep_alive_interval(self.settings.keepalive_interval)
+            .keep_alive_timeout(self.settings.keepalive_timeout)
+            .keep_alive_while_idle(true);
         let channel = match &self.tls {
             Some(files) => {
                 let expect = Expect::Agent {
@@ -96,14 +126,23 @@ impl RelayClients {
             }
             None => endpoint.connect_lazy(),
         };
-        channels.insert(key, channel.clone());
-        Ok(channel)
+        let acks_early = Arc::new(AtomicBool::new(false));
+        channels.insert(
+            key,
+            Pooled {
+                channel: channel.clone(),
+                acks_early: acks_early.clone(),
+            },
+        );
+        Ok((channel, acks_early))
     }
 
     /// Relays a call to an agent of `region`; returns once the destination
-    /// has answered with its head (the first byte), so that failing over
-    /// stays possible until then. The destination's spans, which come in
-    /// the trailer, go to `call.spans`.
+    /// has answered with its head (the first byte of the answer), so that
+    /// failing over stays possible until then. The destination must
+    /// acknowledge the call within the attempt deadline (one known to
+    /// acknowledge early; others within the head's own wait). The
+    /// destination's spans, which come in the trailer, go to `call.spans`.
     pub async fn call(
         &self,
         cfg: &AgentConfig,
@@ -137,13 +176,24 @@ impl RelayClients {
             )));
         }
         let addr = agents[fastrand::usize(..agents.len())];
-        let mut client = RelayServiceClient::new(self.channel(region, addr)?)
+        let (channel, acks_early) = self.channel(region, addr)?;
+        let mut client = RelayServiceClient::new(channel)
             .max_decoding_message_size(MAX_RELAY_MESSAGE)
             .max_encoding_message_size(MAX_RELAY_MESSAGE);
-        let wait = if stream {
+        // A stream's head comes at once; a unary answer's when it is done.
+        let head_wait = if stream {
             self.settings.header_timeout
         } else {
             self.settings.body_timeout
+        };
+        // An agent known to acknowledge early must do so within the attempt
+        // deadline; any other (an older build, or one not called yet) may
+        // acknowledge with its head, and gets the head's wait, watched by
+        // the channel's pings.
+        let ack_wait = if acks_early.load(Ordering::Relaxed) {
+            self.settings.header_timeout.min(head_wait)
+        } else {
+            head_wait
         };
         let mut req = Request::new(pb::RelayRequest {
             request_id: request_id.to_string(),
@@ -161,20 +211,30 @@ impl RelayClients {
             SOURCE_AGENT,
             self.me.parse().expect("agent ids are valid metadata"),
         );
-        let first = async {
-            let mut events = client.relay(req).await?.into_inner();
-            let head = events.message().await?;
-            Ok::<_, Status>((events, head))
-        };
-        let (mut events, head) = match tokio::time::timeout(wait, first).await {
+        let acked = match tokio::time::timeout(ack_wait, client.relay(req)).await {
             Err(_) => {
                 return Err(CallError::Unavailable(format!(
-                    "agent {addr} of {region} did not answer within {:?}",
-                    wait
+                    "agent {addr} of {region} did not take the call within {ack_wait:?}"
                 )));
             }
             Ok(Err(status)) => return Err(from_status(region, status)),
-            Ok(Ok(x)) => x,
+            Ok(Ok(acked)) => acked,
+        };
+        if acked.metadata().contains_key(ACK) {
+            acks_early.store(true, Ordering::Relaxed);
+        }
+        let mut events = acked.into_inner();
+        // Taken: the head comes when the destination's model server
+        // answers, which the destination bounds itself. Meanwhile the
+        // channel's pings watch the destination.
+        let head = match tokio::time::timeout(head_wait, events.message()).await {
+            Err(_) => {
+                return Err(CallError::Unavailable(format!(
+                    "agent {addr} of {region} did not answer within {head_wait:?}"
+                )));
+            }
+            Ok(Err(status)) => return Err(from_status(region, status)),
+            Ok(Ok(head)) => head,
         };
         let status = match head.and_then(|e| e.event) {
             // The answer must come from the region the call was sent to,
@@ -291,6 +351,10 @@ fn broke_off(region: &str, s: &Status) -> CallError {
 fn from_status(region: &str, s: Status) -> CallError {
     let msg = format!("{region}: {}", s.message());
     match s.code() {
+        // Too large for a relay: another region would fare no better.
+        Code::ResourceExhausted if s.metadata().contains_key(crate::error::TOO_LARGE) => {
+            CallError::Upstream(msg)
+        }
         Code::ResourceExhausted => CallError::Throttled(msg),
         // It serves the model, not over this API: the next region may.
         Code::Unimplemented => CallError::NotServedThere(msg),
@@ -400,13 +464,6 @@ impl RelayService for RelayServer {
     async fn relay(&self, req: Request<pb::RelayRequest>) -> Result<Response<RelayStream>, Status> {
         self.check_caller(&req)?;
         let req = req.into_inner();
-        let count = |outcome: &str| {
-            self.metrics.add(
-                "spillway_agent_relay_served_total",
-                &[("source_region", &req.source_region), ("outcome", outcome)],
-                1,
-            );
-        };
         let api = Api::from_wire(&req.api).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // The body must ask for the model the relay names: the destination
         // serves what the source resolved, nothing else.
@@ -430,39 +487,92 @@ impl RelayService for RelayServer {
         // call whose model is served here only over other APIs is sent on
         // by the source, without counting against this region.
         if !self.upstreams.serves(&req.model, api) {
-            count("not_served");
+            count(&self.metrics, &req.source_region, "not_served");
             return Err(Status::unimplemented(format!(
                 "region `{}` serves `{}` over no model server of the {api} API",
                 self.region, req.model
             )));
         }
         // Served here or not at all: a relayed call is never relayed again.
+        // Taken: the answer is served by a task that sends its events as
+        // they come, and the response goes back at once, its headers (with
+        // `ACK`) before the model server has answered, so that the source
+        // can tell a destination that took the call from one that hung.
+        let (tx, rx) = mpsc::channel(16);
+        let serving = Serving {
+            region: self.region.clone(),
+            agent_id: self.agent_id.clone(),
+            upstreams: self.upstreams.clone(),
+            metrics: self.metrics.clone(),
+        };
+        tokio::spawn(serving.serve(req, api, tx));
+        let mut response: Response<RelayStream> = Response::new(Box::pin(ReceiverStream::new(rx)));
+        response
+            .metadata_mut()
+            .insert(ACK, tonic::metadata::MetadataValue::from_static("1"));
+        Ok(response)
+    }
+}
+
+fn count(metrics: &Metrics, source_region: &str, outcome: &str) {
+    metrics.add(
+        "spillway_agent_relay_served_total",
+        &[("source_region", source_region), ("outcome", outcome)],
+        1,
+    );
+}
+
+/// What serving a relayed call takes, moved into its task.
+struct Serving {
+    region: String,
+    agent_id: String,
+    upstreams: Arc<Upstreams>,
+    metrics: Arc<Metrics>,
+}
+
+impl Serving {
+    /// Calls the model servers and sends the head, the body's chunks and
+    /// the trailer on `tx`, or the refusal as the stream's status.
+    async fn serve(
+        self,
+        req: pb::RelayRequest,
+        api: Api,
+        tx: mpsc::Sender<Result<pb::RelayEvent, Status>>,
+    ) {
         let started = tokio::time::Instant::now();
         let estimate = crate::quota::estimate_input_tokens(req.body.len());
         let (start_ns, server_span, model_span) =
             (trace::now_ns(), trace::new_span_id(), trace::new_span_id());
-        let answer = self
-            .upstreams
-            .call(
-                &req.model,
-                api,
-                req.body.clone(),
-                req.stream,
-                (req.ttft_objective_ms > 0)
-                    .then(|| Duration::from_millis(u64::from(req.ttft_objective_ms))),
-            )
-            .await
-            .map_err(|e| {
-                count("refused");
-                match e {
+        let calling = self.upstreams.call(
+            &req.model,
+            api,
+            req.body.clone(),
+            req.stream,
+            (req.ttft_objective_ms > 0)
+                .then(|| Duration::from_millis(u64::from(req.ttft_objective_ms))),
+        );
+        // A source that went away (or gave up) releases the model server
+        // at once.
+        let answer = tokio::select! {
+            answer = calling => answer,
+            _ = tx.closed() => return,
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                count(&self.metrics, &req.source_region, "refused");
+                let status = match e {
                     CallError::Throttled(m) | CallError::AtCapacity(m) => {
                         Status::resource_exhausted(m)
                     }
                     CallError::Upstream(m) => Status::data_loss(m),
                     other => Status::unavailable(other.to_string()),
-                }
-            })?;
-        count("served");
+                };
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        count(&self.metrics, &req.source_region, "served");
         // This agent's spans of the call ride back in the trailer; nothing
         // of them is exported here.
         let spans: Arc<Mutex<Bytes>> = Arc::default();
@@ -527,49 +637,271 @@ impl RelayService for RelayServer {
             status: u32::from(answer.status.as_u16()),
             inference_region: self.region.clone(),
         });
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            if tx.send(event(head)).await.is_err() {
-                return;
+        if tx.send(event(head)).await.is_err() {
+            return;
+        }
+        match answer_body {
+            AnswerBody::Full(b) => {
+                let _ = tx.send(event(Event::Chunk(b))).await;
             }
-            match answer_body {
-                AnswerBody::Full(b) => {
-                    let _ = tx.send(event(Event::Chunk(b))).await;
-                }
-                AnswerBody::Stream(mut s) => {
-                    loop {
-                        // A source that went away releases the model server
-                        // at once.
-                        let chunk = tokio::select! {
-                            c = s.next() => match c {
-                                Some(c) => c,
-                                None => break,
-                            },
-                            _ = tx.closed() => return,
-                        };
-                        let msg = chunk.map(|c| pb::RelayEvent {
-                            event: Some(Event::Chunk(c)),
-                        });
-                        let failed = msg.is_err();
-                        if tx
-                            .send(msg.map_err(|e| Status::data_loss(e.to_string())))
-                            .await
-                            .is_err()
-                            || failed
-                        {
-                            return;
-                        }
+            AnswerBody::Stream(mut s) => {
+                loop {
+                    // A source that went away releases the model server
+                    // at once.
+                    let chunk = tokio::select! {
+                        c = s.next() => match c {
+                            Some(c) => c,
+                            None => break,
+                        },
+                        _ = tx.closed() => return,
+                    };
+                    let msg = chunk.map(|c| pb::RelayEvent {
+                        event: Some(Event::Chunk(c)),
+                    });
+                    let failed = msg.is_err();
+                    if tx
+                        .send(msg.map_err(|e| Status::data_loss(e.to_string())))
+                        .await
+                        .is_err()
+                        || failed
+                    {
+                        return;
                     }
                 }
             }
-            let spans = std::mem::take(&mut *spans.lock().unwrap_or_else(|p| p.into_inner()));
-            let _ = tx
-                .send(event(Event::Trailer(pb::RelayTrailer {
-                    usage: None,
-                    spans: spans.to_vec().into(),
-                })))
-                .await;
+        }
+        let spans = std::mem::take(&mut *spans.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = tx
+            .send(event(Event::Trailer(pb::RelayTrailer {
+                usage: None,
+                spans: spans.to_vec().into(),
+            })))
+            .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicU32;
+
+    use spillway_core::api::ApiSet;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::control::snapshot::RelayEndpoint;
+    use crate::upstream::ModelServerSpec;
+    use crate::upstream::engine::MetricsMode;
+
+    /// A config of region `src` that knows one agent `dst/d` at `addr`.
+    fn config(addr: &str) -> AgentConfig {
+        let endpoint = |region: &str, id: &str| {
+            (
+                region.to_string(),
+                vec![RelayEndpoint {
+                    agent_id: id.into(),
+                    address: addr.into(),
+                    apis: ApiSet::of(Api::DEFAULT),
+                }],
+            )
+        };
+        AgentConfig {
+            version: 1,
+            region: "src".into(),
+            regions: BTreeMap::new(),
+            relays: [endpoint("dst", "d"), endpoint("src", "s")].into(),
+            profiles: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            profiles_elsewhere: Default::default(),
+            quotas: Vec::new(),
+            tenants: BTreeMap::new(),
+            keys: Default::default(),
+            digests: Default::default(),
+        }
+    }
+
+    fn body() -> Bytes {
+        Bytes::from(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#)
+    }
+
+    async fn relay(clients: &RelayClients, cfg: &AgentConfig) -> Result<UpstreamAnswer, CallError> {
+        let spans = RemoteSpans::default();
+        clients
+            .call(
+                cfg,
+                "dst",
+                RelayedCall {
+                    profile: "us.m",
+                    model: "m",
+                    api: Api::Chat,
+                    body: body(),
+                    stream: false,
+                    request_id: "r",
+                    traceparent: TraceParent {
+                        trace_id: [0; 16],
+                        span_id: [0; 8],
+                        sampled: false,
+                    },
+                    spans: &spans,
+                    ttft_objective: None,
+                },
+            )
+            .await
+    }
+
+    fn settings() -> UpstreamSettings {
+        UpstreamSettings {
+            connect_timeout: Duration::from_millis(500),
+            header_timeout: Duration::from_millis(400),
+            keepalive_interval: Duration::from_millis(200),
+            keepalive_timeout: Duration::from_millis(300),
+            ..UpstreamSettings::default()
+        }
+    }
+
+    /// A destination whose kernel takes the connection and the bytes but
+    /// that never answers (a stopped process): a unary call to an agent
+    /// not known to acknowledge early waits for its head as long as a
+    /// generation may take, but the channel's unanswered pings end it.
+    #[tokio::test]
+    async fn a_silent_destination_is_given_up_when_pings_go_unanswered() {
+        let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(&mute.local_addr().unwrap().to_string());
+        let clients = RelayClients::new("src", "s", settings(), None);
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), relay(&clients, &cfg))
+            .await
+            .expect("the keep-alive ends the call, not this test's guard");
+        assert!(
+            matches!(result, Err(CallError::Unavailable(_))),
+            "{:?}",
+            result.err()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Answers its first relay at once (acknowledging early), and never
+    /// takes another: an agent whose connection is alive but which hung.
+    struct TakesOne(AtomicU32);
+
+    #[tonic::async_trait]
+    impl RelayService for TakesOne {
+        type RelayStream = RelayStream;
+
+        async fn relay(
+            &self,
+            _: Request<pb::RelayRequest>,
+        ) -> Result<Response<RelayStream>, Status> {
+            if self.0.fetch_add(1, Ordering::Relaxed) > 0 {
+                std::future::pending::<()>().await;
+            }
+            let events = [
+                event(Event::Head(pb::RelayHead {
+                    status: 200,
+                    inference_region: "dst".into(),
+                })),
+                event(Event::Chunk(Bytes::from_static(b"{}"))),
+            ];
+            let mut response: Response<RelayStream> =
+                Response::new(Box::pin(futures_util::stream::iter(events)));
+            response
+                .metadata_mut()
+                .insert(ACK, tonic::metadata::MetadataValue::from_static("1"));
+            Ok(response)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_acknowledged_early_must_take_each_call_in_the_attempt_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(pb::relay_service_server::RelayServiceServer::new(TakesOne(
+                AtomicU32::new(0),
+            )))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        let server = tokio::spawn(server);
+        let cfg = config(&addr.to_string());
+        let clients = RelayClients::new("src", "s", settings(), None);
+        let first = relay(&clients, &cfg)
+            .await
+            .expect("the first call is served");
+        assert_eq!(first.status, http::StatusCode::OK);
+        // The second is never taken; its connection answers pings, so only
+        // the attempt deadline tells, long before the answer's timeout.
+        let started = tokio::time::Instant::now();
+        let second = tokio::time::timeout(Duration::from_secs(10), relay(&clients, &cfg))
+            .await
+            .expect("the attempt deadline ends the call, not this test's guard");
+        let took = started.elapsed();
+        match second {
+            Err(CallError::Unavailable(m)) => assert!(m.contains("did not take the call"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        server.abort();
+    }
+
+    /// The destination acknowledges a call when it takes it, before its
+    /// model server (here one that never answers) has said anything.
+    #[tokio::test]
+    async fn the_destination_acknowledges_before_its_model_server_answers() {
+        let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let spec = ModelServerSpec {
+            metrics: MetricsMode::None,
+            capacity: Some(4),
+            fixed: true,
+            ..ModelServerSpec::new(&format!("http://{}", mute.local_addr().unwrap()), ["m"])
+        };
+        let upstreams = Arc::new(Upstreams::new(vec![spec], UpstreamSettings::default()));
+        let cfg = Arc::new(config("127.0.0.1:9"));
+        let (_keep, watch) = tokio::sync::watch::channel(Some(cfg));
+        let server = RelayServer::new(
+            "dst".into(),
+            watch,
+            upstreams.clone(),
+            Arc::new(Metrics::new(spillway_core::metrics::AGENT)),
+            "d".into(),
+            false,
+        );
+        let mut req = Request::new(pb::RelayRequest {
+            request_id: "r".into(),
+            source_region: "src".into(),
+            profile: "us.m".into(),
+            model: "m".into(),
+            body: body(),
+            api: "chat".into(),
+            ..Default::default()
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        req.metadata_mut()
+            .insert(SOURCE_AGENT, "src/s".parse().unwrap());
+        let response = tokio::time::timeout(Duration::from_secs(2), server.relay(req))
+            .await
+            .expect("acknowledged at once")
+            .expect("taken");
+        assert!(response.metadata().contains_key(ACK));
+        // The call is under way: the model server's slot is taken until
+        // the source goes away.
+        in_flight(&upstreams, 1).await;
+        drop(response);
+        in_flight(&upstreams, 0).await;
+    }
+
+    /// Waits (up to 2 s) until the model server has `n` calls in flight.
+    async fn in_flight(upstreams: &Upstreams, n: u32) {
+        for _ in 0..200 {
+            if upstreams.servers()[0].in_flight() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the model server never had {n} calls in flight");
     }
 }

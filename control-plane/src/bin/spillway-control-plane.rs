@@ -79,6 +79,10 @@ struct Args {
     /// (tenants, key hashes, route tables) crosses that link.
     #[arg(long)]
     allow_plaintext_etcd: bool,
+    /// gRPC connections open at once (agents, operators); past it new ones
+    /// are closed. Keep it under the open-files limit (LimitNOFILE).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
 }
 
 #[tokio::main]
@@ -150,6 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_token: args.admin_token,
         etcd_tls,
         metrics_listen: args.metrics_listen,
+        max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await

@@ -4,7 +4,8 @@
 //! answers come back as Converse messages, with the serving region in the
 //! response and in the `x-spillway-inference-region` metadata. Text,
 //! images, tool use and system prompts translate to and from the engines'
-//! chat completions in [`translate`].
+//! chat completions in [`translate`]. A request message over the door's
+//! limit is refused with RESOURCE_EXHAUSTED naming it ([`MessageLimit`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,9 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use spillway_proto::pb::{
-    self, converse_stream_event::Event, inference_service_server::InferenceService,
+    self,
+    converse_stream_event::Event,
+    inference_service_server::{InferenceService, InferenceServiceServer},
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,12 +31,27 @@ use crate::quota::RateInfo;
 use crate::upstream::AnswerBody;
 use crate::upstream::answer::{Completion, SseParser, Usage, refusal_message};
 
+mod limit;
 mod translate;
 
+pub use limit::MessageLimit;
 use translate::{StreamBlocks, parse};
 
 pub struct ConverseDoor {
     pub pipeline: Arc<Pipeline>,
+}
+
+/// The door as the gRPC server serves it: request messages over
+/// `max_message_bytes` (the HTTP door's body limit) are refused with
+/// RESOURCE_EXHAUSTED naming the limit.
+pub fn service(
+    door: ConverseDoor,
+    max_message_bytes: usize,
+) -> MessageLimit<InferenceServiceServer<ConverseDoor>> {
+    MessageLimit::new(
+        InferenceServiceServer::new(door).max_decoding_message_size(max_message_bytes),
+        max_message_bytes,
+    )
 }
 
 /// The API key of the `authorization: Bearer <key>` metadata, if any.
