@@ -782,3 +782,108 @@ async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
     assert!(impostor.spans().is_empty());
     assert!(impostor.logs().is_empty());
 }
+
+/// The HTTP door's timeouts hold under TLS: a client that never finishes
+/// its handshake, and one that handshakes then idles or dribbles a head,
+/// are cut off.
+#[tokio::test]
+async fn the_tls_door_closes_silent_idle_and_dribbling_connections() {
+    let pki = pki();
+    let cp = tls_control_plane(&pki, &[]).await;
+    seed(&cp, &pki, false).await;
+    let sim = TestSim::start(SimConfig::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let planes = [cp.url()];
+    let mut opts = AgentOptions::new("e1", "us-east", &planes, dir.path());
+    opts.model_servers = vec![model_server(sim.addr, &["llama-3.1-8b"], 64)];
+    opts.tls = Some(pki.east.clone());
+    opts.conn_limits = spillway_agent::net::serve::ConnLimits {
+        header_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let east = TestAgent::start_with(opts).await;
+    let addr = east.http;
+
+    let closes = |mut tcp: tokio::net::TcpStream| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    };
+    // A TCP connection that never says hello.
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(closes(silent).await, "a silent TLS connection stayed open");
+
+    let connector = {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.cp.ca).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    };
+    let handshake = || async {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        connector
+            .connect("localhost".try_into().unwrap(), tcp)
+            .await
+            .expect("a TLS handshake with the HTTP door")
+    };
+    let read_closes = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    };
+    // Handshaken, then idle.
+    let idle = handshake().await;
+    assert!(
+        read_closes(idle).await,
+        "an idle TLS connection stayed open"
+    );
+    // Handshaken, then half a head.
+    let mut dribbling = handshake().await;
+    {
+        use tokio::io::AsyncWriteExt;
+        dribbling
+            .write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\n")
+            .await
+            .unwrap();
+        dribbling.flush().await.unwrap();
+    }
+    assert!(
+        read_closes(dribbling).await,
+        "a TLS connection with half a head stayed open"
+    );
+    // The door still serves.
+    let mut health = handshake().await;
+    let answer = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        health
+            .write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(30), health.read_to_end(&mut got)).await;
+        String::from_utf8_lossy(&got).into_owned()
+    };
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}

@@ -41,13 +41,22 @@ pub struct ConverseDoor {
     pub pipeline: Arc<Pipeline>,
 }
 
+/// The least a Converse request message may be: tonic's default, what the
+/// door took before it had a limit of its own. A message carries an image
+/// in raw bytes where the HTTP body carries it in base64, and a request
+/// whose translated body is over `--max-body-bytes` is refused by the door
+/// naming the field that made it so.
+pub const MIN_CONVERSE_MESSAGE: usize = 4 * 1024 * 1024;
+
 /// The door as the gRPC server serves it: request messages over
-/// `max_message_bytes` (the HTTP door's body limit) are refused with
-/// RESOURCE_EXHAUSTED naming the limit.
+/// `max_message_bytes` (the HTTP door's body limit, but at least
+/// [`MIN_CONVERSE_MESSAGE`]) are refused with RESOURCE_EXHAUSTED naming the
+/// limit.
 pub fn service(
     door: ConverseDoor,
     max_message_bytes: usize,
 ) -> MessageLimit<InferenceServiceServer<ConverseDoor>> {
+    let max_message_bytes = max_message_bytes.max(MIN_CONVERSE_MESSAGE);
     MessageLimit::new(
         InferenceServiceServer::new(door).max_decoding_message_size(max_message_bytes),
         max_message_bytes,
