@@ -437,7 +437,6 @@ pub async fn start(
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_concurrent_streams(Some(limits.max_streams))
-            .tcp_keepalive(Some(Duration::from_secs(30)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

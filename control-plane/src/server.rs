@@ -233,7 +233,6 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .max_concurrent_streams(Some(256))
-        .tcp_keepalive(Some(Duration::from_secs(30)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

@@ -67,7 +67,10 @@ impl TlsFiles {
         Ok(ServerTlsConfig::new()
             .identity(self.identity()?)
             .client_ca_root(self.ca()?)
-            .client_auth_optional(optional))
+            .client_auth_optional(optional)
+            // A client that never finishes its handshake lets go of its
+            // place under the connection limit.
+            .timeout(std::time::Duration::from_secs(10)))
     }
 
     /// A gRPC client that verifies the server against the CA and presents

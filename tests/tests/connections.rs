@@ -120,13 +120,18 @@ async fn closed_for(agent: &TestAgent, reason: &str) -> f64 {
 async fn slow_heads_and_idle_connections_are_closed_at_their_timeouts() {
     let limits = ConnLimits {
         header_timeout: Duration::from_secs(1),
-        idle_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(8),
         ..ConnLimits::default()
     };
     let d = door(limits, SimConfig::default()).await;
     let addr = d.agent.http;
+    // Opened first, checked last: one connection with nothing sent, one
+    // with a finished call (kept alive).
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut kept = raw_call(addr, false).await;
 
-    // A head that dribbles in, a byte every 200 ms, never ending: cut off.
+    // A head that dribbles in, a byte every 200 ms, never ending: cut off
+    // at the header timeout (1 s), well before the idle one (8 s).
     let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
         .await
@@ -151,20 +156,22 @@ async fn slow_heads_and_idle_connections_are_closed_at_their_timeouts() {
         }
     };
     assert!(cut);
+    let took = started.elapsed();
     assert!(
-        started.elapsed() >= Duration::from_millis(950),
-        "cut off before the header timeout, after {:?}",
-        started.elapsed()
+        took >= Duration::from_millis(950),
+        "cut off before the header timeout, after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "cut off at {took:?}: by the idle timeout, not the header timeout"
     );
 
     // Connected, nothing sent: closed once idle.
-    let mut silent = TcpStream::connect(addr).await.unwrap();
     let read = read_to_close(&mut silent, Duration::from_secs(30)).await;
     assert_eq!(read, Some(Vec::new()), "an idle connection stayed open");
 
     // A finished call on a keep-alive connection: closed once idle, after
     // its whole answer.
-    let mut kept = raw_call(addr, false).await;
     let read = read_to_close(&mut kept, Duration::from_secs(30))
         .await
         .expect("a keep-alive connection closed once idle");

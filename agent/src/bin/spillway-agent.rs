@@ -40,13 +40,16 @@ async fn run(mut args: AgentArgs) -> anyhow::Result<()> {
     // and keep the connection limit under it.
     match raise_nofile_limit() {
         Ok((soft, hard)) => {
-            let room = (soft / 4 * 3).max(64);
+            // Each listener has its own limit: together they keep a
+            // quarter of the files for model servers, relays and the log.
+            let listeners = if args.metrics_listen.is_some() { 3 } else { 2 };
+            let room = (soft / 4 * 3 / listeners).max(64);
             if args.max_connections > room {
                 tracing::warn!(
                     max_connections = args.max_connections,
                     open_files = soft,
                     capped = room,
-                    "--max-connections is more than the open-files limit allows; capped (raise LimitNOFILE / ulimit -n)"
+                    "--max-connections is more than the open-files limit allows for each listener; capped (raise LimitNOFILE / ulimit -n)"
                 );
                 args.max_connections = room;
             }

@@ -160,10 +160,28 @@ impl HttpServer {
                         );
                     }
                     if tls.is_none() {
-                        // A fresh socket's buffer takes this whole.
-                        let _ = tcp.try_write(refused());
+                        // Answer, stop writing, and read (a little, for a
+                        // moment) what the client sends meanwhile: closing
+                        // with its request unread would reset the
+                        // connection, and the 503 could be lost.
+                        tokio::spawn(async move {
+                            use tokio::io::AsyncReadExt;
+                            let mut tcp = tcp;
+                            let _ = tcp.try_write(refused());
+                            let _ = tokio::io::AsyncWriteExt::shutdown(&mut tcp).await;
+                            let mut sink = [0u8; 4096];
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                let mut read = 0;
+                                while read < 64 * 1024 {
+                                    match tcp.read(&mut sink).await {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => read += n,
+                                    }
+                                }
+                            })
+                            .await;
+                        });
                     }
-                    drop(tcp);
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
@@ -236,6 +254,9 @@ impl Connection {
         let io = Watched {
             inner: tcp,
             activity: activity.clone(),
+            // Under TLS it sees ciphertext; the door offers no ALPN, so
+            // TLS clients speak HTTP/1.1.
+            opened: tls.is_some(),
         };
         match tls {
             Some(acceptor) => {
@@ -278,16 +299,28 @@ impl Connection {
         let router = self.router.clone();
         let counted = activity.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let guard = InFlight::enter(counted.clone());
+            let guard = Arc::new(InFlight::enter(counted.clone()));
             let router = router.clone();
+            // The call is in flight until both its bodies are done with: an
+            // answer may stream long after its head was sent, and the door
+            // may read a refused body to its end after answering.
+            let req = req.map(|body| {
+                Body::new(Guarded {
+                    body,
+                    _guard: guard.clone(),
+                })
+            });
             async move {
                 let response = router
-                    .oneshot(req.map(Body::new))
+                    .oneshot(req)
                     .await
                     .unwrap_or_else(|e: Infallible| match e {});
-                // The call is in flight until its answer's body is done
-                // with: a stream may run long after the head was sent.
-                Ok::<_, Infallible>(response.map(|body| Body::new(Guarded { body, guard })))
+                Ok::<_, Infallible>(response.map(|body| {
+                    Body::new(Guarded {
+                        body,
+                        _guard: guard,
+                    })
+                }))
             }
         });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -304,15 +337,16 @@ impl Connection {
         let _permit = permit;
         // Asked to close (idle, or the server's shutdown): the calls in
         // flight finish, then hyper closes; `force_at` bounds the wait of
-        // a connection closed for idling.
+        // a connection closed for idling once its calls are done.
         let mut closing = false;
         let mut force_at: Option<Instant> = None;
         let mut evict_open = true;
         let (mut closing_rx, mut evict) = (self.closing.clone(), self.evict.clone());
+        let limits = self.limits.clone();
         loop {
             let (deadline, reason) = match force_at {
                 Some(at) => (Some(at), "forced"),
-                None => activity.deadline(&self.limits),
+                None => activity.deadline(&limits),
             };
             let sleep = async {
                 match deadline {
@@ -322,23 +356,35 @@ impl Connection {
             };
             tokio::select! {
                 _ = conn.as_mut() => return,
+                // A call began or ended, or a head began: a new deadline.
+                _ = activity.changed.notified() => continue,
                 _ = sleep => {
                     if reason == "forced" {
+                        if activity.in_flight.load(Ordering::Acquire) > 0 {
+                            // HTTP/2 streams opened before the client saw
+                            // the GOAWAY: they finish first.
+                            force_at = None;
+                            continue;
+                        }
                         return;
                     }
                     // Recheck: a call may have begun as the timer fired.
-                    let (due, now_reason) = activity.deadline(&self.limits);
+                    let (due, now_reason) = activity.deadline(&limits);
                     if due.is_none_or(|at| at > Instant::now()) || now_reason != reason {
                         continue;
                     }
-                    self.count_closed(reason);
-                    tracing::debug!(peer = %self.peer, reason, "closing a connection");
                     if reason == "header_timeout" {
                         // Half a request head: nothing to finish.
+                        self.count_closed(reason);
+                        tracing::debug!(peer = %self.peer, reason, "closing a connection");
                         return;
                     }
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                    if !closing {
+                        self.count_closed(reason);
+                        tracing::debug!(peer = %self.peer, reason, "closing a connection");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
                     force_at = Some(Instant::now() + Duration::from_secs(1));
                 }
                 _ = closing_rx.wait_for(|c| *c), if !closing => {
@@ -374,6 +420,12 @@ struct Activity {
     /// Whether bytes came since then, and when the first did.
     reading: AtomicBool,
     first_read: AtomicU64,
+    /// HTTP/2 (its preface came first): frames such as ping answers
+    /// arrive between calls, so bytes say nothing of a head on its way;
+    /// only the idle timeout applies between calls.
+    h2: AtomicBool,
+    /// Fired when a call begins or ends, or a head begins.
+    changed: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -384,6 +436,8 @@ impl Activity {
             idle_since: AtomicU64::new(0),
             reading: AtomicBool::new(false),
             first_read: AtomicU64::new(0),
+            h2: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -407,9 +461,13 @@ impl Activity {
     }
 
     fn read_some(&self) {
-        if self.in_flight.load(Ordering::Acquire) == 0 && !self.reading.load(Ordering::Acquire) {
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && !self.reading.load(Ordering::Acquire)
+            && !self.h2.load(Ordering::Acquire)
+        {
             self.first_read.store(self.now_ms(), Ordering::Release);
             self.reading.store(true, Ordering::Release);
+            self.changed.notify_one();
         }
     }
 
@@ -441,6 +499,7 @@ impl InFlight {
     fn enter(activity: Arc<Activity>) -> InFlight {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         activity.reading.store(false, Ordering::Release);
+        activity.changed.notify_one();
         InFlight(activity)
     }
 }
@@ -451,19 +510,23 @@ impl Drop for InFlight {
         a.idle_since.store(a.now_ms(), Ordering::Release);
         a.reading.store(false, Ordering::Release);
         a.in_flight.fetch_sub(1, Ordering::AcqRel);
+        a.changed.notify_one();
     }
 }
 
-/// An answer's body that keeps its call counted until it is dropped.
-struct Guarded {
-    body: Body,
-    #[allow(dead_code)]
-    guard: InFlight,
+/// A request's or an answer's body that keeps its call counted until it
+/// is dropped.
+struct Guarded<B> {
+    body: B,
+    _guard: Arc<InFlight>,
 }
 
-impl http_body::Body for Guarded {
+impl<B> http_body::Body for Guarded<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+{
     type Data = bytes::Bytes;
-    type Error = axum::Error;
+    type Error = B::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -485,7 +548,12 @@ impl http_body::Body for Guarded {
 struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
+    /// Whether the connection's first bytes were looked at.
+    opened: bool,
 }
+
+/// How an HTTP/2 connection with prior knowledge begins.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
     fn poll_read(
@@ -496,6 +564,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            if !self.opened {
+                self.opened = true;
+                if buf.filled()[before..].starts_with(H2_PREFACE) {
+                    self.activity.h2.store(true, Ordering::Release);
+                }
+            }
             self.activity.read_some();
         }
         polled

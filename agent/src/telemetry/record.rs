@@ -233,7 +233,8 @@ const AUDIT_QUEUE: usize = 16_384;
 /// to write out and sync to disk what came before, answered when done.
 enum AuditItem {
     Record(Vec<u8>),
-    Flush(tokio::sync::oneshot::Sender<()>),
+    /// Answered whether everything before it is on disk.
+    Flush(tokio::sync::oneshot::Sender<bool>),
 }
 /// How long the audit writer gathers records before one write (what a
 /// crash can lose).
@@ -385,8 +386,9 @@ impl Recorder {
         let mut done = true;
         if let Some(tx) = &self.audit {
             let (reply, written) = tokio::sync::oneshot::channel();
-            let flushed =
-                async { tx.send(AuditItem::Flush(reply)).await.is_ok() && written.await.is_ok() };
+            let flushed = async {
+                tx.send(AuditItem::Flush(reply)).await.is_ok() && written.await.unwrap_or(false)
+            };
             done &= tokio::time::timeout_at(deadline, flushed)
                 .await
                 .unwrap_or(false);
@@ -488,7 +490,7 @@ async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>)
         // Still answer flushes, so that shutdown does not wait in vain.
         while let Some(item) = rx.recv().await {
             if let AuditItem::Flush(reply) = item {
-                let _ = reply.send(());
+                let _ = reply.send(false);
             }
         }
         return;
@@ -496,6 +498,8 @@ async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>)
     let current = settings.dir.join("audit.jsonl");
     let mut file: Option<tokio::fs::File> = None;
     let mut size = tokio::fs::metadata(&current).await.map_or(0, |m| m.len());
+    // Whether every write since the last flush went to the file.
+    let mut intact = true;
     while let Some(first) = rx.recv().await {
         let mut batch = Vec::new();
         let mut flush = None;
@@ -516,30 +520,37 @@ async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>)
             }
         }
         if !batch.is_empty() {
-            write_batch(&settings, &current, &mut file, &mut size, &batch).await;
+            intact &= write_batch(&settings, &current, &mut file, &mut size, &batch).await;
         }
         if let Some(reply) = flush {
             if let Some(f) = &mut file
                 && let Err(e) = f.sync_all().await
             {
                 tracing::error!(error = %e, "cannot sync the audit log to disk");
+                intact = false;
             }
-            let _ = reply.send(());
+            let _ = reply.send(intact);
+            intact = true;
         }
     }
 }
 
 /// Appends one batch to the current audit file, rotating it first when
-/// the batch would take it past its size.
+/// the batch would take it past its size (the full file synced to disk
+/// first); whether the batch was written.
 async fn write_batch(
     settings: &AuditSettings,
     current: &std::path::Path,
     file: &mut Option<tokio::fs::File>,
     size: &mut u64,
     batch: &[u8],
-) {
+) -> bool {
     if *size > 0 && *size + batch.len() as u64 > settings.max_bytes {
-        *file = None;
+        if let Some(f) = file.take()
+            && let Err(e) = f.sync_all().await
+        {
+            tracing::warn!(error = %e, "cannot sync the audit log before rotating it");
+        }
         let stamp = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
@@ -560,7 +571,7 @@ async fn write_batch(
             Ok(f) => *file = Some(f),
             Err(e) => {
                 tracing::error!(file = %current.display(), error = %e, "cannot open the audit log");
-                return;
+                return false;
             }
         }
     }
@@ -574,9 +585,13 @@ async fn write_batch(
         },
         None => None,
     };
-    if let Some(e) = failed {
-        tracing::error!(error = %e, "cannot write the audit log");
-        *file = None;
+    match failed {
+        Some(e) => {
+            tracing::error!(error = %e, "cannot write the audit log");
+            *file = None;
+            false
+        }
+        None => true,
     }
 }
 
