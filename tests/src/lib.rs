@@ -471,6 +471,21 @@ impl ControlPlane {
             .expect("region created");
     }
 
+    /// Creates the inference profile `id` served by `destinations`.
+    pub async fn create_profile(&self, id: &str, destinations: &[&str]) {
+        self.admin()
+            .await
+            .create_profile(spillway_proto::pb::CreateProfileRequest {
+                profile: Some(spillway_proto::pb::InferenceProfile {
+                    id: id.into(),
+                    destinations: destinations.iter().map(|d| d.to_string()).collect(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("profile created");
+    }
+
     /// Creates a tenant through the admin API.
     pub async fn create_tenant(
         &self,

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use spillway_agent::net::serve::ConnLimits;
-use spillway_proto::pb;
 use spillway_tests::cluster::Http;
 use spillway_tests::sim::SimConfig;
 use spillway_tests::{AgentOptions, ControlPlane, TestAgent, TestSim, model_server, wait_until};
@@ -28,17 +27,7 @@ struct Door {
 async fn door(limits: ConnLimits, sim: SimConfig) -> Door {
     let cp = ControlPlane::start(None, "cp").await;
     cp.create_region("us-east", "us").await;
-    cp.admin()
-        .await
-        .create_profile(pb::CreateProfileRequest {
-            profile: Some(pb::InferenceProfile {
-                id: PROFILE.into(),
-                destinations: vec!["us-east".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    cp.create_profile(PROFILE, &["us-east"]).await;
     let sim = TestSim::start(sim).await;
     let dir = tempfile::tempdir().unwrap();
     let planes = [cp.url()];

@@ -40,17 +40,7 @@ impl Fixture {
     async fn start() -> Fixture {
         let cp = ControlPlane::start(None, "cp").await;
         cp.create_region("us-east", "us").await;
-        cp.admin()
-            .await
-            .create_profile(pb::CreateProfileRequest {
-                profile: Some(pb::InferenceProfile {
-                    id: US.into(),
-                    destinations: vec!["us-east".into()],
-                    ..Default::default()
-                }),
-            })
-            .await
-            .unwrap();
+        cp.create_profile(US, &["us-east"]).await;
         let sim = TestSim::start(SimConfig::default()).await;
         let server = format!(
             "http://{},models={MODEL},capacity=64,static,metrics=none",

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use spillway_proto::pb;
 use spillway_tests::cluster::Http;
 use spillway_tests::sim::SimConfig;
 use spillway_tests::{AgentProcess, ControlPlane, TestSim, wait_until};
@@ -54,17 +53,7 @@ struct Setup {
 async fn setup(sim: SimConfig) -> Setup {
     let cp = ControlPlane::start(None, "cp").await;
     cp.create_region("us-east", "us").await;
-    cp.admin()
-        .await
-        .create_profile(pb::CreateProfileRequest {
-            profile: Some(pb::InferenceProfile {
-                id: PROFILE.into(),
-                destinations: vec!["us-east".into()],
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    cp.create_profile(PROFILE, &["us-east"]).await;
     Setup {
         cp,
         sim: TestSim::start(sim).await,
