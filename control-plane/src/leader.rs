@@ -214,6 +214,21 @@ pub struct RegionView {
     pub servers: Vec<ServerView>,
 }
 
+impl RegionView {
+    /// A region with no fresh report: nothing known for it.
+    fn silent() -> RegionView {
+        RegionView {
+            load: RegionLoad {
+                capacity: 0.0,
+                in_flight: 0.0,
+                error_rate: 0.0,
+                fresh: false,
+            },
+            servers: Vec::new(),
+        }
+    }
+}
+
 /// One model server of a region as the region's fresh reports show it,
 /// counted once however many agents report it.
 #[derive(Debug, Clone, PartialEq)]
@@ -293,15 +308,9 @@ pub fn regions_for(
             Some(at) => at.elapsed(),
             None => Duration::from_millis(now_ms.saturating_sub(h.received_at_ms)),
         };
-        let view = regions.entry(h.region.clone()).or_insert(RegionView {
-            load: RegionLoad {
-                capacity: 0.0,
-                in_flight: 0.0,
-                error_rate: 0.0,
-                fresh: false,
-            },
-            servers: Vec::new(),
-        });
+        let view = regions
+            .entry(h.region.clone())
+            .or_insert_with(RegionView::silent);
         if age > silence {
             continue;
         }
@@ -346,15 +355,9 @@ pub fn regions_for(
             state.agents.values().map(|a| a.region.as_str()).collect();
         for region in state.catalog.regions.keys() {
             if !connected.contains(region.as_str()) {
-                regions.entry(region.clone()).or_insert_with(|| RegionView {
-                    load: RegionLoad {
-                        capacity: 0.0,
-                        in_flight: 0.0,
-                        error_rate: 0.0,
-                        fresh: false,
-                    },
-                    servers: Vec::new(),
-                });
+                regions
+                    .entry(region.clone())
+                    .or_insert_with(RegionView::silent);
             }
         }
     }

@@ -74,8 +74,8 @@ async fn channel(addr: SocketAddr, ca: &Path, id: Option<&TlsFiles>) -> Result<C
         .map_err(|e| format!("{e:?}"))
 }
 
-/// A POST over HTTPS that trusts `ca`.
-async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<String>) {
+/// A TLS client of the HTTP door that trusts `ca`.
+fn door_client(ca: &Path) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -86,8 +86,13 @@ async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<S
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A POST over HTTPS that trusts `ca`.
+async fn https_post(addr: SocketAddr, ca: &Path, body: String) -> (u16, Option<String>) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = door_client(ca)
         .connect("localhost".try_into().unwrap(), tcp)
         .await
         .expect("a TLS handshake with the HTTP door");
@@ -783,6 +788,21 @@ async fn traces_go_to_an_https_collector_only_with_a_certificate_of_its_ca() {
     assert!(impostor.logs().is_empty());
 }
 
+/// Whether the peer closes `io` within 30 s (reading and dropping what
+/// comes first).
+async fn closes(mut io: impl tokio::io::AsyncRead + Unpin) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match tokio::time::timeout_at(deadline, io.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 /// The HTTP door's timeouts hold under TLS: a client that never finishes
 /// its handshake, and one that handshakes then idles or dribbles a head,
 /// are cut off.
@@ -805,35 +825,11 @@ async fn the_tls_door_closes_silent_idle_and_dribbling_connections() {
     let east = TestAgent::start_with(opts).await;
     let addr = east.http;
 
-    let closes = |mut tcp: tokio::net::TcpStream| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 1024];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
-                Err(_) => return false,
-                Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => {}
-            }
-        }
-    };
     // A TCP connection that never says hello.
     let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     assert!(closes(silent).await, "a silent TLS connection stayed open");
 
-    let connector = {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in rustls::pki_types::CertificateDer::pem_file_iter(&pki.cp.ca).unwrap() {
-            roots.add(c.unwrap()).unwrap();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tokio_rustls::TlsConnector::from(Arc::new(config))
-    };
+    let connector = door_client(&pki.cp.ca);
     let handshake = || async {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         connector
@@ -841,24 +837,9 @@ async fn the_tls_door_closes_silent_idle_and_dribbling_connections() {
             .await
             .expect("a TLS handshake with the HTTP door")
     };
-    let read_closes = |mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = [0u8; 1024];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match tokio::time::timeout_at(deadline, tls.read(&mut buf)).await {
-                Err(_) => return false,
-                Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => {}
-            }
-        }
-    };
     // Handshaken, then idle.
     let idle = handshake().await;
-    assert!(
-        read_closes(idle).await,
-        "an idle TLS connection stayed open"
-    );
+    assert!(closes(idle).await, "an idle TLS connection stayed open");
     // Handshaken, then half a head.
     let mut dribbling = handshake().await;
     {
@@ -870,7 +851,7 @@ async fn the_tls_door_closes_silent_idle_and_dribbling_connections() {
         dribbling.flush().await.unwrap();
     }
     assert!(
-        read_closes(dribbling).await,
+        closes(dribbling).await,
         "a TLS connection with half a head stayed open"
     );
     // The door still serves.
