@@ -48,12 +48,15 @@ pub struct AgentArgs {
     /// A model server of this region, repeatable:
     /// `URL,models=a|b[,apis=chat|completions|embeddings|responses|messages]
     /// [,metrics=auto|vllm|sglang|llamacpp|none][,metrics_url=URL]
-    /// [,capacity=N[,static]][,http2]`. Its load comes from the engine's own
+    /// [,capacity=N[,static]][,http2][,dns]`. Its load comes from the engine's own
     /// metrics (`metrics=auto` detects vLLM, SGLang and llama.cpp at
     /// `URL/metrics`), else from a concurrency limit learned from time to
     /// first token; `capacity` is an optional upper bound (`static`: a fixed
     /// limit, nothing learned). An update that routes a profile to this
     /// region for a model none of them serves is refused (NACKed).
+    /// `dns` (http:// only): the host is a name whose A/AAAA records are
+    /// followed, one server per address, e.g. a Kubernetes headless
+    /// Service (see --dns-refresh-ms).
     #[arg(
         long = "model-server",
         env = "SPILLWAY_MODEL_SERVERS",
@@ -65,6 +68,16 @@ pub struct AgentArgs {
     /// servers). Plain `http://` servers need none.
     #[arg(long, env = "SPILLWAY_MODEL_SERVER_CA")]
     pub model_server_ca: Option<PathBuf>,
+    /// How often the names of model servers given with `dns` are resolved
+    /// again, in ms: new addresses join, gone ones stop taking calls (their
+    /// calls finish). A lookup that gets no answer keeps the last addresses.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub dns_refresh_ms: u64,
+    /// Ask this nameserver (`IP:PORT`) for the names of `dns` model
+    /// servers, instead of the system's resolver (which applies
+    /// /etc/hosts and resolv.conf's search domains; give full names here).
+    #[arg(long, env = "SPILLWAY_DNS_SERVER")]
+    pub dns_server: Option<std::net::SocketAddr>,
     /// How often each model server's engine metrics are scraped, in ms.
     /// Figures older than four intervals (at least a second) are stale, and
     /// the server counts as saturated.
@@ -185,6 +198,12 @@ pub struct AgentArgs {
     pub tls_cert: Option<PathBuf>,
     #[arg(long, env = "SPILLWAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// How often the three TLS files are read again, in seconds. When they
+    /// change (cert-manager renewed the certificate, or the CA bundle
+    /// gained a new CA), new connections use them; files that cannot be
+    /// used are logged and the previous certificate stays.
+    #[arg(long, env = "SPILLWAY_TLS_RELOAD_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub tls_reload_secs: u64,
     /// Talk plaintext everywhere, with no certificate checks. For
     /// development only; without it the --tls-* flags are required.
     #[arg(long)]

@@ -17,13 +17,17 @@ use crate::control::sync::{self, ConfigWatch, LoadSource, SyncSettings};
 use crate::doors::converse::{ConverseDoor, MessageLimit};
 use crate::doors::http::{self, HttpDoor};
 use crate::net::connect::TlsConnect;
+use crate::net::dns::Resolver;
 use crate::net::serve::{ConnLimits, HttpServer};
 use crate::pipeline::{Pipeline, PipelineSettings};
 use crate::quota::Quotas;
 use crate::telemetry::record::{AuditSettings, Recorder};
 use crate::telemetry::trace::Tracer;
 use crate::upstream::relay::{MAX_RELAY_MESSAGE, RelayClients, RelayServer};
-use crate::upstream::{ModelServerSpec, SaturationSettings, UpstreamSettings, Upstreams};
+use crate::upstream::{
+    DiscoverySettings, ModelServerSpec, SaturationSettings, UpstreamSettings, Upstreams,
+};
+use spillway_core::credentials::{ClientAuth, Credentials};
 use spillway_core::tls::{Expect, TlsFiles};
 
 /// Everything an agent needs to start.
@@ -50,6 +54,9 @@ pub struct AgentSettings {
     /// The agent's TLS identity and the deployment's CA; `None` is
     /// plaintext everywhere (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
+    /// How often the TLS files are read again: a renewed certificate or CA
+    /// bundle is used from the next connection on, without a restart.
+    pub tls_reload: Duration,
     /// Whom `https://` model servers must be certified by.
     pub model_server_ca: Option<std::path::PathBuf>,
     /// Whom an `https://` collector must be certified by.
@@ -95,6 +102,10 @@ impl AgentSettings {
                     stale_after: Duration::from_millis(args.metrics_interval_ms * 4)
                         .max(Duration::from_secs(1)),
                 },
+                discovery: DiscoverySettings {
+                    resolver: args.dns_server.map_or(Resolver::System, Resolver::Server),
+                    every: Duration::from_millis(args.dns_refresh_ms),
+                },
                 ..UpstreamSettings::default()
             },
             pipeline: PipelineSettings {
@@ -124,6 +135,7 @@ impl AgentSettings {
             )
             .ok()
             .flatten(),
+            tls_reload: Duration::from_secs(args.tls_reload_secs),
             conn_limits: ConnLimits {
                 header_timeout: Duration::from_secs(args.header_read_timeout_secs),
                 idle_timeout: Duration::from_secs(args.idle_timeout_secs),
@@ -297,24 +309,25 @@ pub async fn start(
         settings.model_servers,
         settings.upstream.clone(),
     ));
-    // The engines' figures first, so that the first calls are placed by
-    // them and a metrics URL that does not answer is logged at once.
+    // The addresses of servers given by name, then the engines' figures,
+    // so that the first calls are placed by them and a metrics URL that
+    // does not answer is logged at once.
+    upstreams.discover_once().await;
     upstreams.scrape_once().await;
     upstreams.spawn_scrapers(&shutdown);
+    upstreams.spawn_discovery(&shutdown);
     // The pipeline needs the config watch, and load reports need the
     // pipeline: the report reads it through a slot filled just below.
     let pipeline_slot: Arc<std::sync::OnceLock<Arc<Pipeline>>> =
         Arc::new(std::sync::OnceLock::new());
     let mut sync_settings = settings.sync;
-    let tls = settings.tls.clone();
-    sync_settings.tls = match &tls {
-        Some(files) => Some(TlsConnect::new(
-            files
-                .rustls_client(Expect::ControlPlane)
-                .map_err(RunError::Tls)?,
-        )),
+    let tls = match settings.tls.clone() {
+        Some(files) => Some(Credentials::load(files).map_err(RunError::Tls)?),
         None => None,
     };
+    sync_settings.tls = tls
+        .as_ref()
+        .map(|creds| TlsConnect::new(creds.rustls_client(Expect::ControlPlane)));
     let quotas = sync_settings.quotas.clone();
     let tracer = Tracer::start(
         collector,
@@ -351,7 +364,13 @@ pub async fn start(
             }
         }
     });
-    let relays = RelayClients::new(&region, &agent_id, settings.upstream.clone(), tls.clone());
+    let relays = RelayClients::new(
+        &region,
+        &agent_id,
+        settings.upstream.clone(),
+        tls.clone(),
+        recorder.metrics.clone(),
+    );
     let pipeline = Arc::new(Pipeline::new(
         region.clone(),
         config.clone(),
@@ -405,19 +424,37 @@ pub async fn start(
         settings.max_body_bytes,
     );
     let mut stop = shutdown.clone();
-    let mut grpc_server = tonic::transport::Server::builder();
-    if let Some(files) = &tls {
-        // Client certificates are optional at the handshake: clients of
-        // the Converse door authenticate with API keys, the relay checks
-        // for an agent certificate itself.
-        grpc_server = grpc_server
-            .tls_config(files.grpc_server(true).map_err(RunError::Tls)?)
-            .map_err(|e| RunError::Tls(e.to_string()))?;
+    let grpc_server = tonic::transport::Server::builder();
+    // Client certificates are optional at the gRPC handshake: clients of
+    // the Converse door authenticate with API keys, the relay checks for
+    // an agent certificate itself. The door asks for none.
+    let grpc_tls = tls
+        .as_ref()
+        .map(|creds| Arc::new(creds.rustls_server(ClientAuth::Optional, &[b"h2"])));
+    let http_tls = tls
+        .as_ref()
+        .map(|creds| creds.rustls_server(ClientAuth::None, &[]));
+    if let Some(creds) = &tls {
+        let metrics = recorder.metrics.clone();
+        creds.watch(
+            settings.tls_reload,
+            shutdown.clone(),
+            move |creds, event| {
+                metrics.add(
+                    "spillway_agent_tls_reloads_total",
+                    &[("outcome", event.as_str())],
+                    1,
+                );
+                if let Some(t) = creds.not_after() {
+                    metrics.set(
+                        "spillway_agent_tls_certificate_expiry_timestamp_seconds",
+                        &[],
+                        t as f64,
+                    );
+                }
+            },
+        );
     }
-    let http_tls = match &tls {
-        Some(files) => Some(files.rustls_server().map_err(RunError::Tls)?),
-        None => None,
-    };
     let counted = recorder.metrics.clone();
     let grpc_incoming = spillway_core::net::limited_incoming(
         grpc,
@@ -431,8 +468,9 @@ pub async fn start(
             )
         },
     );
+    let handshake_within = limits.header_timeout;
     let grpc_task = tokio::spawn(async move {
-        grpc_server
+        let router = grpc_server
             // Dead peers: a ping every 10 s, answered within 10 s.
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -446,9 +484,22 @@ pub async fn start(
                     .max_encoding_message_size(MAX_RELAY_MESSAGE),
                 MAX_RELAY_MESSAGE,
             ))
-            .add_service(converse)
-            .serve_with_incoming_shutdown(grpc_incoming, async move { stop.wait().await })
-            .await?;
+            .add_service(converse);
+        let stopped = async move { stop.wait().await };
+        match grpc_tls {
+            Some(config) => {
+                let incoming =
+                    spillway_core::net::tls_incoming(grpc_incoming, config, handshake_within);
+                router
+                    .serve_with_incoming_shutdown(incoming, stopped)
+                    .await?
+            }
+            None => {
+                router
+                    .serve_with_incoming_shutdown(grpc_incoming, stopped)
+                    .await?
+            }
+        }
         Ok(())
     });
 

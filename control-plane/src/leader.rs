@@ -71,6 +71,7 @@ pub async fn run(
                 if let Some(fence) = leading {
                     resign(&replica, &store, fence).await;
                     metrics.set("spillway_cp_leader", &[], 0.0);
+                    metrics.clear(EFFECTIVE_WEIGHT);
                 }
                 return;
             }
@@ -105,7 +106,10 @@ pub async fn run(
                     quotas = QuotaLeader::new(settings.quota_lease);
                 }
                 None if leading.is_some() => {
-                    tracing::warn!(replica = %replica, "lost the leadership")
+                    tracing::warn!(replica = %replica, "lost the leadership");
+                    // The new leader reports the weights now; ours would
+                    // go stale beside its.
+                    metrics.clear(EFFECTIVE_WEIGHT);
                 }
                 None => {}
             }
@@ -119,8 +123,10 @@ pub async fn run(
         if let Some(fence) = leading {
             let st = state.borrow().clone();
             if st.loaded
-                && let Err(e) =
-                    update_weights(&replica, &store, &st, fence, &settings, &mut holds).await
+                && let Err(e) = update_weights(
+                    &replica, &store, &st, fence, &settings, &mut holds, &metrics,
+                )
+                .await
             {
                 tracing::warn!(error = %e, "could not write weights");
             }
@@ -480,7 +486,14 @@ impl Holds {
     }
 }
 
-/// Recomputes every route table's weights and writes those that moved.
+/// The gauge of the weights in force, which only the leader reports.
+const EFFECTIVE_WEIGHT: &str = "spillway_cp_effective_weight";
+
+/// One route table's weights in force: (profile, source region, weights).
+type InForce = (String, String, Vec<weights::Weight>);
+
+/// Recomputes every route table's weights, writes those that moved, and
+/// reports the weights in force once they are all written.
 async fn update_weights(
     replica: &str,
     store: &Store,
@@ -488,12 +501,14 @@ async fn update_weights(
     fence: i64,
     settings: &LeaderSettings,
     holds: &mut Holds,
+    metrics: &Metrics,
 ) -> Result<(), crate::store::StoreError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let catalog = &st.catalog;
     let mut writes = Vec::new();
+    let mut in_force: Vec<InForce> = Vec::new();
     for p in catalog
         .profiles
         .values()
@@ -528,14 +543,18 @@ async fn update_weights(
                 .unwrap_or_default();
             let goal = weights::target(&base, &loads, &previous, &settings.engine);
             let (next, changed) = weights::smooth(&previous, &goal, &settings.engine);
+            // Not written again, the stored weights stay in force.
             if current && !changed && !previous.is_empty() {
+                in_force.push((p.id.clone(), source.name.clone(), previous));
                 continue;
             }
             // Reasons alone can change without weights moving: keep them
             // current too, but never write the same thing twice.
             if current && previous == next {
+                in_force.push((p.id.clone(), source.name.clone(), previous));
                 continue;
             }
+            in_force.push((p.id.clone(), source.name.clone(), next.clone()));
             let record = WeightsRecord {
                 profile: p.id.clone(),
                 source_region: source.name.clone(),
@@ -564,8 +583,35 @@ async fn update_weights(
             });
         }
     }
-    write_fenced(store, fence, &writes, "weights").await?;
+    let written = write_fenced(store, fence, &writes, "weights").await?;
+    if written == writes.len() {
+        report_weights(metrics, &in_force);
+    } else {
+        // A newer leader holds the fence: it reports the weights now.
+        metrics.clear(EFFECTIVE_WEIGHT);
+    }
     Ok(())
+}
+
+/// Makes the tables' weights in force the gauge's only series, so that
+/// the series of a table, or a destination, that went go with it.
+fn report_weights(metrics: &Metrics, in_force: &[InForce]) {
+    metrics.replace(
+        EFFECTIVE_WEIGHT,
+        in_force.iter().flat_map(|(profile, source, weights)| {
+            weights.iter().map(move |w| {
+                (
+                    [
+                        ("profile", profile.as_str()),
+                        ("source_region", source.as_str()),
+                        ("inference_region", w.region.as_str()),
+                        ("reason", w.reason.as_str()),
+                    ],
+                    w.weight,
+                )
+            })
+        }),
+    );
 }
 
 /// Writes `ops` in transactions of at most 64, each guarded by the leader
@@ -953,6 +999,111 @@ mod tests {
         let mut loads = BTreeMap::from([("r".to_string(), quiet)]);
         holds.apply("m", &mut loads, 0.5);
         assert_eq!(loads["r"].error_rate, 1.0);
+    }
+
+    #[tokio::test]
+    async fn the_leader_reports_the_weights_in_force_while_it_leads() {
+        use spillway_core::model::{Profile, Region};
+        let store = Store::memory();
+        let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
+        let fence = campaign("a", &store, lease)
+            .await
+            .unwrap()
+            .expect("a leads");
+        let mut st = State {
+            loaded: true,
+            ..State::default()
+        };
+        for name in ["us-east", "us-west"] {
+            st.catalog
+                .create_region(Region {
+                    name: name.into(),
+                    geography: "us".into(),
+                    description: String::new(),
+                    revision: 0,
+                })
+                .unwrap();
+        }
+        for id in ["us.llama-3.1-8b", "global.llama-3.1-8b"] {
+            st.catalog
+                .create_profile(Profile {
+                    id: id.into(),
+                    kind: ProfileKind::from_id(id),
+                    model: String::new(),
+                    destinations: vec!["us-east".into(), "us-west".into()],
+                    base_profile: None,
+                    base_region: None,
+                    tags: BTreeMap::new(),
+                    description: String::new(),
+                    revision: 0,
+                })
+                .unwrap();
+        }
+        let metrics = Metrics::new(spillway_core::metrics::CONTROL_PLANE);
+        let settings = LeaderSettings::default();
+        let mut holds = Holds::default();
+        let series = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.starts_with("spillway_cp_effective_weight{"))
+                .map(str::to_string)
+                .collect()
+        };
+        let weight = |p: &str, src: &str, dst: &str, reason: &str| {
+            format!(
+                "spillway_cp_effective_weight{{profile=\"{p}\",source_region=\"{src}\",inference_region=\"{dst}\",reason=\"{reason}\"}}"
+            )
+        };
+
+        // No load reports: each table as the operator's default has it,
+        // the source region first and the other behind it.
+        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+            .await
+            .unwrap();
+        let text = metrics.render();
+        assert_eq!(series(&text).len(), 8, "{text}");
+        for p in ["us.llama-3.1-8b", "global.llama-3.1-8b"] {
+            assert!(
+                text.contains(&format!(
+                    "{} 1\n",
+                    weight(p, "us-east", "us-east", "override")
+                )),
+                "{text}"
+            );
+            assert!(text.contains(&format!(
+                "{} 0\n",
+                weight(p, "us-east", "us-west", "override")
+            )));
+        }
+
+        // The stored weights stay in force, and are reported as such.
+        let (stored, _) = store.list(keys::WEIGHTS).await.unwrap();
+        for kv in stored {
+            if let Ok(keys::Object::Weights(w)) = keys::decode(&kv) {
+                st.weights
+                    .insert((w.profile.clone(), w.source_region.clone()), w);
+            }
+        }
+        assert_eq!(st.weights.len(), 4);
+        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+            .await
+            .unwrap();
+        assert_eq!(series(&metrics.render()).len(), 8);
+
+        // A profile that goes takes its series with it.
+        st.catalog.delete_profile("global.llama-3.1-8b", 0).unwrap();
+        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+            .await
+            .unwrap();
+        let text = metrics.render();
+        assert_eq!(series(&text).len(), 4, "{text}");
+        assert!(!text.contains("global.llama-3.1-8b"), "{text}");
+
+        // A deposed leader's writes are refused: it reports nothing more.
+        st.weights.clear();
+        update_weights("a", &store, &st, fence - 1, &settings, &mut holds, &metrics)
+            .await
+            .unwrap();
+        assert_eq!(series(&metrics.render()), Vec::<String>::new());
     }
 
     #[tokio::test]

@@ -18,6 +18,7 @@ use spillway_core::shutdown::{self, Shutdown};
 use crate::state;
 use crate::store::{DEFAULT_PREFIX, EtcdOptions, LeaseId, Store, StoreError};
 use crate::sync::{Replica, Sync};
+use spillway_core::credentials::{ClientAuth, Credentials};
 use spillway_core::metrics::{CONTROL_PLANE, Metrics};
 use spillway_core::tenant::{key_hash, same_hash};
 use spillway_core::tls::{Peer, TlsFiles};
@@ -38,6 +39,9 @@ pub struct Settings {
     /// The replica's TLS identity and the CA of agents and operators; `None`
     /// is plaintext (only with `--insecure-dev`).
     pub tls: Option<TlsFiles>,
+    /// How often the TLS files are read again (a renewed certificate or CA
+    /// bundle serves new connections without a restart).
+    pub tls_reload: Duration,
     /// A bearer token that admits admin calls without an admin
     /// certificate (over TLS).
     pub admin_token: Option<String>,
@@ -60,6 +64,7 @@ impl Default for Settings {
             debounce: Duration::from_millis(20),
             leader: LeaderSettings::default(),
             tls: None,
+            tls_reload: Duration::from_secs(10),
             admin_token: None,
             etcd_tls: None,
             metrics_listen: None,
@@ -206,15 +211,38 @@ pub async fn run(
         shutdown_signal.await;
         trigger.trigger();
     });
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = &settings.tls {
-        // Client certificates are optional at the handshake: agents and
-        // operators present one, a tool with the admin token may not; each
-        // service checks what it needs.
-        server = server
-            .tls_config(tls.grpc_server(true).map_err(RunError::Tls)?)
-            .map_err(|e| RunError::Tls(e.to_string()))?;
-    }
+    let server = tonic::transport::Server::builder();
+    // Client certificates are optional at the handshake: agents and
+    // operators present one, a tool with the admin token may not; each
+    // service checks what it needs.
+    let tls = match settings.tls.clone() {
+        Some(files) => {
+            let creds = Credentials::load(files).map_err(RunError::Tls)?;
+            let expiry = metrics.clone();
+            creds.watch(
+                settings.tls_reload,
+                shutdown.clone(),
+                move |creds, event| {
+                    expiry.add(
+                        "spillway_cp_tls_reloads_total",
+                        &[("outcome", event.as_str())],
+                        1,
+                    );
+                    if let Some(t) = creds.not_after() {
+                        expiry.set(
+                            "spillway_cp_tls_certificate_expiry_timestamp_seconds",
+                            &[],
+                            t as f64,
+                        );
+                    }
+                },
+            );
+            Some(Arc::new(
+                creds.rustls_server(ClientAuth::Optional, &[b"h2"]),
+            ))
+        }
+        None => None,
+    };
     let gate = AdminGate {
         tls: settings.tls.is_some(),
         token: settings.admin_token.clone(),
@@ -227,7 +255,7 @@ pub async fn run(
         Duration::from_secs(10),
         move || refused.add("spillway_cp_connections_refused_total", &[], 1),
     );
-    let serving = server
+    let router = server
         // Notice agents whose host died without closing the connection, so
         // that their streams end and their records go.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -244,8 +272,18 @@ pub async fn run(
         )
         .add_service(pb::control_service_server::ControlServiceServer::new(
             Sync::new(replica, settings.tls.is_some()),
-        ))
-        .serve_with_incoming_shutdown(incoming, async move { stop.wait().await });
+        ));
+    let stopped = async move { stop.wait().await };
+    let serving = async move {
+        match tls {
+            Some(config) => {
+                let incoming =
+                    spillway_core::net::tls_incoming(incoming, config, Duration::from_secs(10));
+                router.serve_with_incoming_shutdown(incoming, stopped).await
+            }
+            None => router.serve_with_incoming_shutdown(incoming, stopped).await,
+        }
+    };
     let mut grace = shutdown.clone();
     tokio::select! {
         served = serving => served?,

@@ -94,6 +94,19 @@ pub enum Reason {
     Override,
 }
 
+impl Reason {
+    /// As serialized, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Headroom => "headroom",
+            Reason::Spill => "spill",
+            Reason::Drained => "drained",
+            Reason::Panic => "panic",
+            Reason::Override => "override",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Weight {
     pub region: String,

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod credentials;
 pub mod metrics;
 pub mod model;
 pub mod net;

@@ -65,9 +65,34 @@ pub const AGENT: &[Family] = &[
         "The config version this agent runs.",
     ),
     (
+        "spillway_agent_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter, in Unix seconds, of the certificate the agent presents now (updated when its files are reloaded).",
+    ),
+    (
+        "spillway_agent_tls_reloads_total",
+        "counter",
+        "The agent's TLS files by outcome: loaded (at start), reloaded (changed files in use), refused (changed files that cannot be used; the previous certificate stays).",
+    ),
+    (
         "spillway_agent_connections_closed_total",
         "counter",
         "Connections the agent closed or refused, by reason: header_timeout (a request head or TLS handshake too slow), idle, evicted (idle, to make room at the connection limit), limit (refused at the connection limit).",
+    ),
+    (
+        "spillway_agent_relay_errors_total",
+        "counter",
+        "Relay attempts to an agent of inference_region that failed before the answer's first byte (its head), by cause: connect (no connection: refused, unreachable, a bad address), tls (the handshake failed, or the peer's certificate is not an agent's of that region), timeout (connecting, the destination's acknowledgment or its head, or the channel's pings took too long), refused (the destination answered the call with an error: at capacity, unavailable, not served, a call it will not take, a head for another region), reset (the connection or the call broke off before the head with no status from the destination; this includes calls a hung destination had taken when the channel's pings gave up on it, as such a call only learns that its connection closed). Calls with no agent of the region to relay to are not attempts and not counted.",
+    ),
+    (
+        "spillway_agent_audit_write_errors_total",
+        "counter",
+        "Failures of the audit writer, by op: create_dir (the audit folder, tried again before each batch while it fails), open (the current file), write (a batch, or syncing the file to disk), rotate (renaming the full file, or syncing it first). Each may lose audit records.",
+    ),
+    (
+        "spillway_agent_audit_dropped_total",
+        "counter",
+        "Audit records dropped because the audit writer's queue was full (it fell behind).",
     ),
 ];
 
@@ -94,6 +119,16 @@ pub const CONTROL_PLANE: &[Family] = &[
         "1 while this replica is the leader (weights and quota leases).",
     ),
     (
+        "spillway_cp_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "notAfter, in Unix seconds, of the certificate this replica presents now (updated when its files are reloaded).",
+    ),
+    (
+        "spillway_cp_tls_reloads_total",
+        "counter",
+        "This replica's TLS files by outcome: loaded (at start), reloaded (changed files in use), refused (changed files that cannot be used; the previous certificate stays).",
+    ),
+    (
         "spillway_cp_connections_refused_total",
         "counter",
         "gRPC connections closed at once because --max-connections were open.",
@@ -112,6 +147,11 @@ pub const CONTROL_PLANE: &[Family] = &[
         "spillway_cp_lease_writes_total",
         "counter",
         "Quota lease records the leader wrote.",
+    ),
+    (
+        "spillway_cp_effective_weight",
+        "gauge",
+        "The leader's current effective weight (0 to 1) of inference_region in the route table of profile for source_region, as of its last weights update, with the reason (headroom, spill, drained, panic, override). 0 means the table sends it no calls: drained (reason drained), or waiting behind a priority level with headroom, or given no base weight. Only the leader reports it.",
     ),
 ];
 
@@ -205,6 +245,26 @@ impl Metrics {
         g.retain(|(n, _), _| *n != name);
     }
 
+    /// Makes `series` (labels, value) the only series of a gauge, under
+    /// one lock: a scrape sees the family before or after, never half
+    /// cleared, and a series left out (a table that went) is gone.
+    pub fn replace<'a, L>(&self, name: &'static str, series: impl IntoIterator<Item = (L, f64)>)
+    where
+        L: AsRef<[(&'a str, &'a str)]>,
+    {
+        // Labels are rendered before the lock is taken.
+        let fresh: Vec<_> = series
+            .into_iter()
+            .map(|(pairs, v)| {
+                let pairs = pairs.as_ref();
+                ((name, key(pairs)), (labels(pairs), v))
+            })
+            .collect();
+        let mut g = self.gauges.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|(n, _), _| *n != name);
+        g.extend(fresh);
+    }
+
     /// Everything, in the Prometheus text format (version 0.0.4).
     pub fn render(&self) -> String {
         fn sorted<T: Clone>(m: &Series<T>) -> BTreeMap<(&'static str, String), T> {
@@ -283,5 +343,36 @@ mod tests {
         assert!(text.contains("spillway_agent_call_duration_seconds_count{profile=\"us.m\",inference_region=\"us-east\"} 1"));
         assert!(text.contains("spillway_agent_config_version 7"));
         assert_eq!(labels(&[("p", "a\"b")]), "{p=\"a\\\"b\"}");
+    }
+
+    #[test]
+    fn a_gauge_family_is_replaced_whole_or_cleared() {
+        let m = Metrics::new(CONTROL_PLANE);
+        let w = "spillway_cp_effective_weight";
+        let series = |p: &'static str, r: &'static str| {
+            [
+                ("profile", p),
+                ("source_region", "s"),
+                ("inference_region", r),
+            ]
+        };
+        m.replace(w, [(series("p", "a"), 0.75), (series("p", "b"), 0.25)]);
+        m.set("spillway_cp_leader", &[], 1.0);
+        let text = m.render();
+        assert!(text.contains(
+            "spillway_cp_effective_weight{profile=\"p\",source_region=\"s\",inference_region=\"a\"} 0.75"
+        ));
+        assert!(text.contains("inference_region=\"b\"} 0.25"), "{text}");
+        // Region b went from the table: its series goes with it.
+        m.replace(w, [(series("p", "a"), 1.0)]);
+        let text = m.render();
+        assert!(text.contains("inference_region=\"a\"} 1\n"), "{text}");
+        assert!(!text.contains("inference_region=\"b\""), "{text}");
+        // Clearing drops the family's series, and only those.
+        m.clear(w);
+        let text = m.render();
+        assert!(!text.contains("spillway_cp_effective_weight{"), "{text}");
+        assert!(text.contains("# TYPE spillway_cp_effective_weight gauge"));
+        assert!(text.contains("spillway_cp_leader 1"), "{text}");
     }
 }

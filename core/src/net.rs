@@ -142,3 +142,45 @@ impl AsyncWrite for Permitted {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+/// A gRPC server's connections over TLS: each handshake runs on its own
+/// task (a slow one holds up nobody else's) under `handshake_within`, and
+/// the connections come out as their handshakes finish. `config` is asked
+/// at every handshake, so a reloaded certificate is served from the next
+/// connection on (see [`crate::credentials`]).
+pub fn tls_incoming(
+    incoming: impl futures_util::Stream<Item = io::Result<Permitted>> + Send + 'static,
+    config: Arc<rustls::ServerConfig>,
+    handshake_within: Duration,
+) -> impl futures_util::Stream<Item = io::Result<tokio_rustls::server::TlsStream<Permitted>>>
++ Send
++ 'static {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        let mut incoming = std::pin::pin!(incoming);
+        loop {
+            let conn = tokio::select! {
+                // The server stopped taking connections.
+                _ = tx.closed() => return,
+                conn = incoming.next() => match conn {
+                    Some(Ok(conn)) => conn,
+                    Some(Err(_)) => continue,
+                    None => return,
+                },
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake_within, acceptor.accept(conn)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "a TLS handshake failed"),
+                    Err(_) => tracing::debug!("a TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) })
+}

@@ -233,17 +233,8 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
             ocsp_response,
             now,
         )?;
-        match (Peer::of_cert(end_entity), &self.expect) {
-            (Some(Peer::Agent { region, .. }), Expect::Agent { region: want })
-                if region == *want =>
-            {
-                Ok(verified)
-            }
-            (Some(Peer::ControlPlane { .. }), Expect::ControlPlane) => Ok(verified),
-            (found, want) => Err(rustls::Error::General(format!(
-                "the server's certificate names {found:?}, not {want:?}"
-            ))),
-        }
+        check_names(end_entity, &self.expect)?;
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -266,6 +257,23 @@ impl rustls::client::danger::ServerCertVerifier for PeerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether a server's certificate (already checked by the CA) names the
+/// party expected.
+pub(crate) fn check_names(
+    end_entity: &CertificateDer<'_>,
+    expect: &Expect,
+) -> Result<(), rustls::Error> {
+    match (Peer::of_cert(end_entity), expect) {
+        (Some(Peer::Agent { region, .. }), Expect::Agent { region: want }) if region == *want => {
+            Ok(())
+        }
+        (Some(Peer::ControlPlane { .. }), Expect::ControlPlane) => Ok(()),
+        (found, want) => Err(rustls::Error::General(format!(
+            "the server's certificate names {found:?}, not {want:?}"
+        ))),
     }
 }
 
@@ -328,7 +336,7 @@ impl Peer {
 }
 
 /// One DER element at `at`: (tag, content start, content end).
-fn element(der: &[u8], at: usize) -> Option<(u8, usize, usize)> {
+pub(crate) fn element(der: &[u8], at: usize) -> Option<(u8, usize, usize)> {
     let tag = *der.get(at)?;
     let first = *der.get(at + 1)?;
     let (len, start) = if first < 0x80 {
@@ -365,7 +373,7 @@ pub fn alt_names(der: &[u8]) -> AltNames {
     alt_names_of(der).unwrap_or_default()
 }
 
-fn children(der: &[u8], start: usize, end: usize) -> Vec<(u8, usize, usize)> {
+pub(crate) fn children(der: &[u8], start: usize, end: usize) -> Vec<(u8, usize, usize)> {
     let mut out = Vec::new();
     let mut at = start;
     while at < end {

@@ -46,6 +46,11 @@ impl DevCa {
         })
     }
 
+    /// Where its certificates are written.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
@@ -53,6 +58,18 @@ impl DevCa {
     /// A certificate for `uri` (and localhost), as `<stem>.pem` and
     /// `<stem>-key.pem`, usable as a server and as a client.
     pub fn issue(&self, stem: &str, uri: &str) -> std::io::Result<TlsFiles> {
+        self.issue_until(stem, uri, None)
+    }
+
+    /// As [`DevCa::issue`], valid until `not_after` (a date; rcgen's
+    /// default when `None`). Writes over the files, the certificate first:
+    /// as a renewal that is not atomic would.
+    pub fn issue_until(
+        &self,
+        stem: &str,
+        uri: &str,
+        not_after: Option<(i32, u8, u8)>,
+    ) -> std::io::Result<TlsFiles> {
         let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(other)?;
         params.distinguished_name.push(DnType::CommonName, stem);
         params
@@ -65,6 +82,9 @@ impl DevCa {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if let Some((y, m, d)) = not_after {
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
         self.sign(stem, params)
     }
 

@@ -28,6 +28,7 @@ use tonic::transport::Channel;
 pub mod bench;
 pub mod certs;
 pub mod cluster;
+pub mod dns;
 pub mod engine_load;
 pub mod otlp;
 pub mod proxy;
@@ -734,6 +735,8 @@ impl TestAgent {
             otlp_ca: opts.otlp_ca,
             conn_limits: opts.conn_limits,
             tls: opts.tls,
+            // Renewed certificates are picked up quickly in tests.
+            tls_reload: Duration::from_millis(200),
         };
         let (trigger, shutdown) = shutdown::channel();
         let running = spillway_agent::server::start(settings, grpc, http, shutdown)
@@ -803,6 +806,13 @@ impl TestSim {
         Self::start_with(config, None).await
     }
 
+    /// A simulator listening on `addr` (another loopback address than
+    /// 127.0.0.1, say, with a port another one has there).
+    pub async fn start_at(config: sim::SimConfig, addr: SocketAddr) -> std::io::Result<TestSim> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self::serve(listener, config, None))
+    }
+
     /// A simulator serving HTTPS with `identity`'s certificate.
     pub async fn start_tls(config: sim::SimConfig, identity: &TlsFiles) -> TestSim {
         Self::start_with(config, Some(identity)).await
@@ -812,6 +822,10 @@ impl TestSim {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("sim listener");
+        Self::serve(listener, config, tls)
+    }
+
+    fn serve(listener: TcpListener, config: sim::SimConfig, tls: Option<&TlsFiles>) -> TestSim {
         let addr = listener.local_addr().expect("sim address");
         let state = sim::SimState::new(config);
         let (trigger, mut shutdown) = shutdown::channel();

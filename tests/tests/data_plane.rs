@@ -370,6 +370,30 @@ async fn a_failing_region_is_ejected_after_two_failures_in_a_row() {
         !metrics.contains("spillway_agent_ejections_total{region=\"us-east\"}"),
         "the source region itself is never ejected"
     );
+    // Each relay to us-west failed before its head: its agent answered
+    // with an error (its model servers failed), which is a refusal.
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "spillway_agent_relay_errors_total{inference_region=\"us-west\",cause=\"refused\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no refused relay to us-west in\n{metrics}"))
+        .parse()
+        .unwrap();
+    // The calls that ejected it, and (as above) a retry after the ejection.
+    assert!(
+        (2.0..=4.0).contains(&refused),
+        "{refused} refused relays to us-west for 10 calls"
+    );
+    assert_eq!(
+        metrics
+            .matches("spillway_agent_relay_errors_total{")
+            .count(),
+        1,
+        "no other relay error: {metrics}"
+    );
 }
 
 #[tokio::test]

@@ -355,4 +355,24 @@ async fn a_hung_destination_fails_over_within_the_deadline_and_is_drained() {
         log.contains("region ejected after failures in a row") && log.contains("us-central"),
         "{summary}; the source agent's log:\n{log}"
     );
+    // And counted those failures: the calls the frozen agent had not taken
+    // as timeouts (no acknowledgment within the attempt deadline, or the
+    // channel's pings unanswered); any it had taken as resets, since they
+    // only learn that their connection closed.
+    let metrics = http.get(door, "/metrics").await.text();
+    let relay_errors: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_agent_relay_errors_total{"))
+        .collect();
+    eprintln!("relay errors: {relay_errors:?}");
+    let timeouts: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "spillway_agent_relay_errors_total{inference_region=\"us-central\",cause=\"timeout\"} ",
+            )
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    assert!(timeouts >= 1.0, "{summary}; relay errors: {relay_errors:?}");
 }

@@ -541,7 +541,11 @@ async fn a_relay_goes_only_to_an_agent_of_the_destination_region() {
     opts.tls = Some(pki.west.clone());
     opts.relay_address = Some(eu.addr.to_string());
     let _west = TestAgent::start_with(opts).await;
-    let east = tls_agent("e1", "us-east", &cp, &pki.east, &west_sim, dirs[2].path()).await;
+    let mut opts = AgentOptions::new("e1", "us-east", &planes, dirs[2].path());
+    opts.model_servers = vec![model_server(west_sim.addr, &["llama-3.1-8b"], 64)];
+    opts.tls = Some(pki.east.clone());
+    opts.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let east = TestAgent::start_with(opts).await;
     east.wait_for("us-west's relay address", |c| {
         c.relays.contains_key("us-west") && c.routes.contains_key(US)
     })
@@ -549,6 +553,18 @@ async fn a_relay_goes_only_to_an_agent_of_the_destination_region() {
     let (status, region) = https_post(east.http, &pki.cp.ca, chat(US, false)).await;
     assert_ne!(status, 200, "served in {region:?}");
     assert_eq!(eu_sim.served(), 0, "nothing reached eu-west");
+    // The relay failed in the handshake: eu-west's certificate is not an
+    // agent's of us-west.
+    let metrics = spillway_tests::cluster::Http::default()
+        .get(east.metrics.expect("a metrics listener"), "/metrics")
+        .await
+        .text();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "spillway_agent_relay_errors_total{inference_region=\"us-west\",cause=\"tls\"} "
+        )),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -867,4 +883,230 @@ async fn the_tls_door_closes_silent_idle_and_dribbling_connections() {
         String::from_utf8_lossy(&got).into_owned()
     };
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+/// The leaf certificate (DER) the TLS server at `addr` presents now.
+async fn presented(addr: SocketAddr, ca: &Path) -> Result<Vec<u8>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = door_client(ca)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let certs = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .ok_or("no certificate")?;
+    Ok(certs[0].as_ref().to_vec())
+}
+
+fn der_of(cert: &Path) -> Vec<u8> {
+    rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .as_ref()
+        .to_vec()
+}
+
+/// The value of the series `series` (name and labels, as written) at
+/// `addr`'s `/metrics`, if shown.
+async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    let text = spillway_tests::cluster::Http::default()
+        .get(addr, "/metrics")
+        .await
+        .text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Whether a gRPC health check at `addr`, presenting `id` and trusting
+/// `ca`, is answered (the handshake, client certificate included, passed).
+async fn answered(addr: SocketAddr, ca: &Path, id: &TlsFiles) -> bool {
+    let Ok(channel) = channel(addr, ca, Some(id)).await else {
+        return false;
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .is_ok()
+}
+
+/// Renewed certificates and a rotated CA are picked up by a running agent
+/// and control plane: new connections get the new certificate, the
+/// expiry gauge moves, files that cannot be used are refused (counted)
+/// while the previous certificate keeps serving, and a CA bundle with a
+/// new CA makes its certificates trusted, all without a restart.
+#[tokio::test]
+async fn renewed_certificates_and_a_rotated_ca_are_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = DevCa::new(&dir.path().join("ca"), "test CA").unwrap();
+    let next_ca = DevCa::new(&dir.path().join("next"), "next CA").unwrap();
+    let cp_files = ca.issue("cp", &control_plane_uri("cp")).unwrap();
+    let admin = ca.issue("admin", &admin_uri("ops")).unwrap();
+    let east_uri = agent_uri("us-east", "e1");
+    let east_files = ca.issue("east", &east_uri).unwrap();
+    let west_files = ca.issue("west", &agent_uri("us-west", "w1")).unwrap();
+    let ca_pem = ca.ca_path();
+
+    let tls = tls_flags(&cp_files);
+    let cp = ControlPlane::start_with(
+        None,
+        "cp",
+        &[&tls[..], &["--tls-reload-secs", "1"]].concat(),
+    )
+    .await;
+    let admin_flags = tls_flags(&admin);
+    for args in [
+        &["regions", "create", "us-east", "-g", "us"][..],
+        &["regions", "create", "us-west", "-g", "us"][..],
+        &[
+            "profiles",
+            "create",
+            US,
+            "--destinations",
+            "us-east,us-west",
+        ][..],
+        &[
+            "routes",
+            "set",
+            US,
+            "--source",
+            "us-east",
+            "--dest",
+            "us-west=1",
+        ][..],
+    ] {
+        let (ok, out) = spillctl(&cp, &admin_flags, args).await;
+        assert!(ok, "{out}");
+    }
+    let sim = TestSim::start(SimConfig::default()).await;
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let west = tls_agent("w1", "us-west", &cp, &west_files, &sim, d1.path()).await;
+    let planes = [cp.url()];
+    let mut opts = AgentOptions::new("e1", "us-east", &planes, d2.path());
+    opts.model_servers = vec![model_server(sim.addr, &["llama-3.1-8b"], 64)];
+    opts.tls = Some(east_files.clone());
+    opts.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let east = TestAgent::start_with(opts).await;
+    let east_metrics = east.metrics.unwrap();
+    east.wait_for("us-west's relay", |c| {
+        c.relays.contains_key("us-west") && c.routes.contains_key(US)
+    })
+    .await;
+    let (status, region) = https_post(east.http, &ca_pem, chat(US, false)).await;
+    assert_eq!((status, region.as_deref()), (200, Some("us-west")));
+    let first = der_of(&east_files.cert);
+    assert_eq!(presented(east.http, &ca_pem).await.unwrap(), first);
+    assert_eq!(presented(east.addr, &ca_pem).await.unwrap(), first);
+    let expiry = "spillway_agent_tls_certificate_expiry_timestamp_seconds";
+    let before = metric(east_metrics, expiry)
+        .await
+        .expect("the expiry gauge");
+    assert_eq!(
+        metric(
+            east_metrics,
+            "spillway_agent_tls_reloads_total{outcome=\"loaded\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+
+    // Renewal: a new key and certificate, valid until 2031-01-02, written
+    // over the files (not atomically: the certificate first).
+    ca.issue_until("east", &east_uri, Some((2031, 1, 2)))
+        .unwrap();
+    let renewed = der_of(&east_files.cert);
+    assert_ne!(renewed, first);
+    spillway_tests::wait_until(
+        "the door presents the renewed certificate",
+        Duration::from_secs(30),
+        || async { presented(east.http, &ca_pem).await.ok().as_ref() == Some(&renewed) },
+    )
+    .await;
+    assert_eq!(presented(east.addr, &ca_pem).await.unwrap(), renewed);
+    let after = metric(east_metrics, expiry).await.unwrap();
+    assert_eq!(
+        after, 1_925_078_400.0,
+        "2031-01-02T00:00:00Z (before: {before})"
+    );
+    // Calls go on: relayed to us-west, and the renewed certificate opens
+    // new connections to the agent's gRPC port as a client.
+    let (status, _) = https_post(east.http, &ca_pem, chat(US, false)).await;
+    assert_eq!(status, 200);
+    assert!(answered(west.addr, &ca_pem, &east_files).await);
+
+    // Files that cannot be used: a certificate that is not PEM, then one
+    // that does not fit the key. Each is refused once, counted, and the
+    // renewed certificate keeps serving.
+    let refused = "spillway_agent_tls_reloads_total{outcome=\"refused\"}";
+    std::fs::write(&east_files.cert, "not a certificate\n").unwrap();
+    spillway_tests::wait_until(
+        "the broken certificate refused",
+        Duration::from_secs(30),
+        || async { metric(east_metrics, refused).await == Some(1.0) },
+    )
+    .await;
+    assert_eq!(presented(east.http, &ca_pem).await.unwrap(), renewed);
+    std::fs::copy(&west_files.cert, &east_files.cert).unwrap();
+    spillway_tests::wait_until(
+        "the certificate of another key refused",
+        Duration::from_secs(30),
+        || async { metric(east_metrics, refused).await == Some(2.0) },
+    )
+    .await;
+    assert_eq!(presented(east.addr, &ca_pem).await.unwrap(), renewed);
+    let (status, _) = https_post(east.http, &ca_pem, chat(US, false)).await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(east_metrics, expiry).await, Some(after));
+
+    // CA rotation, step one: every party's bundle gains the next CA.
+    // Before, a certificate of the next CA does not get past the agent's
+    // handshake; after the reload, it does.
+    let newcomer = next_ca.issue("w2", &agent_uri("us-west", "w2")).unwrap();
+    assert!(!answered(east.addr, &ca_pem, &newcomer).await);
+    let bundle = [
+        std::fs::read_to_string(&ca_pem).unwrap(),
+        std::fs::read_to_string(next_ca.ca_path()).unwrap(),
+    ]
+    .concat();
+    std::fs::write(&ca_pem, &bundle).unwrap();
+    // (The agent's own files are usable again: its renewed pair.)
+    ca.issue_until("east", &east_uri, Some((2031, 1, 2)))
+        .unwrap();
+    spillway_tests::wait_until(
+        "a certificate of the next CA trusted by the agent",
+        Duration::from_secs(30),
+        || async { answered(east.addr, &ca_pem, &newcomer).await },
+    )
+    .await;
+    // Step two: the control plane's certificate is issued by the next CA;
+    // it serves it from the next connection on, and operators (trusting
+    // the bundle) still reach it.
+    let next_cp = next_ca.issue("cp", &control_plane_uri("cp")).unwrap();
+    std::fs::copy(&next_cp.cert, &cp_files.cert).unwrap();
+    std::fs::copy(&next_cp.key, &cp_files.key).unwrap();
+    let cp_now = der_of(&cp_files.cert);
+    spillway_tests::wait_until(
+        "the control plane presents its next-CA certificate",
+        Duration::from_secs(30),
+        || async { presented(cp.addr, &ca_pem).await.ok().as_ref() == Some(&cp_now) },
+    )
+    .await;
+    let (ok, out) = spillctl(&cp, &admin_flags, &["regions", "list"]).await;
+    assert!(ok && out.contains("us-west"), "{out}");
+    // And the agents' streams to it carried on: a change reaches them.
+    let version = east.current().unwrap().version;
+    let (ok, out) = spillctl(
+        &cp,
+        &admin_flags,
+        &["regions", "create", "eu-west", "-g", "eu"],
+    )
+    .await;
+    assert!(ok, "{out}");
+    east.wait_for("the next config", |c| c.version > version)
+        .await;
 }

@@ -1,6 +1,8 @@
 //! Health-driven weights end to end: agents report load, the leader turns it
 //! into effective weights, and the source region's agents receive them.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use spillway_agent::control::snapshot::AgentConfig;
 use spillway_tests::cluster::{Cluster, ClusterSpec, Http, US, chat};
 use spillway_tests::sim::SimConfig;
+use spillway_tests::{ControlPlane, wait_until};
 
 /// The effective share of `region` in the agent's table for `profile`:
 /// its weight among the first priority level, 0 if it is not in it.
@@ -63,6 +66,75 @@ fn callers(
             })
         })
         .collect()
+}
+
+/// Where a replica started with `--metrics-listen 127.0.0.1:0` serves
+/// `/metrics` (it logs the port it bound).
+async fn metrics_addr(cp: &ControlPlane) -> SocketAddr {
+    let mut addr = None;
+    wait_until(
+        "the replica to log its metrics address",
+        Duration::from_secs(10),
+        || {
+            addr = cp.log().lines().find_map(|l| {
+                let rest = l.split("serving metrics").nth(1)?;
+                rest.split("addr=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            });
+            std::future::ready(addr.is_some())
+        },
+    )
+    .await;
+    addr.expect("checked above")
+}
+
+/// The replica's `spillway_cp_effective_weight` series, by their labels
+/// (`profile,source_region,inference_region`, comma-separated values; the
+/// `reason` label is left out).
+async fn effective_weights(http: &Http, metrics: SocketAddr) -> BTreeMap<String, f64> {
+    let answer = http.get(metrics, "/metrics").await;
+    assert_eq!(answer.status, 200);
+    answer
+        .text()
+        .lines()
+        .filter_map(|l| {
+            let (labels, value) = l
+                .strip_prefix("spillway_cp_effective_weight{")?
+                .split_once("} ")?;
+            let values: Vec<&str> = labels
+                .split(',')
+                .filter(|kv| !kv.starts_with("reason="))
+                .map(|kv| kv.split_once('=').map_or("", |(_, v)| v.trim_matches('"')))
+                .collect();
+            Some((values.join(","), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The replica's effective weights once `check` holds for them (bounded:
+/// 10 s, for the leader's next update and the scrape).
+async fn effective_weights_when(
+    http: &Http,
+    metrics: SocketAddr,
+    what: &str,
+    check: impl Fn(&BTreeMap<String, f64>) -> bool,
+) -> BTreeMap<String, f64> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let weights = effective_weights(http, metrics).await;
+        if check(&weights) {
+            return weights;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica's metrics never showed {what}: {weights:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn fast_weights() -> ClusterSpec {
@@ -196,10 +268,16 @@ async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
     // the agent's config watch keeps only the newest config, so an update
     // must last longer than a busy machine's pause.
     let cluster = Cluster::start(ClusterSpec {
-        cp_args: vec!["--weights-interval-ms", "1000"],
+        cp_args: vec![
+            "--weights-interval-ms",
+            "1000",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
         ..ClusterSpec::default()
     })
     .await;
+    let metrics = metrics_addr(&cluster.cp).await;
     // us-east's calls split evenly between us-east and us-west.
     cluster
         .set_route(US, "us-east", &[("us-east", 1.0), ("us-west", 1.0)])
@@ -209,11 +287,25 @@ async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
         (share(c, US, "us-west") - 0.5).abs() < 1e-9
     })
     .await;
+    // The leader reports the weights it put in force, table by table.
+    let (to_east, to_west) = (
+        format!("{US},us-east,us-east"),
+        format!("{US},us-east,us-west"),
+    );
+    let http = Http::default();
+    let even = effective_weights_when(&http, metrics, "an even split", |w| {
+        (w.get(&to_east), w.get(&to_west)) == (Some(&0.5), Some(&0.5))
+    })
+    .await;
+    assert_eq!(
+        even.get(&format!("{US},us-west,us-west")),
+        Some(&1.0),
+        "us-west's own table, by default its region first: {even:?}"
+    );
     for sim in &cluster.region("us-west").sims {
         sim.state.down.store(true, Ordering::Relaxed);
     }
     // Traffic through us-west's own agent shows its failures in its reports.
-    let http = Http::default();
     let west = cluster.region("us-west").agent.http;
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = {
@@ -232,6 +324,21 @@ async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
     };
     east.wait_for("us-west to be drained", |c| share(c, US, "us-west") == 0.0)
         .await;
+    // Drained is weight 0 on the leader's metrics (what the alert
+    // SpillwayRegionDrained reads), while the feeder keeps it failing.
+    let drained = effective_weights_when(&http, metrics, "us-west drained", |w| {
+        w.get(&to_west) == Some(&0.0)
+    })
+    .await;
+    assert_eq!(drained.get(&to_east), Some(&1.0), "{drained:?}");
+    // With the reason the alert tells a drained region by.
+    let text = http.get(metrics, "/metrics").await.text();
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!(
+            "spillway_cp_effective_weight{{profile=\"{US}\",source_region=\"us-east\",inference_region=\"us-west\",reason=\"drained\"}} 0"
+        ))),
+        "{text}"
+    );
     stop.store(true, Ordering::Relaxed);
     feeder.await.unwrap();
     for sim in &cluster.region("us-west").sims {
@@ -259,17 +366,27 @@ async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
     .await;
     assert!(back.is_ok(), "us-west never came back to its half");
     assert!(seen_partial, "us-west came back in one jump");
+    effective_weights_when(&http, metrics, "us-west back to its half", |w| {
+        w.get(&to_west) == Some(&0.5)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     use spillway_proto::pb;
-    use spillway_tests::{AgentOptions, ControlPlane, Etcd, TestAgent, TestSim, model_server};
+    use spillway_tests::{AgentOptions, Etcd, TestAgent, TestSim, model_server};
 
     let etcd = Etcd::start().await;
-    let fast = ["--weights-interval-ms", "250"];
+    let fast = [
+        "--weights-interval-ms",
+        "250",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ];
     let mut a = ControlPlane::start_with(Some(&etcd.endpoint), "cp-a", &fast).await;
     let mut b = ControlPlane::start_with(Some(&etcd.endpoint), "cp-b", &fast).await;
+    let (a_metrics, b_metrics) = (metrics_addr(&a).await, metrics_addr(&b).await);
     let mut admin = b.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
         b.create_region(name, geo).await;
@@ -319,11 +436,23 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     let leader = etcd
         .etcdctl(&["get", "/spillway/v1/leader", "--print-value-only"])
         .await;
-    let (dead, survivor) = if leader.trim() == "cp-a" {
-        (&mut a, "cp-b")
+    let (dead, survivor, leader_metrics, survivor_metrics) = if leader.trim() == "cp-a" {
+        (&mut a, "cp-b", a_metrics, b_metrics)
     } else {
-        (&mut b, "cp-a")
+        (&mut b, "cp-a", b_metrics, a_metrics)
     };
+    // Only the leader reports the weights in force.
+    let (to_east, to_west) = (
+        format!("{US},us-east,us-east"),
+        format!("{US},us-east,us-west"),
+    );
+    let http = Http::default();
+    effective_weights_when(&http, leader_metrics, "the leader's weights", |w| {
+        w.get(&to_east) == Some(&1.0)
+    })
+    .await;
+    let follower = effective_weights(&http, survivor_metrics).await;
+    assert!(follower.is_empty(), "a follower reports {follower:?}");
     dead.kill().await;
 
     // Saturate us-east: only a live leader can move the weights.
@@ -331,6 +460,10 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     let callers = callers(6, east.http, &stop);
     east.wait_for("the new leader to spill us-east's excess", |c| {
         share(c, US, "us-west") > 0.0
+    })
+    .await;
+    effective_weights_when(&http, survivor_metrics, "the new leader's spill", |w| {
+        w.get(&to_west).is_some_and(|v| *v > 0.0)
     })
     .await;
     // us-east's reports carry what it relayed to us-west.

@@ -2,5 +2,6 @@
 //! that check who answers.
 
 pub mod connect;
+pub mod dns;
 pub mod serve;
 pub mod tls_listener;

@@ -6,7 +6,8 @@
 //!
 //! Audit records are written by a task of their own, off the request path:
 //! a call hands its record over a bounded channel and never waits; when the
-//! writer falls behind, records are dropped and counted (and logged).
+//! writer falls behind, records are dropped and counted (and logged). The
+//! writer's failures are counted too, by what failed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -248,14 +249,21 @@ impl Recorder {
         audit_otlp: bool,
         tracer: Arc<Tracer>,
     ) -> Arc<Recorder> {
+        let metrics = Arc::new(Metrics::new(spillway_core::metrics::AGENT));
         let audit = audit.map(|settings| {
+            // At 0 from the start, so that the first loss shows as an
+            // increase.
+            metrics.add(AUDIT_DROPPED, &[], 0);
+            for op in AuditOp::ALL {
+                metrics.add(AUDIT_WRITE_ERRORS, &[("op", op.as_str())], 0);
+            }
             let (tx, rx) = mpsc::channel(AUDIT_QUEUE);
-            tokio::spawn(write_audit(settings, rx));
+            tokio::spawn(write_audit(settings, rx, metrics.clone()));
             tx
         });
         Arc::new(Recorder {
             region,
-            metrics: Arc::new(Metrics::new(spillway_core::metrics::AGENT)),
+            metrics,
             audit_otlp: audit_otlp && tracer.enabled(),
             tracer,
             audit,
@@ -369,6 +377,7 @@ impl Recorder {
         let Some(tx) = &self.audit else { return };
         line.push(b'\n');
         if tx.try_send(AuditItem::Record(line)).is_err() {
+            self.metrics.add(AUDIT_DROPPED, &[], 1);
             let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if n.is_power_of_two() {
                 tracing::warn!(dropped = n, "the audit writer is behind; records dropped");
@@ -484,20 +493,183 @@ impl Recorder {
     }
 }
 
-async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>) {
-    if let Err(e) = tokio::fs::create_dir_all(&settings.dir).await {
-        tracing::error!(dir = %settings.dir.display(), error = %e, "cannot create the audit folder; audit records are lost");
-        // Still answer flushes, so that shutdown does not wait in vain.
-        while let Some(item) = rx.recv().await {
-            if let AuditItem::Flush(reply) = item {
-                let _ = reply.send(false);
+const AUDIT_DROPPED: &str = "spillway_agent_audit_dropped_total";
+const AUDIT_WRITE_ERRORS: &str = "spillway_agent_audit_write_errors_total";
+
+/// What the audit writer failed at, as `spillway_agent_audit_write_errors_total`
+/// counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuditOp {
+    CreateDir,
+    Open,
+    Write,
+    Rotate,
+}
+
+impl AuditOp {
+    const ALL: [AuditOp; 4] = [
+        AuditOp::CreateDir,
+        AuditOp::Open,
+        AuditOp::Write,
+        AuditOp::Rotate,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            AuditOp::CreateDir => "create_dir",
+            AuditOp::Open => "open",
+            AuditOp::Write => "write",
+            AuditOp::Rotate => "rotate",
+        }
+    }
+}
+
+/// The audit writer's state: where it writes, the open file and its size,
+/// and what it counts.
+struct AuditWriter {
+    settings: AuditSettings,
+    current: PathBuf,
+    file: Option<tokio::fs::File>,
+    size: u64,
+    metrics: Arc<Metrics>,
+    /// Whether the folder exists (as far as the writer knows).
+    dir_ready: bool,
+    /// Failures to create it in a row, for the log.
+    dir_failures: u64,
+}
+
+impl AuditWriter {
+    fn failed(&self, op: AuditOp) {
+        self.metrics
+            .add(AUDIT_WRITE_ERRORS, &[("op", op.as_str())], 1);
+    }
+
+    /// Creates the audit folder unless it was; whether it exists. Tried
+    /// again before each batch while it fails (a volume mounted late, a
+    /// permission fixed), each failure counted, so that the loss shows for
+    /// as long as it lasts.
+    async fn ensure_dir(&mut self) -> bool {
+        if self.dir_ready {
+            return true;
+        }
+        match tokio::fs::create_dir_all(&self.settings.dir).await {
+            Ok(()) => {
+                if self.dir_failures > 0 {
+                    tracing::info!(dir = %self.settings.dir.display(), "the audit folder could be created at last");
+                }
+                self.dir_ready = true;
+                self.dir_failures = 0;
+                self.size = tokio::fs::metadata(&self.current)
+                    .await
+                    .map_or(0, |m| m.len());
+            }
+            Err(e) => {
+                self.failed(AuditOp::CreateDir);
+                self.dir_failures += 1;
+                if self.dir_failures.is_power_of_two() {
+                    tracing::error!(dir = %self.settings.dir.display(), error = %e, failures = self.dir_failures, "cannot create the audit folder; audit records are lost");
+                }
             }
         }
-        return;
+        self.dir_ready
     }
-    let current = settings.dir.join("audit.jsonl");
-    let mut file: Option<tokio::fs::File> = None;
-    let mut size = tokio::fs::metadata(&current).await.map_or(0, |m| m.len());
+
+    /// Appends one batch to the current audit file, rotating it first when
+    /// the batch would take it past its size (the full file synced to disk
+    /// first); whether the batch was written.
+    async fn write_batch(&mut self, batch: &[u8]) -> bool {
+        if !self.ensure_dir().await {
+            return false;
+        }
+        if self.size > 0 && self.size + batch.len() as u64 > self.settings.max_bytes {
+            if let Some(f) = self.file.take()
+                && let Err(e) = f.sync_all().await
+            {
+                self.failed(AuditOp::Rotate);
+                tracing::warn!(error = %e, "cannot sync the audit log before rotating it");
+            }
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let rotated = self.settings.dir.join(format!("audit-{stamp}.jsonl"));
+            if let Err(e) = tokio::fs::rename(&self.current, &rotated).await {
+                self.failed(AuditOp::Rotate);
+                tracing::warn!(error = %e, "cannot rotate the audit log");
+            }
+            self.size = 0;
+            prune(&self.settings).await;
+        }
+        if self.file.is_none() {
+            match tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.current)
+                .await
+            {
+                Ok(f) => self.file = Some(f),
+                Err(e) => {
+                    self.failed(AuditOp::Open);
+                    // The folder may have gone: created again next time.
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        self.dir_ready = false;
+                    }
+                    tracing::error!(file = %self.current.display(), error = %e, "cannot open the audit log");
+                    return false;
+                }
+            }
+        }
+        let failed = match &mut self.file {
+            Some(f) => match f.write_all(batch).await {
+                Ok(()) => {
+                    self.size += batch.len() as u64;
+                    f.flush().await.err()
+                }
+                Err(e) => Some(e),
+            },
+            None => None,
+        };
+        match failed {
+            Some(e) => {
+                self.failed(AuditOp::Write);
+                tracing::error!(error = %e, "cannot write the audit log");
+                self.file = None;
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// Syncs the open file to disk; whether that worked.
+    async fn sync(&mut self) -> bool {
+        let Some(f) = &mut self.file else {
+            return true;
+        };
+        match f.sync_all().await {
+            Ok(()) => true,
+            Err(e) => {
+                self.failed(AuditOp::Write);
+                tracing::error!(error = %e, "cannot sync the audit log to disk");
+                false
+            }
+        }
+    }
+}
+
+async fn write_audit(
+    settings: AuditSettings,
+    mut rx: mpsc::Receiver<AuditItem>,
+    metrics: Arc<Metrics>,
+) {
+    let mut writer = AuditWriter {
+        current: settings.dir.join("audit.jsonl"),
+        settings,
+        file: None,
+        size: 0,
+        metrics,
+        dir_ready: false,
+        dir_failures: 0,
+    };
+    writer.ensure_dir().await;
     // Whether every write since the last flush went to the file.
     let mut intact = true;
     while let Some(first) = rx.recv().await {
@@ -520,78 +692,13 @@ async fn write_audit(settings: AuditSettings, mut rx: mpsc::Receiver<AuditItem>)
             }
         }
         if !batch.is_empty() {
-            intact &= write_batch(&settings, &current, &mut file, &mut size, &batch).await;
+            intact &= writer.write_batch(&batch).await;
         }
         if let Some(reply) = flush {
-            if let Some(f) = &mut file
-                && let Err(e) = f.sync_all().await
-            {
-                tracing::error!(error = %e, "cannot sync the audit log to disk");
-                intact = false;
-            }
+            intact &= writer.sync().await;
             let _ = reply.send(intact);
             intact = true;
         }
-    }
-}
-
-/// Appends one batch to the current audit file, rotating it first when
-/// the batch would take it past its size (the full file synced to disk
-/// first); whether the batch was written.
-async fn write_batch(
-    settings: &AuditSettings,
-    current: &std::path::Path,
-    file: &mut Option<tokio::fs::File>,
-    size: &mut u64,
-    batch: &[u8],
-) -> bool {
-    if *size > 0 && *size + batch.len() as u64 > settings.max_bytes {
-        if let Some(f) = file.take()
-            && let Err(e) = f.sync_all().await
-        {
-            tracing::warn!(error = %e, "cannot sync the audit log before rotating it");
-        }
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        let rotated = settings.dir.join(format!("audit-{stamp}.jsonl"));
-        if let Err(e) = tokio::fs::rename(current, &rotated).await {
-            tracing::warn!(error = %e, "cannot rotate the audit log");
-        }
-        *size = 0;
-        prune(settings).await;
-    }
-    if file.is_none() {
-        match tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(current)
-            .await
-        {
-            Ok(f) => *file = Some(f),
-            Err(e) => {
-                tracing::error!(file = %current.display(), error = %e, "cannot open the audit log");
-                return false;
-            }
-        }
-    }
-    let failed = match file {
-        Some(f) => match f.write_all(batch).await {
-            Ok(()) => {
-                *size += batch.len() as u64;
-                f.flush().await.err()
-            }
-            Err(e) => Some(e),
-        },
-        None => None,
-    };
-    match failed {
-        Some(e) => {
-            tracing::error!(error = %e, "cannot write the audit log");
-            *file = None;
-            false
-        }
-        None => true,
     }
 }
 
@@ -648,6 +755,109 @@ mod tests {
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 
+    fn served() -> Outcome {
+        Outcome {
+            status: 200,
+            outcome: "ok",
+            inference_region: Some("us-east".into()),
+            ..Outcome::default()
+        }
+    }
+
+    /// The audit writer's failures as counted, by op.
+    fn write_errors(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("spillway_agent_audit_write_errors_total{op="))
+            .filter(|l| !l.ends_with(" 0"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Hands one record to a recorder writing to `dir`, flushes it, and
+    /// returns whether the flush said it was written, and the failures.
+    async fn write_one(dir: PathBuf) -> (bool, Vec<String>) {
+        let settings = AuditSettings {
+            dir,
+            max_bytes: 1 << 20,
+            keep: 2,
+        };
+        let tracer = Tracer::start(None, "us-east".into(), "a".into(), 1.0);
+        let recorder = Recorder::start("us-east".into(), Some(settings), false, tracer);
+        recorder.finish(&CallContext::new("http"), &served());
+        let written = recorder.flush(Duration::from_secs(5)).await;
+        (written, write_errors(&recorder.metrics))
+    }
+
+    #[tokio::test]
+    async fn audit_write_failures_are_counted_by_what_failed() {
+        let tmp = tempfile::tempdir().unwrap();
+        // The folder would be under a regular file: it cannot be created,
+        // at start nor when the record comes.
+        let plain = tmp.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let (written, failed) = write_one(plain.join("audit")).await;
+        assert!(!written);
+        assert_eq!(failed, ["\"create_dir\"} 2"]);
+
+        // The current file's name is taken by a folder: it cannot be opened.
+        let taken = tmp.path().join("taken");
+        std::fs::create_dir_all(taken.join("audit.jsonl")).unwrap();
+        let (written, failed) = write_one(taken).await;
+        assert!(!written);
+        assert_eq!(failed, ["\"open\"} 1"]);
+
+        // A file that takes no bytes: writing it fails.
+        #[cfg(target_os = "linux")]
+        {
+            let full = tmp.path().join("full");
+            std::fs::create_dir(&full).unwrap();
+            std::os::unix::fs::symlink("/dev/full", full.join("audit.jsonl")).unwrap();
+            let (written, failed) = write_one(full).await;
+            assert!(!written);
+            assert_eq!(failed, ["\"write\"} 1"]);
+        }
+
+        // And a folder that can be written: nothing counted, each op at 0.
+        let fine = tmp.path().join("fine");
+        let (written, failed) = write_one(fine.clone()).await;
+        assert!(written);
+        assert_eq!(failed, Vec::<String>::new());
+        assert_eq!(
+            std::fs::read_to_string(fine.join("audit.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn records_dropped_for_a_full_queue_are_counted() {
+        // A queue of two that nothing reads: the writer fell behind.
+        let (tx, _rx) = mpsc::channel(2);
+        let recorder = Recorder {
+            region: "us-east".into(),
+            metrics: Arc::new(Metrics::new(spillway_core::metrics::AGENT)),
+            tracer: Tracer::start(None, "us-east".into(), "a".into(), 1.0),
+            audit: Some(tx),
+            audit_otlp: false,
+            dropped: AtomicU64::new(0),
+        };
+        for _ in 0..5 {
+            recorder.finish(&CallContext::new("http"), &served());
+        }
+        assert_eq!(recorder.dropped.load(Ordering::Relaxed), 3);
+        assert!(
+            recorder
+                .metrics
+                .render()
+                .lines()
+                .any(|l| l == "spillway_agent_audit_dropped_total 3")
+        );
+    }
+
     #[tokio::test]
     async fn audit_files_rotate_by_size_and_old_ones_go() {
         let dir = tempfile::tempdir().unwrap();
@@ -671,9 +881,12 @@ mod tests {
                     ..Outcome::default()
                 },
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // Five batches of four records, each past the size: written
+            // when flushed, not when a busy machine gets round to it.
+            if i % 4 == 3 {
+                assert!(recorder.flush(Duration::from_secs(5)).await);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -11,14 +11,19 @@
 //! saturated of two random servers that are not saturated, and when every
 //! server is, the region is saturated and the call spills.
 //!
+//! A server given with `dns` is a name whose addresses are followed
+//! ([`Upstreams::spawn_discovery`]): one server per address, re-resolved
+//! every `--dns-refresh-ms`; a new address joins (and is scraped on its
+//! own), one that is gone takes no new calls while its calls finish.
+//!
 //! Every wait on a server is bounded ([`UpstreamSettings`]): connecting,
 //! TCP and TLS handshake together; a stream's head; a unary answer. HTTP/2
 //! connections are pinged, HTTP/1 ones kept alive by TCP.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -35,6 +40,7 @@ use spillway_core::api::{Api, ApiSet};
 
 use crate::error::CallError;
 use crate::net::connect::Bounded;
+use crate::net::dns::Resolver;
 
 pub mod answer;
 pub mod engine;
@@ -69,6 +75,9 @@ pub struct ModelServerSpec {
     pub metrics_url: String,
     /// Speak HTTP/2 with prior knowledge instead of HTTP/1.1.
     pub http2: bool,
+    /// The URL's host is a DNS name whose addresses are followed: one
+    /// server per address (a Kubernetes headless Service's pods).
+    pub dns: bool,
 }
 
 impl ModelServerSpec {
@@ -85,6 +94,7 @@ impl ModelServerSpec {
             fixed: false,
             metrics: MetricsMode::Auto,
             http2: false,
+            dns: false,
         }
     }
 
@@ -153,9 +163,10 @@ impl FromStr for ModelServerSpec {
                 }
                 None if part == "static" => spec.fixed = true,
                 None if part == "http2" => spec.http2 = true,
+                None if part == "dns" => spec.dns = true,
                 _ => {
                     return Err(format!(
-                        "unknown model-server option `{part}` (use models=a|b, apis=chat|embeddings, capacity=N, static, metrics=auto|vllm|sglang|llamacpp|none, metrics_url=URL, http2)"
+                        "unknown model-server option `{part}` (use models=a|b, apis=chat|embeddings, capacity=N, static, metrics=auto|vllm|sglang|llamacpp|none, metrics_url=URL, http2, dns)"
                     ));
                 }
             }
@@ -165,6 +176,22 @@ impl FromStr for ModelServerSpec {
                 "model server `{}` names no models (add models=a|b)",
                 spec.url
             ));
+        }
+        if spec.dns {
+            let uri: Uri = spec.url.parse().expect("checked above");
+            let host = uri.host().unwrap_or_default();
+            if spec.is_https() {
+                return Err(format!(
+                    "model server `{}`: `dns` follows a name's addresses over http:// only (an https:// server's certificate names the host, not its addresses)",
+                    spec.url
+                ));
+            }
+            if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+                return Err(format!(
+                    "model server `{}`: `dns` needs a host name to resolve, not an address",
+                    spec.url
+                ));
+            }
         }
         if spec.fixed && spec.capacity.is_none() {
             return Err(format!(
@@ -180,6 +207,10 @@ impl FromStr for ModelServerSpec {
 #[derive(Debug)]
 pub struct ModelServer {
     pub spec: ModelServerSpec,
+    /// The `dns` server (by index among the specs) whose address this is.
+    discovered_from: Option<usize>,
+    /// Its address is gone from the name: no new calls, no more scrapes.
+    removed: AtomicBool,
     /// The URL of each API it serves, by [`Api::index`].
     uris: [Option<Uri>; Api::ALL.len()],
     in_flight: AtomicU32,
@@ -281,6 +312,44 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl ModelServer {
+    fn new(spec: ModelServerSpec, discovered_from: Option<usize>) -> Arc<ModelServer> {
+        let uris = Api::ALL.map(|api| {
+            spec.apis.contains(api).then(|| {
+                format!("{}{}", spec.url, api.path())
+                    .parse()
+                    .expect("checked when the spec was parsed")
+            })
+        });
+        let engine = EngineView {
+            kind: match spec.metrics {
+                MetricsMode::Engine(k) => Some(k),
+                _ => None,
+            },
+            ..EngineView::default()
+        };
+        Arc::new(ModelServer {
+            limit: Mutex::new(AdaptiveLimit::new(
+                LimitSettings::for_capacity(spec.capacity),
+                Instant::now(),
+            )),
+            engine: Mutex::new(engine),
+            spec,
+            discovered_from,
+            removed: AtomicBool::new(false),
+            uris,
+            in_flight: AtomicU32::new(0),
+            latency_us: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            throttles: AtomicU64::new(0),
+            output_tokens: AtomicU64::new(0),
+            ttft_us: AtomicU64::new(0),
+            total_us: AtomicU64::new(0),
+        })
+    }
+
     pub fn in_flight(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -549,6 +618,8 @@ pub struct UpstreamSettings {
     /// chain to these roots. `None`: no https server can be reached.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub saturation: SaturationSettings,
+    /// Following the names of servers given with `dns`.
+    pub discovery: DiscoverySettings,
 }
 
 impl Default for UpstreamSettings {
@@ -561,6 +632,7 @@ impl Default for UpstreamSettings {
             keepalive_timeout: Duration::from_secs(2),
             tls: None,
             saturation: SaturationSettings::default(),
+            discovery: DiscoverySettings::default(),
         }
     }
 }
@@ -587,7 +659,17 @@ fn trusting_nobody() -> rustls::ClientConfig {
 
 /// The region's model servers and the pooled clients that reach them.
 pub struct Upstreams {
-    servers: Vec<Arc<ModelServer>>,
+    /// The servers now: those given by address, and the addresses of those
+    /// given by a name to follow. Replaced whole when a name's addresses
+    /// change; a call holds the server it picked.
+    servers: RwLock<Arc<Vec<Arc<ModelServer>>>>,
+    /// The `--model-server` specs as given: what the region serves.
+    declared: Vec<ModelServerSpec>,
+    /// How each followed name's last lookup went (by spec index), to log
+    /// only changes.
+    followed: Mutex<Vec<(usize, Result<usize, String>)>>,
+    /// Set by `spawn_scrapers`: servers that join later are scraped too.
+    scrapers: Mutex<Option<spillway_core::shutdown::Shutdown>>,
     http1: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     http2: Client<Bounded<HttpsConnector<HttpConnector>>, Full<Bytes>>,
     settings: UpstreamSettings,
@@ -602,7 +684,7 @@ pub struct Upstreams {
 impl std::fmt::Debug for Upstreams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstreams")
-            .field("servers", &self.servers)
+            .field("servers", &self.servers())
             .finish()
     }
 }
@@ -655,46 +737,17 @@ impl Upstreams {
                     .enable_http2()
                     .wrap_connector(connector),
             ));
+        // Servers given by a name to follow have none until it is resolved.
         let servers = specs
-            .into_iter()
-            .map(|spec| {
-                let uris = Api::ALL.map(|api| {
-                    spec.apis.contains(api).then(|| {
-                        format!("{}{}", spec.url, api.path())
-                            .parse()
-                            .expect("checked when the spec was parsed")
-                    })
-                });
-                let engine = EngineView {
-                    kind: match spec.metrics {
-                        MetricsMode::Engine(k) => Some(k),
-                        _ => None,
-                    },
-                    ..EngineView::default()
-                };
-                Arc::new(ModelServer {
-                    limit: Mutex::new(AdaptiveLimit::new(
-                        LimitSettings::for_capacity(spec.capacity),
-                        Instant::now(),
-                    )),
-                    engine: Mutex::new(engine),
-                    spec,
-                    uris,
-                    in_flight: AtomicU32::new(0),
-                    latency_us: AtomicU64::new(0),
-                    started: AtomicU64::new(0),
-                    finished: AtomicU64::new(0),
-                    calls: AtomicU64::new(0),
-                    errors: AtomicU64::new(0),
-                    throttles: AtomicU64::new(0),
-                    output_tokens: AtomicU64::new(0),
-                    ttft_us: AtomicU64::new(0),
-                    total_us: AtomicU64::new(0),
-                })
-            })
+            .iter()
+            .filter(|spec| !spec.dns)
+            .map(|spec| ModelServer::new(spec.clone(), None))
             .collect();
         Upstreams {
-            servers,
+            servers: RwLock::new(Arc::new(servers)),
+            declared: specs,
+            followed: Mutex::new(Vec::new()),
+            scrapers: Mutex::new(None),
             http1,
             http2,
             settings,
@@ -710,8 +763,107 @@ impl Upstreams {
         self.peers.store(agents.max(1), Ordering::Relaxed);
     }
 
-    pub fn servers(&self) -> &[Arc<ModelServer>] {
-        &self.servers
+    /// The servers now.
+    pub fn servers(&self) -> Arc<Vec<Arc<ModelServer>>> {
+        self.servers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Resolves every followed name once (at start, so that the first calls
+    /// find their servers).
+    pub async fn discover_once(self: &Arc<Self>) {
+        let all = self
+            .declared
+            .iter()
+            .enumerate()
+            .filter(|(_, spec)| spec.dns)
+            .map(|(i, _)| self.discover(i));
+        futures_util::future::join_all(all).await;
+    }
+
+    /// Follows each name given with `dns`: re-resolved every
+    /// `discovery.every` until `shutdown`. Call once, after
+    /// [`Upstreams::discover_once`].
+    pub fn spawn_discovery(self: &Arc<Self>, shutdown: &spillway_core::shutdown::Shutdown) {
+        for (i, _) in self.declared.iter().enumerate().filter(|(_, s)| s.dns) {
+            let (me, mut stop) = (self.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(me.settings.discovery.every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        _ = stop.wait() => return,
+                        _ = tick.tick() => me.discover(i).await,
+                    }
+                }
+            });
+        }
+    }
+
+    /// Resolves the name of spec `i` and makes the servers its addresses:
+    /// new ones join, gone ones leave (their calls finish). No answer keeps
+    /// what was known.
+    async fn discover(self: &Arc<Self>, i: usize) {
+        let spec = &self.declared[i];
+        let uri: Uri = spec.url.parse().expect("checked when the spec was parsed");
+        let host = uri.host().unwrap_or_default().to_string();
+        let found = self.settings.discovery.resolver.lookup(&host).await;
+        let outcome = found.as_ref().map(Vec::len).map_err(Clone::clone);
+        {
+            let mut seen = lock(&self.followed);
+            let last = seen.iter_mut().find(|(j, _)| *j == i);
+            let changed = last.as_ref().is_none_or(|(_, o)| *o != outcome);
+            if changed {
+                match &outcome {
+                    Ok(n) => {
+                        tracing::info!(server = %spec.url, addresses = n, "model server name resolved")
+                    }
+                    Err(e) => {
+                        tracing::warn!(server = %spec.url, error = %e, "cannot resolve a model server's name: its last known addresses stay")
+                    }
+                }
+                match last {
+                    Some(l) => l.1 = outcome,
+                    None => seen.push((i, outcome)),
+                }
+            }
+        }
+        let Ok(addrs) = found else { return };
+        let wanted: Vec<ModelServerSpec> =
+            addrs.iter().map(|ip| member(spec, &host, *ip)).collect();
+        let mut joined = Vec::new();
+        {
+            let mut current = self.servers.write().unwrap_or_else(|e| e.into_inner());
+            let mut next: Vec<Arc<ModelServer>> = Vec::with_capacity(current.len());
+            for s in current.iter() {
+                if s.discovered_from == Some(i) && !wanted.iter().any(|w| w.url == s.spec.url) {
+                    s.removed.store(true, Ordering::Release);
+                    tracing::info!(name = %spec.url, server = %s.spec.url, in_flight = s.in_flight(), "model server left: it takes no new calls");
+                } else {
+                    next.push(s.clone());
+                }
+            }
+            for w in wanted {
+                if !next.iter().any(|s| s.spec.url == w.url) {
+                    tracing::info!(name = %spec.url, server = %w.url, "model server joined");
+                    let server = ModelServer::new(w, Some(i));
+                    joined.push(server.clone());
+                    next.push(server);
+                }
+            }
+            if !joined.is_empty() || next.len() != current.len() {
+                *current = Arc::new(next);
+            }
+        }
+        let scrapers = lock(&self.scrapers).clone();
+        if let Some(stop) = scrapers {
+            for server in joined {
+                self.spawn_scraper(server, stop.clone());
+            }
+        }
     }
 
     /// What the servers did since the last call of this, for the load
@@ -720,7 +872,7 @@ impl Upstreams {
         let now = Instant::now();
         let settings = &self.settings.saturation;
         let servers = self
-            .servers
+            .servers()
             .iter()
             .map(|s| {
                 let peers = self.peers.load(Ordering::Relaxed);
@@ -780,51 +932,69 @@ impl Upstreams {
     }
 
     /// Scrapes each server's engine metrics every `scrape_interval`, until
-    /// `shutdown`. Call once, after [`Upstreams::scrape_once`].
+    /// `shutdown` (and servers that join later, from when they join). Call
+    /// once, after [`Upstreams::scrape_once`].
     pub fn spawn_scrapers(self: &Arc<Self>, shutdown: &spillway_core::shutdown::Shutdown) {
-        for (i, server) in self.servers.iter().enumerate() {
-            if server.spec.metrics == MetricsMode::None {
-                continue;
-            }
-            let (me, mut stop) = (self.clone(), shutdown.clone());
-            tokio::spawn(async move {
-                let every = me.settings.saturation.scrape_interval;
-                let mut tick = tokio::time::interval(every);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                tick.tick().await;
-                let scraping = async {
-                    loop {
-                        tick.tick().await;
-                        me.scrape(i).await;
-                        // A server found to have no engine metrics is asked
-                        // again now and then (it may come back as one that
-                        // has them).
-                        let server = &me.servers[i];
-                        if lock(&server.engine).state == ScrapeState::NoEngine {
-                            tokio::time::sleep(NO_ENGINE_RECHECK).await;
-                        }
-                    }
-                };
-                tokio::select! {
-                    _ = stop.wait() => {}
-                    _ = scraping => {}
-                }
-            });
+        *lock(&self.scrapers) = Some(shutdown.clone());
+        for server in self.servers().iter() {
+            self.spawn_scraper(server.clone(), shutdown.clone());
         }
+    }
+
+    /// Scrapes `server` every interval until shutdown or until it leaves;
+    /// one that joined after the start is scraped at once.
+    fn spawn_scraper(
+        self: &Arc<Self>,
+        server: Arc<ModelServer>,
+        mut stop: spillway_core::shutdown::Shutdown,
+    ) {
+        if server.spec.metrics == MetricsMode::None {
+            return;
+        }
+        let me = self.clone();
+        let scraped = lock(&server.engine).scraped_at.is_some();
+        tokio::spawn(async move {
+            let every = me.settings.saturation.scrape_interval;
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            if scraped {
+                tick.tick().await;
+            }
+            let scraping = async {
+                loop {
+                    tick.tick().await;
+                    if server.removed.load(Ordering::Acquire) {
+                        return;
+                    }
+                    me.scrape(&server).await;
+                    // A server found to have no engine metrics is asked
+                    // again now and then (it may come back as one that
+                    // has them).
+                    if lock(&server.engine).state == ScrapeState::NoEngine {
+                        tokio::time::sleep(NO_ENGINE_RECHECK).await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop.wait() => {}
+                _ = scraping => {}
+            }
+        });
     }
 
     /// Scrapes every server's metrics once, together (at start, so that the
     /// first calls are placed with the engines' figures, and a metrics URL
     /// that does not answer is reported at once).
     pub async fn scrape_once(&self) {
-        let all = (0..self.servers.len())
-            .filter(|i| self.servers[*i].spec.metrics != MetricsMode::None)
-            .map(|i| self.scrape(i));
+        let servers = self.servers();
+        let all = servers
+            .iter()
+            .filter(|s| s.spec.metrics != MetricsMode::None)
+            .map(|s| self.scrape(s));
         futures_util::future::join_all(all).await;
     }
 
-    async fn scrape(&self, i: usize) {
-        let server = &self.servers[i];
+    async fn scrape(&self, server: &ModelServer) {
         let timeout = (self.settings.saturation.scrape_interval * 2).min(Duration::from_secs(2));
         let outcome = match tokio::time::timeout(timeout, self.fetch_metrics(server)).await {
             Ok(outcome) => outcome,
@@ -870,8 +1040,8 @@ impl Upstreams {
         api: Api,
         objective: Option<Duration>,
     ) -> Result<(Arc<ModelServer>, InFlight), CallError> {
-        let mut serving: Vec<&Arc<ModelServer>> = self
-            .servers
+        let servers = self.servers();
+        let mut serving: Vec<&Arc<ModelServer>> = servers
             .iter()
             .filter(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
             .collect();
@@ -932,18 +1102,21 @@ impl Upstreams {
         Ok((chosen.clone(), InFlight(chosen.clone())))
     }
 
-    /// Whether a model server of this region serves `model` over `api`.
+    /// Whether a model server of this region serves `model` over `api`:
+    /// one given with `--model-server` (a followed name serves what it
+    /// declares while it has no address too: a configuration is not
+    /// refused because a Deployment scaled to zero for a while).
     pub fn serves(&self, model: &str, api: Api) -> bool {
-        self.servers
+        self.declared
             .iter()
-            .any(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
+            .any(|s| s.models.contains(model) && s.apis.contains(api))
     }
 
     /// The APIs this region's model servers serve, together.
     pub fn apis(&self) -> ApiSet {
-        self.servers
+        self.declared
             .iter()
-            .fold(ApiSet::default(), |set, s| set.union(s.spec.apis))
+            .fold(ApiSet::default(), |set, s| set.union(s.apis))
     }
 
     /// Calls a model server of this region. `body` is the request of `api`
@@ -975,7 +1148,7 @@ impl Upstreams {
             Ok(_) => self.ejected.success(&server.spec.url),
             Err(e) if e.retriable() => {
                 let set: Vec<String> = self
-                    .servers
+                    .servers()
                     .iter()
                     .filter(|s| s.spec.models.contains(model) && s.spec.apis.contains(api))
                     .map(|s| s.spec.url.clone())
@@ -1125,6 +1298,55 @@ impl Upstreams {
     }
 }
 
+/// The server at `ip` of the followed spec `spec` (whose URL's host is
+/// `host`): the same URL with the address for the host, and its metrics
+/// URL too when that names the same host.
+fn member(spec: &ModelServerSpec, host: &str, ip: std::net::IpAddr) -> ModelServerSpec {
+    let at = |url: &str| -> String {
+        let Ok(uri) = url.parse::<Uri>() else {
+            return url.to_string();
+        };
+        if uri.host() != Some(host) {
+            return url.to_string();
+        }
+        let port = uri.port_u16().unwrap_or(80);
+        let authority = match ip {
+            std::net::IpAddr::V4(v4) => format!("{v4}:{port}"),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        };
+        let path = uri.path_and_query().map_or("", |p| p.as_str());
+        let path = if path == "/" && !url.ends_with('/') {
+            ""
+        } else {
+            path
+        };
+        format!("{}://{authority}{path}", uri.scheme_str().unwrap_or("http"))
+    };
+    ModelServerSpec {
+        url: at(&spec.url),
+        metrics_url: at(&spec.metrics_url),
+        dns: false,
+        ..spec.clone()
+    }
+}
+
+/// How names given with `dns` are followed.
+#[derive(Debug, Clone)]
+pub struct DiscoverySettings {
+    pub resolver: Resolver,
+    /// How often each name is resolved again (`--dns-refresh-ms`).
+    pub every: Duration,
+}
+
+impl Default for DiscoverySettings {
+    fn default() -> Self {
+        DiscoverySettings {
+            resolver: Resolver::System,
+            every: Duration::from_secs(5),
+        }
+    }
+}
+
 /// Largest metrics page read (a vLLM server's is about 100 KB).
 const MAX_METRICS_PAGE: usize = 8 * 1024 * 1024;
 
@@ -1172,6 +1394,58 @@ mod tests {
             metrics: MetricsMode::None,
             ..ModelServerSpec::new(url, ["m"])
         }
+    }
+
+    #[test]
+    fn a_followed_name_is_http_with_a_host_name_and_each_address_a_server() {
+        let s: ModelServerSpec =
+            "http://vllm.ns.svc:8000,models=m,dns,metrics_url=http://vllm.ns.svc:9090/metrics"
+                .parse()
+                .unwrap();
+        assert!(s.dns);
+        let m = member(&s, "vllm.ns.svc", "10.1.2.3".parse().unwrap());
+        assert_eq!(m.url, "http://10.1.2.3:8000");
+        assert_eq!(m.metrics_url, "http://10.1.2.3:9090/metrics");
+        assert!(!m.dns);
+        let m = member(&s, "vllm.ns.svc", "fd00::7".parse().unwrap());
+        assert_eq!(m.url, "http://[fd00::7]:8000");
+        // No port: 80; a metrics URL elsewhere stays where it is.
+        let s: ModelServerSpec = "http://vllm/base,models=m,dns,metrics_url=http://stats:1/m"
+            .parse()
+            .unwrap();
+        let m = member(&s, "vllm", "10.0.0.9".parse().unwrap());
+        assert_eq!(m.url, "http://10.0.0.9:80/base");
+        assert_eq!(m.metrics_url, "http://stats:1/m");
+        for (flag, why) in [
+            ("https://vllm:8443,models=m,dns", "http:// only"),
+            ("http://10.0.0.1:8000,models=m,dns", "not an address"),
+            ("http://[::1]:8000,models=m,dns", "not an address"),
+        ] {
+            let e = flag.parse::<ModelServerSpec>().unwrap_err();
+            assert!(e.contains(why), "{flag}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_followed_name_takes_its_servers_from_the_resolver() {
+        // `localhost` through the system resolver: its loopback addresses.
+        let spec: ModelServerSpec = "http://localhost:9,models=m,dns,metrics=none"
+            .parse()
+            .unwrap();
+        let up = Arc::new(Upstreams::new(vec![spec], UpstreamSettings::default()));
+        assert!(up.servers().is_empty());
+        assert!(up.serves("m", Api::Chat), "declared, before any address");
+        up.discover_once().await;
+        let servers = up.servers();
+        assert!(!servers.is_empty());
+        assert!(
+            servers
+                .iter()
+                .all(|s| s.spec.url.starts_with("http://127.0.0.1:9")
+                    || s.spec.url.starts_with("http://[::1]:9")),
+            "{:?}",
+            servers.iter().map(|s| &s.spec.url).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -46,8 +46,9 @@ use crate::telemetry::trace::{self, RemoteSpans, TraceParent, kv};
 use crate::upstream::{AnswerBody, UpstreamAnswer, UpstreamSettings, Upstreams};
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use spillway_core::api::Api;
+use spillway_core::credentials::Credentials;
 use spillway_core::metrics::Metrics;
-use spillway_core::tls::{Expect, Peer, TlsFiles};
+use spillway_core::tls::{Expect, Peer};
 
 /// Metadata naming the calling agent as `<region>/<agent-id>`.
 pub const SOURCE_AGENT: &str = "spillway-source-agent";
@@ -68,8 +69,11 @@ pub struct RelayClients {
     channels: Mutex<HashMap<String, Pooled>>,
     settings: UpstreamSettings,
     /// Mutual TLS to other agents, with this agent's certificate; each
-    /// destination must present an agent certificate of its region.
-    tls: Option<TlsFiles>,
+    /// destination must present an agent certificate of its region. The
+    /// certificate presented is the one loaded now (it may be reloaded).
+    tls: Option<Arc<Credentials>>,
+    /// Counts the attempts that failed before the answer's head, by cause.
+    metrics: Arc<Metrics>,
 }
 
 /// The largest relay message: a request body up to the HTTP door's limit
@@ -86,43 +90,62 @@ impl RelayClients {
         region: &str,
         agent_id: &str,
         settings: UpstreamSettings,
-        tls: Option<TlsFiles>,
+        tls: Option<Arc<Credentials>>,
+        metrics: Arc<Metrics>,
     ) -> RelayClients {
         RelayClients {
             me: format!("{region}/{agent_id}"),
             channels: Mutex::new(HashMap::new()),
             settings,
             tls,
+            metrics,
         }
+    }
+
+    /// Counts a relay attempt to `region` that failed before the answer's
+    /// head, and gives its error back.
+    fn failed(&self, region: &str, cause: RelayErrorCause, e: CallError) -> CallError {
+        self.metrics.add(
+            "spillway_agent_relay_errors_total",
+            &[("inference_region", region), ("cause", cause.as_str())],
+            1,
+        );
+        e
     }
 
     /// The pooled channel to the agent at `addr`, which must be an agent
     /// of `region`, and whether that agent acknowledges calls early.
-    fn channel(&self, region: &str, addr: &str) -> Result<(Channel, Arc<AtomicBool>), CallError> {
+    fn channel(
+        &self,
+        region: &str,
+        addr: &str,
+    ) -> Result<(Channel, Arc<AtomicBool>), (RelayErrorCause, CallError)> {
         let key = format!("{region}/{addr}");
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = channels.get(&key) {
             return Ok((c.channel.clone(), c.acks_early.clone()));
         }
-        let unavailable = |e: String| CallError::Unavailable(format!("relay to `{addr}`: {e}"));
         // The connect timeout covers the TLS handshake (tonic bounds the
         // whole connector). Pings go out whenever the peer has been silent
         // for an interval, idle or not, so that a peer that stopped (a
         // frozen process, a black-holed network) closes the channel, and
         // fails the calls on it, within interval + timeout.
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| unavailable(e.to_string()))?
+            .map_err(|e| {
+                let e = CallError::Unavailable(format!("relay to `{addr}`: {e}"));
+                (RelayErrorCause::Connect, e)
+            })?
             .connect_timeout(self.settings.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(self.settings.keepalive_interval)
             .keep_alive_timeout(self.settings.keepalive_timeout)
             .keep_alive_while_idle(true);
         let channel = match &self.tls {
-            Some(files) => {
+            Some(creds) => {
                 let expect = Expect::Agent {
                     region: region.to_string(),
                 };
-                TlsConnect::new(files.rustls_client(expect).map_err(unavailable)?).channel(endpoint)
+                TlsConnect::new(creds.rustls_client(expect)).channel(endpoint)
             }
             None => endpoint.connect_lazy(),
         };
@@ -176,7 +199,9 @@ impl RelayClients {
             )));
         }
         let addr = agents[fastrand::usize(..agents.len())];
-        let (channel, acks_early) = self.channel(region, addr)?;
+        let (channel, acks_early) = self
+            .channel(region, addr)
+            .map_err(|(cause, e)| self.failed(region, cause, e))?;
         let mut client = RelayServiceClient::new(channel)
             .max_decoding_message_size(MAX_RELAY_MESSAGE)
             .max_encoding_message_size(MAX_RELAY_MESSAGE);
@@ -213,11 +238,18 @@ impl RelayClients {
         );
         let acked = match tokio::time::timeout(ack_wait, client.relay(req)).await {
             Err(_) => {
-                return Err(CallError::Unavailable(format!(
-                    "agent {addr} of {region} did not take the call within {ack_wait:?}"
-                )));
+                return Err(self.failed(
+                    region,
+                    RelayErrorCause::Timeout,
+                    CallError::Unavailable(format!(
+                        "agent {addr} of {region} did not take the call within {ack_wait:?}"
+                    )),
+                ));
             }
-            Ok(Err(status)) => return Err(from_status(region, status)),
+            Ok(Err(status)) => {
+                let cause = RelayErrorCause::of_status(&status);
+                return Err(self.failed(region, cause, from_status(region, status)));
+            }
             Ok(Ok(acked)) => acked,
         };
         if acked.metadata().contains_key(ACK) {
@@ -229,30 +261,44 @@ impl RelayClients {
         // channel's pings watch the destination.
         let head = match tokio::time::timeout(head_wait, events.message()).await {
             Err(_) => {
-                return Err(CallError::Unavailable(format!(
-                    "agent {addr} of {region} did not answer within {head_wait:?}"
-                )));
+                return Err(self.failed(
+                    region,
+                    RelayErrorCause::Timeout,
+                    CallError::Unavailable(format!(
+                        "agent {addr} of {region} did not answer within {head_wait:?}"
+                    )),
+                ));
             }
-            Ok(Err(status)) => return Err(from_status(region, status)),
+            Ok(Err(status)) => {
+                let cause = RelayErrorCause::of_status(&status);
+                return Err(self.failed(region, cause, from_status(region, status)));
+            }
             Ok(Ok(head)) => head,
         };
         let status = match head.and_then(|e| e.event) {
             // The answer must come from the region the call was sent to,
             // or the audit record and the tenant's policy would be wrong.
             Some(Event::Head(h)) if h.inference_region != region => {
-                return Err(CallError::Unavailable(format!(
-                    "agent {addr} answered for region `{}`, not `{region}`",
-                    h.inference_region
-                )));
+                return Err(self.failed(
+                    region,
+                    RelayErrorCause::Refused,
+                    CallError::Unavailable(format!(
+                        "agent {addr} answered for region `{}`, not `{region}`",
+                        h.inference_region
+                    )),
+                ));
             }
             Some(Event::Head(h)) => {
                 http::StatusCode::from_u16(h.status as u16).unwrap_or(http::StatusCode::BAD_GATEWAY)
             }
+            // The call ended (or sent a chunk) before any head.
             _ => {
                 tracing::warn!(agent = %addr, %region, "a relay answered without a head");
-                return Err(CallError::Upstream(format!(
-                    "the agent of {region} answered without a head"
-                )));
+                return Err(self.failed(
+                    region,
+                    RelayErrorCause::Reset,
+                    CallError::Upstream(format!("the agent of {region} answered without a head")),
+                ));
             }
         };
         let region = region.to_string();
@@ -344,6 +390,91 @@ fn async_stream(
 fn broke_off(region: &str, s: &Status) -> CallError {
     tracing::warn!(%region, error = %s.message(), "a relay broke off");
     CallError::Upstream(format!("the relay from {region} broke off"))
+}
+
+/// Why a relay attempt failed before the answer's head, as
+/// `spillway_agent_relay_errors_total` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayErrorCause {
+    /// No connection: refused, unreachable, a bad address.
+    Connect,
+    /// The TLS handshake failed, or the peer's certificate is not an
+    /// agent's of the region.
+    Tls,
+    /// Connecting, the acknowledgment or the head, or a ping's answer took
+    /// too long.
+    Timeout,
+    /// The destination answered with an error status (at capacity,
+    /// unavailable, not served here, a call it will not take) or a head
+    /// for another region.
+    Refused,
+    /// The connection or the call broke off with no status from the
+    /// destination. A call that a hung destination had taken when the
+    /// channel's pings gave up on it lands here too: it only learns that
+    /// its connection closed (a broken pipe), while the calls still
+    /// waiting to be taken see the pings' timeout.
+    Reset,
+}
+
+impl RelayErrorCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RelayErrorCause::Connect => "connect",
+            RelayErrorCause::Tls => "tls",
+            RelayErrorCause::Timeout => "timeout",
+            RelayErrorCause::Refused => "refused",
+            RelayErrorCause::Reset => "reset",
+        }
+    }
+
+    /// The cause of a failed relay call. A status the destination sent
+    /// has no source; one tonic made of a transport error keeps that error
+    /// as its source, and what the error's chain holds decides: a TLS
+    /// error, then a timeout, then a failure to connect; anything else
+    /// broke an open connection or call (a reset, a GOAWAY, a closed
+    /// connection).
+    pub fn of_status(status: &Status) -> RelayErrorCause {
+        let Some(source) = std::error::Error::source(status) else {
+            return RelayErrorCause::Refused;
+        };
+        let chain: Vec<&(dyn std::error::Error + 'static)> = error_chain(source).collect();
+        let timed_out = |e: &(dyn std::error::Error + 'static)| {
+            e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                || e.downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_timeout)
+                || e.is::<tokio::time::error::Elapsed>()
+                || e.is::<tonic::TimeoutExpired>()
+        };
+        if chain.iter().any(|e| e.is::<rustls::Error>()) {
+            RelayErrorCause::Tls
+        } else if chain.iter().any(|e| timed_out(*e)) {
+            RelayErrorCause::Timeout
+        } else if chain.iter().any(|e| e.is::<tonic::ConnectError>()) {
+            RelayErrorCause::Connect
+        } else {
+            RelayErrorCause::Reset
+        }
+    }
+}
+
+/// An error and its sources, the error an `io::Error` wraps included
+/// (its `source()` skips that one, and goes to the wrapped error's own).
+fn error_chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    let mut next = Some(e);
+    std::iter::from_fn(move || {
+        let current = next?;
+        next = match current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+        Some(current)
+    })
 }
 
 /// How a destination's refusal maps back: saturation and unavailability
@@ -759,6 +890,24 @@ mod tests {
         }
     }
 
+    fn relay_clients() -> (RelayClients, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new(spillway_core::metrics::AGENT));
+        let clients = RelayClients::new("src", "s", settings(), None, metrics.clone());
+        (clients, metrics)
+    }
+
+    /// The relay errors to `dst` counted, by cause.
+    fn relay_errors(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("spillway_agent_relay_errors_total{inference_region=\"dst\",")
+            })
+            .map(str::to_string)
+            .collect()
+    }
+
     /// A destination whose kernel takes the connection and the bytes but
     /// that never answers (a stopped process): a unary call to an agent
     /// not known to acknowledge early waits for its head as long as a
@@ -767,7 +916,7 @@ mod tests {
     async fn a_silent_destination_is_given_up_when_pings_go_unanswered() {
         let mute = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cfg = config(&mute.local_addr().unwrap().to_string());
-        let clients = RelayClients::new("src", "s", settings(), None);
+        let (clients, metrics) = relay_clients();
         let started = tokio::time::Instant::now();
         let result = tokio::time::timeout(Duration::from_secs(10), relay(&clients, &cfg))
             .await
@@ -782,6 +931,7 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+        assert_eq!(relay_errors(&metrics), ["cause=\"timeout\"} 1"]);
     }
 
     /// Answers its first relay at once (acknowledging early), and never
@@ -826,7 +976,7 @@ mod tests {
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         let server = tokio::spawn(server);
         let cfg = config(&addr.to_string());
-        let clients = RelayClients::new("src", "s", settings(), None);
+        let (clients, metrics) = relay_clients();
         let first = relay(&clients, &cfg)
             .await
             .expect("the first call is served");
@@ -846,7 +996,121 @@ mod tests {
             took >= Duration::from_millis(400) && took < Duration::from_secs(3),
             "{took:?}"
         );
+        assert_eq!(relay_errors(&metrics), ["cause=\"timeout\"} 1"]);
         server.abort();
+    }
+
+    /// Refuses every call as a saturated destination does.
+    struct AtCapacity;
+
+    #[tonic::async_trait]
+    impl RelayService for AtCapacity {
+        type RelayStream = RelayStream;
+
+        async fn relay(
+            &self,
+            _: Request<pb::RelayRequest>,
+        ) -> Result<Response<RelayStream>, Status> {
+            Err(Status::resource_exhausted(
+                "every model server is saturated",
+            ))
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_relays_are_counted_by_cause() {
+        // Nothing listens: the connection is refused.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(&closed.local_addr().unwrap().to_string());
+        drop(closed);
+        let (clients, metrics) = relay_clients();
+        let result = relay(&clients, &cfg).await;
+        assert!(
+            matches!(result, Err(CallError::Unavailable(_))),
+            "{:?}",
+            result.err()
+        );
+        assert_eq!(relay_errors(&metrics), ["cause=\"connect\"} 1"]);
+
+        // A peer that takes the connection and closes it at once.
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(&closing.local_addr().unwrap().to_string());
+        let closer = tokio::spawn(async move {
+            while let Ok((conn, _)) = closing.accept().await {
+                drop(conn);
+            }
+        });
+        let (clients, metrics) = relay_clients();
+        let result = relay(&clients, &cfg).await;
+        assert!(result.is_err());
+        assert_eq!(relay_errors(&metrics), ["cause=\"reset\"} 1"]);
+        closer.abort();
+
+        // A destination that answers with a refusal.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = config(&listener.local_addr().unwrap().to_string());
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::relay_service_server::RelayServiceServer::new(
+                    AtCapacity,
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (clients, metrics) = relay_clients();
+        for _ in 0..2 {
+            let result = relay(&clients, &cfg).await;
+            assert!(
+                matches!(result, Err(CallError::Throttled(_))),
+                "{:?}",
+                result.err()
+            );
+        }
+        assert_eq!(relay_errors(&metrics), ["cause=\"refused\"} 2"]);
+        server.abort();
+    }
+
+    #[test]
+    fn transport_errors_map_to_their_causes() {
+        use std::io::{Error, ErrorKind};
+        let of = |e: Box<dyn std::error::Error + Send + Sync>| {
+            RelayErrorCause::of_status(&Status::from_error(e))
+        };
+        let connecting = |e: Error| of(Box::new(tonic::ConnectError(Box::new(e))));
+        // What the destination says is a refusal, whatever the code.
+        for status in [
+            Status::resource_exhausted("saturated"),
+            Status::unavailable("no model server"),
+            Status::permission_denied("not an agent of us-east"),
+            Status::unimplemented("not over this API"),
+        ] {
+            assert_eq!(
+                RelayErrorCause::of_status(&status),
+                RelayErrorCause::Refused
+            );
+        }
+        assert_eq!(
+            connecting(Error::from(ErrorKind::ConnectionRefused)),
+            RelayErrorCause::Connect
+        );
+        // The verifier's refusal, wrapped in an `io::Error` by tokio-rustls.
+        let bad_cert = rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName);
+        assert_eq!(
+            connecting(Error::new(ErrorKind::InvalidData, bad_cert)),
+            RelayErrorCause::Tls
+        );
+        // tonic's connect timeout (hyper-timeout) is an `io::Error`.
+        assert_eq!(
+            of(Box::new(Error::new(ErrorKind::TimedOut, "connecting"))),
+            RelayErrorCause::Timeout
+        );
+        assert_eq!(
+            connecting(Error::new(ErrorKind::TimedOut, "handshake")),
+            RelayErrorCause::Timeout
+        );
+        assert_eq!(
+            of(Box::new(Error::from(ErrorKind::ConnectionReset))),
+            RelayErrorCause::Reset
+        );
     }
 
     /// The destination acknowledges a call when it takes it, before its

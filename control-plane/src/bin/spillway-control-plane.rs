@@ -57,6 +57,12 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, env = "SPILLWAY_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// How often the three TLS files are read again, in seconds: when they
+    /// change (a renewed certificate, a CA bundle with a new CA), new
+    /// connections use them; files that cannot be used are logged and the
+    /// previous certificate stays.
+    #[arg(long, env = "SPILLWAY_TLS_RELOAD_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    tls_reload_secs: u64,
     /// A bearer token that admits admin calls without an admin certificate.
     #[arg(long, env = "SPILLWAY_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -155,6 +161,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         etcd_tls,
         metrics_listen: args.metrics_listen,
         max_connections: usize::try_from(args.max_connections).unwrap_or(usize::MAX),
+        tls_reload: Duration::from_secs(args.tls_reload_secs),
     };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
