@@ -1,31 +1,48 @@
 //! `AdminService`: validated create/get/list/update/delete of regions,
 //! profiles and route tables, and the list of connected agents.
 
-use spillway_core::model::{Catalog, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{Profile, Quota, Region, RouteTable, Tenant};
 use spillway_core::tenant::new_key;
 use spillway_proto::pb::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
-use crate::catalog_store;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+use crate::catalog_store::Catalogs;
 use crate::error::{missing, model_status, store_status};
 use crate::keys::{self, Object};
+use crate::state::State;
 use crate::store::Store;
 
 #[derive(Clone)]
 pub struct Admin {
     store: Store,
+    /// The catalog as this replica follows it: reads and writes start
+    /// there (see `catalog_store`).
+    catalogs: Catalogs,
     /// How long without a load report makes a region silent (as the
     /// leader counts it), for `ExplainRoute`.
     silence: std::time::Duration,
 }
 
 impl Admin {
-    pub fn new(store: Store, silence: std::time::Duration) -> Self {
-        Admin { store, silence }
+    pub fn new(
+        store: Store,
+        state: watch::Receiver<Arc<State>>,
+        silence: std::time::Duration,
+    ) -> Self {
+        Admin {
+            catalogs: Catalogs::new(store.clone(), state),
+            store,
+            silence,
+        }
     }
 
-    async fn read(&self) -> Result<Catalog, Status> {
-        Ok(catalog_store::load(&self.store).await?.0)
+    /// The replica's state once it holds every catalog write committed
+    /// before the call.
+    async fn read(&self) -> Result<Arc<State>, Status> {
+        Ok(self.catalogs.load().await?)
     }
 }
 
@@ -40,15 +57,18 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("region"))?
             .into();
         let name = region.name.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_region(region.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_region(region.clone()))
+            .await?;
         tracing::info!(region = %name, "region created");
         Ok(Response::new(after.regions[&name].clone().into()))
     }
 
     async fn get_region(&self, req: Request<pb::GetRegionRequest>) -> Reply<pb::Region> {
         let name = req.into_inner().name;
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         Ok(Response::new(
             catalog.region(&name).map_err(model_status)?.clone().into(),
         ))
@@ -56,14 +76,19 @@ impl AdminService for Admin {
 
     async fn list_regions(
         &self,
-        _: Request<pb::ListRegionsRequest>,
+        req: Request<pb::ListRegionsRequest>,
     ) -> Reply<pb::ListRegionsResponse> {
-        let (kvs, revision) = self.store.list(keys::REGIONS).await.map_err(store_status)?;
-        let regions = decode_all(&kvs, |o| match o {
-            Object::Region(r) => Some(r.into()),
-            _ => None,
-        })?;
-        Ok(Response::new(pb::ListRegionsResponse { regions, revision }))
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) =
+            page(&st.catalog.regions, req.page_size, &req.page_token, |_| {
+                true
+            })?;
+        Ok(Response::new(pb::ListRegionsResponse {
+            regions: page.into_iter().map(|r| r.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
+        }))
     }
 
     async fn update_region(&self, req: Request<pb::UpdateRegionRequest>) -> Reply<pb::Region> {
@@ -73,8 +98,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("region"))?
             .into();
         let name = region.name.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.update_region(region.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.update_region(region.clone()))
+            .await?;
         tracing::info!(region = %name, "region updated");
         Ok(Response::new(after.regions[&name].clone().into()))
     }
@@ -84,8 +111,10 @@ impl AdminService for Admin {
         req: Request<pb::DeleteRegionRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) =
-            catalog_store::write(&self.store, |c| c.delete_region(&req.name, req.revision)).await?;
+        let (_, _, revision) = self
+            .catalogs
+            .write(|c| c.delete_region(&req.name, req.revision))
+            .await?;
         tracing::info!(region = %req.name, "region deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -100,8 +129,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("profile"))?
             .into();
         let id = profile.id.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_profile(profile.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_profile(profile.clone()))
+            .await?;
         tracing::info!(profile = %id, "profile created");
         Ok(Response::new(after.profiles[&id].clone().into()))
     }
@@ -111,7 +142,8 @@ impl AdminService for Admin {
         req: Request<pb::GetProfileRequest>,
     ) -> Reply<pb::InferenceProfile> {
         let id = req.into_inner().id;
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         Ok(Response::new(
             catalog.profile(&id).map_err(model_status)?.clone().into(),
         ))
@@ -119,20 +151,18 @@ impl AdminService for Admin {
 
     async fn list_profiles(
         &self,
-        _: Request<pb::ListProfilesRequest>,
+        req: Request<pb::ListProfilesRequest>,
     ) -> Reply<pb::ListProfilesResponse> {
-        let (kvs, revision) = self
-            .store
-            .list(keys::PROFILES)
-            .await
-            .map_err(store_status)?;
-        let profiles = decode_all(&kvs, |o| match o {
-            Object::Profile(p) => Some(p.into()),
-            _ => None,
-        })?;
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) =
+            page(&st.catalog.profiles, req.page_size, &req.page_token, |_| {
+                true
+            })?;
         Ok(Response::new(pb::ListProfilesResponse {
-            profiles,
-            revision,
+            profiles: page.into_iter().map(|p| p.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
         }))
     }
 
@@ -146,8 +176,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("profile"))?
             .into();
         let id = profile.id.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.update_profile(profile.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.update_profile(profile.clone()))
+            .await?;
         tracing::info!(profile = %id, "profile updated");
         Ok(Response::new(after.profiles[&id].clone().into()))
     }
@@ -157,8 +189,10 @@ impl AdminService for Admin {
         req: Request<pb::DeleteProfileRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) =
-            catalog_store::write(&self.store, |c| c.delete_profile(&req.id, req.revision)).await?;
+        let (_, _, revision) = self
+            .catalogs
+            .write(|c| c.delete_profile(&req.id, req.revision))
+            .await?;
         tracing::info!(profile = %req.id, "profile deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -173,8 +207,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("route_table"))?
             .into();
         let key = table.key();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_route(table.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_route(table.clone()))
+            .await?;
         tracing::info!(profile = %key.0, source = %key.1, "route table created");
         Ok(Response::new(after.routes[&key].clone().into()))
     }
@@ -184,7 +220,8 @@ impl AdminService for Admin {
         req: Request<pb::GetRouteTableRequest>,
     ) -> Reply<pb::RouteTable> {
         let req = req.into_inner();
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         let table = catalog
             .route(&req.profile, &req.source_region)
             .map_err(model_status)?;
@@ -195,21 +232,18 @@ impl AdminService for Admin {
         &self,
         req: Request<pb::ListRouteTablesRequest>,
     ) -> Reply<pb::ListRouteTablesResponse> {
-        let profile = req.into_inner().profile;
-        let prefix = if profile.is_empty() {
-            keys::ROUTES.to_string()
-        } else {
-            format!("{}{profile}/", keys::ROUTES)
-        };
-        let (kvs, revision) = self.store.list(&prefix).await.map_err(store_status)?;
-        let route_tables = decode_all(&kvs, |o| match o {
-            // A profile id may itself contain '/', so filter exactly.
-            Object::Route(t) if profile.is_empty() || t.profile == profile => Some(t.into()),
-            _ => None,
-        })?;
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) = page(
+            &st.catalog.routes,
+            req.page_size,
+            &req.page_token,
+            |t: &RouteTable| req.profile.is_empty() || t.profile == req.profile,
+        )?;
         Ok(Response::new(pb::ListRouteTablesResponse {
-            route_tables,
-            revision,
+            route_tables: page.into_iter().map(|t| t.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
         }))
     }
 
@@ -223,8 +257,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("route_table"))?
             .into();
         let key = table.key();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.update_route(table.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.update_route(table.clone()))
+            .await?;
         tracing::info!(profile = %key.0, source = %key.1, "route table updated");
         Ok(Response::new(after.routes[&key].clone().into()))
     }
@@ -234,10 +270,10 @@ impl AdminService for Admin {
         req: Request<pb::DeleteRouteTableRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = catalog_store::write(&self.store, |c| {
-            c.delete_route(&req.profile, &req.source_region, req.revision)
-        })
-        .await?;
+        let (_, _, revision) = self
+            .catalogs
+            .write(|c| c.delete_route(&req.profile, &req.source_region, req.revision))
+            .await?;
         tracing::info!(profile = %req.profile, source = %req.source_region, "route table deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -250,15 +286,18 @@ impl AdminService for Admin {
             .try_into()
             .map_err(model_status)?;
         let id = quota.scope.id();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_quota(quota.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_quota(quota.clone()))
+            .await?;
         tracing::info!(quota = %id, "quota created");
         Ok(Response::new(after.quotas[&id].clone().into()))
     }
 
     async fn get_quota(&self, req: Request<pb::GetQuotaRequest>) -> Reply<pb::Quota> {
         let id = req.into_inner().id;
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         Ok(Response::new(
             catalog.quota(&id).map_err(model_status)?.clone().into(),
         ))
@@ -266,14 +305,17 @@ impl AdminService for Admin {
 
     async fn list_quotas(
         &self,
-        _: Request<pb::ListQuotasRequest>,
+        req: Request<pb::ListQuotasRequest>,
     ) -> Reply<pb::ListQuotasResponse> {
-        let (kvs, revision) = self.store.list(keys::QUOTAS).await.map_err(store_status)?;
-        let quotas = decode_all(&kvs, |o| match o {
-            Object::Quota(q) => Some(q.into()),
-            _ => None,
-        })?;
-        Ok(Response::new(pb::ListQuotasResponse { quotas, revision }))
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) =
+            page(&st.catalog.quotas, req.page_size, &req.page_token, |_| true)?;
+        Ok(Response::new(pb::ListQuotasResponse {
+            quotas: page.into_iter().map(|q| q.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
+        }))
     }
 
     async fn update_quota(&self, req: Request<pb::UpdateQuotaRequest>) -> Reply<pb::Quota> {
@@ -284,8 +326,10 @@ impl AdminService for Admin {
             .try_into()
             .map_err(model_status)?;
         let id = quota.scope.id();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.update_quota(quota.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.update_quota(quota.clone()))
+            .await?;
         tracing::info!(quota = %id, "quota updated");
         Ok(Response::new(after.quotas[&id].clone().into()))
     }
@@ -295,8 +339,10 @@ impl AdminService for Admin {
         req: Request<pb::DeleteQuotaRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) =
-            catalog_store::write(&self.store, |c| c.delete_quota(&req.id, req.revision)).await?;
+        let (_, _, revision) = self
+            .catalogs
+            .write(|c| c.delete_quota(&req.id, req.revision))
+            .await?;
         tracing::info!(quota = %req.id, "quota deleted");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -308,15 +354,18 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("tenant"))?
             .into();
         let name = tenant.name.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_tenant(tenant.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_tenant(tenant.clone()))
+            .await?;
         tracing::info!(tenant = %name, "tenant created");
         Ok(Response::new(after.tenants[&name].clone().into()))
     }
 
     async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Reply<pb::Tenant> {
         let name = req.into_inner().name;
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         Ok(Response::new(
             catalog.tenant(&name).map_err(model_status)?.clone().into(),
         ))
@@ -324,14 +373,19 @@ impl AdminService for Admin {
 
     async fn list_tenants(
         &self,
-        _: Request<pb::ListTenantsRequest>,
+        req: Request<pb::ListTenantsRequest>,
     ) -> Reply<pb::ListTenantsResponse> {
-        let (kvs, revision) = self.store.list(keys::TENANTS).await.map_err(store_status)?;
-        let tenants = decode_all(&kvs, |o| match o {
-            Object::Tenant(t) => Some(t.into()),
-            _ => None,
-        })?;
-        Ok(Response::new(pb::ListTenantsResponse { tenants, revision }))
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) =
+            page(&st.catalog.tenants, req.page_size, &req.page_token, |_| {
+                true
+            })?;
+        Ok(Response::new(pb::ListTenantsResponse {
+            tenants: page.into_iter().map(|t| t.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
+        }))
     }
 
     async fn update_tenant(&self, req: Request<pb::UpdateTenantRequest>) -> Reply<pb::Tenant> {
@@ -341,8 +395,10 @@ impl AdminService for Admin {
             .ok_or_else(|| missing("tenant"))?
             .into();
         let name = tenant.name.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.update_tenant(tenant.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.update_tenant(tenant.clone()))
+            .await?;
         tracing::info!(tenant = %name, "tenant updated");
         Ok(Response::new(after.tenants[&name].clone().into()))
     }
@@ -352,8 +408,10 @@ impl AdminService for Admin {
         req: Request<pb::DeleteTenantRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) =
-            catalog_store::write(&self.store, |c| c.delete_tenant(&req.name, req.revision)).await?;
+        let (_, _, revision) = self
+            .catalogs
+            .write(|c| c.delete_tenant(&req.name, req.revision))
+            .await?;
         tracing::info!(tenant = %req.name, "tenant deleted with its keys");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -368,12 +426,15 @@ impl AdminService for Admin {
             // A clearer answer than the key's own check would give.
             self.read()
                 .await?
+                .catalog
                 .tenant(&req.tenant)
                 .map_err(model_status)?;
         }
         let id = record.id.clone();
-        let (_, after, _) =
-            catalog_store::write(&self.store, |c| c.create_key(record.clone())).await?;
+        let (_, after, _) = self
+            .catalogs
+            .write(|c| c.create_key(record.clone()))
+            .await?;
         tracing::info!(key = %id, tenant = %req.tenant, "API key created");
         Ok(Response::new(pb::CreateKeyResponse {
             key: Some(after.keys[&id].clone().into()),
@@ -382,18 +443,24 @@ impl AdminService for Admin {
     }
 
     async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
-        let tenant = req.into_inner().tenant;
-        let (kvs, _) = self.store.list(keys::KEYS).await.map_err(store_status)?;
-        let keys = decode_all(&kvs, |o| match o {
-            Object::Key(k) if tenant.is_empty() || k.tenant == tenant => Some(k.into()),
-            _ => None,
-        })?;
-        Ok(Response::new(pb::ListKeysResponse { keys }))
+        let req = req.into_inner();
+        let st = self.read().await?;
+        let (page, next_page_token) = page(
+            &st.catalog.keys,
+            req.page_size,
+            &req.page_token,
+            |k: &spillway_core::model::ApiKey| req.tenant.is_empty() || k.tenant == req.tenant,
+        )?;
+        Ok(Response::new(pb::ListKeysResponse {
+            keys: page.into_iter().map(|k| k.clone().into()).collect(),
+            revision: st.revision,
+            next_page_token,
+        }))
     }
 
     async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Reply<pb::DeleteResponse> {
         let id = req.into_inner().id;
-        let (gone, _, revision) = catalog_store::write(&self.store, |c| c.delete_key(&id)).await?;
+        let (gone, _, revision) = self.catalogs.write(|c| c.delete_key(&id)).await?;
         tracing::info!(key = %id, tenant = %gone.tenant, "API key revoked");
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -440,7 +507,8 @@ impl Admin {
         &self,
         req: pb::ExplainRouteRequest,
     ) -> Result<pb::ExplainRouteResponse, Status> {
-        let catalog = self.read().await?;
+        let st = self.read().await?;
+        let catalog = &st.catalog;
         let profile = catalog.profile(&req.profile).map_err(model_status)?;
         let source = catalog.region(&req.source_region).map_err(model_status)?;
         if !catalog.callable_from(profile, source) {
@@ -589,6 +657,99 @@ fn decode_all<T>(
     Ok(out)
 }
 
+/// The most objects in one page of a list, and the default.
+const PAGE_MAX: usize = 1000;
+
+/// A map key as a page token's content: one string, in the same order as
+/// the keys.
+trait PageKey: Ord + Clone {
+    fn to_token(&self) -> String;
+    fn from_token(s: &str) -> Option<Self>;
+}
+
+impl PageKey for String {
+    fn to_token(&self) -> String {
+        self.clone()
+    }
+    fn from_token(s: &str) -> Option<Self> {
+        Some(s.to_string())
+    }
+}
+
+/// (profile, source region): joined by a NUL, which sorts before every
+/// character a name may hold, so the order is the pairs' order.
+impl PageKey for (String, String) {
+    fn to_token(&self) -> String {
+        format!("{}\0{}", self.0, self.1)
+    }
+    fn from_token(s: &str) -> Option<Self> {
+        let (a, b) = s.split_once('\0')?;
+        Some((a.to_string(), b.to_string()))
+    }
+}
+
+/// One page of `map`'s values that pass `keep`, in key order, after the
+/// key `token` names; and the token of the next page (empty on the last).
+/// A token is the last key of its page, hex-encoded.
+fn page<'a, K: PageKey, V>(
+    map: &'a std::collections::BTreeMap<K, V>,
+    size: i32,
+    token: &str,
+    keep: impl Fn(&V) -> bool,
+) -> Result<(Vec<&'a V>, String), Status> {
+    use std::ops::Bound;
+    let size = match size {
+        0 => PAGE_MAX,
+        n if n < 0 => {
+            return Err(Status::invalid_argument(format!(
+                "invalid page_size: {n} is negative"
+            )));
+        }
+        n => (n as usize).min(PAGE_MAX),
+    };
+    let start = if token.is_empty() {
+        Bound::Unbounded
+    } else {
+        let key = hex_decode(token)
+            .and_then(|s| K::from_token(&s))
+            .ok_or_else(|| {
+                Status::invalid_argument("invalid page_token: not a token this list gave")
+            })?;
+        Bound::Excluded(key)
+    };
+    let mut out = Vec::with_capacity(size.min(map.len()));
+    let mut last = None;
+    for (k, v) in map.range((start, Bound::Unbounded)) {
+        if !keep(v) {
+            continue;
+        }
+        if out.len() == size {
+            return Ok((
+                out,
+                last.map_or_else(String::new, |k: &K| hex_encode(&k.to_token())),
+            ));
+        }
+        out.push(v);
+        last = Some(k);
+    }
+    Ok((out, String::new()))
+}
+
+fn hex_encode(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hex_decode(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,7 +757,9 @@ mod tests {
     use crate::store::Op;
 
     async fn admin_with_region() -> Admin {
-        let admin = Admin::new(Store::memory(), std::time::Duration::from_secs(3));
+        let store = Store::memory();
+        let state = crate::state::spawn(store.clone());
+        let admin = Admin::new(store, state, std::time::Duration::from_secs(3));
         admin
             .create_region(Request::new(pb::CreateRegionRequest {
                 region: Some(pb::Region {
@@ -738,5 +901,186 @@ mod tests {
             (d.learned_limit, d.servers, d.saturated_servers),
             (3.0, 1, 1)
         );
+    }
+
+    fn region(name: &str) -> pb::Region {
+        pb::Region {
+            name: name.into(),
+            geography: "us".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn lists_come_in_pages_from_the_replicas_view() {
+        let admin = admin_with_region().await;
+        for name in ["us-a", "us-b", "us-c", "us-d"] {
+            admin
+                .create_region(Request::new(pb::CreateRegionRequest {
+                    region: Some(region(name)),
+                }))
+                .await
+                .unwrap();
+        }
+        // Five regions in pages of two: 2, 2, 1, in name order, each page
+        // read at a revision no older than the last write.
+        let mut names = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let page = admin
+                .list_regions(Request::new(pb::ListRegionsRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            pages += 1;
+            assert!(page.regions.len() <= 2);
+            assert!(page.revision > 0);
+            names.extend(page.regions.into_iter().map(|r| r.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(names, ["us-a", "us-b", "us-c", "us-d", "us-east"]);
+        // Without a size: everything, one page.
+        let all = admin
+            .list_regions(Request::new(pb::ListRegionsRequest::default()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(all.regions.len(), 5);
+        assert!(all.next_page_token.is_empty());
+        // A token this list never gave, and a negative size: refused.
+        for (size, token) in [(0, "zz"), (0, "abc"), (-1, "")] {
+            let e = admin
+                .list_regions(Request::new(pb::ListRegionsRequest {
+                    page_size: size,
+                    page_token: token.into(),
+                }))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn route_tables_page_by_profile_then_source() {
+        let admin = admin_with_region().await;
+        admin
+            .create_region(Request::new(pb::CreateRegionRequest {
+                region: Some(region("us-west")),
+            }))
+            .await
+            .unwrap();
+        for id in ["us.m2", "us.m/x"] {
+            admin
+                .create_profile(Request::new(pb::CreateProfileRequest {
+                    profile: Some(pb::InferenceProfile {
+                        id: id.into(),
+                        destinations: vec!["us-east".into(), "us-west".into()],
+                        ..Default::default()
+                    }),
+                }))
+                .await
+                .unwrap();
+        }
+        for profile in ["us.m", "us.m2", "us.m/x"] {
+            for source in ["us-east", "us-west"] {
+                admin
+                    .create_route_table(Request::new(pb::CreateRouteTableRequest {
+                        route_table: Some(pb::RouteTable {
+                            profile: profile.into(),
+                            source_region: source.into(),
+                            destinations: vec![pb::RouteDestination {
+                                region: "us-east".into(),
+                                weight: 1.0,
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                    }))
+                    .await
+                    .unwrap();
+            }
+        }
+        let mut seen = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = admin
+                .list_route_tables(Request::new(pb::ListRouteTablesRequest {
+                    page_size: 1,
+                    page_token: token.clone(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap()
+                .into_inner();
+            seen.extend(
+                page.route_tables
+                    .into_iter()
+                    .map(|t| format!("{} {}", t.profile, t.source_region)),
+            );
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(
+            seen,
+            [
+                "us.m us-east",
+                "us.m us-west",
+                "us.m/x us-east",
+                "us.m/x us-west",
+                "us.m2 us-east",
+                "us.m2 us-west"
+            ]
+        );
+        // Filtered to one profile (whose id another's begins with).
+        let one = admin
+            .list_route_tables(Request::new(pb::ListRouteTablesRequest {
+                profile: "us.m".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(one.route_tables.len(), 2);
+        assert!(one.route_tables.iter().all(|t| t.profile == "us.m"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_whose_view_lags_the_catalog_answers_unavailable() {
+        let store = Store::memory();
+        // A catalog write the (frozen) view below never applies.
+        store
+            .txn(
+                Vec::new(),
+                vec![Op::Put {
+                    key: keys::CATALOG_GUARD.to_string(),
+                    value: Vec::new(),
+                    lease: None,
+                }],
+            )
+            .await
+            .unwrap();
+        let (_tx, state) = watch::channel(Arc::new(State {
+            loaded: true,
+            ..State::default()
+        }));
+        let admin = Admin::new(store, state, std::time::Duration::from_secs(3));
+        let e = admin
+            .get_region(Request::new(pb::GetRegionRequest {
+                name: "us-east".into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+        assert!(e.message().contains("view of the store is behind"), "{e:?}");
     }
 }

@@ -1,22 +1,37 @@
-//! Reads the catalog from the store and writes changes to it.
+//! The catalog as this replica follows it, and writes to it.
 //!
-//! A write reads the whole catalog, applies the change with the domain
-//! model's checks, and commits only the keys that changed, guarded by the
-//! catalog guard key: if any other catalog write landed in between, the
-//! guard fails and the write is retried from a fresh read. So every write
-//! is checked against the catalog it actually lands on (no application
-//! profile can appear for a base that is being deleted), while the
-//! revision an operator names is checked per object by the model.
+//! Reads and writes start from the replica's watched state (`state.rs`),
+//! not from a read of the whole catalog: [`view`] reads one key, the
+//! catalog guard, whose revision is that of the last catalog write, and
+//! waits until the replica has applied the store's events up to it. The
+//! state then holds every catalog write that completed before the call
+//! (reads are linearizable, as etcd's are), for the price of one small
+//! read.
+//!
+//! A write applies the change to that catalog with the domain model's
+//! checks and commits only the objects that changed, guarded by the
+//! catalog guard's revision: if another catalog write landed in between,
+//! the guard fails and the write is redone from a fresh view. So every
+//! write is checked against the catalog it actually lands on (no
+//! application profile can appear for a base that is being deleted), while
+//! the revision an operator names is checked per object by the model.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use spillway_core::model::{Catalog, ModelError};
+use tokio::sync::watch;
 
 use crate::keys;
+use crate::state::State;
 use crate::store::{Compare, Op, Store, StoreError};
 
 /// How often a write is retried when other writes keep landing first.
 const WRITE_ATTEMPTS: usize = 16;
+
+/// How long a read waits for the replica's view to catch up with the
+/// store before it gives up (the watch is broken, say).
+const VIEW_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -28,81 +43,103 @@ pub enum WriteError {
     Corrupt(String),
     #[error("the catalog kept changing under this write; retry")]
     Contention,
+    #[error(
+        "this replica's view of the store is behind (revision {have}, the catalog is at {want}); retry, or ask another replica"
+    )]
+    Behind { have: i64, want: i64 },
 }
 
-/// The catalog, with the guard revision it was read at.
-pub async fn load(store: &Store) -> Result<(Catalog, i64), WriteError> {
-    // The guard is read first: any catalog write after this read changes it
-    // and fails the guarded commit, so the lists below are never older than
-    // what the commit is checked against.
-    let guard = store
-        .get(keys::CATALOG_GUARD)
-        .await?
-        .map_or(0, |kv| kv.mod_revision);
-    let mut catalog = Catalog::default();
-    for prefix in [
-        keys::REGIONS,
-        keys::PROFILES,
-        keys::ROUTES,
-        keys::QUOTAS,
-        keys::TENANTS,
-        keys::KEYS,
-    ] {
-        let (kvs, _) = store.list(prefix).await?;
-        for kv in &kvs {
-            let object = keys::decode(kv).map_err(WriteError::Corrupt)?;
-            keys::insert(&mut catalog, object);
+/// The store and this replica's view of it.
+#[derive(Clone)]
+pub struct Catalogs {
+    pub store: Store,
+    pub state: watch::Receiver<Arc<State>>,
+    /// The replica's catalog writes go one at a time: concurrent ones would
+    /// only fail each other's guard and be redone. (Replicas still race,
+    /// and the guard decides.)
+    writing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Catalogs {
+    pub fn new(store: Store, state: watch::Receiver<Arc<State>>) -> Catalogs {
+        Catalogs {
+            store,
+            state,
+            writing: Arc::default(),
         }
     }
-    Ok((catalog, guard))
-}
 
-/// Applies `change` to the current catalog and commits what it changed.
-/// Returns what `change` returned, the catalog as written (with the
-/// revisions of the written objects filled in) and the commit revision.
-pub async fn write<T>(
-    store: &Store,
-    change: impl Fn(&mut Catalog) -> Result<T, ModelError>,
-) -> Result<(T, Catalog, i64), WriteError> {
-    for _ in 0..WRITE_ATTEMPTS {
-        let (before, guard) = load(store).await?;
-        let mut after = before.clone();
-        let out = change(&mut after)?;
-        let old: BTreeMap<String, Vec<u8>> = keys::encode_catalog(&before).into_iter().collect();
-        let new: BTreeMap<String, Vec<u8>> = keys::encode_catalog(&after).into_iter().collect();
-        let mut ops: Vec<Op> = old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .map(|k| Op::Delete { key: k.clone() })
-            .collect();
-        let mut changed = Vec::new();
-        for (k, v) in &new {
-            if old.get(k) != Some(v) {
-                changed.push(k.clone());
-                ops.push(Op::Put {
-                    key: k.clone(),
-                    value: v.clone(),
-                    lease: None,
+    /// The replica's state once it holds every catalog write committed
+    /// before this call, with the catalog guard's revision.
+    pub async fn view(&self) -> Result<(Arc<State>, i64), WriteError> {
+        let guard = self
+            .store
+            .get(keys::CATALOG_GUARD)
+            .await?
+            .map_or(0, |kv| kv.mod_revision);
+        let mut rx = self.state.clone();
+        let deadline = tokio::time::Instant::now() + VIEW_WAIT;
+        loop {
+            let st = rx.borrow_and_update().clone();
+            if st.loaded && st.revision >= guard {
+                return Ok((st, guard));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(WriteError::Behind {
+                    have: st.revision,
+                    want: guard,
                 });
             }
+            // Not every applied revision wakes receivers (an agent's
+            // bookkeeping alone does not), so look again now and then.
+            let _ = tokio::time::timeout(Duration::from_millis(10), rx.changed()).await;
         }
-        ops.push(Op::Put {
-            key: keys::CATALOG_GUARD.to_string(),
-            value: Vec::new(),
-            lease: None,
-        });
-        let guard = Compare {
-            key: keys::CATALOG_GUARD.to_string(),
-            mod_revision: guard,
-        };
-        let outcome = store.txn(vec![guard], ops).await?;
-        if outcome.succeeded {
-            stamp(&mut after, &changed, outcome.revision);
-            return Ok((out, after, outcome.revision));
-        }
-        tracing::debug!("catalog changed during a write; retrying");
     }
-    Err(WriteError::Contention)
+
+    /// The catalog, as [`Catalogs::view`] has it.
+    pub async fn load(&self) -> Result<Arc<State>, WriteError> {
+        Ok(self.view().await?.0)
+    }
+
+    /// Applies `change` to the current catalog and commits what it changed.
+    /// Returns what `change` returned, the catalog as written (with the
+    /// revisions of the written objects filled in) and the commit revision.
+    pub async fn write<T>(
+        &self,
+        change: impl Fn(&mut Catalog) -> Result<T, ModelError>,
+    ) -> Result<(T, Catalog, i64), WriteError> {
+        let _turn = self.writing.lock().await;
+        for _ in 0..WRITE_ATTEMPTS {
+            let (st, guard) = self.view().await?;
+            let mut after = st.catalog.clone();
+            let out = change(&mut after)?;
+            let (puts, deletes) = keys::diff_catalog(&st.catalog, &after);
+            drop(st);
+            let changed: Vec<String> = puts.iter().map(|(k, _)| k.clone()).collect();
+            let mut ops: Vec<Op> = deletes.into_iter().map(|key| Op::Delete { key }).collect();
+            ops.extend(puts.into_iter().map(|(key, value)| Op::Put {
+                key,
+                value,
+                lease: None,
+            }));
+            ops.push(Op::Put {
+                key: keys::CATALOG_GUARD.to_string(),
+                value: Vec::new(),
+                lease: None,
+            });
+            let guard = Compare {
+                key: keys::CATALOG_GUARD.to_string(),
+                mod_revision: guard,
+            };
+            let outcome = self.store.txn(vec![guard], ops).await?;
+            if outcome.succeeded {
+                stamp(&mut after, &changed, outcome.revision);
+                return Ok((out, after, outcome.revision));
+            }
+            tracing::debug!("catalog changed during a write; retrying");
+        }
+        Err(WriteError::Contention)
+    }
 }
 
 /// Sets the revision of the objects just written.

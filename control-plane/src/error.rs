@@ -33,6 +33,7 @@ impl From<WriteError> for Status {
             WriteError::Store(s) => store_status(s),
             WriteError::Corrupt(msg) => Status::data_loss(msg),
             WriteError::Contention => Status::aborted(e.to_string()),
+            WriteError::Behind { .. } => Status::unavailable(e.to_string()),
         }
     }
 }

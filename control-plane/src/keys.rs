@@ -330,6 +330,102 @@ pub fn encode_catalog(catalog: &Catalog) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// What turns catalog `before` into `after`: the objects to put (key and
+/// encoding) and the keys to delete. Only objects that differ are encoded.
+pub fn diff_catalog(before: &Catalog, after: &Catalog) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    fn kind<K: Ord, V: PartialEq + Serialize>(
+        before: &std::collections::BTreeMap<K, V>,
+        after: &std::collections::BTreeMap<K, V>,
+        key: impl Fn(&K, &V) -> String,
+        puts: &mut Vec<(String, Vec<u8>)>,
+        deletes: &mut Vec<String>,
+    ) {
+        for (k, v) in after {
+            if before.get(k) != Some(v) {
+                puts.push((key(k, v), json(v)));
+            }
+        }
+        for (k, v) in before {
+            if !after.contains_key(k) {
+                deletes.push(key(k, v));
+            }
+        }
+    }
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    let (p, d) = (&mut puts, &mut deletes);
+    kind(
+        &before.regions,
+        &after.regions,
+        |_, r| region(&r.name),
+        p,
+        d,
+    );
+    kind(
+        &before.profiles,
+        &after.profiles,
+        |_, x| profile(&x.id),
+        p,
+        d,
+    );
+    kind(
+        &before.routes,
+        &after.routes,
+        |_, t| route(&t.profile, &t.source_region),
+        p,
+        d,
+    );
+    kind(&before.quotas, &after.quotas, |id, _| quota(id), p, d);
+    kind(
+        &before.tenants,
+        &after.tenants,
+        |_, t| tenant(&t.name),
+        p,
+        d,
+    );
+    kind(&before.keys, &after.keys, |_, k| api_key(&k.id), p, d);
+    (puts, deletes)
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     json(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_catalog_diff_names_only_what_changed() {
+        let mut before = Catalog::default();
+        for name in ["a", "b", "c"] {
+            before.regions.insert(
+                name.into(),
+                Region {
+                    name: name.into(),
+                    geography: "g".into(),
+                    description: String::new(),
+                    revision: 4,
+                },
+            );
+        }
+        let mut after = before.clone();
+        after.regions.get_mut("b").unwrap().description = "changed".into();
+        after.regions.remove("c");
+        after.regions.insert(
+            "d".into(),
+            Region {
+                name: "d".into(),
+                geography: "g".into(),
+                description: String::new(),
+                revision: 0,
+            },
+        );
+        let (puts, deletes) = diff_catalog(&before, &after);
+        let put_keys: Vec<&str> = puts.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(put_keys, [region("b"), region("d")]);
+        assert_eq!(deletes, [region("c")]);
+        // What is put is the object's encoding.
+        assert_eq!(puts[0].1, json(&after.regions["b"]));
+        assert_eq!(diff_catalog(&after, &after), (Vec::new(), Vec::new()));
+    }
 }

@@ -183,7 +183,7 @@ pub async fn run(
     let replica = Arc::new(Replica::new(
         settings.replica_id.clone(),
         store.clone(),
-        state,
+        state.clone(),
         lease_rx.clone(),
         settings.debounce,
         shutdown.clone(),
@@ -266,7 +266,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(
             pb::admin_service_server::AdminServiceServer::with_interceptor(
-                Admin::new(store.clone(), settings.leader.silence),
+                Admin::new(store.clone(), state.clone(), settings.leader.silence),
                 move |req| gate.check(req),
             ),
         )

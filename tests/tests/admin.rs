@@ -45,13 +45,13 @@ fn route(p: &str, src: &str, d: &[(&str, f64)]) -> pb::RouteTable {
 /// changed nothing.
 async fn everything(a: &mut Admin) -> String {
     let regions = a
-        .list_regions(pb::ListRegionsRequest {})
+        .list_regions(pb::ListRegionsRequest::default())
         .await
         .unwrap()
         .into_inner()
         .regions;
     let profiles = a
-        .list_profiles(pb::ListProfilesRequest {})
+        .list_profiles(pb::ListProfilesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -495,7 +495,7 @@ async fn concurrent_writes_of_different_objects_all_land() {
     }
     let mut a = a.clone();
     let regions = a
-        .list_regions(pb::ListRegionsRequest {})
+        .list_regions(pb::ListRegionsRequest::default())
         .await
         .unwrap()
         .into_inner()

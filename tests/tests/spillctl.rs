@@ -213,3 +213,40 @@ async fn help_reads_well() {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
 }
+
+/// A list longer than one page (the control plane answers at most 1,000 a
+/// page): spillctl follows the pages and shows every one, once.
+#[tokio::test]
+async fn lists_longer_than_a_page_are_shown_whole() {
+    let cp = ControlPlane::start(None, "cp").await;
+    let mut admin = cp.admin().await;
+    for i in 0..1005 {
+        admin
+            .create_region(spillway_proto::pb::CreateRegionRequest {
+                region: Some(spillway_proto::pb::Region {
+                    name: format!("r-{i:04}"),
+                    geography: "g".into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .unwrap();
+    }
+    let first = admin
+        .list_regions(spillway_proto::pb::ListRegionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.regions.len(), 1000);
+    assert!(!first.next_page_token.is_empty());
+    let list = spillctl(&cp, &["regions", "list", "-o", "json"]).await;
+    let v: serde_json::Value = serde_json::from_str(ok(&list)).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = (0..1005).map(|i| format!("r-{i:04}")).collect();
+    assert_eq!(names, expected);
+}

@@ -8,6 +8,27 @@ use serde_json::{Value, json};
 use spillway_proto::pb::{self, admin_service_client::AdminServiceClient};
 use tonic::transport::Channel;
 
+/// Every page of a list call: the items in field `$items` of each page,
+/// following `next_page_token` until the last one.
+macro_rules! all_pages {
+    ($client:expr, $method:ident, $req:expr, $items:ident) => {{
+        let mut req = $req;
+        let mut all = Vec::new();
+        loop {
+            let page = $client
+                .$method(req.clone())
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            all.extend(page.$items);
+            if page.next_page_token.is_empty() {
+                break all;
+            }
+            req.page_token = page.next_page_token;
+        }
+    }};
+}
+
 /// Manage a Spillway control plane: regions, inference profiles, route
 /// tables, and the agents connected to it.
 ///
@@ -218,16 +239,8 @@ async fn tenants(c: &mut Client, cmd: TenantCmd, out: Output) -> anyhow::Result<
             .map_err(status_line)?
             .into_inner()),
         TenantCmd::List => {
-            let list = c
-                .list_tenants(pb::ListTenantsRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            render_list(
-                out,
-                list.tenants.iter().map(tenant_json).collect(),
-                TENANT_COLS,
-            )
+            let tenants = all_pages!(c, list_tenants, pb::ListTenantsRequest::default(), tenants);
+            render_list(out, tenants.iter().map(tenant_json).collect(), TENANT_COLS)
         }
         TenantCmd::Update {
             name,
@@ -321,14 +334,11 @@ async fn api_keys(c: &mut Client, cmd: KeyCmd, out: Output) -> anyhow::Result<St
             }
         }
         KeyCmd::List { tenant } => {
-            let keys = c
-                .list_keys(pb::ListKeysRequest {
-                    tenant: tenant.unwrap_or_default(),
-                })
-                .await
-                .map_err(status_line)?
-                .into_inner()
-                .keys;
+            let req = pb::ListKeysRequest {
+                tenant: tenant.unwrap_or_default(),
+                ..Default::default()
+            };
+            let keys = all_pages!(c, list_keys, req, keys);
             render_list(out, keys.iter().map(key_json).collect(), KEY_COLS)
         }
         KeyCmd::Revoke { id } => {
@@ -463,16 +473,8 @@ async fn quotas(c: &mut Client, cmd: QuotaCmd, out: Output) -> anyhow::Result<St
             .map_err(status_line)?
             .into_inner()),
         QuotaCmd::List => {
-            let list = c
-                .list_quotas(pb::ListQuotasRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            render_list(
-                out,
-                list.quotas.iter().map(quota_json).collect(),
-                QUOTA_COLS,
-            )
+            let quotas = all_pages!(c, list_quotas, pb::ListQuotasRequest::default(), quotas);
+            render_list(out, quotas.iter().map(quota_json).collect(), QUOTA_COLS)
         }
         QuotaCmd::Update {
             id,
@@ -875,16 +877,8 @@ async fn regions(c: &mut Client, cmd: RegionCmd, out: Output) -> anyhow::Result<
             .map_err(status_line)?
             .into_inner()),
         RegionCmd::List => {
-            let list = c
-                .list_regions(pb::ListRegionsRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
-            render_list(
-                out,
-                list.regions.iter().map(region_json).collect(),
-                REGION_COLS,
-            )
+            let regions = all_pages!(c, list_regions, pb::ListRegionsRequest::default(), regions);
+            render_list(out, regions.iter().map(region_json).collect(), REGION_COLS)
         }
         RegionCmd::Update {
             name,
@@ -980,14 +974,15 @@ async fn profiles(c: &mut Client, cmd: ProfileCmd, out: Output) -> anyhow::Resul
             .map_err(status_line)?
             .into_inner()),
         ProfileCmd::List => {
-            let list = c
-                .list_profiles(pb::ListProfilesRequest {})
-                .await
-                .map_err(status_line)?
-                .into_inner();
+            let profiles = all_pages!(
+                c,
+                list_profiles,
+                pb::ListProfilesRequest::default(),
+                profiles
+            );
             render_list(
                 out,
-                list.profiles.iter().map(profile_json).collect(),
+                profiles.iter().map(profile_json).collect(),
                 PROFILE_COLS,
             )
         }
@@ -1159,15 +1154,12 @@ async fn routes(c: &mut Client, cmd: RouteCmd, out: Output) -> anyhow::Result<St
         RouteCmd::List { profile } => {
             let req = pb::ListRouteTablesRequest {
                 profile: profile.unwrap_or_default(),
+                ..Default::default()
             };
-            let list = c
-                .list_route_tables(req)
-                .await
-                .map_err(status_line)?
-                .into_inner();
+            let route_tables = all_pages!(c, list_route_tables, req, route_tables);
             render_list(
                 out,
-                list.route_tables.iter().map(route_json).collect(),
+                route_tables.iter().map(route_json).collect(),
                 ROUTE_COLS,
             )
         }
