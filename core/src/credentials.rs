@@ -214,14 +214,21 @@ impl Credentials {
     /// Files that changed but cannot be used are an error, and the
     /// identity in use stays.
     pub fn reload(&self) -> Result<Reload, String> {
-        let cert = read(&self.files.cert, "certificate")?;
-        let key = read(&self.files.key, "private key")?;
-        let ca = read(&self.files.ca, "CA certificate")?;
+        self.try_reload().map_err(|(_, e)| e)
+    }
+
+    /// As [`Credentials::reload`]; a failure comes with the digest of the
+    /// files that failed (none when they could not be read).
+    fn try_reload(&self) -> Result<Reload, (Option<u64>, String)> {
+        let cert = read(&self.files.cert, "certificate").map_err(|e| (None, e))?;
+        let key = read(&self.files.key, "private key").map_err(|e| (None, e))?;
+        let ca = read(&self.files.ca, "CA certificate").map_err(|e| (None, e))?;
         let d = digest(&[&cert, &key, &ca]);
         if self.loaded.lock().unwrap_or_else(|e| e.into_inner()).0 == d {
             return Ok(Reload::Same);
         }
-        let loaded = Self::parse(&self.files, &self.provider, &cert, &key, &ca)?;
+        let loaded =
+            Self::parse(&self.files, &self.provider, &cert, &key, &ca).map_err(|e| (Some(d), e))?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
         *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = (d, None);
         Ok(Reload::Changed)
@@ -251,7 +258,7 @@ impl Credentials {
                 // Reading files may block: off the runtime's threads.
                 let it = me.clone();
                 let outcome = match tokio::task::spawn_blocking(move || {
-                    let r = it.reload();
+                    let r = it.try_reload();
                     (r, it)
                 })
                 .await
@@ -269,8 +276,8 @@ impl Credentials {
                         );
                         event(&me, Event::Reloaded);
                     }
-                    Err(error) => {
-                        if me.refused(&error) {
+                    Err((d, error)) => {
+                        if me.refused(d, &error) {
                             event(&me, Event::Refused);
                         }
                     }
@@ -279,11 +286,10 @@ impl Credentials {
         });
     }
 
-    /// Logs files that cannot be used, once per content: whether it did.
-    fn refused(&self, error: &str) -> bool {
-        let now = [&self.files.cert, &self.files.key, &self.files.ca]
-            .map(|p| std::fs::read(p).unwrap_or_default());
-        let d = digest(&[&now[0], &now[1], &now[2]]);
+    /// Logs files that cannot be used, once per content (`d`, when they
+    /// could be read): whether it did.
+    fn refused(&self, d: Option<u64>, error: &str) -> bool {
+        let d = d.unwrap_or_else(|| digest(&[error.as_bytes()]));
         let mut seen = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
         if seen.1 != Some(d) {
             seen.1 = Some(d);
@@ -319,6 +325,13 @@ impl Credentials {
         };
         let mut config = builder.with_cert_resolver(Arc::new(Presents(self.clone())));
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        if clients != ClientAuth::None {
+            // A resumed session skips the client's certificate check: after
+            // a CA rotation, a peer of the CA no longer trusted could go on
+            // resuming. Every handshake is a full one.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         config
     }
 
@@ -336,6 +349,9 @@ impl Credentials {
             }))
             .with_client_cert_resolver(Arc::new(Presents(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // Nor does a client resume: the server's certificate is checked
+        // against the roots of now at every handshake.
+        config.resumption = rustls::client::Resumption::disabled();
         config
     }
 }

@@ -17,6 +17,9 @@ pub enum Reply {
     NxDomain,
     /// The server fails (SERVFAIL).
     ServFail,
+    /// The A query fails (SERVFAIL) while AAAA answers, with no records
+    /// (what an IPv4-only name has): one lost query.
+    AFails,
     /// No answer at all.
     Silent,
 }
@@ -56,6 +59,8 @@ impl TestDns {
                     Reply::Silent => continue,
                     Reply::NxDomain => (3, Vec::new()),
                     Reply::ServFail => (2, Vec::new()),
+                    Reply::AFails if qtype == 1 => (2, Vec::new()),
+                    Reply::AFails => (0, Vec::new()),
                     Reply::Addresses(_) if qtype != 1 => (0, Vec::new()),
                     Reply::Addresses(ips) => (0, ips),
                 };

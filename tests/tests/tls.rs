@@ -1028,6 +1028,13 @@ async fn renewed_certificates_and_a_rotated_ca_are_used_without_a_restart() {
     )
     .await;
     assert_eq!(presented(east.addr, &ca_pem).await.unwrap(), renewed);
+    // (The gauge moves just after the swap.)
+    spillway_tests::wait_until(
+        "the expiry gauge moved",
+        Duration::from_secs(30),
+        || async { metric(east_metrics, expiry).await == Some(1_925_078_400.0) },
+    )
+    .await;
     let after = metric(east_metrics, expiry).await.unwrap();
     assert_eq!(
         after, 1_925_078_400.0,
@@ -1042,12 +1049,15 @@ async fn renewed_certificates_and_a_rotated_ca_are_used_without_a_restart() {
     // Files that cannot be used: a certificate that is not PEM, then one
     // that does not fit the key. Each is refused once, counted, and the
     // renewed certificate keeps serving.
+    // (The renewal above, written file by file, may have been seen half
+    // done and refused once already: count from here.)
     let refused = "spillway_agent_tls_reloads_total{outcome=\"refused\"}";
+    let base = metric(east_metrics, refused).await.unwrap_or(0.0);
     std::fs::write(&east_files.cert, "not a certificate\n").unwrap();
     spillway_tests::wait_until(
         "the broken certificate refused",
         Duration::from_secs(30),
-        || async { metric(east_metrics, refused).await == Some(1.0) },
+        || async { metric(east_metrics, refused).await == Some(base + 1.0) },
     )
     .await;
     assert_eq!(presented(east.http, &ca_pem).await.unwrap(), renewed);
@@ -1055,7 +1065,7 @@ async fn renewed_certificates_and_a_rotated_ca_are_used_without_a_restart() {
     spillway_tests::wait_until(
         "the certificate of another key refused",
         Duration::from_secs(30),
-        || async { metric(east_metrics, refused).await == Some(2.0) },
+        || async { metric(east_metrics, refused).await == Some(base + 2.0) },
     )
     .await;
     assert_eq!(presented(east.addr, &ca_pem).await.unwrap(), renewed);
@@ -1083,6 +1093,27 @@ async fn renewed_certificates_and_a_rotated_ca_are_used_without_a_restart() {
         || async { answered(east.addr, &ca_pem, &newcomer).await },
     )
     .await;
+    // The agent trusts the next CA as a client too: an agent of us-west
+    // with a next-CA certificate joins, the first one leaves, and calls
+    // relayed from us-east reach the newcomer over a new connection (its
+    // certificate checked against the agent's reloaded roots).
+    let w2_files = TlsFiles {
+        ca: ca_pem.clone(),
+        cert: newcomer.cert.clone(),
+        key: newcomer.key.clone(),
+    };
+    let d3 = tempfile::tempdir().unwrap();
+    let w2 = tls_agent("w2", "us-west", &cp, &w2_files, &sim, d3.path()).await;
+    drop(west);
+    let w2_address = w2.addr.to_string();
+    east.wait_for("only the newcomer relays for us-west", |c| {
+        c.relays
+            .get("us-west")
+            .is_some_and(|r| r.len() == 1 && r[0].address == w2_address)
+    })
+    .await;
+    let (status, region) = https_post(east.http, &ca_pem, chat(US, false)).await;
+    assert_eq!((status, region.as_deref()), (200, Some("us-west")));
     // Step two: the control plane's certificate is issued by the next CA;
     // it serves it from the next connection on, and operators (trusting
     // the bundle) still reach it.

@@ -33,6 +33,7 @@ pub type Lookup = Result<Vec<IpAddr>, String>;
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 const TYPE_OPT: u16 = 41;
+const TYPE_CNAME: u16 = 5;
 const RCODE_NXDOMAIN: u8 = 3;
 /// How long one query waits for its answer, and how often it is sent.
 const QUERY_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -47,17 +48,11 @@ impl Resolver {
                     query(*server, host, TYPE_A),
                     query(*server, host, TYPE_AAAA)
                 );
-                match (a, aaaa) {
-                    (Err(e), Err(_)) => Err(e),
-                    (a, aaaa) => {
-                        let all: BTreeSet<IpAddr> = a
-                            .unwrap_or_default()
-                            .into_iter()
-                            .chain(aaaa.unwrap_or_default())
-                            .collect();
-                        Ok(all.into_iter().collect())
-                    }
-                }
+                // Both must answer: an IPv4-only Service answers AAAA with
+                // no records, so a lost A query alone must not read as "no
+                // addresses".
+                let all: BTreeSet<IpAddr> = a?.into_iter().chain(aaaa?).collect();
+                Ok(all.into_iter().collect())
             }
         }
     }
@@ -70,11 +65,17 @@ async fn system(host: &str) -> Lookup {
             Ok(all.into_iter().collect())
         }
         Err(e) => {
-            // getaddrinfo's EAI_NONAME and EAI_NODATA (glibc and musl
-            // word them so) are definite: the name has no address now.
-            // Anything else (EAI_AGAIN, a failing server) is no answer.
+            // getaddrinfo's EAI_NONAME and EAI_NODATA are definite: the
+            // name has no address now. The standard library passes on only
+            // their text: glibc's ("Name or service not known", "No address
+            // associated with hostname") and musl's ("Name does not
+            // resolve"). Anything else (EAI_AGAIN, a failing server) is no
+            // answer.
             let text = e.to_string();
-            if text.contains("not known") || text.contains("No address associated") {
+            if text.contains("not known")
+                || text.contains("No address associated")
+                || text.contains("does not resolve")
+            {
                 Ok(Vec::new())
             } else {
                 Err(text)
@@ -200,6 +201,13 @@ pub fn decode_answer(msg: &[u8], id: u16, qtype: u16) -> Result<Vec<IpAddr>, Dec
     if msg[2] & 0x02 != 0 {
         return Err(Decoded::Truncated);
     }
+    // Neither recursion available nor an authoritative answer: a referral
+    // (a server that does not recurse), which says nothing of the name.
+    if msg[3] & 0x80 == 0 && msg[2] & 0x04 == 0 {
+        return Err(Decoded::Failed(
+            "the server neither recurses nor answers for the name".into(),
+        ));
+    }
     match msg[3] & 0x0f {
         0 => {}
         RCODE_NXDOMAIN => return Ok(Vec::new()),
@@ -218,6 +226,7 @@ pub fn decode_answer(msg: &[u8], id: u16, qtype: u16) -> Result<Vec<IpAddr>, Dec
         at = skip_name(msg, at).ok_or_else(|| bad("question"))? + 4;
     }
     let mut out = BTreeSet::new();
+    let mut aliases = 0;
     for _ in 0..answers {
         at = skip_name(msg, at).ok_or_else(|| bad("answer name"))?;
         let rtype = u16_at(at).ok_or_else(|| bad("answer"))?;
@@ -227,6 +236,9 @@ pub fn decode_answer(msg: &[u8], id: u16, qtype: u16) -> Result<Vec<IpAddr>, Dec
             .get(at + 10..at + 10 + len)
             .ok_or_else(|| bad("record data"))?;
         at += 10 + len;
+        if class == 1 && rtype == TYPE_CNAME {
+            aliases += 1;
+        }
         if class != 1 || rtype != qtype {
             continue;
         }
@@ -239,6 +251,12 @@ pub fn decode_answer(msg: &[u8], id: u16, qtype: u16) -> Result<Vec<IpAddr>, Dec
             }
             _ => return Err(bad("address length")),
         }
+    }
+    // An alias whose target the server did not resolve is no answer.
+    if out.is_empty() && aliases > 0 {
+        return Err(Decoded::Failed(
+            "the answer holds only an alias (CNAME), not its addresses".into(),
+        ));
     }
     Ok(out.into_iter().collect())
 }
@@ -269,7 +287,7 @@ mod tests {
         let question_end = skip_name(query, 12).unwrap() + 4;
         let mut out = query[..question_end].to_vec();
         out[2] = 0x81 | if truncated { 0x02 } else { 0 };
-        out[3] = 0x80 | rcode;
+        out[3] = 0x80 | rcode; // recursion available
         out[6..8].copy_from_slice(&(records.len() as u16).to_be_bytes());
         out[10..12].copy_from_slice(&[0, 0]);
         for (rtype, data) in records {
@@ -344,6 +362,19 @@ mod tests {
         assert_eq!(
             decode_answer(&answer(&q, 0, &[], false), 10, TYPE_A),
             Err(Decoded::NotOurs)
+        );
+        // A referral (no recursion, not authoritative), and an alias alone.
+        let mut referral = answer(&q, 0, &[], false);
+        referral[3] &= 0x7f;
+        assert!(
+            matches!(decode_answer(&referral, 9, TYPE_A), Err(Decoded::Failed(e)) if e.contains("recurses"))
+        );
+        let mut authoritative = referral.clone();
+        authoritative[2] |= 0x04;
+        assert_eq!(decode_answer(&authoritative, 9, TYPE_A), Ok(vec![]));
+        let alias = answer(&q, 0, &[(TYPE_CNAME, b"\x01x\x00")], false);
+        assert!(
+            matches!(decode_answer(&alias, 9, TYPE_A), Err(Decoded::Failed(e)) if e.contains("alias"))
         );
         // A record cut short, and an A record of the wrong length.
         let mut short = answer(&q, 0, &[(TYPE_A, &[10, 0, 0, 1])], false);

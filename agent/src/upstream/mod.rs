@@ -810,7 +810,13 @@ impl Upstreams {
         let spec = &self.declared[i];
         let uri: Uri = spec.url.parse().expect("checked when the spec was parsed");
         let host = uri.host().unwrap_or_default().to_string();
-        let found = self.settings.discovery.resolver.lookup(&host).await;
+        // Bounded: the system's resolver has no deadline of its own here.
+        let found = tokio::time::timeout(
+            DISCOVERY_TIMEOUT,
+            self.settings.discovery.resolver.lookup(&host),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {DISCOVERY_TIMEOUT:?}")));
         let outcome = found.as_ref().map(Vec::len).map_err(Clone::clone);
         {
             let mut seen = lock(&self.followed);
@@ -847,7 +853,12 @@ impl Upstreams {
                 }
             }
             for w in wanted {
-                if !next.iter().any(|s| s.spec.url == w.url) {
+                // Another name (or a server given by address) may have the
+                // same address: each name keeps its own members.
+                if !next
+                    .iter()
+                    .any(|s| s.discovered_from == Some(i) && s.spec.url == w.url)
+                {
                     tracing::info!(name = %spec.url, server = %w.url, "model server joined");
                     let server = ModelServer::new(w, Some(i));
                     joined.push(server.clone());
@@ -1346,6 +1357,9 @@ impl Default for DiscoverySettings {
         }
     }
 }
+
+/// How long one lookup of a followed name may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest metrics page read (a vLLM server's is about 100 KB).
 const MAX_METRICS_PAGE: usize = 8 * 1024 * 1024;
