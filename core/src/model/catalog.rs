@@ -49,13 +49,108 @@ fn check_revision(
 }
 
 impl Catalog {
-    /// Applies a change to a copy and keeps it only if the copy is valid, so
-    /// that a refused write leaves the catalog as it was.
-    fn commit(&mut self, change: impl FnOnce(&mut Catalog)) -> Result<(), ModelError> {
-        let mut next = self.clone();
-        change(&mut next);
-        next.validate()?;
-        *self = next;
+    /// Puts `value` at `key` of the map `pick` chooses, then checks what
+    /// the change can break (`check`: the object itself and what refers to
+    /// it, not the whole catalog); a refused change is undone, so that the
+    /// catalog is as it was. A write costs what it touches.
+    fn commit<K: Ord + Clone, V>(
+        &mut self,
+        pick: fn(&mut Catalog) -> &mut BTreeMap<K, V>,
+        key: K,
+        value: V,
+        check: impl FnOnce(&Catalog) -> Result<(), ModelError>,
+    ) -> Result<(), ModelError> {
+        let old = pick(self).insert(key.clone(), value);
+        if let Err(e) = check(self) {
+            match old {
+                Some(v) => pick(self).insert(key, v),
+                None => pick(self).remove(&key),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// What a profile's change can break: the profile's own references,
+    /// the application profiles that copy it, the quotas on it or on
+    /// those copies (callable from where?), and its route tables; in the
+    /// order [`Catalog::validate`] reports them.
+    fn validate_around_profile(&self, id: &str) -> Result<(), ModelError> {
+        let copies: Vec<&Profile> = self
+            .profiles
+            .values()
+            .filter(|p| p.base_profile.as_deref() == Some(id))
+            .collect();
+        for p in self
+            .profiles
+            .get(id)
+            .into_iter()
+            .chain(copies.iter().copied())
+        {
+            self.validate_profile_refs(p)
+                .map_err(|e| in_object(e, "profile", &p.id))?;
+        }
+        let names = |profile: &str| profile == id || copies.iter().any(|c| c.id == profile);
+        for q in self.quotas.values() {
+            let on = match &q.scope {
+                QuotaScope::ProfileInRegion { profile, .. }
+                | QuotaScope::TenantOnProfile { profile, .. } => names(profile),
+                QuotaScope::Tenant { .. } => false,
+            };
+            if on {
+                self.validate_quota_refs(q)
+                    .map_err(|e| in_object(e, "quota", &q.scope.id()))?;
+            }
+        }
+        for r in self
+            .routes
+            .range((id.to_string(), String::new())..)
+            .take_while(|((p, _), _)| p == id)
+            .map(|(_, r)| r)
+        {
+            self.validate_route(r)?;
+        }
+        Ok(())
+    }
+
+    fn validate_route(&self, r: &RouteTable) -> Result<(), ModelError> {
+        self.validate_route_refs(r).map_err(|e| {
+            in_object(
+                e,
+                "route table",
+                &format!("{}/{}", r.profile, r.source_region),
+            )
+        })
+    }
+
+    fn validate_tenant_refs(&self, t: &Tenant) -> Result<(), ModelError> {
+        for (name, list) in [
+            ("allow_regions", &t.policy.allow_regions),
+            ("deny_regions", &t.policy.deny_regions),
+        ] {
+            for (i, r) in list.iter().enumerate() {
+                if !self.regions.contains_key(r) {
+                    return Err(in_object(
+                        invalid(
+                            format!("tenant.policy.{name}[{i}]"),
+                            format!("unknown region `{r}`"),
+                        ),
+                        "tenant",
+                        &t.name,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_key_refs(&self, k: &ApiKey) -> Result<(), ModelError> {
+        if !self.tenants.contains_key(&k.tenant) {
+            return Err(invalid(
+                "key.tenant",
+                format!("unknown tenant `{}`", k.tenant),
+            ));
+        }
         Ok(())
     }
 
@@ -67,9 +162,8 @@ impl Catalog {
                 name: region.name,
             });
         }
-        self.commit(|c| {
-            c.regions.insert(region.name.clone(), region);
-        })
+        // A new region breaks nothing.
+        self.commit(|c| &mut c.regions, region.name.clone(), region, |_| Ok(()))
     }
 
     pub fn update_region(&mut self, region: Region) -> Result<(), ModelError> {
@@ -82,9 +176,17 @@ impl Catalog {
             current.revision,
             true,
         )?;
-        self.commit(|c| {
-            c.regions.insert(region.name.clone(), region);
-        })
+        // Only a region's geography matters to other objects: when it
+        // moves (rare), everything is checked.
+        let moved = current.geography != region.geography;
+        self.commit(
+            |c| &mut c.regions,
+            region.name.clone(),
+            region,
+            |c| {
+                if moved { c.validate() } else { Ok(()) }
+            },
+        )
     }
 
     pub fn delete_region(&mut self, name: &str, revision: i64) -> Result<(), ModelError> {
@@ -136,9 +238,13 @@ impl Catalog {
                 name: profile.id,
             });
         }
-        self.commit(|c| {
-            c.profiles.insert(profile.id.clone(), profile);
-        })
+        let id = profile.id.clone();
+        self.commit(
+            |c| &mut c.profiles,
+            id.clone(),
+            profile,
+            |c| c.validate_around_profile(&id),
+        )
     }
 
     pub fn update_profile(&mut self, mut profile: Profile) -> Result<(), ModelError> {
@@ -152,9 +258,13 @@ impl Catalog {
             current.revision,
             true,
         )?;
-        self.commit(|c| {
-            c.profiles.insert(profile.id.clone(), profile);
-        })
+        let id = profile.id.clone();
+        self.commit(
+            |c| &mut c.profiles,
+            id.clone(),
+            profile,
+            |c| c.validate_around_profile(&id),
+        )
     }
 
     /// Deletes a profile and its route tables; refused while an application
@@ -195,9 +305,13 @@ impl Catalog {
                 name: format!("{}/{}", route.profile, route.source_region),
             });
         }
-        self.commit(|c| {
-            c.routes.insert(route.key(), route);
-        })
+        let key = route.key();
+        self.commit(
+            |c| &mut c.routes,
+            key.clone(),
+            route,
+            |c| c.validate_route(&c.routes[&key]),
+        )
     }
 
     pub fn update_route(&mut self, route: RouteTable) -> Result<(), ModelError> {
@@ -205,9 +319,13 @@ impl Catalog {
         let name = format!("{}/{}", route.profile, route.source_region);
         let current = self.route(&route.profile, &route.source_region)?;
         check_revision("route_table", &name, route.revision, current.revision, true)?;
-        self.commit(|c| {
-            c.routes.insert(route.key(), route);
-        })
+        let key = route.key();
+        self.commit(
+            |c| &mut c.routes,
+            key.clone(),
+            route,
+            |c| c.validate_route(&c.routes[&key]),
+        )
     }
 
     pub fn delete_route(
@@ -238,9 +356,15 @@ impl Catalog {
                 name: id,
             });
         }
-        self.commit(|c| {
-            c.quotas.insert(id, quota);
-        })
+        self.commit(
+            |c| &mut c.quotas,
+            id.clone(),
+            quota,
+            |c| {
+                c.validate_quota_refs(&c.quotas[&id])
+                    .map_err(|e| in_object(e, "quota", &id))
+            },
+        )
     }
 
     pub fn update_quota(&mut self, quota: Quota) -> Result<(), ModelError> {
@@ -248,9 +372,15 @@ impl Catalog {
         let id = quota.scope.id();
         let current = self.quota(&id)?;
         check_revision("quota", &id, quota.revision, current.revision, true)?;
-        self.commit(|c| {
-            c.quotas.insert(id, quota);
-        })
+        self.commit(
+            |c| &mut c.quotas,
+            id.clone(),
+            quota,
+            |c| {
+                c.validate_quota_refs(&c.quotas[&id])
+                    .map_err(|e| in_object(e, "quota", &id))
+            },
+        )
     }
 
     pub fn delete_quota(&mut self, id: &str, revision: i64) -> Result<(), ModelError> {
@@ -268,9 +398,13 @@ impl Catalog {
                 name: tenant.name,
             });
         }
-        self.commit(|c| {
-            c.tenants.insert(tenant.name.clone(), tenant);
-        })
+        let name = tenant.name.clone();
+        self.commit(
+            |c| &mut c.tenants,
+            name.clone(),
+            tenant,
+            |c| c.validate_tenant_refs(&c.tenants[&name]),
+        )
     }
 
     pub fn update_tenant(&mut self, tenant: Tenant) -> Result<(), ModelError> {
@@ -283,9 +417,13 @@ impl Catalog {
             current.revision,
             true,
         )?;
-        self.commit(|c| {
-            c.tenants.insert(tenant.name.clone(), tenant);
-        })
+        let name = tenant.name.clone();
+        self.commit(
+            |c| &mut c.tenants,
+            name.clone(),
+            tenant,
+            |c| c.validate_tenant_refs(&c.tenants[&name]),
+        )
     }
 
     /// Deletes a tenant and its keys; refused while a quota names it.
@@ -323,9 +461,13 @@ impl Catalog {
                 name: key.id,
             });
         }
-        self.commit(|c| {
-            c.keys.insert(key.id.clone(), key);
-        })
+        let id = key.id.clone();
+        self.commit(
+            |c| &mut c.keys,
+            id.clone(),
+            key,
+            |c| c.validate_key_refs(&c.keys[&id]),
+        )
     }
 
     /// Revokes a key: it is gone from the store and, with the next push,
@@ -377,44 +519,17 @@ impl Catalog {
                 .map_err(|e| in_object(e, "profile", &p.id))?;
         }
         for t in self.tenants.values() {
-            for (name, list) in [
-                ("allow_regions", &t.policy.allow_regions),
-                ("deny_regions", &t.policy.deny_regions),
-            ] {
-                for (i, r) in list.iter().enumerate() {
-                    if !self.regions.contains_key(r) {
-                        return Err(in_object(
-                            invalid(
-                                format!("tenant.policy.{name}[{i}]"),
-                                format!("unknown region `{r}`"),
-                            ),
-                            "tenant",
-                            &t.name,
-                        ));
-                    }
-                }
-            }
+            self.validate_tenant_refs(t)?;
         }
         for k in self.keys.values() {
-            if !self.tenants.contains_key(&k.tenant) {
-                return Err(invalid(
-                    "key.tenant",
-                    format!("unknown tenant `{}`", k.tenant),
-                ));
-            }
+            self.validate_key_refs(k)?;
         }
         for q in self.quotas.values() {
             self.validate_quota_refs(q)
                 .map_err(|e| in_object(e, "quota", &q.scope.id()))?;
         }
         for r in self.routes.values() {
-            self.validate_route_refs(r).map_err(|e| {
-                in_object(
-                    e,
-                    "route table",
-                    &format!("{}/{}", r.profile, r.source_region),
-                )
-            })?;
+            self.validate_route(r)?;
         }
         Ok(())
     }

@@ -258,3 +258,182 @@ fn deleting_a_profile_deletes_its_route_tables() {
     c.delete_profile("us.llama-3.1-8b", 0).unwrap();
     assert!(c.routes.is_empty());
 }
+
+/// A change is checked against what refers to it, not only itself: a
+/// profile update that drops a destination its route table uses, or that
+/// would leave a quota on a copy of it uncallable, is refused, and a
+/// refused change leaves the catalog exactly as it was.
+#[test]
+fn changes_are_checked_against_what_refers_to_them_and_undone_when_refused() {
+    let mut c = catalog();
+    c.create_route(route("us.llama-3.1-8b", "us-east", &[("us-west", 1.0)]))
+        .unwrap();
+    c.create_profile(app("team-chat", "us.llama-3.1-8b"))
+        .unwrap();
+    c.create_quota(Quota {
+        scope: QuotaScope::ProfileInRegion {
+            profile: "team-chat".into(),
+            source_region: "us-east".into(),
+        },
+        requests_per_minute: Some(10),
+        tokens_per_minute: None,
+        tokens_per_day: None,
+        output_burndown: 1.0,
+        revision: 0,
+    })
+    .unwrap();
+    stamp(&mut c);
+    let before = c.clone();
+    let rev = c.profiles["us.llama-3.1-8b"].revision;
+    // us-west is in the route table of us-east: it may not go.
+    let e = c
+        .update_profile(Profile {
+            revision: rev,
+            ..profile("us.llama-3.1-8b", &["us-east"])
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("route table"), "{e}");
+    assert_eq!(c, before);
+    // A route table for a destination the profile lacks, an unknown
+    // tenant's key, a tenant policy naming an unknown region: refused,
+    // nothing changed.
+    assert!(
+        c.create_route(route(
+            "global.llama-3.1-8b",
+            "us-east",
+            &[("ap-south", 1.0)]
+        ))
+        .is_err()
+    );
+    assert_eq!(c, before);
+    // A valid change elsewhere is not held up by anything unrelated, and
+    // the catalog stays valid as a whole.
+    c.create_profile(profile("us.mistral-7b", &["us-west"]))
+        .unwrap();
+    c.validate().unwrap();
+    // Moving a region's geography checks everything: us-west is used by
+    // US profiles.
+    let e = c
+        .update_region(Region {
+            revision: c.regions["us-west"].revision,
+            ..region("us-west", "eu")
+        })
+        .unwrap_err();
+    assert!(matches!(e, ModelError::Invalid { .. }), "{e}");
+    c.validate().unwrap();
+}
+
+/// Random sequences of creates and updates: every accepted change leaves
+/// a catalog that passes the whole check, every refused one leaves it as
+/// it was.
+#[test]
+fn random_changes_keep_the_catalog_valid() {
+    let regions = ["us-east", "us-west", "eu-west"];
+    let ids = ["us.m1", "us.m2", "global.m1", "eu.m1", "team-a", "team-b"];
+    let mut accepted = 0;
+    for seed in 0..40 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut c = catalog();
+        for _ in 0..200 {
+            stamp(&mut c);
+            let before = c.clone();
+            let pick =
+                |rng: &mut fastrand::Rng, from: &[&str]| from[rng.usize(..from.len())].to_string();
+            let result = match rng.u8(..5) {
+                0 | 1 => {
+                    let id = pick(&mut rng, &ids);
+                    let mut p = if !id.contains('.') {
+                        app(&id, &pick(&mut rng, &ids))
+                    } else {
+                        let n = rng.usize(1..=3);
+                        let dest: Vec<&str> = (0..n).map(|_| regions[rng.usize(..3)]).collect();
+                        profile(&id, &dest)
+                    };
+                    match c.profiles.get(&id) {
+                        Some(old) => {
+                            p.revision = old.revision;
+                            c.update_profile(p)
+                        }
+                        None => c.create_profile(p),
+                    }
+                }
+                2 => {
+                    let p = pick(&mut rng, &ids);
+                    let src = pick(&mut rng, &regions);
+                    let mut r = route(&p, &src, &[(regions[rng.usize(..3)], 1.0)]);
+                    match c.routes.get(&(p.clone(), src.clone())) {
+                        Some(old) => {
+                            r.revision = old.revision;
+                            c.update_route(r)
+                        }
+                        None => c.create_route(r),
+                    }
+                }
+                3 => {
+                    let q = Quota {
+                        scope: QuotaScope::ProfileInRegion {
+                            profile: pick(&mut rng, &ids),
+                            source_region: pick(&mut rng, &regions),
+                        },
+                        requests_per_minute: Some(5),
+                        tokens_per_minute: None,
+                        tokens_per_day: None,
+                        output_burndown: 1.0,
+                        revision: 0,
+                    };
+                    match c.quotas.get(&q.scope.id()) {
+                        Some(old) => {
+                            let q = Quota {
+                                revision: old.revision,
+                                ..q
+                            };
+                            c.update_quota(q)
+                        }
+                        None => c.create_quota(q),
+                    }
+                }
+                _ => {
+                    let id = pick(&mut rng, &ids);
+                    match c.profiles.get(&id) {
+                        Some(p) => {
+                            let rev = p.revision;
+                            c.delete_profile(&id, rev)
+                        }
+                        None => Ok(()),
+                    }
+                }
+            };
+            match result {
+                Ok(()) => {
+                    accepted += 1;
+                    c.validate().unwrap_or_else(|e| {
+                        panic!("seed {seed}: accepted into an invalid catalog: {e}")
+                    })
+                }
+                Err(_) => assert_eq!(c, before, "seed {seed}: a refused change left traces"),
+            }
+        }
+    }
+    // Both outcomes were exercised.
+    assert!(
+        accepted > 1000 && accepted < 40 * 200,
+        "{accepted} accepted"
+    );
+}
+
+/// Gives every object a revision, as the store does when it writes them
+/// (updates must name one).
+fn stamp(c: &mut Catalog) {
+    for r in c.regions.values_mut() {
+        r.revision = r.revision.max(1);
+    }
+    for p in c.profiles.values_mut() {
+        p.revision = p.revision.max(1);
+    }
+    for r in c.routes.values_mut() {
+        r.revision = r.revision.max(1);
+    }
+    for q in c.quotas.values_mut() {
+        q.revision = q.revision.max(1);
+    }
+}
