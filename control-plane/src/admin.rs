@@ -1,11 +1,19 @@
 //! `AdminService`: validated create/get/list/update/delete of regions,
-//! profiles and route tables, and the list of connected agents.
+//! profiles, route tables, quotas and tenants, tenants' API keys, and the
+//! list of connected agents.
+//!
+//! The handlers share one shape per verb (`Admin::put`, `get`, `list` and
+//! `delete`, generic over the `Kind` of object); each handler says only
+//! which catalog call it makes and what it logs.
 
-use spillway_core::model::{Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{
+    ApiKey, Catalog, ModelError, Profile, Quota, Region, RouteTable, Tenant,
+};
 use spillway_core::tenant::new_key;
 use spillway_proto::pb::{self, admin_service_server::AdminService};
 use tonic::{Request, Response, Status};
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -48,30 +56,145 @@ impl Admin {
 
 type Reply<T> = Result<Response<T>, Status>;
 
+/// A request's object that it may not leave out.
+fn required<T>(field: Option<T>, name: &str) -> Result<T, Status> {
+    field.ok_or_else(|| missing(name))
+}
+
+/// What the handlers below share for a kind of catalog object: its
+/// protobuf form, where the catalog keeps it and under which key, and its
+/// list response.
+trait Kind: Clone + Into<Self::Proto> {
+    type Proto;
+    type Key: PageKey;
+    type List;
+    /// Its key in the catalog's map of its kind.
+    fn catalog_key(&self) -> Self::Key;
+    fn all(catalog: &Catalog) -> &BTreeMap<Self::Key, Self>;
+    /// A list call's answer: one page, the revision it was read at, and
+    /// the next page's token.
+    fn list(items: Vec<Self::Proto>, revision: i64, next_page_token: String) -> Self::List;
+}
+
+/// Implements [`Kind`] for a domain type, as
+/// `kind!(Type => pb::Type, catalog.map[Key] by |object| key, pb::ListResponse { items })`.
+macro_rules! kind {
+    (
+        $kind:ty => $proto:ty,
+        catalog.$map:ident[$key:ty] by |$o:ident| $of:expr,
+        $list:path { $items:ident }
+    ) => {
+        impl Kind for $kind {
+            type Proto = $proto;
+            type Key = $key;
+            type List = $list;
+            fn catalog_key(&self) -> $key {
+                let $o = self;
+                $of
+            }
+            fn all(catalog: &Catalog) -> &BTreeMap<$key, Self> {
+                &catalog.$map
+            }
+            fn list(items: Vec<$proto>, revision: i64, next_page_token: String) -> $list {
+                $list {
+                    $items: items,
+                    revision,
+                    next_page_token,
+                }
+            }
+        }
+    };
+}
+
+kind!(Region => pb::Region, catalog.regions[String] by |r| r.name.clone(),
+    pb::ListRegionsResponse { regions });
+kind!(Profile => pb::InferenceProfile, catalog.profiles[String] by |p| p.id.clone(),
+    pb::ListProfilesResponse { profiles });
+kind!(RouteTable => pb::RouteTable, catalog.routes[(String, String)] by |t| t.key(),
+    pb::ListRouteTablesResponse { route_tables });
+kind!(Quota => pb::Quota, catalog.quotas[String] by |q| q.scope.id(),
+    pb::ListQuotasResponse { quotas });
+kind!(Tenant => pb::Tenant, catalog.tenants[String] by |t| t.name.clone(),
+    pb::ListTenantsResponse { tenants });
+kind!(ApiKey => pb::ApiKey, catalog.keys[String] by |k| k.id.clone(),
+    pb::ListKeysResponse { keys });
+
+/// The shared shape of the handlers: each says only which catalog call it
+/// makes and what it logs.
+impl Admin {
+    /// Writes `object` with `op` (a create or an update) and returns it as
+    /// written, with its new revision.
+    async fn write_object<T: Kind>(
+        &self,
+        object: T,
+        op: impl Fn(&mut Catalog, T) -> Result<(), ModelError>,
+    ) -> Result<T, Status> {
+        let key = object.catalog_key();
+        let (_, after, _) = self.catalogs.write(|c| op(c, object.clone())).await?;
+        Ok(T::all(&after)[&key].clone())
+    }
+
+    /// [`Admin::write_object`], then `log`, then the object as written.
+    async fn put<T: Kind>(
+        &self,
+        object: T,
+        op: impl Fn(&mut Catalog, T) -> Result<(), ModelError>,
+        log: impl FnOnce(&T),
+    ) -> Reply<T::Proto> {
+        let written = self.write_object(object, op).await?;
+        log(&written);
+        Ok(Response::new(written.into()))
+    }
+
+    /// The object `find` finds in the replica's catalog.
+    async fn get<T: Kind>(
+        &self,
+        find: impl FnOnce(&Catalog) -> Result<&T, ModelError>,
+    ) -> Reply<T::Proto> {
+        let st = self.read().await?;
+        let found = find(&st.catalog).map_err(model_status)?;
+        Ok(Response::new(found.clone().into()))
+    }
+
+    /// One page of the objects of a kind that pass `keep` (see [`page`]).
+    async fn list<T: Kind>(
+        &self,
+        size: i32,
+        token: &str,
+        keep: impl Fn(&T) -> bool,
+    ) -> Reply<T::List> {
+        let st = self.read().await?;
+        let (page, next_page_token) = page(T::all(&st.catalog), size, token, keep)?;
+        let items = page.into_iter().map(|o| o.clone().into()).collect();
+        Ok(Response::new(T::list(items, st.revision, next_page_token)))
+    }
+
+    /// Deletes with `op`, then `log`s what `op` returned, and answers the
+    /// commit's revision.
+    async fn delete<R>(
+        &self,
+        op: impl Fn(&mut Catalog) -> Result<R, ModelError>,
+        log: impl FnOnce(R),
+    ) -> Reply<pb::DeleteResponse> {
+        let (gone, _, revision) = self.catalogs.write(op).await?;
+        log(gone);
+        Ok(Response::new(pb::DeleteResponse { revision }))
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for Admin {
     async fn create_region(&self, req: Request<pb::CreateRegionRequest>) -> Reply<pb::Region> {
-        let region: Region = req
-            .into_inner()
-            .region
-            .ok_or_else(|| missing("region"))?
-            .into();
-        let name = region.name.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_region(region.clone()))
-            .await?;
-        tracing::info!(region = %name, "region created");
-        Ok(Response::new(after.regions[&name].clone().into()))
+        let region: Region = required(req.into_inner().region, "region")?.into();
+        self.put(region, Catalog::create_region, |r| {
+            tracing::info!(region = %r.name, "region created");
+        })
+        .await
     }
 
     async fn get_region(&self, req: Request<pb::GetRegionRequest>) -> Reply<pb::Region> {
         let name = req.into_inner().name;
-        let st = self.read().await?;
-        let catalog = &st.catalog;
-        Ok(Response::new(
-            catalog.region(&name).map_err(model_status)?.clone().into(),
-        ))
+        self.get(|c| c.region(&name)).await
     }
 
     async fn list_regions(
@@ -79,31 +202,16 @@ impl AdminService for Admin {
         req: Request<pb::ListRegionsRequest>,
     ) -> Reply<pb::ListRegionsResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) =
-            page(&st.catalog.regions, req.page_size, &req.page_token, |_| {
-                true
-            })?;
-        Ok(Response::new(pb::ListRegionsResponse {
-            regions: page.into_iter().map(|r| r.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |_: &Region| true)
+            .await
     }
 
     async fn update_region(&self, req: Request<pb::UpdateRegionRequest>) -> Reply<pb::Region> {
-        let region: Region = req
-            .into_inner()
-            .region
-            .ok_or_else(|| missing("region"))?
-            .into();
-        let name = region.name.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.update_region(region.clone()))
-            .await?;
-        tracing::info!(region = %name, "region updated");
-        Ok(Response::new(after.regions[&name].clone().into()))
+        let region: Region = required(req.into_inner().region, "region")?.into();
+        self.put(region, Catalog::update_region, |r| {
+            tracing::info!(region = %r.name, "region updated");
+        })
+        .await
     }
 
     async fn delete_region(
@@ -111,30 +219,22 @@ impl AdminService for Admin {
         req: Request<pb::DeleteRegionRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = self
-            .catalogs
-            .write(|c| c.delete_region(&req.name, req.revision))
-            .await?;
-        tracing::info!(region = %req.name, "region deleted");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_region(&req.name, req.revision),
+            |()| tracing::info!(region = %req.name, "region deleted"),
+        )
+        .await
     }
 
     async fn create_profile(
         &self,
         req: Request<pb::CreateProfileRequest>,
     ) -> Reply<pb::InferenceProfile> {
-        let profile: Profile = req
-            .into_inner()
-            .profile
-            .ok_or_else(|| missing("profile"))?
-            .into();
-        let id = profile.id.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_profile(profile.clone()))
-            .await?;
-        tracing::info!(profile = %id, "profile created");
-        Ok(Response::new(after.profiles[&id].clone().into()))
+        let profile: Profile = required(req.into_inner().profile, "profile")?.into();
+        self.put(profile, Catalog::create_profile, |p| {
+            tracing::info!(profile = %p.id, "profile created");
+        })
+        .await
     }
 
     async fn get_profile(
@@ -142,11 +242,7 @@ impl AdminService for Admin {
         req: Request<pb::GetProfileRequest>,
     ) -> Reply<pb::InferenceProfile> {
         let id = req.into_inner().id;
-        let st = self.read().await?;
-        let catalog = &st.catalog;
-        Ok(Response::new(
-            catalog.profile(&id).map_err(model_status)?.clone().into(),
-        ))
+        self.get(|c| c.profile(&id)).await
     }
 
     async fn list_profiles(
@@ -154,34 +250,19 @@ impl AdminService for Admin {
         req: Request<pb::ListProfilesRequest>,
     ) -> Reply<pb::ListProfilesResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) =
-            page(&st.catalog.profiles, req.page_size, &req.page_token, |_| {
-                true
-            })?;
-        Ok(Response::new(pb::ListProfilesResponse {
-            profiles: page.into_iter().map(|p| p.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |_: &Profile| true)
+            .await
     }
 
     async fn update_profile(
         &self,
         req: Request<pb::UpdateProfileRequest>,
     ) -> Reply<pb::InferenceProfile> {
-        let profile: Profile = req
-            .into_inner()
-            .profile
-            .ok_or_else(|| missing("profile"))?
-            .into();
-        let id = profile.id.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.update_profile(profile.clone()))
-            .await?;
-        tracing::info!(profile = %id, "profile updated");
-        Ok(Response::new(after.profiles[&id].clone().into()))
+        let profile: Profile = required(req.into_inner().profile, "profile")?.into();
+        self.put(profile, Catalog::update_profile, |p| {
+            tracing::info!(profile = %p.id, "profile updated");
+        })
+        .await
     }
 
     async fn delete_profile(
@@ -189,30 +270,26 @@ impl AdminService for Admin {
         req: Request<pb::DeleteProfileRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = self
-            .catalogs
-            .write(|c| c.delete_profile(&req.id, req.revision))
-            .await?;
-        tracing::info!(profile = %req.id, "profile deleted");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_profile(&req.id, req.revision),
+            |()| tracing::info!(profile = %req.id, "profile deleted"),
+        )
+        .await
     }
 
     async fn create_route_table(
         &self,
         req: Request<pb::CreateRouteTableRequest>,
     ) -> Reply<pb::RouteTable> {
-        let table: RouteTable = req
-            .into_inner()
-            .route_table
-            .ok_or_else(|| missing("route_table"))?
-            .into();
-        let key = table.key();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_route(table.clone()))
-            .await?;
-        tracing::info!(profile = %key.0, source = %key.1, "route table created");
-        Ok(Response::new(after.routes[&key].clone().into()))
+        let table: RouteTable = required(req.into_inner().route_table, "route_table")?.into();
+        self.put(table, Catalog::create_route, |t| {
+            tracing::info!(
+                profile = %t.profile,
+                source = %t.source_region,
+                "route table created"
+            );
+        })
+        .await
     }
 
     async fn get_route_table(
@@ -220,12 +297,8 @@ impl AdminService for Admin {
         req: Request<pb::GetRouteTableRequest>,
     ) -> Reply<pb::RouteTable> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let catalog = &st.catalog;
-        let table = catalog
-            .route(&req.profile, &req.source_region)
-            .map_err(model_status)?;
-        Ok(Response::new(table.clone().into()))
+        self.get(|c| c.route(&req.profile, &req.source_region))
+            .await
     }
 
     async fn list_route_tables(
@@ -233,36 +306,25 @@ impl AdminService for Admin {
         req: Request<pb::ListRouteTablesRequest>,
     ) -> Reply<pb::ListRouteTablesResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) = page(
-            &st.catalog.routes,
-            req.page_size,
-            &req.page_token,
-            |t: &RouteTable| req.profile.is_empty() || t.profile == req.profile,
-        )?;
-        Ok(Response::new(pb::ListRouteTablesResponse {
-            route_tables: page.into_iter().map(|t| t.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |t: &RouteTable| {
+            req.profile.is_empty() || t.profile == req.profile
+        })
+        .await
     }
 
     async fn update_route_table(
         &self,
         req: Request<pb::UpdateRouteTableRequest>,
     ) -> Reply<pb::RouteTable> {
-        let table: RouteTable = req
-            .into_inner()
-            .route_table
-            .ok_or_else(|| missing("route_table"))?
-            .into();
-        let key = table.key();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.update_route(table.clone()))
-            .await?;
-        tracing::info!(profile = %key.0, source = %key.1, "route table updated");
-        Ok(Response::new(after.routes[&key].clone().into()))
+        let table: RouteTable = required(req.into_inner().route_table, "route_table")?.into();
+        self.put(table, Catalog::update_route, |t| {
+            tracing::info!(
+                profile = %t.profile,
+                source = %t.source_region,
+                "route table updated"
+            );
+        })
+        .await
     }
 
     async fn delete_route_table(
@@ -270,37 +332,32 @@ impl AdminService for Admin {
         req: Request<pb::DeleteRouteTableRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = self
-            .catalogs
-            .write(|c| c.delete_route(&req.profile, &req.source_region, req.revision))
-            .await?;
-        tracing::info!(profile = %req.profile, source = %req.source_region, "route table deleted");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_route(&req.profile, &req.source_region, req.revision),
+            |()| {
+                tracing::info!(
+                    profile = %req.profile,
+                    source = %req.source_region,
+                    "route table deleted"
+                );
+            },
+        )
+        .await
     }
 
     async fn create_quota(&self, req: Request<pb::CreateQuotaRequest>) -> Reply<pb::Quota> {
-        let quota: Quota = req
-            .into_inner()
-            .quota
-            .ok_or_else(|| missing("quota"))?
+        let quota: Quota = required(req.into_inner().quota, "quota")?
             .try_into()
             .map_err(model_status)?;
-        let id = quota.scope.id();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_quota(quota.clone()))
-            .await?;
-        tracing::info!(quota = %id, "quota created");
-        Ok(Response::new(after.quotas[&id].clone().into()))
+        self.put(quota, Catalog::create_quota, |q| {
+            tracing::info!(quota = %q.scope.id(), "quota created");
+        })
+        .await
     }
 
     async fn get_quota(&self, req: Request<pb::GetQuotaRequest>) -> Reply<pb::Quota> {
         let id = req.into_inner().id;
-        let st = self.read().await?;
-        let catalog = &st.catalog;
-        Ok(Response::new(
-            catalog.quota(&id).map_err(model_status)?.clone().into(),
-        ))
+        self.get(|c| c.quota(&id)).await
     }
 
     async fn list_quotas(
@@ -308,30 +365,18 @@ impl AdminService for Admin {
         req: Request<pb::ListQuotasRequest>,
     ) -> Reply<pb::ListQuotasResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) =
-            page(&st.catalog.quotas, req.page_size, &req.page_token, |_| true)?;
-        Ok(Response::new(pb::ListQuotasResponse {
-            quotas: page.into_iter().map(|q| q.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |_: &Quota| true)
+            .await
     }
 
     async fn update_quota(&self, req: Request<pb::UpdateQuotaRequest>) -> Reply<pb::Quota> {
-        let quota: Quota = req
-            .into_inner()
-            .quota
-            .ok_or_else(|| missing("quota"))?
+        let quota: Quota = required(req.into_inner().quota, "quota")?
             .try_into()
             .map_err(model_status)?;
-        let id = quota.scope.id();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.update_quota(quota.clone()))
-            .await?;
-        tracing::info!(quota = %id, "quota updated");
-        Ok(Response::new(after.quotas[&id].clone().into()))
+        self.put(quota, Catalog::update_quota, |q| {
+            tracing::info!(quota = %q.scope.id(), "quota updated");
+        })
+        .await
     }
 
     async fn delete_quota(
@@ -339,36 +384,24 @@ impl AdminService for Admin {
         req: Request<pb::DeleteQuotaRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = self
-            .catalogs
-            .write(|c| c.delete_quota(&req.id, req.revision))
-            .await?;
-        tracing::info!(quota = %req.id, "quota deleted");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_quota(&req.id, req.revision),
+            |()| tracing::info!(quota = %req.id, "quota deleted"),
+        )
+        .await
     }
 
     async fn create_tenant(&self, req: Request<pb::CreateTenantRequest>) -> Reply<pb::Tenant> {
-        let tenant: Tenant = req
-            .into_inner()
-            .tenant
-            .ok_or_else(|| missing("tenant"))?
-            .into();
-        let name = tenant.name.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_tenant(tenant.clone()))
-            .await?;
-        tracing::info!(tenant = %name, "tenant created");
-        Ok(Response::new(after.tenants[&name].clone().into()))
+        let tenant: Tenant = required(req.into_inner().tenant, "tenant")?.into();
+        self.put(tenant, Catalog::create_tenant, |t| {
+            tracing::info!(tenant = %t.name, "tenant created");
+        })
+        .await
     }
 
     async fn get_tenant(&self, req: Request<pb::GetTenantRequest>) -> Reply<pb::Tenant> {
         let name = req.into_inner().name;
-        let st = self.read().await?;
-        let catalog = &st.catalog;
-        Ok(Response::new(
-            catalog.tenant(&name).map_err(model_status)?.clone().into(),
-        ))
+        self.get(|c| c.tenant(&name)).await
     }
 
     async fn list_tenants(
@@ -376,31 +409,16 @@ impl AdminService for Admin {
         req: Request<pb::ListTenantsRequest>,
     ) -> Reply<pb::ListTenantsResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) =
-            page(&st.catalog.tenants, req.page_size, &req.page_token, |_| {
-                true
-            })?;
-        Ok(Response::new(pb::ListTenantsResponse {
-            tenants: page.into_iter().map(|t| t.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |_: &Tenant| true)
+            .await
     }
 
     async fn update_tenant(&self, req: Request<pb::UpdateTenantRequest>) -> Reply<pb::Tenant> {
-        let tenant: Tenant = req
-            .into_inner()
-            .tenant
-            .ok_or_else(|| missing("tenant"))?
-            .into();
-        let name = tenant.name.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.update_tenant(tenant.clone()))
-            .await?;
-        tracing::info!(tenant = %name, "tenant updated");
-        Ok(Response::new(after.tenants[&name].clone().into()))
+        let tenant: Tenant = required(req.into_inner().tenant, "tenant")?.into();
+        self.put(tenant, Catalog::update_tenant, |t| {
+            tracing::info!(tenant = %t.name, "tenant updated");
+        })
+        .await
     }
 
     async fn delete_tenant(
@@ -408,12 +426,11 @@ impl AdminService for Admin {
         req: Request<pb::DeleteTenantRequest>,
     ) -> Reply<pb::DeleteResponse> {
         let req = req.into_inner();
-        let (_, _, revision) = self
-            .catalogs
-            .write(|c| c.delete_tenant(&req.name, req.revision))
-            .await?;
-        tracing::info!(tenant = %req.name, "tenant deleted with its keys");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_tenant(&req.name, req.revision),
+            |()| tracing::info!(tenant = %req.name, "tenant deleted with its keys"),
+        )
+        .await
     }
 
     async fn create_key(&self, req: Request<pb::CreateKeyRequest>) -> Reply<pb::CreateKeyResponse> {
@@ -430,39 +447,29 @@ impl AdminService for Admin {
                 .tenant(&req.tenant)
                 .map_err(model_status)?;
         }
-        let id = record.id.clone();
-        let (_, after, _) = self
-            .catalogs
-            .write(|c| c.create_key(record.clone()))
-            .await?;
-        tracing::info!(key = %id, tenant = %req.tenant, "API key created");
+        let key = self.write_object(record, Catalog::create_key).await?;
+        tracing::info!(key = %key.id, tenant = %req.tenant, "API key created");
         Ok(Response::new(pb::CreateKeyResponse {
-            key: Some(after.keys[&id].clone().into()),
+            key: Some(key.into()),
             secret,
         }))
     }
 
     async fn list_keys(&self, req: Request<pb::ListKeysRequest>) -> Reply<pb::ListKeysResponse> {
         let req = req.into_inner();
-        let st = self.read().await?;
-        let (page, next_page_token) = page(
-            &st.catalog.keys,
-            req.page_size,
-            &req.page_token,
-            |k: &spillway_core::model::ApiKey| req.tenant.is_empty() || k.tenant == req.tenant,
-        )?;
-        Ok(Response::new(pb::ListKeysResponse {
-            keys: page.into_iter().map(|k| k.clone().into()).collect(),
-            revision: st.revision,
-            next_page_token,
-        }))
+        self.list(req.page_size, &req.page_token, |k: &ApiKey| {
+            req.tenant.is_empty() || k.tenant == req.tenant
+        })
+        .await
     }
 
     async fn revoke_key(&self, req: Request<pb::RevokeKeyRequest>) -> Reply<pb::DeleteResponse> {
         let id = req.into_inner().id;
-        let (gone, _, revision) = self.catalogs.write(|c| c.delete_key(&id)).await?;
-        tracing::info!(key = %id, tenant = %gone.tenant, "API key revoked");
-        Ok(Response::new(pb::DeleteResponse { revision }))
+        self.delete(
+            |c| c.delete_key(&id),
+            |gone| tracing::info!(key = %id, tenant = %gone.tenant, "API key revoked"),
+        )
+        .await
     }
 
     async fn explain_route(
@@ -740,7 +747,7 @@ fn hex_encode(s: &str) -> String {
 }
 
 fn hex_decode(s: &str) -> Option<String> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..s.len())
