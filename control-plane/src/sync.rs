@@ -1,7 +1,9 @@
 //! `ControlService.Sync`: one stream per agent. The replica registers the
 //! agent in the store under its lease, sends a full snapshot of what the
 //! agent's region needs, then a new snapshot (debounced) whenever that
-//! changes, and records each ACK or NACK so that every replica can list it.
+//! changes, and records the agent's status (versions sent, ACKed and
+//! NACKed) so that every replica can list it: a NACK at once, the rest
+//! coalesced (`RecordWrites`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -13,6 +15,7 @@ use prost::Message;
 use spillway_core::backoff::Backoff;
 use spillway_proto::pb::{self, control_service_server::ControlService};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -33,6 +36,12 @@ const DEREGISTER_ATTEMPTS: usize = 20;
 
 /// How long an agent has to say hello after opening the stream.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// At most how often a stream writes its agent's record for a change that
+/// can wait (the next version sent or ACKed). Every record write is a store
+/// transaction and a watch event that every replica processes: without
+/// this, one config change would cost one write per agent per ACK.
+pub const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// What every stream of one replica shares.
 pub struct Replica {
@@ -231,8 +240,11 @@ struct Session {
     key: String,
     record: AgentRecord,
     /// Revision of this session's last write of the agent's record; a write
-    /// guarded by it fails once another stream took the agent over.
+    /// guarded by it fails once another stream took the agent over. 0 while
+    /// the store holds no record of this session (its lease was lost).
     record_revision: i64,
+    /// When `record` is next written.
+    writes: RecordWrites,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
     /// A hash of the last snapshot sent, to skip sending the same one again.
     last_sent: u64,
@@ -296,6 +308,7 @@ impl Session {
         Ok(Session {
             replica,
             key,
+            writes: RecordWrites::new(RECORD_INTERVAL, record.clone()),
             record,
             record_revision: outcome.revision,
             tx,
@@ -331,8 +344,24 @@ impl Session {
             if let Err(reason) = self.push_if_changed(&mut state).await {
                 break reason;
             }
+            let due = self.writes.due();
             tokio::select! {
                 _ = shutdown.wait() => break "control plane shutting down".to_string(),
+                // A coalesced write of the record is due. It is written here,
+                // by the stream's own task, never beside it: once the stream
+                // ends and `deregister` removes the record, no late write can
+                // bring it back.
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    // A replaced lease took the record with it: registering
+                    // again, next, writes the status too.
+                    if lease.has_changed().unwrap_or(false) {
+                        continue;
+                    }
+                    let lease = *self.replica.lease.borrow();
+                    if let Err(reason) = self.write_record(lease).await {
+                        break reason;
+                    }
+                }
                 changed = state.changed() => {
                     if changed.is_err() {
                         break "control plane shutting down".to_string();
@@ -361,6 +390,7 @@ impl Session {
                 },
             }
         };
+        // A pending coalesced write is dropped: the record goes now.
         tracing::info!(agent = %self.key, reason = %end, "agent disconnected");
         self.deregister().await;
     }
@@ -488,7 +518,7 @@ impl Session {
             .metrics
             .add("spillway_cp_updates_sent_total", &[], 1);
         self.last_sent = encoded;
-        Ok(())
+        self.record_changed().await
     }
 
     async fn on_agent_message(&mut self, m: pb::agent_message::Message) -> Result<(), String> {
@@ -521,8 +551,18 @@ impl Session {
                 return Ok(());
             }
         }
-        let lease = *self.replica.lease.borrow();
-        self.write_record(self.record_revision, lease).await
+        self.record_changed().await
+    }
+
+    /// Writes the record at once if its change must be seen at once;
+    /// otherwise the pending coalesced write will carry it.
+    async fn record_changed(&mut self) -> Result<(), String> {
+        if self.writes.changed(&self.record, Instant::now()) {
+            let lease = *self.replica.lease.borrow();
+            self.write_record(lease).await
+        } else {
+            Ok(())
+        }
     }
 
     /// Keeps the agent's latest load report in the store, under the
@@ -588,15 +628,20 @@ impl Session {
     }
 
     /// The replica's lease was replaced (the old one expired while the store
-    /// was unreachable), taking the record with it: write it again.
+    /// was unreachable), taking the record with it: write it again, at once,
+    /// and, should that fail, at every change until it is back.
     async fn reregister(&mut self, lease: LeaseId) -> Result<(), String> {
-        self.write_record(0, lease).await
+        self.record_revision = 0;
+        self.writes.lost();
+        self.write_record(lease).await
     }
 
-    async fn write_record(&mut self, expect: i64, lease: LeaseId) -> Result<(), String> {
+    /// Writes the record as it is now, guarded by this session's last write
+    /// of it (or by its absence after a lost lease).
+    async fn write_record(&mut self, lease: LeaseId) -> Result<(), String> {
         let guard = Compare {
             key: self.key.clone(),
-            mod_revision: expect,
+            mod_revision: self.record_revision,
         };
         let put = Op::Put {
             key: self.key.clone(),
@@ -606,16 +651,88 @@ impl Session {
         match self.replica.store.txn(vec![guard], vec![put]).await {
             Ok(o) if o.succeeded => {
                 self.record_revision = o.revision;
+                self.writes.written(&self.record);
                 Ok(())
             }
             Ok(_) => Err("another stream took this agent over".to_string()),
             Err(e) => {
                 // The store being away must not cut the agent off: it keeps
-                // its config stream, only the record lags.
+                // its config stream, only the record lags until a retry.
                 tracing::warn!(agent = %self.key, error = %e, "could not record the agent's status");
+                self.writes.failed(Instant::now());
                 Ok(())
             }
         }
+    }
+}
+
+/// When a stream writes its agent's record. A change that others must see
+/// at once is written at once: the NACK state changing (a NACK, a new
+/// reason, or an ACK that clears a NACK), the stream's first ACK, and an
+/// ACK that catches up with the version sent while the store shows the
+/// agent behind. Any other change (the next version sent or ACKed) is
+/// coalesced: written `interval` after the first unwritten change, with
+/// the status as it is then, so at most once per interval. A status the
+/// store already holds is not written again.
+struct RecordWrites {
+    interval: Duration,
+    /// The record as this stream last wrote it; `None` when the store holds
+    /// none (the replica's lease, and the record with it, was lost).
+    stored: Option<AgentRecord>,
+    /// When the pending write is due; `None` when nothing is pending.
+    due: Option<Instant>,
+}
+
+impl RecordWrites {
+    fn new(interval: Duration, stored: AgentRecord) -> Self {
+        RecordWrites {
+            interval,
+            stored: Some(stored),
+            due: None,
+        }
+    }
+
+    /// The record changed to `record` at `now`: whether to write it now.
+    /// Otherwise a write is pending (see `due`) unless the store holds
+    /// `record` already.
+    fn changed(&mut self, record: &AgentRecord, now: Instant) -> bool {
+        let Some(stored) = &self.stored else {
+            return true;
+        };
+        if stored == record {
+            self.due = None;
+            return false;
+        }
+        let behind = |r: &AgentRecord| r.acked_version < r.sent_version;
+        let urgent = (stored.nacked_version, &stored.nack_reason)
+            != (record.nacked_version, &record.nack_reason)
+            || (stored.acked_version == 0 && record.acked_version != 0)
+            || (behind(stored) && !behind(record));
+        if !urgent {
+            self.due.get_or_insert(now + self.interval);
+        }
+        urgent
+    }
+
+    /// When the pending write is due, if one is.
+    fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// The store holds `record` now.
+    fn written(&mut self, record: &AgentRecord) {
+        self.stored = Some(record.clone());
+        self.due = None;
+    }
+
+    /// A write failed: try again in an interval.
+    fn failed(&mut self, now: Instant) {
+        self.due = Some(now + self.interval);
+    }
+
+    /// The store lost the record: every change writes it again.
+    fn lost(&mut self) {
+        self.stored = None;
     }
 }
 
@@ -674,6 +791,193 @@ fn server_health(s: pb::ServerLoad) -> keys::ServerHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record() -> AgentRecord {
+        AgentRecord {
+            agent_id: "a1".into(),
+            region: "us-east".into(),
+            relay_address: "127.0.0.1:9".into(),
+            control_plane: "cp".into(),
+            connected_at_unix: 0,
+            sent_version: 0,
+            acked_version: 0,
+            nacked_version: 0,
+            nack_reason: String::new(),
+            apis: Vec::new(),
+        }
+    }
+
+    /// A stream's record and its write policy, with the writes it makes
+    /// counted: each change is offered to the policy, and a due write is
+    /// made whenever the clock passes it.
+    struct Stream {
+        record: AgentRecord,
+        writes: RecordWrites,
+        made: usize,
+    }
+
+    impl Stream {
+        fn new() -> Self {
+            Stream {
+                record: record(),
+                writes: RecordWrites::new(RECORD_INTERVAL, record()),
+                made: 0,
+            }
+        }
+
+        fn write(&mut self) {
+            self.writes.written(&self.record);
+            self.made += 1;
+        }
+
+        /// Makes the due write if the clock is past it.
+        fn tick(&mut self, now: Instant) {
+            if self.writes.due().is_some_and(|due| due <= now) {
+                self.write();
+            }
+        }
+
+        /// Changes the record at `now`; returns whether it was written at once.
+        fn change(&mut self, now: Instant, f: impl FnOnce(&mut AgentRecord)) -> bool {
+            self.tick(now);
+            f(&mut self.record);
+            let urgent = self.writes.changed(&self.record, now);
+            if urgent {
+                self.write();
+            }
+            urgent
+        }
+
+        fn send(&mut self, now: Instant, version: u64) -> bool {
+            self.change(now, |r| r.sent_version = version)
+        }
+
+        fn ack(&mut self, now: Instant, version: u64) -> bool {
+            self.change(now, |r| {
+                r.acked_version = version;
+                if version >= r.nacked_version {
+                    r.nacked_version = 0;
+                    r.nack_reason.clear();
+                }
+            })
+        }
+
+        fn nack(&mut self, now: Instant, version: u64, reason: &str) -> bool {
+            self.change(now, |r| {
+                r.nacked_version = version;
+                r.nack_reason = reason.into();
+            })
+        }
+    }
+
+    #[test]
+    fn a_burst_of_acks_is_written_once_per_interval_ending_with_the_last() {
+        let t0 = Instant::now();
+        let mut s = Stream::new();
+        assert!(!s.send(t0, 1), "a version sent can wait");
+        assert!(s.ack(t0, 1), "the stream's first ACK is written at once");
+        assert_eq!(s.writes.due(), None);
+
+        // 200 updates, 10 ms apart, each ACKed 2 ms after it was sent:
+        // 2 s of changes.
+        let ms = Duration::from_millis;
+        let start = t0 + ms(100);
+        for i in 0..200u64 {
+            let at = start + ms(10 * i);
+            assert!(!s.send(at, 2 + i));
+            assert!(!s.ack(at + ms(2), 2 + i));
+        }
+        let last = start + ms(10 * 199 + 2);
+        // Then the pending write goes out with the status as it is last.
+        let due = s.writes.due().expect("a write is pending");
+        assert!(due <= last + RECORD_INTERVAL);
+        s.tick(due);
+        assert_eq!(s.writes.due(), None);
+        assert_eq!(s.writes.stored.as_ref(), Some(&s.record));
+        assert_eq!((s.record.sent_version, s.record.acked_version), (201, 201));
+        // The first ACK, then one write per interval started.
+        let span = (due - start).as_secs_f64() / RECORD_INTERVAL.as_secs_f64();
+        assert!(s.made <= 1 + span.ceil() as usize, "{} writes", s.made);
+        assert_eq!(
+            s.made,
+            1 + 2,
+            "the first ACK, then writes at 1.1 s and 2.1 s"
+        );
+    }
+
+    #[test]
+    fn an_ack_or_nack_the_store_already_holds_writes_nothing() {
+        let t0 = Instant::now();
+        let mut s = Stream::new();
+        s.send(t0, 5);
+        s.ack(t0, 5);
+        assert_eq!(s.made, 1);
+        assert!(!s.ack(t0, 5));
+        assert_eq!(s.writes.due(), None, "nothing pending");
+        s.send(t0, 6);
+        assert!(s.nack(t0, 6, "model `m` is not served here"));
+        assert!(!s.nack(t0, 6, "model `m` is not served here"));
+        assert_eq!(s.writes.due(), None);
+        assert_eq!(s.made, 2);
+    }
+
+    #[test]
+    fn a_nack_a_new_reason_and_the_ack_that_clears_it_are_written_at_once() {
+        let t0 = Instant::now();
+        let mut s = Stream::new();
+        s.send(t0, 5);
+        s.ack(t0, 5);
+        s.send(t0, 6);
+        assert!(s.nack(t0, 6, "model `m` is not served here"));
+        assert_eq!(
+            s.writes.stored.as_ref().unwrap().nack_reason,
+            "model `m` is not served here"
+        );
+        assert_eq!(s.writes.due(), None, "the version sent went with it");
+        s.send(t0, 7);
+        assert!(s.nack(t0, 7, "model `q` is not served here"));
+        // An ACK of an older version leaves the refusal standing: it waits.
+        assert!(!s.ack(t0, 5));
+        s.send(t0, 8);
+        assert!(s.ack(t0, 8), "the refusal is history");
+        assert_eq!(s.writes.stored.as_ref().unwrap().nacked_version, 0);
+        assert_eq!(s.writes.due(), None);
+    }
+
+    #[test]
+    fn an_ack_that_catches_up_after_the_store_showed_the_agent_behind_is_written_at_once() {
+        let t0 = Instant::now();
+        let mut s = Stream::new();
+        s.send(t0, 5);
+        s.ack(t0, 5);
+        // The agent takes a while to ACK 6: the due write shows it behind.
+        s.send(t0, 6);
+        s.tick(t0 + RECORD_INTERVAL);
+        let stored = s.writes.stored.clone().unwrap();
+        assert_eq!((stored.sent_version, stored.acked_version), (6, 5));
+        assert!(s.ack(t0 + RECORD_INTERVAL * 3 / 2, 6));
+        // The next version ACKed in turn waits.
+        s.send(t0 + RECORD_INTERVAL * 2, 7);
+        assert!(!s.ack(t0 + RECORD_INTERVAL * 2, 7));
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_and_a_lost_record_is_written_at_every_change() {
+        let t0 = Instant::now();
+        let mut s = Stream::new();
+        s.send(t0, 5);
+        s.ack(t0, 5);
+        s.send(t0, 6);
+        s.ack(t0, 6);
+        // The store is away when the write is due: it is tried again.
+        s.writes.failed(t0 + RECORD_INTERVAL);
+        assert_eq!(s.writes.due(), Some(t0 + RECORD_INTERVAL * 2));
+        // The lease, and the record with it, are lost: every change writes.
+        s.writes.lost();
+        assert!(s.writes.changed(&s.record, t0));
+        s.write();
+        assert!(!s.ack(t0, 6), "written again, the record is up to date");
+    }
 
     #[test]
     fn bad_numbers_in_a_report_are_dropped_before_they_are_stored() {

@@ -3,12 +3,20 @@
 //! an agent cannot apply is NACKed, reported, and the agent keeps its last
 //! good config; agents outlive control planes, move to another replica and
 //! boot from their persisted snapshot; a replica whose watch revision was
-//! compacted relists and its agents still converge.
+//! compacted relists and its agents still converge. ACKs are recorded
+//! coalesced, a NACK at once, and an agent's record goes with its stream.
 
 use std::time::Duration;
 
-use spillway_proto::pb::{self, admin_service_client::AdminServiceClient};
+use spillway_control_plane::store::DEFAULT_PREFIX;
+use spillway_control_plane::{keys, sync::RECORD_INTERVAL};
+use spillway_proto::pb::{
+    self, admin_service_client::AdminServiceClient, control_service_client::ControlServiceClient,
+};
 use spillway_tests::{ControlPlane, Etcd, TestAgent, proxy::Proxy, wait_until};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 const MODEL: &str = "llama-3.1-8b";
@@ -294,4 +302,332 @@ async fn a_replica_whose_watch_revision_was_compacted_relists() {
         log.contains("relisting"),
         "replica A should have relisted:\n{log}"
     );
+}
+
+/// An agent played by the test over a raw sync stream: it answers exactly
+/// what the test tells it to.
+struct RawAgent {
+    id: String,
+    out: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::ControlMessage>,
+}
+
+impl RawAgent {
+    async fn connect(cp: &ControlPlane, region: &str, id: &str) -> RawAgent {
+        let mut client = ControlServiceClient::connect(cp.url()).await.unwrap();
+        let (out, rx) = mpsc::channel(16);
+        let hello = pb::Hello {
+            agent_id: id.into(),
+            region: region.into(),
+            relay_address: "127.0.0.1:9".into(),
+            current_version: 0,
+            agent_build: "test".into(),
+            apis: Vec::new(),
+        };
+        out.send(pb::AgentMessage {
+            message: Some(pb::agent_message::Message::Hello(hello)),
+        })
+        .await
+        .unwrap();
+        let inbound = client
+            .sync(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        RawAgent {
+            id: id.into(),
+            out,
+            inbound,
+        }
+    }
+
+    /// The next config update the replica sends.
+    async fn update(&mut self) -> pb::ConfigUpdate {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(15), self.inbound.message())
+                .await
+                .expect("a config update within 15 s")
+                .expect("the sync stream is healthy")
+                .expect("the sync stream is open");
+            if let Some(pb::control_message::Message::Update(u)) = msg.message {
+                return u;
+            }
+        }
+    }
+
+    async fn send(&self, m: pb::agent_message::Message) {
+        self.out
+            .send(pb::AgentMessage { message: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    async fn ack(&self, u: &pb::ConfigUpdate) {
+        self.send(pb::agent_message::Message::Ack(pb::Ack {
+            version: u.version,
+            nonce: u.nonce.clone(),
+        }))
+        .await;
+    }
+
+    async fn nack(&self, u: &pb::ConfigUpdate, reason: &str) {
+        self.send(pb::agent_message::Message::Nack(pb::Nack {
+            version: u.version,
+            nonce: u.nonce.clone(),
+            reason: reason.into(),
+        }))
+        .await;
+    }
+
+    /// ACKs updates from `acked` (ACKed already) on until one names this
+    /// agent among the endpoints (the first may predate the replica's view
+    /// of its own record); returns the last one ACKed. Past it, only the
+    /// test's writes send updates.
+    async fn settle(&mut self, acked: pb::ConfigUpdate) -> pb::ConfigUpdate {
+        let mut u = acked;
+        while !u
+            .snapshot
+            .as_ref()
+            .unwrap()
+            .agents
+            .iter()
+            .any(|a| a.agent_id == self.id)
+        {
+            u = self.update().await;
+            self.ack(&u).await;
+        }
+        u
+    }
+
+    /// Creates region `name` and ACKs updates until one carries it; returns
+    /// how many it ACKed and the last one.
+    async fn ack_region(
+        &mut self,
+        admin: &mut AdminServiceClient<Channel>,
+        name: &str,
+    ) -> (usize, pb::ConfigUpdate) {
+        create_region(admin, name).await;
+        let mut acks = 0;
+        loop {
+            let u = self.update().await;
+            self.ack(&u).await;
+            acks += 1;
+            if has_region(&u, name) {
+                return (acks, u);
+            }
+        }
+    }
+}
+
+async fn create_region(a: &mut AdminServiceClient<Channel>, name: &str) {
+    let region = pb::Region {
+        name: name.into(),
+        geography: "us".into(),
+        ..Default::default()
+    };
+    a.create_region(pb::CreateRegionRequest {
+        region: Some(region),
+    })
+    .await
+    .unwrap();
+}
+
+fn has_region(u: &pb::ConfigUpdate, name: &str) -> bool {
+    let regions = &u.snapshot.as_ref().unwrap().regions;
+    regions.iter().any(|r| r.name == name)
+}
+
+/// The agent's status as the control plane lists it.
+async fn status(a: &AdminServiceClient<Channel>, agent: &str) -> Option<pb::AgentStatus> {
+    let mut a = a.clone();
+    agents(&mut a)
+        .await
+        .into_iter()
+        .find(|s| s.agent_id == agent)
+}
+
+/// The etcd key of an agent's record.
+fn record_key(region: &str, agent: &str) -> String {
+    format!("{DEFAULT_PREFIX}{}", keys::agent(region, agent))
+}
+
+/// How many times the agent's record was written since it was created
+/// (etcd's version of the key); 0 when there is none.
+async fn record_writes(etcd: &mut etcd_client::Client, region: &str, agent: &str) -> i64 {
+    let resp = etcd.get(record_key(region, agent), None).await.unwrap();
+    resp.kvs().first().map_or(0, |kv| kv.version())
+}
+
+/// ACKs of a burst of updates are written at most once per
+/// `RECORD_INTERVAL` (plus the write that shows the agent caught up after
+/// one that caught it behind), and the record converges to the last ACK;
+/// an ACK already recorded writes nothing; a NACK and the ACK that clears
+/// it are written at once.
+#[tokio::test]
+async fn acks_are_recorded_coalesced_and_a_nack_at_once() {
+    spillway_tests::init_logging();
+    let etcd = Etcd::start().await;
+    let mut store = etcd.client().await;
+    let cp = ControlPlane::start(Some(&etcd.endpoint), "cp-a").await;
+    let mut admin = cp.admin().await;
+    // Regions only: no profile, so no weights or quota leases move the
+    // config on behind the test's back.
+    create_region(&mut admin, "us-east").await;
+    let mut agent = RawAgent::connect(&cp, "us-east", "raw").await;
+
+    // The first ACK is written at once.
+    let first = agent.update().await;
+    agent.ack(&first).await;
+    wait_until(
+        "the first ACK to be listed at once",
+        // (That it is written at once, not coalesced, is the policy's unit
+        // test, on a simulated clock: a wall clock would be flaky here.)
+        Duration::from_secs(15),
+        || async {
+            status(&admin, "raw")
+                .await
+                .is_some_and(|s| s.acked_version >= first.version)
+        },
+    )
+    .await;
+    let mut last = agent.settle(first).await;
+
+    // A burst of updates, each ACKed as it arrives.
+    let before = record_writes(&mut store, "us-east", "raw").await;
+    let start = Instant::now();
+    let mut acks = 0;
+    for i in 0..20 {
+        let (n, u) = agent.ack_region(&mut admin, &format!("burst-{i}")).await;
+        acks += n;
+        last = u;
+    }
+    // The record converges to the last version sent and ACKed.
+    wait_until(
+        "the record to converge to the last ACK",
+        RECORD_INTERVAL * 5,
+        || async {
+            status(&admin, "raw")
+                .await
+                .is_some_and(|s| (s.sent_version, s.acked_version) == (last.version, last.version))
+        },
+    )
+    .await;
+    let written = record_writes(&mut store, "us-east", "raw").await - before;
+    let intervals = (start.elapsed().as_secs_f64() / RECORD_INTERVAL.as_secs_f64()).floor() as i64;
+    let bound = 2 * (intervals + 1);
+    assert!(
+        written <= bound && (written as usize) < acks,
+        "{acks} ACKs over {:?} made {written} record writes (at most {bound})",
+        start.elapsed()
+    );
+
+    // An ACK of the version recorded writes nothing; the NACK of the next
+    // update is written at once, with its reason and the version sent.
+    let before = record_writes(&mut store, "us-east", "raw").await;
+    agent.ack(&last).await;
+    create_region(&mut admin, "refused").await;
+    let refused = agent.update().await;
+    assert!(has_region(&refused, "refused"));
+    agent
+        .nack(&refused, "the test refuses region `refused`")
+        .await;
+    wait_until(
+        "the NACK to be listed at once",
+        // (That it is written at once, not coalesced, is the policy's unit
+        // test, on a simulated clock: a wall clock would be flaky here.)
+        Duration::from_secs(15),
+        || async {
+            status(&admin, "raw").await.is_some_and(|s| {
+                s.nacked_version == refused.version
+                    && s.nack_reason == "the test refuses region `refused`"
+                    && s.sent_version == refused.version
+                    && s.acked_version == last.version
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        record_writes(&mut store, "us-east", "raw").await - before,
+        1,
+        "one write: the NACK's (the repeated ACK wrote nothing)"
+    );
+    let (ok, table, stderr) = cp.spillctl(&["agents", "list"]).await;
+    assert!(ok, "{stderr}");
+    assert!(
+        table.contains("the test refuses region `refused`"),
+        "{table}"
+    );
+
+    // The ACK that moves past the refusal clears it at once.
+    let (_, fixed) = agent.ack_region(&mut admin, "accepted").await;
+    wait_until(
+        "the cleared NACK to be listed at once",
+        // (That it is written at once, not coalesced, is the policy's unit
+        // test, on a simulated clock: a wall clock would be flaky here.)
+        Duration::from_secs(15),
+        || async {
+            status(&admin, "raw").await.is_some_and(|s| {
+                (s.acked_version, s.nacked_version, s.nack_reason.as_str())
+                    == (fixed.version, 0, "")
+            })
+        },
+    )
+    .await;
+}
+
+/// A stream that ends with a record write pending drops it: the record
+/// goes, and nothing writes it back.
+#[tokio::test]
+async fn a_pending_record_write_does_not_outlive_its_stream() {
+    spillway_tests::init_logging();
+    let etcd = Etcd::start().await;
+    let mut store = etcd.client().await;
+    let cp = ControlPlane::start(Some(&etcd.endpoint), "cp-a").await;
+    let mut admin = cp.admin().await;
+    create_region(&mut admin, "us-east").await;
+    let mut agent = RawAgent::connect(&cp, "us-east", "raw").await;
+    let first = agent.update().await;
+    agent.ack(&first).await;
+    let settled = agent.settle(first).await;
+    wait_until("the agent's record", Duration::from_secs(15), || async {
+        status(&admin, "raw").await.is_some_and(|s| {
+            s.acked_version == settled.version && s.sent_version == s.acked_version
+        })
+    })
+    .await;
+    let key = record_key("us-east", "raw");
+    let from = store.get(key.as_str(), None).await.unwrap().kvs()[0].mod_revision() + 1;
+    let mut watch = store
+        .watch(
+            key,
+            Some(etcd_client::WatchOptions::new().with_start_revision(from)),
+        )
+        .await
+        .unwrap();
+
+    // The next ACK waits for its coalesced write; the agent leaves first.
+    agent.ack_region(&mut admin, "pending").await;
+    drop(agent);
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !events.contains(&etcd_client::EventType::Delete) {
+        let resp = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .expect("the record removed within 15 s")
+            .unwrap()
+            .expect("the watch is open");
+        events.extend(resp.events().iter().map(|e| e.event_type()));
+    }
+    assert_eq!(
+        events.last(),
+        Some(&etcd_client::EventType::Delete),
+        "the record is removed last: {events:?}"
+    );
+    // Nothing writes it back, not even once the dropped write was due.
+    let late = tokio::time::timeout(RECORD_INTERVAL * 2, watch.message()).await;
+    assert!(
+        late.is_err(),
+        "the record came back after the stream ended: {late:?}"
+    );
+    assert_eq!(record_writes(&mut store, "us-east", "raw").await, 0);
 }
