@@ -45,12 +45,10 @@ enum Cmd {
     },
     /// Build in release mode, measure the agent and the control plane on
     /// loopback beside their floors (the simulator direct, nginx), and write
-    /// target/bench/report.md and report.json.
-    Bench {
-        /// A short run that checks every scenario produces numbers (CI).
-        #[arg(long)]
-        quick: bool,
-    },
+    /// target/bench/report.md and report.json. With --scale-only, only the
+    /// control plane at catalog scale (`--scale-profiles`, `--scale-clients`,
+    /// `--scale-store`).
+    Bench(BenchArgs),
     /// Check formatting and clippy lints.
     Lint,
     /// Render every kustomization under deploy/k8s and validate it against
@@ -69,11 +67,58 @@ enum Cmd {
     },
 }
 
+/// What `cargo xtask bench` takes; the scale flags go to spillway-bench.
+#[derive(clap::Args, Default)]
+struct BenchArgs {
+    /// A short run that checks every scenario produces numbers (CI).
+    #[arg(long)]
+    quick: bool,
+    /// Run only the control-plane-at-scale scenario (target/bench/scale.md
+    /// and scale.json).
+    #[arg(long)]
+    scale_only: bool,
+    /// Profiles in the scale scenario's catalog (default 2,000; quick 200).
+    #[arg(long)]
+    scale_profiles: Option<u64>,
+    /// Sync clients of the scale scenario (default 200; quick 50).
+    #[arg(long)]
+    scale_clients: Option<u64>,
+    /// The scale scenario's store: memory (the default) or etcd.
+    #[arg(long)]
+    scale_store: Option<String>,
+}
+
+impl BenchArgs {
+    /// The flags spillway-bench takes from these.
+    fn passthrough(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.quick {
+            args.push("--quick".to_string());
+        }
+        if self.scale_only {
+            args.push("--scale-only".to_string());
+        }
+        for (flag, value) in [
+            (
+                "--scale-profiles",
+                self.scale_profiles.map(|n| n.to_string()),
+            ),
+            ("--scale-clients", self.scale_clients.map(|n| n.to_string())),
+            ("--scale-store", self.scale_store.clone()),
+        ] {
+            if let Some(v) = value {
+                args.extend([flag.to_string(), v]);
+            }
+        }
+        args
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Test { args } => test(&args),
         Cmd::Demo { exit_after_traffic } => demo::demo(exit_after_traffic),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench(args) => bench(&args),
         Cmd::Lint => lint(),
         Cmd::DeployCheck => deploy::check(),
         Cmd::Certs { args } => certs(&args),
@@ -232,7 +277,10 @@ fn test(extra: &[String]) -> Result<()> {
     // (how fast is not checked here; BENCHMARKS.md has the figures). Skipped
     // when the run was narrowed to some tests.
     if extra.is_empty() {
-        bench(true)?;
+        bench(&BenchArgs {
+            quick: true,
+            ..BenchArgs::default()
+        })?;
     }
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
     Ok(())
@@ -292,12 +340,17 @@ fn ensure_nginx() -> Option<PathBuf> {
     find("nginx")
 }
 
-fn bench(quick: bool) -> Result<()> {
-    let nginx = ensure_nginx();
+fn bench(opts: &BenchArgs) -> Result<()> {
+    // The scale scenario alone needs no nginx floor.
+    let nginx = if opts.scale_only {
+        None
+    } else {
+        ensure_nginx()
+    };
     // The quick run only checks that every scenario produces numbers, so
     // it uses the debug build the tests already made: a cold release build
     // would be most of CI's time. Figures come from the release build.
-    let (profile, args): (&str, &[&str]) = if quick {
+    let (profile, args): (&str, &[&str]) = if opts.quick {
         ("debug", &["build", "--workspace", "--bins"])
     } else {
         ("release", &["build", "--release", "--workspace", "--bins"])
@@ -308,22 +361,18 @@ fn bench(quick: bool) -> Result<()> {
     let target = target_dir()?;
     let out = target.join("bench");
     let mut b = Command::new(target.join(profile).join("spillway-bench"));
-    b.current_dir(root()).arg("--out").arg(&out);
-    if quick {
-        b.arg("--quick");
-    }
+    let flags = opts.passthrough();
+    b.current_dir(root()).arg("--out").arg(&out).args(&flags);
     if let Some(n) = nginx {
         b.arg("--nginx").arg(n);
     }
-    run(
-        b,
-        if quick {
-            "spillway-bench --quick"
-        } else {
-            "spillway-bench"
-        },
-    )?;
-    eprintln!("xtask: report in {}", out.join("report.md").display());
+    run(b, &format!("spillway-bench {}", flags.join(" ")))?;
+    let report = if opts.scale_only {
+        "scale.md"
+    } else {
+        "report.md"
+    };
+    eprintln!("xtask: report in {}", out.join(report).display());
     Ok(())
 }
 
