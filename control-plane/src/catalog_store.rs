@@ -111,7 +111,7 @@ impl Catalogs {
         let _turn = self.writing.lock().await;
         for _ in 0..WRITE_ATTEMPTS {
             let (st, guard) = self.view().await?;
-            let mut after = st.catalog.clone();
+            let mut after = Catalog::clone(&st.catalog);
             let out = change(&mut after)?;
             let (puts, deletes) = keys::diff_catalog(&st.catalog, &after);
             drop(st);

@@ -929,7 +929,7 @@ mod tests {
     fn a_region_whose_agents_are_all_gone_is_silent() {
         let mut st = state(vec![("r", "a1", 0, vec![server("http://s1", 1, 4.0)])]);
         for region in ["r", "gone", "old"] {
-            st.catalog.regions.insert(
+            Arc::make_mut(&mut st.catalog).regions.insert(
                 region.into(),
                 spillway_core::model::Region {
                     name: region.into(),
@@ -1015,7 +1015,7 @@ mod tests {
             ..State::default()
         };
         for name in ["us-east", "us-west"] {
-            st.catalog
+            Arc::make_mut(&mut st.catalog)
                 .create_region(Region {
                     name: name.into(),
                     geography: "us".into(),
@@ -1025,7 +1025,7 @@ mod tests {
                 .unwrap();
         }
         for id in ["us.llama-3.1-8b", "global.llama-3.1-8b"] {
-            st.catalog
+            Arc::make_mut(&mut st.catalog)
                 .create_profile(Profile {
                     id: id.into(),
                     kind: ProfileKind::from_id(id),
@@ -1079,7 +1079,7 @@ mod tests {
         let (stored, _) = store.list(keys::WEIGHTS).await.unwrap();
         for kv in stored {
             if let Ok(keys::Object::Weights(w)) = keys::decode(&kv) {
-                st.weights
+                Arc::make_mut(&mut st.weights)
                     .insert((w.profile.clone(), w.source_region.clone()), w);
             }
         }
@@ -1090,7 +1090,7 @@ mod tests {
         assert_eq!(series(&metrics.render()).len(), 8);
 
         // A profile that goes takes its series with it.
-        st.catalog.delete_profile("global.llama-3.1-8b", 0).unwrap();
+        Arc::make_mut(&mut st.catalog).delete_profile("global.llama-3.1-8b", 0).unwrap();
         update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
             .await
             .unwrap();
@@ -1099,7 +1099,7 @@ mod tests {
         assert!(!text.contains("global.llama-3.1-8b"), "{text}");
 
         // A deposed leader's writes are refused: it reports nothing more.
-        st.weights.clear();
+        Arc::make_mut(&mut st.weights).clear();
         update_weights("a", &store, &st, fence - 1, &settings, &mut holds, &metrics)
             .await
             .unwrap();

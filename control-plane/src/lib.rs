@@ -15,7 +15,7 @@ pub mod leader;
 pub mod leases;
 pub mod quota_alloc;
 pub mod server;
-pub mod snapshot;
+pub mod views;
 pub mod state;
 pub mod store;
 pub mod sync;

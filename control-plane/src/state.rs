@@ -39,12 +39,14 @@ pub struct State {
     pub loaded: bool,
     /// The store revision this state reflects.
     pub revision: i64,
-    pub catalog: Catalog,
+    /// Shared, so that a state held by a reader (the views, a stream) is
+    /// copied on write without copying the catalog unless it changes.
+    pub catalog: Arc<Catalog>,
     /// The revision at which the catalog or the effective weights last
     /// changed.
     pub catalog_version: i64,
     /// Effective weights by (profile, source region), from the leader.
-    pub weights: BTreeMap<(String, String), WeightsRecord>,
+    pub weights: Arc<BTreeMap<(String, String), WeightsRecord>>,
     /// Agents' latest load reports by store key (these never wake streams).
     pub health: BTreeMap<String, Seen<HealthRecord>>,
     /// Connected agents by store key.
@@ -155,8 +157,7 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
                 fresh.health.insert(kv.key.clone(), Seen::now(h));
             }
             Ok(Object::Weights(w)) => {
-                fresh
-                    .weights
+                Arc::make_mut(&mut fresh.weights)
                     .insert((w.profile.clone(), w.source_region.clone()), w);
             }
             Ok(Object::Leases(l)) => {
@@ -164,7 +165,7 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
                     .leases
                     .insert((l.region.clone(), l.agent_id.clone()), l);
             }
-            Ok(object) => keys::insert(&mut fresh.catalog, object),
+            Ok(object) => keys::insert(Arc::make_mut(&mut fresh.catalog), object),
             Err(e) => tracing::warn!("{e}; skipped"),
         }
     }
@@ -238,7 +239,7 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                 Ok(Object::Weights(w)) => {
                     let key = (w.profile.clone(), w.source_region.clone());
                     if state.weights.get(&key) != Some(&w) {
-                        state.weights.insert(key, w);
+                        Arc::make_mut(&mut state.weights).insert(key, w);
                         catalog_changed = true;
                     }
                 }
@@ -250,7 +251,7 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                 }
                 Ok(Object::Other) => {}
                 Ok(object) => {
-                    keys::insert(&mut state.catalog, object);
+                    keys::insert(Arc::make_mut(&mut state.catalog), object);
                     catalog_changed = true;
                 }
                 Err(e) => tracing::warn!("{e}; skipped"),
@@ -270,25 +271,23 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                 } else if let Some(rest) = key.strip_prefix(keys::WEIGHTS)
                     && let Some((p, s)) = rest.rsplit_once('/')
                 {
-                    catalog_changed |= state
-                        .weights
+                    catalog_changed |= Arc::make_mut(&mut state.weights)
                         .remove(&(p.to_string(), s.to_string()))
                         .is_some();
                 } else if let Some(name) = key.strip_prefix(keys::REGIONS) {
-                    catalog_changed |= state.catalog.regions.remove(name).is_some();
+                    catalog_changed |= Arc::make_mut(&mut state.catalog).regions.remove(name).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::QUOTAS) {
-                    catalog_changed |= state.catalog.quotas.remove(id).is_some();
+                    catalog_changed |= Arc::make_mut(&mut state.catalog).quotas.remove(id).is_some();
                 } else if let Some(name) = key.strip_prefix(keys::TENANTS) {
-                    catalog_changed |= state.catalog.tenants.remove(name).is_some();
+                    catalog_changed |= Arc::make_mut(&mut state.catalog).tenants.remove(name).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::KEYS) {
-                    catalog_changed |= state.catalog.keys.remove(id).is_some();
+                    catalog_changed |= Arc::make_mut(&mut state.catalog).keys.remove(id).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::PROFILES) {
-                    catalog_changed |= state.catalog.profiles.remove(id).is_some();
+                    catalog_changed |= Arc::make_mut(&mut state.catalog).profiles.remove(id).is_some();
                 } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
                     && let Some((p, s)) = rest.rsplit_once('/')
                 {
-                    catalog_changed |= state
-                        .catalog
+                    catalog_changed |= Arc::make_mut(&mut state.catalog)
                         .routes
                         .remove(&(p.to_string(), s.to_string()))
                         .is_some();

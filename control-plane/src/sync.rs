@@ -1,7 +1,8 @@
 //! `ControlService.Sync`: one stream per agent. The replica registers the
-//! agent in the store under its lease, sends a full snapshot of what the
-//! agent's region needs, then a new snapshot (debounced) whenever that
-//! changes, and records the agent's status (versions sent, ACKed and
+//! agent in the store under its lease, sends what the agent lacks of its
+//! region's view (`views.rs`) given the resources its hello names, then
+//! (debounced) only the resources that change or go, one update in flight
+//! at a time; and records the agent's status (versions sent, ACKed and
 //! NACKed) so that every replica can list it: a NACK at once, the rest
 //! coalesced (`RecordWrites`).
 
@@ -20,8 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{self, AgentRecord};
-use crate::snapshot::snapshot_for;
 use crate::state::State;
+use crate::views::{View, Views};
 use crate::store::{Compare, LeaseId, Op, Store};
 use spillway_core::metrics::Metrics;
 use spillway_core::shutdown::Shutdown;
@@ -55,16 +56,8 @@ pub struct Replica {
     pub shutdown: Shutdown,
     pub metrics: Arc<Metrics>,
     nonce: AtomicU64,
-    /// The last snapshot built per region, shared by the region's streams.
-    snapshots: std::sync::Mutex<HashMap<String, CachedSnapshot>>,
-}
-
-/// A snapshot, the versions it was built from, and its hash.
-#[derive(Clone)]
-struct CachedSnapshot {
-    built_from: (i64, i64),
-    snapshot: Arc<pb::Snapshot>,
-    hash: u64,
+    /// Every region's resources, shared by the region's streams.
+    pub views: Arc<Views>,
 }
 
 impl Replica {
@@ -80,34 +73,14 @@ impl Replica {
         Replica {
             id,
             store,
+            views: Views::spawn(state.clone()),
             state,
             lease,
             debounce,
             shutdown,
             metrics,
             nonce: AtomicU64::new(0),
-            snapshots: std::sync::Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The snapshot of `region` for `state`, built once for all the
-    /// region's streams.
-    fn snapshot(&self, state: &State, region: &str) -> CachedSnapshot {
-        let from = (state.catalog_version, state.endpoints_version);
-        let mut cache = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = cache.get(region)
-            && c.built_from == from
-        {
-            return c.clone();
-        }
-        let snapshot = snapshot_for(state, region);
-        let built = CachedSnapshot {
-            built_from: from,
-            hash: hash(&snapshot.encode_to_vec()),
-            snapshot: Arc::new(snapshot),
-        };
-        cache.insert(region.to_string(), built.clone());
-        built
     }
 
     fn next_nonce(&self) -> String {
@@ -198,13 +171,6 @@ impl ControlService for Sync {
     }
 }
 
-fn hash(bytes: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
-
 fn check_hello(h: &pb::Hello) -> Result<(), Status> {
     let ok_id = !h.agent_id.is_empty()
         && h.agent_id.len() <= 128
@@ -246,11 +212,15 @@ struct Session {
     /// When `record` is next written.
     writes: RecordWrites,
     tx: mpsc::Sender<Result<pb::ControlMessage, Status>>,
-    /// A hash of the last snapshot sent, to skip sending the same one again.
-    last_sent: u64,
-    /// The (catalog, endpoints) versions the last snapshot was built from:
-    /// when neither moved (an ACK was recorded, say), nothing is rebuilt.
-    built_from: (i64, i64),
+    /// What the agent holds: the resources its hello named, until it ACKs
+    /// an update; from then on the view `seq` it ACKed last.
+    holds: Holds,
+    /// The update sent and not yet ACKed or NACKed: its nonce and the view
+    /// `seq` it brings the agent to. One at a time.
+    in_flight: Option<(String, u64)>,
+    /// The view `seq` of the last update the agent refused: the same
+    /// changes are not offered again until the view moves past it.
+    refused_at: Option<u64>,
     /// The highest version the agent has had (from its hello, then from
     /// what this stream sent).
     version_floor: u64,
@@ -267,6 +237,13 @@ impl Session {
     ) -> Result<Session, Status> {
         let key = keys::agent(&hello.region, &hello.agent_id);
         let version_floor = hello.current_version;
+        let holds = Holds::Named(
+            hello
+                .resources
+                .into_iter()
+                .map(|r| (r.name, r.version))
+                .collect(),
+        );
         // Subscribe before reading the lease, so that a lease replaced while
         // the first write is in flight is seen by the stream.
         let mut lease_rx = replica.lease.clone();
@@ -312,8 +289,9 @@ impl Session {
             record,
             record_revision: outcome.revision,
             tx,
-            last_sent: 0,
-            built_from: (-1, -1),
+            holds,
+            in_flight: None,
+            refused_at: None,
             version_floor,
             lease: lease_rx,
             last_lease: None,
@@ -340,8 +318,9 @@ impl Session {
                 _ = tokio::time::sleep(Duration::from_millis(10)) => {}
             }
         }
+        let mut view = self.replica.views.subscribe(&self.record.region);
         let end = loop {
-            if let Err(reason) = self.push_if_changed(&mut state).await {
+            if let Err(reason) = self.push_if_changed(&mut state, &mut view).await {
                 break reason;
             }
             let due = self.writes.due();
@@ -362,12 +341,18 @@ impl Session {
                         break reason;
                     }
                 }
-                changed = state.changed() => {
+                changed = view.changed() => {
                     if changed.is_err() {
                         break "control plane shutting down".to_string();
                     }
                     // Debounce: let a burst of writes settle into one update.
                     tokio::time::sleep(self.replica.debounce).await;
+                }
+                // Quota leases and the lease of the record follow the state.
+                changed = state.changed() => {
+                    if changed.is_err() {
+                        break "control plane shutting down".to_string();
+                    }
                 }
                 changed = lease.changed() => {
                     if changed.is_err() {
@@ -434,9 +419,11 @@ impl Session {
     async fn push_if_changed(
         &mut self,
         state: &mut watch::Receiver<Arc<State>>,
+        view: &mut watch::Receiver<Arc<View>>,
     ) -> Result<(), String> {
+        let v = view.borrow_and_update().clone();
+        self.push_config(&v).await?;
         let st = state.borrow_and_update().clone();
-        self.push_config(&st).await?;
         self.push_leases(&st).await
     }
 
@@ -488,36 +475,93 @@ impl Session {
         }
     }
 
-    async fn push_config(&mut self, st: &State) -> Result<(), String> {
-        let from = (st.catalog_version, st.endpoints_version);
-        if from == self.built_from {
+    /// Sends the agent what it lacks of `view`, unless an update is in
+    /// flight, the agent has it all, or it refused exactly these changes.
+    async fn push_config(&mut self, view: &View) -> Result<(), String> {
+        if self.in_flight.is_some() || self.refused_at.is_some_and(|r| view.seq <= r) {
             return Ok(());
         }
-        self.built_from = from;
-        let built = self.replica.snapshot(st, &self.record.region);
-        if built.hash == self.last_sent {
-            return Ok(());
-        }
-        let snapshot = (*built.snapshot).clone();
-        let encoded = built.hash;
+        let (resources, removed, replace) = match &self.holds {
+            Holds::Seq(seq) if view.seq <= *seq => return Ok(()),
+            Holds::Seq(seq) => match view.changed_since(*seq) {
+                Some(names) => {
+                    let (mut resources, mut removed) = (Vec::new(), Vec::new());
+                    for name in names {
+                        match view.resources.get(name) {
+                            Some(r) => resources.push(pb::Resource::clone(r)),
+                            None => removed.push(name.to_string()),
+                        }
+                    }
+                    (resources, removed, false)
+                }
+                // Further behind than the view remembers: the whole set.
+                None => (
+                    view.resources
+                        .values()
+                        .map(|r| pb::Resource::clone(r))
+                        .collect(),
+                    Vec::new(),
+                    true,
+                ),
+            },
+            Holds::Named(named) => {
+                let resources = view
+                    .resources
+                    .values()
+                    .filter(|r| named.get(&r.name) != Some(&r.version))
+                    .map(|r| pb::Resource::clone(r))
+                    .collect();
+                let removed = named
+                    .keys()
+                    .filter(|n| !view.resources.contains_key(*n))
+                    .cloned()
+                    .collect();
+                (resources, removed, false)
+            }
+        };
         // Never hand an agent a lower version than it has: replicas that
         // listed at different revisions number the same content differently.
-        let version = st.config_version().max(self.version_floor);
+        let version = view.version.max(self.version_floor);
         self.version_floor = version;
+        let nonce = self.replica.next_nonce();
+        let metrics = &self.replica.metrics;
+        for r in &resources {
+            let kind = r.name.split('/').next().unwrap_or("");
+            metrics.add("spillway_cp_resources_sent_total", &[("kind", kind)], 1);
+        }
+        if !removed.is_empty() {
+            metrics.add(
+                "spillway_cp_resources_sent_total",
+                &[("kind", "removed")],
+                removed.len() as u64,
+            );
+        }
         let update = pb::ConfigUpdate {
             version,
-            nonce: self.replica.next_nonce(),
-            snapshot: Some(snapshot),
+            nonce: nonce.clone(),
             control_plane: self.replica.id.clone(),
+            resources,
+            removed,
+            replace,
         };
-        tracing::debug!(agent = %self.key, version = update.version, "sending config update");
-        self.record.sent_version = update.version;
+        tracing::debug!(
+            agent = %self.key,
+            version,
+            resources = update.resources.len(),
+            removed = update.removed.len(),
+            replace,
+            "sending config update"
+        );
+        metrics.add(
+            "spillway_cp_update_bytes_total",
+            &[],
+            update.encoded_len() as u64,
+        );
+        self.record.sent_version = version;
+        self.in_flight = Some((nonce, view.seq));
         self.send(pb::control_message::Message::Update(update))
             .await?;
-        self.replica
-            .metrics
-            .add("spillway_cp_updates_sent_total", &[], 1);
-        self.last_sent = encoded;
+        metrics.add("spillway_cp_updates_sent_total", &[], 1);
         self.record_changed().await
     }
 
@@ -525,6 +569,10 @@ impl Session {
         match m {
             pb::agent_message::Message::Ack(ack) => {
                 tracing::debug!(agent = %self.key, version = ack.version, "agent acked");
+                if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce) {
+                    self.holds = Holds::Seq(seq);
+                    self.refused_at = None;
+                }
                 self.record.acked_version = ack.version;
                 if ack.version >= self.record.nacked_version {
                     // A newer version applied: the refusal is history.
@@ -535,6 +583,11 @@ impl Session {
             pb::agent_message::Message::Nack(nack) => {
                 tracing::warn!(agent = %self.key, version = nack.version, reason = %nack.reason, "agent refused a config update");
                 self.replica.metrics.add("spillway_cp_nacks_total", &[], 1);
+                // The agent keeps what it held: the next update is worked
+                // out from that again, once the view has moved on.
+                if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) {
+                    self.refused_at = Some(seq);
+                }
                 self.record.nacked_version = nack.version;
                 self.record.nack_reason = nack.reason;
             }
@@ -664,6 +717,14 @@ impl Session {
             }
         }
     }
+}
+
+/// What a stream knows its agent holds.
+enum Holds {
+    /// The resources (name, version) its hello named.
+    Named(HashMap<String, u64>),
+    /// Its region's view at this `seq`, exactly.
+    Seq(u64),
 }
 
 /// When a stream writes its agent's record. A change that others must see

@@ -139,6 +139,16 @@ pub const CONTROL_PLANE: &[Family] = &[
         "Config updates this replica sent to agents.",
     ),
     (
+        "spillway_cp_resources_sent_total",
+        "counter",
+        "Resources (added or changed) this replica sent to agents in config updates, by kind (region, endpoint, profile, route, weights, elsewhere, quota, tenant, key), and removals (kind removed).",
+    ),
+    (
+        "spillway_cp_update_bytes_total",
+        "counter",
+        "Encoded bytes of the config updates this replica sent to agents (protobuf, before gRPC framing).",
+    ),
+    (
         "spillway_cp_nacks_total",
         "counter",
         "Config updates agents refused.",

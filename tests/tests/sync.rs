@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use spillway_agent::control::snapshot::{ResourceSet, apply_delta};
 use spillway_control_plane::store::DEFAULT_PREFIX;
 use spillway_control_plane::{keys, sync::RECORD_INTERVAL};
 use spillway_proto::pb::{
@@ -305,11 +306,17 @@ async fn a_replica_whose_watch_revision_was_compacted_relists() {
 }
 
 /// An agent played by the test over a raw sync stream: it answers exactly
-/// what the test tells it to.
+/// what the test tells it to, and holds the set its updates make (the set
+/// before the last update again when it NACKs it, as an agent keeps its
+/// previous set).
 struct RawAgent {
     id: String,
+    region: String,
     out: mpsc::Sender<pb::AgentMessage>,
     inbound: tonic::Streaming<pb::ControlMessage>,
+    held: ResourceSet,
+    /// The set before the last update, for a NACK of it.
+    previous: ResourceSet,
 }
 
 impl RawAgent {
@@ -323,6 +330,7 @@ impl RawAgent {
             current_version: 0,
             agent_build: "test".into(),
             apis: Vec::new(),
+            resources: Vec::new(),
         };
         out.send(pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(hello)),
@@ -336,12 +344,15 @@ impl RawAgent {
             .into_inner();
         RawAgent {
             id: id.into(),
+            region: region.into(),
             out,
             inbound,
+            held: ResourceSet::new(),
+            previous: ResourceSet::new(),
         }
     }
 
-    /// The next config update the replica sends.
+    /// The next config update the replica sends, applied to the set held.
     async fn update(&mut self) -> pb::ConfigUpdate {
         loop {
             let msg = tokio::time::timeout(Duration::from_secs(15), self.inbound.message())
@@ -350,6 +361,8 @@ impl RawAgent {
                 .expect("the sync stream is healthy")
                 .expect("the sync stream is open");
             if let Some(pb::control_message::Message::Update(u)) = msg.message {
+                let next = apply_delta(&self.held, &u);
+                self.previous = std::mem::replace(&mut self.held, next);
                 return u;
             }
         }
@@ -370,7 +383,10 @@ impl RawAgent {
         .await;
     }
 
-    async fn nack(&self, u: &pb::ConfigUpdate, reason: &str) {
+    /// NACKs `u`, the last update received, and goes back to the set held
+    /// before it.
+    async fn nack(&mut self, u: &pb::ConfigUpdate, reason: &str) {
+        self.held = self.previous.clone();
         self.send(pb::agent_message::Message::Nack(pb::Nack {
             version: u.version,
             nonce: u.nonce.clone(),
@@ -379,28 +395,27 @@ impl RawAgent {
         .await;
     }
 
-    /// ACKs updates from `acked` (ACKed already) on until one names this
-    /// agent among the endpoints (the first may predate the replica's view
-    /// of its own record); returns the last one ACKed. Past it, only the
-    /// test's writes send updates.
+    /// ACKs updates from `acked` (ACKed already) on until the set held
+    /// names this agent among the endpoints (the first may predate the
+    /// replica's view of its own record); returns the last one ACKed. Past
+    /// it, only the test's writes send updates.
     async fn settle(&mut self, acked: pb::ConfigUpdate) -> pb::ConfigUpdate {
         let mut u = acked;
-        while !u
-            .snapshot
-            .as_ref()
-            .unwrap()
-            .agents
-            .iter()
-            .any(|a| a.agent_id == self.id)
-        {
+        let own = format!("endpoint/{}/{}", self.region, self.id);
+        while !self.held.contains_key(&own) {
             u = self.update().await;
             self.ack(&u).await;
         }
         u
     }
 
-    /// Creates region `name` and ACKs updates until one carries it; returns
-    /// how many it ACKed and the last one.
+    /// Whether the set held has region `name`.
+    fn has_region(&self, name: &str) -> bool {
+        self.held.contains_key(&format!("region/{name}"))
+    }
+
+    /// Creates region `name` and ACKs updates until the set held has it;
+    /// returns how many it ACKed and the last one.
     async fn ack_region(
         &mut self,
         admin: &mut AdminServiceClient<Channel>,
@@ -412,7 +427,7 @@ impl RawAgent {
             let u = self.update().await;
             self.ack(&u).await;
             acks += 1;
-            if has_region(&u, name) {
+            if self.has_region(name) {
                 return (acks, u);
             }
         }
@@ -430,11 +445,6 @@ async fn create_region(a: &mut AdminServiceClient<Channel>, name: &str) {
     })
     .await
     .unwrap();
-}
-
-fn has_region(u: &pb::ConfigUpdate, name: &str) -> bool {
-    let regions = &u.snapshot.as_ref().unwrap().regions;
-    regions.iter().any(|r| r.name == name)
 }
 
 /// The agent's status as the control plane lists it.
@@ -527,7 +537,7 @@ async fn acks_are_recorded_coalesced_and_a_nack_at_once() {
     agent.ack(&last).await;
     create_region(&mut admin, "refused").await;
     let refused = agent.update().await;
-    assert!(has_region(&refused, "refused"));
+    assert!(agent.has_region("refused"));
     agent
         .nack(&refused, "the test refuses region `refused`")
         .await;

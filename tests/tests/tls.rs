@@ -273,6 +273,7 @@ async fn a_certificate_for_one_region_cannot_say_hello_as_another() {
             current_version: 0,
             agent_build: "test".into(),
             apis: Vec::new(),
+            resources: Vec::new(),
         })),
     };
     let sync = |channel: Channel, msg: pb::AgentMessage| async move {

@@ -1,6 +1,7 @@
 //! The agent's side of the control path: the config stream (`sync`), the
-//! configuration it yields and the checks that decide ACK or NACK
-//! (`snapshot`), and the last good configuration on disk (`persist`).
+//! resources it holds, the configuration they yield and the checks that
+//! decide ACK or NACK (`snapshot`), and the last applied resource set on
+//! disk (`persist`).
 
 pub mod persist;
 pub mod snapshot;

@@ -1,9 +1,12 @@
-//! The agent's side of the config stream. It keeps the latest good config
-//! in a `tokio::sync::watch`; reconnects with exponential backoff and
-//! jitter, moving through the listed control planes; ACKs what it applies
-//! and NACKs (with the reason) what it cannot, keeping the previous config.
-//! On shutdown it says goodbye, so that the control plane drops it from
-//! every other agent's snapshot at once, and stops; nothing else (the
+//! The agent's side of the config stream. It holds the resources it last
+//! applied, names them (with their versions) in its hello so that the
+//! control plane sends only what changed, and applies each update to them
+//! whole or not at all: ACKs the set it applies (and publishes its config
+//! in a `tokio::sync::watch`), NACKs (with the reason) one it cannot,
+//! keeping the previous set and config. It reconnects with exponential
+//! backoff and jitter, moving through the listed control planes. On
+//! shutdown it says goodbye, so that the control plane drops it at once
+//! from what every other agent receives, and stops; nothing else (the
 //! agent's servers may go on answering the calls they have).
 
 use std::path::PathBuf;
@@ -19,16 +22,17 @@ use tonic::Streaming;
 use tonic::transport::Endpoint;
 
 use crate::control::persist;
-use crate::control::snapshot::{AgentConfig, LocalCapabilities};
+use crate::control::snapshot::{self, AgentConfig, LocalCapabilities, ResourceSet};
 use crate::net::connect::TlsConnect;
 use crate::quota::Quotas;
 
-/// Snapshots larger than this are refused by the transport (a receive
+/// Updates larger than this are refused by the transport (a receive
 /// limit, so that a broken control plane cannot exhaust the agent).
 const MAX_UPDATE_BYTES: usize = 32 * 1024 * 1024;
 
 /// How long, after its goodbye, the agent waits for the control plane to
-/// close the stream (which it does once the agent is off the snapshots).
+/// close the stream (which it does once no other agent is sent its relay
+/// address).
 const GOODBYE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
@@ -68,28 +72,59 @@ impl std::fmt::Debug for LoadSource {
 /// `changed()` failing says the agent is done with the control plane.
 pub type ConfigWatch = watch::Receiver<Option<Arc<AgentConfig>>>;
 
-/// Loads the persisted config (if any), then follows the control planes
-/// until `shutdown`.
+/// Loads the persisted resource set (if any), then follows the control
+/// planes until `shutdown`.
 pub async fn start(settings: SyncSettings, shutdown: Shutdown) -> ConfigWatch {
     let (tx, rx) = watch::channel(None);
-    if let Some(update) = persist::load(&settings.state_dir).await {
-        match AgentConfig::from_update(&update, &settings.region, &settings.local) {
-            Ok(cfg) => {
-                tracing::info!(version = cfg.version, "booting with the persisted config");
-                tx.send_replace(Some(Arc::new(cfg)));
-            }
-            Err(reason) => {
-                tracing::warn!(%reason, "the persisted config does not apply; ignoring it")
-            }
-        }
-    }
-    tokio::spawn(follow(settings, tx, shutdown));
+    let held = boot_set(&settings)
+        .await
+        .map_or_else(ResourceSet::new, |(set, cfg)| {
+            tx.send_replace(Some(Arc::new(cfg)));
+            set
+        });
+    tokio::spawn(follow(settings, tx, held, shutdown));
     rx
 }
 
+/// The persisted set and its config, when there is one for this region
+/// that still applies (this agent's model servers may have changed since).
+async fn boot_set(settings: &SyncSettings) -> Option<(ResourceSet, AgentConfig)> {
+    let applied = persist::load(&settings.state_dir).await?;
+    if applied.region != settings.region {
+        tracing::warn!(
+            persisted_region = %applied.region,
+            region = %settings.region,
+            "the persisted resource set is for another region; ignoring it"
+        );
+        return None;
+    }
+    let set: ResourceSet = applied
+        .resources
+        .into_iter()
+        .map(|r| (r.name.clone(), r))
+        .collect();
+    match AgentConfig::from_resources(applied.version, &settings.region, &set, &settings.local) {
+        Ok(cfg) => {
+            tracing::info!(
+                version = cfg.version,
+                resources = set.len(),
+                "booting with the persisted config"
+            );
+            Some((set, cfg))
+        }
+        Err(reason) => {
+            tracing::warn!(%reason, "the persisted config does not apply; ignoring it");
+            None
+        }
+    }
+}
+
+/// Follows the control planes, from `held` (the set the published config
+/// was made from, empty when none was), until `shutdown`.
 async fn follow(
     settings: SyncSettings,
     tx: watch::Sender<Option<Arc<AgentConfig>>>,
+    mut held: ResourceSet,
     mut shutdown: Shutdown,
 ) {
     let mut backoff = Backoff::new(settings.backoff_base, settings.backoff_max);
@@ -99,7 +134,7 @@ async fn follow(
         next += 1;
         let mut stop = shutdown.clone();
         let ended = tokio::select! {
-            ended = stream_once(endpoint, &settings, &tx, shutdown.clone()) => ended,
+            ended = stream_once(endpoint, &settings, &tx, &mut held, shutdown.clone()) => ended,
             // The stream says goodbye itself; this bounds it, whatever it
             // was waiting on when shutdown fired (a full send queue, a slow
             // disk), to the goodbye's own wait and as long again.
@@ -135,11 +170,12 @@ async fn stream_once(
     endpoint: &str,
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+    held: &mut ResourceSet,
     mut shutdown: Shutdown,
 ) -> Result<Ended, String> {
     let (out, mut inbound) = tokio::select! {
         _ = shutdown.wait() => return Ok(Ended::Left),
-        opened = open(endpoint, settings, tx) => opened?,
+        opened = open(endpoint, settings, tx, held) => opened?,
     };
     tracing::info!(control_plane = %endpoint, "config stream open");
     let mut got_any = false;
@@ -187,14 +223,14 @@ async fn stream_once(
             None => continue,
         };
         got_any = true;
-        let reply = apply(&update, settings, tx).await;
+        let reply = apply(&update, settings, tx, held).await;
         send(&out, reply).await?;
     }
 }
 
 /// Tells the control plane that this agent is leaving, and waits (up to
-/// [`GOODBYE_WAIT`]) for it to close the stream: by then the agent is off
-/// every snapshot, so other regions stop relaying to it. A control plane
+/// [`GOODBYE_WAIT`]) for it to close the stream: by then no other agent is
+/// sent its relay address, so other regions stop relaying to it. A control plane
 /// of an older build ignores the goodbye; it drops the agent when the
 /// stream goes, at the end of the wait.
 async fn goodbye(
@@ -223,12 +259,13 @@ async fn goodbye(
     }
 }
 
-/// Connects and says hello: the stream's outbound queue and its inbound
-/// half.
+/// Connects and says hello, naming the resources held: the stream's
+/// outbound queue and its inbound half.
 async fn open(
     endpoint: &str,
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+    held: &ResourceSet,
 ) -> Result<
     (
         mpsc::Sender<pb::AgentMessage>,
@@ -263,6 +300,13 @@ async fn open(
         current_version,
         agent_build: env!("CARGO_PKG_VERSION").to_string(),
         apis: settings.local.apis.names(),
+        resources: held
+            .values()
+            .map(|r| pb::ResourceVersion {
+                name: r.name.clone(),
+                version: r.version,
+            })
+            .collect(),
     };
     send(&out, pb::agent_message::Message::Hello(hello)).await?;
     let inbound = client
@@ -273,24 +317,42 @@ async fn open(
     Ok((out, inbound))
 }
 
-/// Applies one update, or says why not; returns the ACK or NACK to send.
+/// Applies one update to the held set, or says why not (and then keeps
+/// the set and the published config as they are); returns the ACK or NACK
+/// to send.
 async fn apply(
     update: &pb::ConfigUpdate,
     settings: &SyncSettings,
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
+    held: &mut ResourceSet,
 ) -> pb::agent_message::Message {
-    match AgentConfig::from_update(update, &settings.region, &settings.local) {
+    let candidate = snapshot::apply_delta(held, update);
+    match AgentConfig::from_resources(
+        update.version,
+        &settings.region,
+        &candidate,
+        &settings.local,
+    ) {
         Ok(cfg) => {
-            if let Err(e) = persist::save(&settings.state_dir, update).await {
+            let applied = pb::AppliedSet {
+                version: update.version,
+                region: settings.region.clone(),
+                resources: candidate.values().cloned().collect(),
+            };
+            if let Err(e) = persist::save(&settings.state_dir, &applied).await {
                 // Serving goes on; only a later boot without a control plane
                 // would miss this version.
-                tracing::warn!(error = %e, "cannot persist the config");
+                tracing::warn!(error = %e, "cannot persist the resource set");
             }
+            let (changed, removed) = changes(held, &candidate);
             tracing::info!(
                 version = update.version,
                 profiles = cfg.profiles.len(),
+                changed,
+                removed,
                 "config applied"
             );
+            *held = candidate;
             tx.send_replace(Some(Arc::new(cfg)));
             pb::agent_message::Message::Ack(pb::Ack {
                 version: update.version,
@@ -309,6 +371,17 @@ async fn apply(
     }
 }
 
+/// How many resources `after` adds or holds at another version than
+/// `before`, and how many of `before` it no longer holds.
+fn changes(before: &ResourceSet, after: &ResourceSet) -> (usize, usize) {
+    let changed = after
+        .iter()
+        .filter(|(name, r)| before.get(*name).is_none_or(|b| b.version != r.version))
+        .count();
+    let removed = before.keys().filter(|n| !after.contains_key(*n)).count();
+    (changed, removed)
+}
+
 async fn send(
     out: &mpsc::Sender<pb::AgentMessage>,
     m: pb::agent_message::Message,
@@ -316,4 +389,105 @@ async fn send(
     out.send(pb::AgentMessage { message: Some(m) })
         .await
         .map_err(|_| "the stream is gone".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::snapshot::tests::{local, resource, valid_set};
+
+    fn settings(state_dir: &std::path::Path, region: &str) -> SyncSettings {
+        SyncSettings {
+            agent_id: "east-1".to_string(),
+            region: region.to_string(),
+            relay_address: "127.0.0.1:7070".to_string(),
+            control_planes: vec!["http://127.0.0.1:1".to_string()],
+            state_dir: state_dir.to_path_buf(),
+            local: local(),
+            backoff_base: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+            load: None,
+            report_interval: Duration::from_secs(1),
+            quotas: Arc::new(Quotas::new()),
+            tls: None,
+        }
+    }
+
+    fn update(version: u64, resources: Vec<pb::Resource>, removed: &[&str]) -> pb::ConfigUpdate {
+        pb::ConfigUpdate {
+            version,
+            nonce: format!("n{version}"),
+            resources,
+            removed: removed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_applied_update_is_held_published_and_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = settings(dir.path(), "us-east");
+        let (tx, rx) = watch::channel(None);
+        let mut held = ResourceSet::new();
+        let first = update(3, valid_set().into_values().collect(), &[]);
+        let reply = apply(&first, &settings, &tx, &mut held).await;
+        assert!(
+            matches!(&reply, pb::agent_message::Message::Ack(a) if a.version == 3 && a.nonce == "n3"),
+            "{reply:?}"
+        );
+        assert_eq!(held, valid_set());
+        assert_eq!(rx.borrow().as_ref().unwrap().version, 3);
+
+        // A delta that removes a region a profile needs is refused: the
+        // held set, the published config and the persisted set stay.
+        let bad = update(4, Vec::new(), &["region/us-west"]);
+        let reply = apply(&bad, &settings, &tx, &mut held).await;
+        assert!(
+            matches!(&reply, pb::agent_message::Message::Nack(n) if n.version == 4 && n.reason.contains("us-west")),
+            "{reply:?}"
+        );
+        assert_eq!(held, valid_set());
+        assert_eq!(rx.borrow().as_ref().unwrap().version, 3);
+        let persisted = persist::load(dir.path()).await.unwrap();
+        assert_eq!(
+            (persisted.version, persisted.region.as_str()),
+            (3, "us-east")
+        );
+        assert_eq!(persisted.resources.len(), valid_set().len());
+
+        // A delta that applies changes only what it names.
+        let extra = resource("elsewhere/eu.other", Vec::new());
+        let good = update(5, vec![extra.clone()], &["elsewhere/eu.mistral"]);
+        let reply = apply(&good, &settings, &tx, &mut held).await;
+        assert!(matches!(reply, pb::agent_message::Message::Ack(_)));
+        assert!(
+            held.contains_key("elsewhere/eu.other") && !held.contains_key("elsewhere/eu.mistral")
+        );
+        let cfg = rx.borrow().clone().unwrap();
+        assert_eq!(cfg.version, 5);
+        assert!(cfg.profiles_elsewhere.contains("eu.other"));
+        assert_eq!(persist::load(dir.path()).await.unwrap().version, 5);
+    }
+
+    #[tokio::test]
+    async fn the_agent_boots_from_the_persisted_set_of_its_region() {
+        let dir = tempfile::tempdir().unwrap();
+        let applied = pb::AppliedSet {
+            version: 9,
+            region: "us-east".to_string(),
+            resources: valid_set().into_values().collect(),
+        };
+        persist::save(dir.path(), &applied).await.unwrap();
+
+        let (held, cfg) = boot_set(&settings(dir.path(), "us-east")).await.unwrap();
+        assert_eq!(held, valid_set());
+        assert_eq!((cfg.version, cfg.profiles.len()), (9, 1));
+
+        // Another region's set, or one this agent's model servers no longer
+        // fit, is not booted from.
+        assert!(boot_set(&settings(dir.path(), "us-west")).await.is_none());
+        let mut no_models = settings(dir.path(), "us-east");
+        no_models.local = LocalCapabilities::default();
+        assert!(boot_set(&no_models).await.is_none());
+    }
 }

@@ -982,7 +982,7 @@ async fn propagation(plan: &Plan) -> Result<(Vec<Propagation>, u64)> {
                 probe: None,
             };
             let tx = tx.clone();
-            tokio::spawn(async move { sync_client(channel, &client, 0, &tx).await });
+            tokio::spawn(async move { sync_client(channel, &client, Held::default(), &tx).await });
             connected += 1;
         }
         // Everyone has the current catalog before measuring.
@@ -1054,12 +1054,16 @@ const MAX_UPDATE_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug)]
 struct Arrival {
     client: usize,
-    /// A config update (a full snapshot); otherwise quota leases.
+    /// A config update; otherwise quota leases.
     update: bool,
+    /// The update carried the client's whole set: it replaced the set, or
+    /// it was the first on a stream opened holding nothing.
+    initial: bool,
     version: u64,
+    /// The profiles in the client's set once it applied the update.
     profiles: usize,
-    /// The description of the profile the client watches, when the
-    /// snapshot holds it.
+    /// The description of the profile the client watches, when its set
+    /// holds it once it applied the update.
     probe: Option<String>,
     /// The message's encoded protobuf size (`prost::Message::encoded_len`):
     /// not what crossed the wire, which adds gRPC, HTTP/2 and TCP framing
@@ -1080,38 +1084,101 @@ struct SyncClient {
     probe: Option<Arc<str>>,
 }
 
-/// How one Sync stream ended: why, the last version it received (0 when
-/// none), and whether it received an update at all.
+/// What a sync client holds: the name and version of each resource in its
+/// set (what its Hello names), the version of the set, the number of
+/// profiles, and the description of the profile it watches.
+///
+/// Not the bodies: a thousand clients in one process, each holding a
+/// catalog of 10,000 profiles, would take gigabytes of the benchmark's
+/// memory, on the machine whose control plane is being measured.
+#[derive(Default)]
+struct Held {
+    version: u64,
+    resources: BTreeMap<String, u64>,
+    profiles: usize,
+    probe: Option<String>,
+}
+
+impl Held {
+    /// Applies an update as an agent does: with `replace` the set becomes
+    /// exactly its resources; otherwise its removed names go and its
+    /// resources are put in by name. `probe` is the name of the watched
+    /// profile's resource, whose body is decoded.
+    fn apply(&mut self, u: &mut pb::ConfigUpdate, probe: Option<&str>) {
+        if u.replace {
+            self.resources.clear();
+            self.profiles = 0;
+            self.probe = None;
+        }
+        for name in &u.removed {
+            if self.resources.remove(name).is_some() && name.starts_with("profile/") {
+                self.profiles -= 1;
+            }
+            if Some(name.as_str()) == probe {
+                self.probe = None;
+            }
+        }
+        for r in std::mem::take(&mut u.resources) {
+            if Some(r.name.as_str()) == probe {
+                self.probe = pb::InferenceProfile::decode(r.body)
+                    .ok()
+                    .map(|p| p.description);
+            }
+            let profile = r.name.starts_with("profile/");
+            if self.resources.insert(r.name, r.version).is_none() && profile {
+                self.profiles += 1;
+            }
+        }
+        self.version = u.version;
+    }
+
+    /// The set as a Hello names it.
+    fn names(&self) -> Vec<pb::ResourceVersion> {
+        self.resources
+            .iter()
+            .map(|(name, &version)| pb::ResourceVersion {
+                name: name.clone(),
+                version,
+            })
+            .collect()
+    }
+}
+
+/// How one Sync stream ended: why, the set the client held then (as it
+/// held it before the stream when the stream brought nothing), and whether
+/// it received an update at all.
 struct StreamEnd {
     why: String,
-    version: u64,
+    held: Held,
     updated: bool,
 }
 
-/// A real Sync stream without the rest of an agent: hello (naming
-/// `current_version`, as an agent that reconnects does), then every update
-/// reported and ACKed, until the stream ends.
+/// A real Sync stream without the rest of an agent: hello (naming the set
+/// `held` and its version, as an agent that reconnects does), then every
+/// update applied to the set, reported and ACKed, until the stream ends.
 async fn sync_client(
     channel: Channel,
     c: &SyncClient,
-    current_version: u64,
+    held: Held,
     report: &mpsc::UnboundedSender<ClientReport>,
 ) -> StreamEnd {
-    let mut end = StreamEnd {
-        why: String::new(),
-        version: current_version,
-        updated: false,
-    };
-    let mut client = ControlServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
-    let (out, rx) = mpsc::channel(4);
     let hello = pb::Hello {
         agent_id: format!("bench-{}", c.id),
         region: c.region.clone(),
         relay_address: format!("127.0.0.1:{}", 10_000 + c.id),
-        current_version,
+        current_version: held.version,
         agent_build: "bench".into(),
         apis: Vec::new(),
+        resources: held.names(),
     };
+    let mut end = StreamEnd {
+        why: String::new(),
+        held,
+        updated: false,
+    };
+    let probe = c.probe.as_deref().map(|id| format!("profile/{id}"));
+    let mut client = ControlServiceClient::new(channel).max_decoding_message_size(MAX_UPDATE_BYTES);
+    let (out, rx) = mpsc::channel(4);
     let _ = out
         .send(pb::AgentMessage {
             message: Some(pb::agent_message::Message::Hello(hello)),
@@ -1139,20 +1206,18 @@ async fn sync_client(
         let at = Instant::now();
         let bytes = msg.encoded_len();
         match msg.message {
-            Some(pb::control_message::Message::Update(u)) => {
-                let snapshot = u.snapshot.as_ref();
-                let probe = c
-                    .probe
-                    .as_deref()
-                    .and_then(|id| snapshot?.profiles.iter().find(|p| p.id == id))
-                    .map(|p| p.description.clone());
-                (end.version, end.updated) = (u.version, true);
+            Some(pb::control_message::Message::Update(mut u)) => {
+                let held = &mut end.held;
+                let initial = u.replace || (!end.updated && held.resources.is_empty());
+                held.apply(&mut u, probe.as_deref());
+                end.updated = true;
                 let _ = report.send(Ok(Arrival {
                     client: c.id,
                     update: true,
+                    initial,
                     version: u.version,
-                    profiles: snapshot.map_or(0, |s| s.profiles.len()),
-                    probe,
+                    profiles: held.profiles,
+                    probe: held.probe.clone(),
                     bytes,
                     at,
                 }));
@@ -1170,6 +1235,7 @@ async fn sync_client(
                 let _ = report.send(Ok(Arrival {
                     client: c.id,
                     update: false,
+                    initial: false,
                     version: 0,
                     profiles: 0,
                     probe: None,
@@ -1184,19 +1250,20 @@ async fn sync_client(
 
 /// A sync client that, like an agent, connects on a connection of its own
 /// and reconnects when its stream ends (backoff from 100 ms to 5 s, as the
-/// agent's), reporting each end; until its task is aborted.
+/// agent's), resuming from the set it holds, reporting each end; until its
+/// task is aborted.
 async fn reconnecting_client(
     endpoint: Endpoint,
     c: SyncClient,
     report: mpsc::UnboundedSender<ClientReport>,
 ) {
     let mut backoff = spillway_core::backoff::Backoff::default();
-    let mut version = 0;
+    let mut held = Held::default();
     loop {
         let why = match endpoint.connect().await {
             Ok(channel) => {
-                let end = sync_client(channel, &c, version, &report).await;
-                version = end.version;
+                let end = sync_client(channel, &c, std::mem::take(&mut held), &report).await;
+                held = end.held;
                 if end.updated {
                     backoff.reset();
                 }
@@ -2127,6 +2194,8 @@ async fn leader_caught_up(admin: &mut Admin, i: usize) -> Result<()> {
 #[derive(Clone, Default)]
 struct ClientTally {
     updates: usize,
+    /// Updates that carried the client's whole set.
+    initial_sets: usize,
     bytes: u64,
     first_update_bytes: usize,
     version: u64,
@@ -2142,6 +2211,8 @@ struct Tally {
     /// When the last message arrived.
     last_at: Instant,
     window_updates: usize,
+    /// Updates since the last reset that carried a client's whole set.
+    window_initial_sets: usize,
     window_bytes: u64,
     /// Streams that ended (and were opened again) since the last reset,
     /// and why, in all.
@@ -2178,6 +2249,10 @@ impl Tally {
             if c.updates == 1 {
                 c.first_update_bytes = a.bytes;
             }
+            if a.initial {
+                c.initial_sets += 1;
+                self.window_initial_sets += 1;
+            }
             c.version = a.version;
             self.latest = self.latest.max(a.version);
             self.window_updates += 1;
@@ -2188,6 +2263,7 @@ impl Tally {
 
     fn reset_window(&mut self) {
         self.window_updates = 0;
+        self.window_initial_sets = 0;
         self.window_bytes = 0;
         self.window_ends = 0;
     }
@@ -2295,14 +2371,17 @@ struct ConnectFigures {
     /// To the last message before every client had the latest version and
     /// nothing arrived for a second.
     settled_s: f64,
-    /// Full configs (snapshots) per client until then: ideally one.
-    updates_min: usize,
+    /// Initial sets per client until then (updates that carried the
+    /// client's whole set: ideally one), and updates of any kind per
+    /// client.
+    initial_sets_min: usize,
+    initial_sets_mean: f64,
+    initial_sets_max: usize,
     updates_mean: f64,
-    updates_max: usize,
     /// Encoded protobuf bytes received until then, in all and per client.
     bytes_total: u64,
     bytes_per_client: f64,
-    /// A client's first config, on average.
+    /// A client's first update (its initial set), on average.
     first_config_bytes: f64,
 }
 
@@ -2310,9 +2389,9 @@ struct ConnectFigures {
 #[derive(Serialize)]
 struct ChangeFigures {
     changes: usize,
-    /// From the start of the UpdateProfile call to a client's receipt of a
-    /// snapshot with it (the ACK goes out right after), over every (client,
-    /// change).
+    /// From the start of the UpdateProfile call to a client's receipt of
+    /// the update that brings it (the ACK goes out right after), over every
+    /// (client, change).
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
@@ -2320,6 +2399,10 @@ struct ChangeFigures {
     /// from the write until nothing arrived for 200 ms.
     bytes_per_client: f64,
     updates_per_client: f64,
+    /// Updates over all the changes, all clients, that carried a client's
+    /// whole set (a stream reopened and not resumed, or a replace): ideally
+    /// none.
+    initial_sets: usize,
     /// The UpdateProfile calls themselves, every client connected, and
     /// how many attempts were retried.
     write_p50_ms: f64,
@@ -2440,6 +2523,7 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
         latest: 0,
         last_at: started,
         window_updates: 0,
+        window_initial_sets: 0,
         window_bytes: 0,
         window_ends: 0,
         ends: BTreeMap::new(),
@@ -2472,14 +2556,16 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
             .await?;
     }
     let connect_ends = tally.window_ends;
-    let updates: Vec<usize> = tally.clients.iter().map(|c| c.updates).collect();
+    let initial: Vec<usize> = tally.clients.iter().map(|c| c.initial_sets).collect();
+    let updates: usize = tally.clients.iter().map(|c| c.updates).sum();
     let bytes_total: u64 = tally.clients.iter().map(|c| c.bytes).sum();
     let connect = ConnectFigures {
         all_configured_s: all_configured.unwrap_or_default().as_secs_f64(),
         settled_s: (tally.last_at - started).as_secs_f64(),
-        updates_min: updates.iter().copied().min().unwrap_or(0),
-        updates_mean: updates.iter().sum::<usize>() as f64 / n as f64,
-        updates_max: updates.iter().copied().max().unwrap_or(0),
+        initial_sets_min: initial.iter().copied().min().unwrap_or(0),
+        initial_sets_mean: initial.iter().sum::<usize>() as f64 / n as f64,
+        initial_sets_max: initial.iter().copied().max().unwrap_or(0),
+        updates_mean: updates as f64 / n as f64,
         bytes_total,
         bytes_per_client: bytes_total as f64 / n as f64,
         first_config_bytes: tally
@@ -2490,8 +2576,11 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
             / n as f64,
     };
     eprintln!(
-        "bench: scale: {n} clients configured after {:.2} s, settled after {:.2} s, {:.1} full configs each on average",
-        connect.all_configured_s, connect.settled_s, connect.updates_mean
+        "bench: scale: {n} clients configured after {:.2} s, settled after {:.2} s, {:.1} initial sets and {:.1} updates each on average",
+        connect.all_configured_s,
+        connect.settled_s,
+        connect.initial_sets_mean,
+        connect.updates_mean
     );
 
     // Idle, everything connected.
@@ -2511,6 +2600,7 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
     let mut write_times = Vec::with_capacity(plan.changes);
     let mut write_retries = 0;
     let (mut change_bytes, mut change_updates, mut change_ends) = (0u64, 0usize, 0usize);
+    let mut change_initial_sets = 0;
     for k in 1..=plan.changes {
         let marker = format!("change-{k}");
         tally.reset_window();
@@ -2550,7 +2640,7 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
                 .await?;
         }
         eprintln!(
-            "bench: scale: change {k}: written in {:.0} ms, every client had it after {:.0} ms; {} updates, {:.0} KB, {} streams ended, until quiet {:.1} s after the write",
+            "bench: scale: change {k}: written in {:.0} ms, every client had it after {:.0} ms; {} updates ({} initial sets), {:.0} KB, {} streams ended, until quiet {:.1} s after the write",
             took.as_secs_f64() * 1000.0,
             latencies
                 .iter()
@@ -2559,12 +2649,14 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
                 .max()
                 .map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             tally.window_updates,
+            tally.window_initial_sets,
             tally.window_bytes as f64 / 1024.0,
             tally.window_ends,
             t0.elapsed().as_secs_f64()
         );
         change_bytes += tally.window_bytes;
         change_updates += tally.window_updates;
+        change_initial_sets += tally.window_initial_sets;
         change_ends += tally.window_ends;
     }
     let window_s = changes_started.elapsed().as_secs_f64();
@@ -2578,6 +2670,7 @@ async fn scale_scenario(plan: &ScalePlan) -> Result<Scale> {
         max_ms: percentile_ms(&mut latencies, 1.0),
         bytes_per_client: per_change(change_bytes as f64),
         updates_per_client: per_change(change_updates as f64),
+        initial_sets: change_initial_sets,
         write_p50_ms: percentile_ms(&mut write_times, 0.50),
         write_p99_ms: percentile_ms(&mut write_times, 0.99),
         write_retries,
@@ -2735,20 +2828,21 @@ fn scale_section(r: &Value) -> String {
     }
     let c = &s["connect"];
     md.push_str(&format!(
-        "\n### {} sync clients connecting at once, one connection each\n\nFrom the first connect; settled: every client has the latest version and nothing arrived for 1 s. A full config is a whole snapshot; ideally each client gets one.\n\n| every client has a config | settled | full configs per client (min / mean / max) | received in all | per client | first config (mean) |\n| --- | --- | --- | --- | --- | --- |\n| {:.2} s | {:.2} s | {} / {:.1} / {} | {:.1} MB | {:.1} KB | {:.1} KB |\n",
+        "\n### {} sync clients connecting at once, one connection each\n\nFrom the first connect; settled: every client has the latest version and nothing arrived for 1 s. An initial set is an update that carried the client's whole set (it replaced the set, or it was the first on a stream opened holding nothing); ideally each client gets one, and after it only what changes.\n\n| every client has a config | settled | initial sets per client (min / mean / max) | updates per client (mean) | received in all | per client | first update (mean) |\n| --- | --- | --- | --- | --- | --- | --- |\n| {:.2} s | {:.2} s | {} / {:.1} / {} | {:.1} | {:.1} MB | {:.1} KB | {:.1} KB |\n",
         s["clients"],
         f(&c["all_configured_s"]),
         f(&c["settled_s"]),
-        c["updates_min"],
+        c["initial_sets_min"],
+        f(&c["initial_sets_mean"]),
+        c["initial_sets_max"],
         f(&c["updates_mean"]),
-        c["updates_max"],
         f(&c["bytes_total"]) / (1024.0 * 1024.0),
         kb(&c["bytes_per_client"]),
         kb(&c["first_config_bytes"]),
     ));
     let ch = &s["changes"];
     md.push_str(&format!(
-        "\n### One profile updated {} times, each until every client has it\n\nFrom the start of the UpdateProfile call to each client's receipt (it ACKs right after), over every (client, change). Received: everything a client got from the write until nothing arrived for 200 ms. CPU: the control plane's user and system time over the {:.1} s of the changes, per change; net: less its idle rate over that time.\n\n| p50 ms | p99 ms | max ms | received per client per change | full configs per client per change | UpdateProfile p50 / p99 ms (attempts retried) | control-plane CPU per change (net) |\n| --- | --- | --- | --- | --- | --- | --- |\n| {:.1} | {:.1} | {:.1} | {:.1} KB | {:.2} | {:.1} / {:.1} ({}) | {:.3} s ({:.3} s) |\n",
+        "\n### One profile updated {} times, each until every client has it\n\nFrom the start of the UpdateProfile call to each client's receipt (it ACKs right after), over every (client, change). Received: everything a client got from the write until nothing arrived for 200 ms. Initial sets: updates over all the changes that carried a client's whole set (ideally none). CPU: the control plane's user and system time over the {:.1} s of the changes, per change; net: less its idle rate over that time.\n\n| p50 ms | p99 ms | max ms | received per client per change | updates per client per change | initial sets | UpdateProfile p50 / p99 ms (attempts retried) | control-plane CPU per change (net) |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n| {:.1} | {:.1} | {:.1} | {:.1} KB | {:.2} | {} | {:.1} / {:.1} ({}) | {:.3} s ({:.3} s) |\n",
         ch["changes"],
         f(&ch["window_s"]),
         f(&ch["p50_ms"]),
@@ -2756,6 +2850,7 @@ fn scale_section(r: &Value) -> String {
         f(&ch["max_ms"]),
         kb(&ch["bytes_per_client"]),
         f(&ch["updates_per_client"]),
+        ch["initial_sets"],
         f(&ch["write_p50_ms"]),
         f(&ch["write_p99_ms"]),
         ch["write_retries"],
@@ -2771,7 +2866,7 @@ fn scale_section(r: &Value) -> String {
     ));
     let ended = &s["streams_ended"];
     md.push_str(&format!(
-        "\nSync streams that ended (each client then reconnected, as an agent does, with backoff from 100 ms to 5 s): {} while connecting, {} while idle, {} during the changes.",
+        "\nSync streams that ended (each client then reconnected, as an agent does, with backoff from 100 ms to 5 s, naming the set it held): {} while connecting, {} while idle, {} during the changes.",
         ended["connect"], ended["idle"], ended["changes"],
     ));
     if let Some(why) = ended["why"].as_object().filter(|w| !w.is_empty()) {
