@@ -429,6 +429,30 @@ impl ControlPlane {
         read(&self.log)
     }
 
+    /// Where a replica started with `--metrics-listen 127.0.0.1:0` serves
+    /// `/metrics` (it logs the port it bound).
+    pub async fn metrics_addr(&self) -> SocketAddr {
+        let mut addr = None;
+        wait_until(
+            "the replica to log its metrics address",
+            Duration::from_secs(10),
+            || {
+                addr = self.log().lines().find_map(|l| {
+                    let rest = l.split("serving metrics").nth(1)?;
+                    rest.split("addr=")
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .parse()
+                        .ok()
+                });
+                std::future::ready(addr.is_some())
+            },
+        )
+        .await;
+        addr.expect("checked above")
+    }
+
     pub fn url(&self) -> String {
         let scheme = if self.tls { "https" } else { "http" };
         format!("{scheme}://{}", self.addr)

@@ -16,29 +16,6 @@ const MODEL: &str = "llama-3.1-8b";
 /// The bound: a successor leads within this long of the SIGTERM.
 const HANDOVER: Duration = Duration::from_secs(1);
 
-/// Where the replica serves `/metrics` (it logs the port it bound).
-async fn metrics_addr(cp: &ControlPlane) -> SocketAddr {
-    let mut addr = None;
-    wait_until(
-        "the replica to log its metrics address",
-        Duration::from_secs(10),
-        || {
-            addr = cp.log().lines().find_map(|l| {
-                let rest = l.split("serving metrics").nth(1)?;
-                rest.split("addr=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-            std::future::ready(addr.is_some())
-        },
-    )
-    .await;
-    addr.expect("checked above")
-}
-
 /// `spillway_cp_leader` as the replica reports it.
 async fn leads(http: &Http, metrics: SocketAddr) -> bool {
     let answer = http.get(metrics, "/metrics").await;
@@ -61,14 +38,14 @@ async fn a_terminated_leader_hands_over_within_a_second_and_exits_cleanly() {
         "127.0.0.1:0",
     ];
     let mut a = ControlPlane::start_with(Some(&etcd.endpoint), "cp-a", &flags).await;
-    let a_metrics = metrics_addr(&a).await;
+    let a_metrics = a.metrics_addr().await;
     let http = Http::default();
     wait_until("cp-a to lead", Duration::from_secs(10), || {
         leads(&http, a_metrics)
     })
     .await;
     let b = ControlPlane::start_with(Some(&etcd.endpoint), "cp-b", &flags).await;
-    let b_metrics = metrics_addr(&b).await;
+    let b_metrics = b.metrics_addr().await;
     // cp-b campaigned at its first tick, at start, and lost.
     assert!(!leads(&http, b_metrics).await, "cp-b leads beside cp-a");
     // An agent on cp-a: its stream drains while the leadership moves.

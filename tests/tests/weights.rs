@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use spillway_agent::control::snapshot::AgentConfig;
+use spillway_tests::ControlPlane;
 use spillway_tests::cluster::{Cluster, ClusterSpec, Http, US, chat};
 use spillway_tests::sim::SimConfig;
-use spillway_tests::{ControlPlane, wait_until};
 
 /// The effective share of `region` in the agent's table for `profile`:
 /// its weight among the first priority level, 0 if it is not in it.
@@ -66,30 +66,6 @@ fn callers(
             })
         })
         .collect()
-}
-
-/// Where a replica started with `--metrics-listen 127.0.0.1:0` serves
-/// `/metrics` (it logs the port it bound).
-async fn metrics_addr(cp: &ControlPlane) -> SocketAddr {
-    let mut addr = None;
-    wait_until(
-        "the replica to log its metrics address",
-        Duration::from_secs(10),
-        || {
-            addr = cp.log().lines().find_map(|l| {
-                let rest = l.split("serving metrics").nth(1)?;
-                rest.split("addr=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            });
-            std::future::ready(addr.is_some())
-        },
-    )
-    .await;
-    addr.expect("checked above")
 }
 
 /// The replica's `spillway_cp_effective_weight` series, by their labels
@@ -277,7 +253,7 @@ async fn a_failing_region_is_drained_then_brought_back_step_by_step() {
         ..ClusterSpec::default()
     })
     .await;
-    let metrics = metrics_addr(&cluster.cp).await;
+    let metrics = cluster.cp.metrics_addr().await;
     // us-east's calls split evenly between us-east and us-west.
     cluster
         .set_route(US, "us-east", &[("us-east", 1.0), ("us-west", 1.0)])
@@ -386,7 +362,7 @@ async fn a_killed_leader_is_replaced_and_weights_keep_moving() {
     ];
     let mut a = ControlPlane::start_with(Some(&etcd.endpoint), "cp-a", &fast).await;
     let mut b = ControlPlane::start_with(Some(&etcd.endpoint), "cp-b", &fast).await;
-    let (a_metrics, b_metrics) = (metrics_addr(&a).await, metrics_addr(&b).await);
+    let (a_metrics, b_metrics) = (a.metrics_addr().await, b.metrics_addr().await);
     let mut admin = b.admin().await;
     for (name, geo) in [("us-east", "us"), ("us-west", "us")] {
         b.create_region(name, geo).await;
