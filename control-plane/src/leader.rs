@@ -3,15 +3,19 @@
 //! goes when the replica does); the leader turns the agents' load reports
 //! into effective weights every interval and writes the ones that changed,
 //! each write guarded by the revision of its leader key, so that a deposed
-//! leader cannot overwrite a newer one's weights. A leader that shuts down
-//! resigns (deletes its key), and a follower campaigns as soon as it sees
-//! the key go, so that leadership moves at once, not after the lease TTL.
+//! leader cannot overwrite a newer one's weights. It looks only at the
+//! route tables of models that agents report servers of, and at tables
+//! whose stored weights are on their way back to the operator's table: an
+//! idle catalog costs next to nothing, however large. A leader that shuts
+//! down resigns (deletes its key), and a follower campaigns as soon as it
+//! sees the key go, so that leadership moves at once, not after the lease
+//! TTL.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use spillway_core::model::ProfileKind;
+use spillway_core::model::{Catalog, ProfileKind, RouteTable};
 use spillway_core::shutdown::Shutdown;
 use tokio::sync::watch;
 
@@ -63,7 +67,7 @@ pub async fn run(
     let mut quota_tick = tokio::time::interval(settings.quota_refresh);
     quota_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut leading: Option<i64> = None;
-    let mut holds = Holds::default();
+    let mut weigher = Weigher::default();
     let mut quotas = QuotaLeader::new(settings.quota_lease);
     loop {
         tokio::select! {
@@ -110,6 +114,8 @@ pub async fn run(
                     // The new leader reports the weights now; ours would
                     // go stale beside its.
                     metrics.clear(EFFECTIVE_WEIGHT);
+                    // Nor is its index keeping a catalog alive for nothing.
+                    weigher.tables = Tables::default();
                 }
                 None => {}
             }
@@ -122,13 +128,27 @@ pub async fn run(
         }
         if let Some(fence) = leading {
             let st = state.borrow().clone();
-            if st.loaded
-                && let Err(e) = update_weights(
-                    &replica, &store, &st, fence, &settings, &mut holds, &metrics,
+            if st.loaded {
+                let updated = update_weights(
+                    &replica,
+                    &store,
+                    &st,
+                    fence,
+                    &settings,
+                    &mut weigher,
+                    &metrics,
                 )
-                .await
-            {
-                tracing::warn!(error = %e, "could not write weights");
+                .await;
+                match updated {
+                    Ok(t) if t.written + t.removed > 0 => tracing::debug!(
+                        computed = t.computed,
+                        written = t.written,
+                        removed = t.removed,
+                        "weights updated"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not write weights"),
+                }
             }
         }
     }
@@ -492,85 +512,214 @@ const EFFECTIVE_WEIGHT: &str = "spillway_cp_effective_weight";
 /// One route table's weights in force: (profile, source region, weights).
 type InForce = (String, String, Vec<weights::Weight>);
 
-/// Recomputes every route table's weights, writes those that moved, and
-/// reports the weights in force once they are all written.
+/// What the weights loop keeps from one update to the next.
+#[derive(Debug, Default)]
+struct Weigher {
+    holds: Holds,
+    tables: Tables,
+}
+
+/// The profiles with route tables of their own, by model, so that an
+/// update finds the tables of the models with load without walking the
+/// catalog. Rebuilt only when the catalog changes.
+#[derive(Debug, Default)]
+struct Tables {
+    /// The catalog it was built from. Holding it, not just its address,
+    /// is what makes `Arc::ptr_eq` a sound test of change: the state
+    /// changes its catalog with `Arc::make_mut`, which copies a catalog
+    /// that is shared, so a changed catalog is always another `Arc`.
+    built_from: Option<Arc<Catalog>>,
+    /// Profile ids by the model they resolve to. Application profiles have
+    /// no table of their own: they follow their base's, and its weights.
+    by_model: BTreeMap<String, Vec<String>>,
+    /// The model of each of those profiles.
+    model_of: BTreeMap<String, String>,
+}
+
+impl Tables {
+    fn refresh(&mut self, catalog: &Arc<Catalog>) {
+        if self
+            .built_from
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, catalog))
+        {
+            return;
+        }
+        self.by_model.clear();
+        self.model_of.clear();
+        for p in catalog
+            .profiles
+            .values()
+            .filter(|p| p.kind != ProfileKind::Application)
+        {
+            let Ok(resolved) = catalog.resolve(&p.id) else {
+                continue;
+            };
+            self.by_model
+                .entry(resolved.model.clone())
+                .or_default()
+                .push(p.id.clone());
+            self.model_of.insert(p.id.clone(), resolved.model);
+        }
+        self.built_from = Some(Arc::clone(catalog));
+    }
+}
+
+/// The models that some agent's report lists a server of, fresh or not:
+/// only they have load figures. For any other model no region shows
+/// anything (no server, no capacity, no calls), and its tables stand as
+/// the operator wrote them. A model whose reports all went stale stays in:
+/// its regions are silent, and the engine drains them or panics as it
+/// should. Relay figures name no model, and a hold only marks a region
+/// that has figures for the model, so neither adds any.
+fn models_with_load(st: &State) -> BTreeSet<&str> {
+    st.health
+        .values()
+        .flat_map(|seen| &seen.value.servers)
+        .flat_map(|s| s.models.iter().map(String::as_str))
+        .collect()
+}
+
+/// What an update does with one table's weights.
+#[derive(Debug)]
+enum Step {
+    /// The stored weights stay in force, not written again.
+    Keep(Vec<weights::Weight>),
+    /// These are written and put in force.
+    Write(Vec<weights::Weight>),
+    /// The record goes: the table stands as the operator wrote it.
+    Remove,
+}
+
+/// One table whose model has load, from its stored weights (if any)
+/// toward the engine's for `loads`.
+fn with_load(
+    base: &RouteTable,
+    basis: &str,
+    stored: Option<&WeightsRecord>,
+    loads: &BTreeMap<String, RegionLoad>,
+    s: &EngineSettings,
+) -> Step {
+    // Weights of an older table are not a starting point: an operator's
+    // change applies at once, not step by step. A record written by an
+    // older build has no basis: it is taken as it is, and written again
+    // with one.
+    let current = stored.is_some_and(|w| w.basis == basis);
+    let previous = stored
+        .filter(|w| w.fits(basis))
+        .map(|w| w.weights.clone())
+        .unwrap_or_default();
+    let goal = weights::target(base, loads, &previous, s);
+    let (next, changed) = weights::smooth(&previous, &goal, s);
+    // Not written again, the stored weights stay in force.
+    if current && !changed && !previous.is_empty() {
+        return Step::Keep(previous);
+    }
+    // Reasons alone can change without weights moving: keep them current
+    // too, but never write the same thing twice.
+    if current && previous == next {
+        return Step::Keep(previous);
+    }
+    Step::Write(next)
+}
+
+/// One table whose model has no load but whose weights are still stored
+/// (its model's servers went, say): back toward the operator's table,
+/// step by step as weights always move, and its record goes once they are
+/// there, or within the hysteresis band of it (where a step would go all
+/// the way, or none would be taken).
+fn without_load(
+    base: &RouteTable,
+    basis: &str,
+    stored: &WeightsRecord,
+    s: &EngineSettings,
+) -> Step {
+    let previous = if stored.fits(basis) {
+        stored.weights.clone()
+    } else {
+        Vec::new()
+    };
+    let goal = weights::target(base, &BTreeMap::new(), &[], s);
+    let (next, changed) = weights::smooth(&previous, &goal, s);
+    if !changed || weights::settled(&next, &goal, s) {
+        Step::Remove
+    } else {
+        Step::Write(next)
+    }
+}
+
+/// What one update did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tally {
+    /// Route tables the engine ran over.
+    computed: usize,
+    /// Weights records written, and removed (put in the fenced writes: a
+    /// deposed leader's are refused).
+    written: usize,
+    removed: usize,
+}
+
+/// Recomputes the weights of the route tables whose model has load, and of
+/// those without load that still have weights stored; writes the weights
+/// that moved, removes the records of tables back to the operator's table
+/// or gone, and reports the weights in force once all that is written.
+///
+/// No record and the weights of no load are the same to agents, so the
+/// leader keeps no record of the latter. A table without a record is served
+/// as the operator wrote it (`views::profile_resources` sends its route and
+/// no weights), and with no load the engine's weights are that table: its
+/// first level by base weight, the others behind it at zero. Stored, they
+/// would be served the same for the default table (`views::apply_weights`
+/// gives it back unchanged, and no weights are sent) and for any table of
+/// one or two levels; for a table of more levels they would even merge the
+/// levels behind the first into one, which no record does not. So a table
+/// with no load and no record is not looked at: no computing, no record, no
+/// series.
 async fn update_weights(
     replica: &str,
     store: &Store,
     st: &State,
     fence: i64,
     settings: &LeaderSettings,
-    holds: &mut Holds,
+    weigher: &mut Weigher,
     metrics: &Metrics,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<Tally, crate::store::StoreError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     let catalog = &st.catalog;
-    let mut writes = Vec::new();
-    let mut in_force: Vec<InForce> = Vec::new();
-    for p in catalog
-        .profiles
-        .values()
-        .filter(|p| p.kind != ProfileKind::Application)
-    {
-        let Ok(resolved) = catalog.resolve(&p.id) else {
+    let engine = &settings.engine;
+    let Weigher { holds, tables } = weigher;
+    tables.refresh(catalog);
+    let loaded = models_with_load(st);
+    // (profile, source region, basis, what becomes of its weights)
+    let mut steps: Vec<(String, String, String, Step)> = Vec::new();
+    for model in &loaded {
+        let Some(profiles) = tables.by_model.get(*model) else {
             continue;
         };
-        let mut loads = loads_for(st, &resolved.model, now_ms, settings.silence);
-        holds.apply(
-            &resolved.model,
-            &mut loads,
-            settings.engine.drain_error_rate,
-        );
-        for source in catalog
-            .regions
-            .values()
-            .filter(|r| catalog.callable_from(p, r))
-        {
-            let base = catalog.route_for(&resolved, &source.name);
-            let basis = weights::basis(&base);
-            let key = (p.id.clone(), source.name.clone());
-            // Weights of an older table are not a starting point: an
-            // operator's change applies at once, not step by step. A record
-            // written by an older build has no basis: it is taken as it is,
-            // and written again with one.
-            let stored = st.weights.get(&key);
-            let current = stored.is_some_and(|w| w.basis == basis);
-            let previous = stored
-                .filter(|w| w.fits(&basis))
-                .map(|w| w.weights.clone())
-                .unwrap_or_default();
-            let goal = weights::target(&base, &loads, &previous, &settings.engine);
-            let (next, changed) = weights::smooth(&previous, &goal, &settings.engine);
-            // Not written again, the stored weights stay in force.
-            if current && !changed && !previous.is_empty() {
-                in_force.push((p.id.clone(), source.name.clone(), previous));
+        let mut loads = loads_for(st, model, now_ms, settings.silence);
+        holds.apply(model, &mut loads, engine.drain_error_rate);
+        for id in profiles {
+            let (Some(p), Ok(resolved)) = (catalog.profiles.get(id), catalog.resolve(id)) else {
                 continue;
-            }
-            // Reasons alone can change without weights moving: keep them
-            // current too, but never write the same thing twice.
-            if current && previous == next {
-                in_force.push((p.id.clone(), source.name.clone(), previous));
-                continue;
-            }
-            in_force.push((p.id.clone(), source.name.clone(), next.clone()));
-            let record = WeightsRecord {
-                profile: p.id.clone(),
-                source_region: source.name.clone(),
-                weights: next,
-                leader: replica.to_string(),
-                basis,
             };
-            writes.push(Op::Put {
-                key: keys::weights(&p.id, &source.name),
-                value: keys::encode(&record),
-                lease: None,
-            });
+            for source in catalog
+                .regions
+                .values()
+                .filter(|r| catalog.callable_from(p, r))
+            {
+                let base = catalog.route_for(&resolved, &source.name);
+                let basis = weights::basis(&base);
+                let stored = st.weights.get(&(id.clone(), source.name.clone()));
+                let step = with_load(&base, &basis, stored, &loads, engine);
+                steps.push((id.clone(), source.name.clone(), basis, step));
+            }
         }
     }
-    // Weights of tables that no longer exist go too.
-    for (profile, source) in st.weights.keys() {
+    let mut writes = Vec::new();
+    let mut tally = Tally::default();
+    for ((profile, source), record) in st.weights.iter() {
         let exists = catalog.profiles.get(profile).is_some_and(|p| {
             catalog
                 .regions
@@ -578,9 +727,56 @@ async fn update_weights(
                 .is_some_and(|r| catalog.callable_from(p, r))
         });
         if !exists {
+            // Weights of tables that no longer exist go too.
             writes.push(Op::Delete {
                 key: keys::weights(profile, source),
             });
+            tally.removed += 1;
+            continue;
+        }
+        // Tables with load were done above; application profiles have no
+        // weights of their own to do.
+        let Some(model) = tables.model_of.get(profile) else {
+            continue;
+        };
+        if loaded.contains(model.as_str()) {
+            continue;
+        }
+        let Ok(resolved) = catalog.resolve(profile) else {
+            continue;
+        };
+        let base = catalog.route_for(&resolved, source);
+        let basis = weights::basis(&base);
+        let step = without_load(&base, &basis, record, engine);
+        steps.push((profile.clone(), source.clone(), basis, step));
+    }
+    tally.computed = steps.len();
+    let mut in_force: Vec<InForce> = Vec::new();
+    for (profile, source, basis, step) in steps {
+        match step {
+            Step::Keep(weights) => in_force.push((profile, source, weights)),
+            Step::Write(weights) => {
+                let record = WeightsRecord {
+                    profile: profile.clone(),
+                    source_region: source.clone(),
+                    weights: weights.clone(),
+                    leader: replica.to_string(),
+                    basis,
+                };
+                writes.push(Op::Put {
+                    key: keys::weights(&profile, &source),
+                    value: keys::encode(&record),
+                    lease: None,
+                });
+                tally.written += 1;
+                in_force.push((profile, source, weights));
+            }
+            Step::Remove => {
+                writes.push(Op::Delete {
+                    key: keys::weights(&profile, &source),
+                });
+                tally.removed += 1;
+            }
         }
     }
     let written = write_fenced(store, fence, &writes, "weights").await?;
@@ -590,7 +786,7 @@ async fn update_weights(
         // A newer leader holds the fence: it reports the weights now.
         metrics.clear(EFFECTIVE_WEIGHT);
     }
-    Ok(())
+    Ok(tally)
 }
 
 /// Makes the tables' weights in force the gauge's only series, so that
@@ -1001,9 +1197,9 @@ mod tests {
         assert_eq!(loads["r"].error_rate, 1.0);
     }
 
-    #[tokio::test]
-    async fn the_leader_reports_the_weights_in_force_while_it_leads() {
-        use spillway_core::model::{Profile, Region};
+    /// A store whose leader key replica "a" holds, its fence, and a loaded
+    /// state with these regions (name, geography).
+    async fn leading(regions: &[(&str, &str)]) -> (Store, i64, State) {
         let store = Store::memory();
         let lease = store.grant_lease(Duration::from_secs(30)).await.unwrap();
         let fence = campaign("a", &store, lease)
@@ -1014,96 +1210,387 @@ mod tests {
             loaded: true,
             ..State::default()
         };
-        for name in ["us-east", "us-west"] {
+        for (name, geography) in regions {
             Arc::make_mut(&mut st.catalog)
-                .create_region(Region {
-                    name: name.into(),
-                    geography: "us".into(),
+                .create_region(spillway_core::model::Region {
+                    name: name.to_string(),
+                    geography: geography.to_string(),
                     description: String::new(),
                     revision: 0,
                 })
                 .unwrap();
         }
+        (store, fence, st)
+    }
+
+    /// Puts a profile in the catalog (its model from its id, or its
+    /// base's), without the checks around it, which take long at
+    /// thousands of profiles.
+    fn add_profile(st: &mut State, id: &str, destinations: &[&str], base: Option<&str>) {
+        let mut p = spillway_core::model::Profile {
+            id: id.into(),
+            kind: ProfileKind::from_id(id),
+            model: String::new(),
+            destinations: destinations.iter().map(|d| d.to_string()).collect(),
+            base_profile: base.map(String::from),
+            base_region: None,
+            tags: BTreeMap::new(),
+            description: String::new(),
+            revision: 0,
+        };
+        p.normalize();
+        Arc::make_mut(&mut st.catalog).profiles.insert(id.into(), p);
+    }
+
+    /// Agent `a` of `region`, connected and reporting just now one server
+    /// of `model` with these calls in flight and this limit.
+    fn report(st: &mut State, region: &str, model: &str, in_flight: u32, limit: f64) {
+        let mut s = server(&format!("http://{region}"), in_flight, limit);
+        s.models = vec![model.into()];
+        st.health.insert(
+            keys::health(region, "a"),
+            Seen::now(HealthRecord {
+                agent_id: "a".into(),
+                region: region.into(),
+                received_at_ms: 0,
+                interval_seconds: 1.0,
+                servers: vec![s],
+                relays: Vec::new(),
+                quotas: Vec::new(),
+            }),
+        );
+        st.agents.insert(
+            format!("agents/{region}/a"),
+            keys::AgentRecord {
+                agent_id: "a".into(),
+                region: region.into(),
+                relay_address: "127.0.0.1:9".into(),
+                control_plane: "cp".into(),
+                connected_at_unix: 0,
+                sent_version: 0,
+                acked_version: 0,
+                nacked_version: 0,
+                nack_reason: String::new(),
+                apis: Vec::new(),
+            },
+        );
+    }
+
+    /// Makes the state's weights the store's, as a replica following the
+    /// store would have them.
+    async fn follow_weights(store: &Store, st: &mut State) {
+        let (stored, _) = store.list(keys::WEIGHTS).await.unwrap();
+        let w = Arc::make_mut(&mut st.weights);
+        w.clear();
+        for kv in stored {
+            if let Ok(keys::Object::Weights(r)) = keys::decode(&kv) {
+                w.insert((r.profile.clone(), r.source_region.clone()), r);
+            }
+        }
+    }
+
+    /// The gauge's series, as rendered.
+    fn series(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("spillway_cp_effective_weight{"))
+            .map(str::to_string)
+            .collect()
+    }
+
+    const US_REGIONS: &[(&str, &str)] = &[("us-east", "us"), ("us-west", "us")];
+
+    #[tokio::test]
+    async fn the_leader_reports_the_weights_in_force_while_it_leads() {
+        let (store, fence, mut st) = leading(US_REGIONS).await;
         for id in ["us.llama-3.1-8b", "global.llama-3.1-8b"] {
-            Arc::make_mut(&mut st.catalog)
-                .create_profile(Profile {
-                    id: id.into(),
-                    kind: ProfileKind::from_id(id),
-                    model: String::new(),
-                    destinations: vec!["us-east".into(), "us-west".into()],
-                    base_profile: None,
-                    base_region: None,
-                    tags: BTreeMap::new(),
-                    description: String::new(),
-                    revision: 0,
-                })
-                .unwrap();
+            add_profile(&mut st, id, &["us-east", "us-west"], None);
         }
         let metrics = Metrics::new(spillway_core::metrics::CONTROL_PLANE);
         let settings = LeaderSettings::default();
-        let mut holds = Holds::default();
-        let series = |text: &str| -> Vec<String> {
-            text.lines()
-                .filter(|l| l.starts_with("spillway_cp_effective_weight{"))
-                .map(str::to_string)
-                .collect()
-        };
+        let mut weigher = Weigher::default();
         let weight = |p: &str, src: &str, dst: &str, reason: &str| {
             format!(
                 "spillway_cp_effective_weight{{profile=\"{p}\",source_region=\"{src}\",inference_region=\"{dst}\",reason=\"{reason}\"}}"
             )
         };
 
-        // No load reports: each table as the operator's default has it,
-        // the source region first and the other behind it.
-        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+        // No load reports: every table stands as the operator wrote it,
+        // with no weights to write or report.
+        let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
             .await
             .unwrap();
+        assert_eq!(t, Tally::default());
+        assert_eq!(series(&metrics), Vec::<String>::new());
+        assert!(store.list(keys::WEIGHTS).await.unwrap().0.is_empty());
+
+        // Both regions serve the model, with room to spare: each table
+        // keeps its calls in its source region.
+        for region in ["us-east", "us-west"] {
+            report(&mut st, region, "llama-3.1-8b", 1, 8.0);
+        }
+        let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
+            .await
+            .unwrap();
+        assert_eq!((t.computed, t.written, t.removed), (4, 4, 0));
         let text = metrics.render();
-        assert_eq!(series(&text).len(), 8, "{text}");
+        assert_eq!(series(&metrics).len(), 8, "{text}");
         for p in ["us.llama-3.1-8b", "global.llama-3.1-8b"] {
             assert!(
                 text.contains(&format!(
                     "{} 1\n",
-                    weight(p, "us-east", "us-east", "override")
+                    weight(p, "us-east", "us-east", "headroom")
                 )),
                 "{text}"
             );
-            assert!(text.contains(&format!(
-                "{} 0\n",
-                weight(p, "us-east", "us-west", "override")
-            )));
+            assert!(text.contains(&format!("{} 0\n", weight(p, "us-east", "us-west", "spill"))));
         }
 
         // The stored weights stay in force, and are reported as such.
-        let (stored, _) = store.list(keys::WEIGHTS).await.unwrap();
-        for kv in stored {
-            if let Ok(keys::Object::Weights(w)) = keys::decode(&kv) {
-                Arc::make_mut(&mut st.weights)
-                    .insert((w.profile.clone(), w.source_region.clone()), w);
-            }
-        }
+        follow_weights(&store, &mut st).await;
         assert_eq!(st.weights.len(), 4);
-        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+        let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
             .await
             .unwrap();
-        assert_eq!(series(&metrics.render()).len(), 8);
+        assert_eq!((t.computed, t.written, t.removed), (4, 0, 0));
+        assert_eq!(series(&metrics).len(), 8);
 
         // A profile that goes takes its series with it.
-        Arc::make_mut(&mut st.catalog).delete_profile("global.llama-3.1-8b", 0).unwrap();
-        update_weights("a", &store, &st, fence, &settings, &mut holds, &metrics)
+        Arc::make_mut(&mut st.catalog)
+            .delete_profile("global.llama-3.1-8b", 0)
+            .unwrap();
+        let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
             .await
             .unwrap();
+        assert_eq!((t.computed, t.written, t.removed), (2, 0, 2));
         let text = metrics.render();
-        assert_eq!(series(&text).len(), 4, "{text}");
+        assert_eq!(series(&metrics).len(), 4, "{text}");
         assert!(!text.contains("global.llama-3.1-8b"), "{text}");
 
         // A deposed leader's writes are refused: it reports nothing more.
         Arc::make_mut(&mut st.weights).clear();
-        update_weights("a", &store, &st, fence - 1, &settings, &mut holds, &metrics)
+        update_weights(
+            "a",
+            &store,
+            &st,
+            fence - 1,
+            &settings,
+            &mut weigher,
+            &metrics,
+        )
+        .await
+        .unwrap();
+        assert_eq!(series(&metrics), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn only_the_tables_of_models_with_load_are_computed_and_written() {
+        let (store, fence, mut st) =
+            leading(&[("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")]).await;
+        // 2,000 profiles of 1,000 models, and application profiles that
+        // copy some of them.
+        for i in 0..1000 {
+            add_profile(
+                &mut st,
+                &format!("us.model-{i:04}"),
+                &["us-east", "us-west"],
+                None,
+            );
+            add_profile(
+                &mut st,
+                &format!("global.model-{i:04}"),
+                &["us-east", "us-west", "eu-west"],
+                None,
+            );
+        }
+        for i in 0..20 {
+            add_profile(&mut st, &format!("team-{i}"), &[], Some("us.model-0007"));
+        }
+        let metrics = Metrics::new(spillway_core::metrics::CONTROL_PLANE);
+        let settings = LeaderSettings::default();
+        let mut weigher = Weigher::default();
+        let mut update = async |st: &State| {
+            update_weights("a", &store, st, fence, &settings, &mut weigher, &metrics)
+                .await
+                .unwrap()
+        };
+        assert_eq!(update(&st).await, Tally::default(), "idle: nothing to do");
+
+        // Load on one model: its two profiles' tables, us.model-0007 from
+        // the two US regions and global.model-0007 from all three.
+        for region in ["us-east", "us-west", "eu-west"] {
+            report(&mut st, region, "model-0007", 2, 8.0);
+        }
+        let t = update(&st).await;
+        assert_eq!((t.computed, t.written, t.removed), (5, 5, 0));
+        let (stored, _) = store.list(keys::WEIGHTS).await.unwrap();
+        let stored: Vec<&str> = stored.iter().map(|kv| kv.key.as_str()).collect();
+        assert_eq!(
+            stored,
+            [
+                keys::weights("global.model-0007", "eu-west"),
+                keys::weights("global.model-0007", "us-east"),
+                keys::weights("global.model-0007", "us-west"),
+                keys::weights("us.model-0007", "us-east"),
+                keys::weights("us.model-0007", "us-west"),
+            ]
+        );
+        assert_eq!(series(&metrics).len(), 2 * 2 + 3 * 3);
+        // Then nothing moves, and nothing is written.
+        follow_weights(&store, &mut st).await;
+        let t = update(&st).await;
+        assert_eq!((t.computed, t.written, t.removed), (5, 0, 0));
+        assert_eq!(series(&metrics).len(), 13);
+
+        // A catalog change is seen: a new profile of the model.
+        add_profile(&mut st, "eu.model-0007", &["eu-west"], None);
+        let t = update(&st).await;
+        assert_eq!((t.computed, t.written, t.removed), (6, 1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_table_whose_load_goes_returns_to_the_operators_table_and_its_record_goes() {
+        let (store, fence, mut st) = leading(US_REGIONS).await;
+        add_profile(&mut st, "us.m", &["us-east", "us-west"], None);
+        // us-east is far over its capacity: most of its calls spill.
+        report(&mut st, "us-east", "m", 32, 8.0);
+        report(&mut st, "us-west", "m", 0, 8.0);
+        let metrics = Metrics::new(spillway_core::metrics::CONTROL_PLANE);
+        let settings = LeaderSettings::default();
+        let mut weigher = Weigher::default();
+        update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
             .await
             .unwrap();
-        assert_eq!(series(&metrics.render()), Vec::<String>::new());
+        follow_weights(&store, &mut st).await;
+        let east = |st: &State| {
+            st.weights
+                .get(&("us.m".to_string(), "us-east".to_string()))
+                .map(|w| {
+                    w.weights
+                        .iter()
+                        .find(|w| w.region == "us-east")
+                        .unwrap()
+                        .weight
+                })
+        };
+        let spilling = east(&st).unwrap();
+        assert!(spilling < 0.5, "{:?}", st.weights);
+
+        // The model's servers go (their agents left): back to the table
+        // as written, a bounded step at a time, then no record at all.
+        st.health.clear();
+        st.agents.clear();
+        let mut shares = vec![spilling];
+        for _ in 0..10 {
+            let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
+                .await
+                .unwrap();
+            follow_weights(&store, &mut st).await;
+            match east(&st) {
+                Some(share) => {
+                    assert_eq!((t.computed, t.written, t.removed), (2, 1, 0));
+                    shares.push(share);
+                    // (The other table, us-west's own, had nothing to
+                    // move: its record went at once.)
+                    assert_eq!(st.weights.len(), 1);
+                }
+                None => {
+                    assert_eq!(t.removed, 1);
+                    break;
+                }
+            }
+        }
+        assert!(st.weights.is_empty(), "{:?}", st.weights);
+        assert!(shares.len() > 2, "not step by step: {shares:?}");
+        for step in shares.windows(2) {
+            let moved = step[1] - step[0];
+            assert!(moved > 0.0 && moved <= 0.25 + 1e-9, "{shares:?}");
+        }
+        assert_eq!(series(&metrics), Vec::<String>::new());
+        // And with no load and no record, nothing more is done.
+        let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
+            .await
+            .unwrap();
+        assert_eq!(t, Tally::default());
+    }
+
+    #[tokio::test]
+    async fn records_of_tables_that_no_longer_exist_are_removed() {
+        let (store, fence, mut st) = leading(&[("us-east", "us"), ("eu-west", "eu")]).await;
+        add_profile(&mut st, "us.m", &["us-east"], None);
+        let record = |profile: &str, source: &str| WeightsRecord {
+            profile: profile.into(),
+            source_region: source.into(),
+            weights: vec![weights::Weight {
+                region: "us-east".into(),
+                weight: 1.0,
+                reason: weights::Reason::Headroom,
+            }],
+            leader: "a".into(),
+            basis: String::new(),
+        };
+        // A profile that went, a region that went, and a region the
+        // profile is not callable from; none has load.
+        for (profile, source) in [
+            ("us.gone", "us-east"),
+            ("us.m", "us-gone"),
+            ("us.m", "eu-west"),
+        ] {
+            let kv = Op::Put {
+                key: keys::weights(profile, source),
+                value: keys::encode(&record(profile, source)),
+                lease: None,
+            };
+            store.txn(Vec::new(), vec![kv]).await.unwrap();
+        }
+        follow_weights(&store, &mut st).await;
+        assert_eq!(st.weights.len(), 3);
+        let metrics = Metrics::new(spillway_core::metrics::CONTROL_PLANE);
+        let t = update_weights(
+            "a",
+            &store,
+            &st,
+            fence,
+            &LeaderSettings::default(),
+            &mut Weigher::default(),
+            &metrics,
+        )
+        .await
+        .unwrap();
+        assert_eq!((t.computed, t.written, t.removed), (0, 0, 3));
+        assert!(store.list(keys::WEIGHTS).await.unwrap().0.is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_record_is_served_as_the_weights_of_no_load_are() {
+        // The default tables (source first): the engine's weights with no
+        // load, stored, would be served exactly as no record is.
+        let (_, _, mut st) = leading(US_REGIONS).await;
+        add_profile(&mut st, "us.m", &["us-east", "us-west"], None);
+        add_profile(&mut st, "team-a", &[], Some("us.m"));
+        let bare = st.clone();
+        let s = EngineSettings::default();
+        let resolved = st.catalog.resolve("us.m").unwrap();
+        for source in ["us-east", "us-west"] {
+            let base = st.catalog.route_for(&resolved, source);
+            let record = WeightsRecord {
+                profile: "us.m".into(),
+                source_region: source.into(),
+                weights: weights::target(&base, &BTreeMap::new(), &[], &s),
+                leader: "a".into(),
+                basis: weights::basis(&base),
+            };
+            Arc::make_mut(&mut st.weights).insert(("us.m".into(), source.into()), record);
+        }
+        for region in ["us-east", "us-west"] {
+            let (with, without) = (
+                crate::views::build(&st, region, 1),
+                crate::views::build(&bare, region, 1),
+            );
+            assert_eq!(with.resources, without.resources, "{region}");
+            assert!(!with.resources.contains_key("weights/us.m"));
+        }
     }
 
     #[tokio::test]

@@ -420,6 +420,18 @@ pub fn smooth(previous: &[Weight], target: &[Weight], s: &EngineSettings) -> (Ve
     (next, true)
 }
 
+/// Whether `weights` are within the hysteresis band of `goal`, region by
+/// region: where [`smooth`] would take them the rest of the way in one
+/// step, or leave them be.
+pub fn settled(weights: &[Weight], goal: &[Weight], s: &EngineSettings) -> bool {
+    weights.len() == goal.len()
+        && goal.iter().all(|g| {
+            weights
+                .iter()
+                .any(|w| w.region == g.region && (w.weight - g.weight).abs() < s.hysteresis)
+        })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -149,6 +149,13 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
         "the agent kept its last good config"
     );
     assert!(!agent.current().unwrap().profiles.contains_key("us.qwen-7b"));
+    // And so does its state dir: the applied set is the one before the
+    // refused update.
+    let bytes = std::fs::read(dir.path().join("applied-set.pb")).unwrap();
+    let set = <pb::AppliedSet as prost::Message>::decode(bytes.as_slice()).unwrap();
+    assert_eq!(set.version, status.acked_version);
+    assert!(set.resources.iter().any(|r| r.name == "profile/us.llama-3.1-8b"));
+    assert!(!set.resources.iter().any(|r| r.name.ends_with("us.qwen-7b")));
 
     let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))
         .args(["--control-plane", &cp.url(), "agents", "list"])
