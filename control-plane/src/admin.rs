@@ -130,8 +130,11 @@ impl Admin {
         op: impl Fn(&mut Catalog, T) -> Result<(), ModelError>,
     ) -> Result<T, Status> {
         let key = object.catalog_key();
-        let (_, after, _) = self.catalogs.write(|c| op(c, object.clone())).await?;
-        Ok(T::all(&after)[&key].clone())
+        let (written, _) = self
+            .catalogs
+            .write(|c| op(c, object.clone()), |(), c| T::all(c)[&key].clone())
+            .await?;
+        Ok(written)
     }
 
     /// [`Admin::write_object`], then `log`, then the object as written.
@@ -176,7 +179,7 @@ impl Admin {
         op: impl Fn(&mut Catalog) -> Result<R, ModelError>,
         log: impl FnOnce(R),
     ) -> Reply<pb::DeleteResponse> {
-        let (gone, _, revision) = self.catalogs.write(op).await?;
+        let (gone, revision) = self.catalogs.write(op, |gone, _| gone).await?;
         log(gone);
         Ok(Response::new(pb::DeleteResponse { revision }))
     }
@@ -573,7 +576,15 @@ impl Admin {
                     priority: d.priority,
                     weight: w.map_or(0.0, |w| w.weight),
                     reason: w.map_or_else(
-                        || "not computed yet".to_string(),
+                        // The leader computes weights only for tables with
+                        // load: with none, the table is served as written.
+                        || {
+                            if regions.is_empty() {
+                                "no load: the table as written".to_string()
+                            } else {
+                                "not computed yet".to_string()
+                            }
+                        },
                         |w| {
                             serde_json::to_value(w.reason)
                                 .ok()

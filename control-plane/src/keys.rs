@@ -2,7 +2,7 @@
 //! values stored under them.
 
 use serde::{Deserialize, Serialize};
-use spillway_core::model::{ApiKey, Catalog, Profile, Quota, Region, RouteTable, Tenant};
+use spillway_core::model::{ApiKey, Catalog, Profile, Quota, Region, RouteTable, Tenant, Touched};
 
 use crate::store::KeyValue;
 
@@ -386,6 +386,47 @@ pub fn diff_catalog(before: &Catalog, after: &Catalog) -> (Vec<(String, Vec<u8>)
     (puts, deletes)
 }
 
+/// What turns catalog `before` into `after` when only the `touched`
+/// objects may differ (a journal, `Catalog::take_journal`): the same as
+/// [`diff_catalog`], at the cost of what was touched rather than of the
+/// catalog. A touched object that ends as it was is left out.
+pub fn diff_touched<'a>(
+    before: &Catalog,
+    after: &Catalog,
+    touched: impl IntoIterator<Item = &'a Touched>,
+) -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    fn one<K: Ord, V: PartialEq + Serialize>(
+        before: &std::collections::BTreeMap<K, V>,
+        after: &std::collections::BTreeMap<K, V>,
+        k: &K,
+        key: String,
+        puts: &mut Vec<(String, Vec<u8>)>,
+        deletes: &mut Vec<String>,
+    ) {
+        match (before.get(k), after.get(k)) {
+            (was, Some(now)) if was != Some(now) => puts.push((key, json(now))),
+            (Some(_), None) => deletes.push(key),
+            _ => {}
+        }
+    }
+    let (mut puts, mut deletes) = (Vec::new(), Vec::new());
+    let (p, d) = (&mut puts, &mut deletes);
+    for t in touched {
+        match t {
+            Touched::Region(n) => one(&before.regions, &after.regions, n, region(n), p, d),
+            Touched::Profile(id) => one(&before.profiles, &after.profiles, id, profile(id), p, d),
+            Touched::Route(pr, s) => {
+                let k = (pr.clone(), s.clone());
+                one(&before.routes, &after.routes, &k, route(pr, s), p, d)
+            }
+            Touched::Quota(id) => one(&before.quotas, &after.quotas, id, quota(id), p, d),
+            Touched::Tenant(n) => one(&before.tenants, &after.tenants, n, tenant(n), p, d),
+            Touched::Key(id) => one(&before.keys, &after.keys, id, api_key(id), p, d),
+        }
+    }
+    (puts, deletes)
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     json(value)
 }
@@ -427,5 +468,16 @@ mod tests {
         // What is put is the object's encoding.
         assert_eq!(puts[0].1, json(&after.regions["b"]));
         assert_eq!(diff_catalog(&after, &after), (Vec::new(), Vec::new()));
+        // Given what was touched, the same answer: a touched object that
+        // ends as it was (a) is left out, an untouched one is not looked at.
+        let touched = ["a", "b", "c", "d"].map(|r| Touched::Region(r.into()));
+        assert_eq!(
+            diff_touched(&before, &after, &touched),
+            diff_catalog(&before, &after)
+        );
+        assert_eq!(
+            diff_touched(&before, &after, &touched[..1]),
+            (Vec::new(), Vec::new())
+        );
     }
 }

@@ -527,7 +527,8 @@ struct Tables {
     /// The catalog it was built from. Holding it, not just its address,
     /// is what makes `Arc::ptr_eq` a sound test of change: the state
     /// changes its catalog with `Arc::make_mut`, which copies a catalog
-    /// that is shared, so a changed catalog is always another `Arc`.
+    /// that is shared, so a changed catalog is always another `Arc` (and
+    /// the address of this one cannot be reused while it is held).
     built_from: Option<Arc<Catalog>>,
     /// Profile ids by the model they resolve to. Application profiles have
     /// no table of their own: they follow their base's, and its weights.
@@ -669,12 +670,13 @@ struct Tally {
 /// as the operator wrote it (`views::profile_resources` sends its route and
 /// no weights), and with no load the engine's weights are that table: its
 /// first level by base weight, the others behind it at zero. Stored, they
-/// would be served the same for the default table (`views::apply_weights`
-/// gives it back unchanged, and no weights are sent) and for any table of
-/// one or two levels; for a table of more levels they would even merge the
+/// would be served exactly as no record for the default table, source
+/// first (`views::apply_weights` gives it back unchanged, and no weights
+/// are sent), with the table's own order and split for any table of one
+/// or two levels, and for a table of more levels they would merge the
 /// levels behind the first into one, which no record does not. So a table
-/// with no load and no record is not looked at: no computing, no record, no
-/// series.
+/// with no load and no record is not looked at: no computing, no record,
+/// no series.
 async fn update_weights(
     replica: &str,
     store: &Store,
@@ -1482,21 +1484,23 @@ mod tests {
         st.health.clear();
         st.agents.clear();
         let mut shares = vec![spilling];
-        for _ in 0..10 {
+        for tick in 0..10 {
             let t = update_weights("a", &store, &st, fence, &settings, &mut weigher, &metrics)
                 .await
                 .unwrap();
             follow_weights(&store, &mut st).await;
+            // us-west's own table had nothing to move back: its record goes
+            // at the first update.
+            let west = usize::from(tick == 0);
             match east(&st) {
                 Some(share) => {
-                    assert_eq!((t.computed, t.written, t.removed), (2, 1, 0));
-                    shares.push(share);
-                    // (The other table, us-west's own, had nothing to
-                    // move: its record went at once.)
+                    assert_eq!((t.computed, t.written, t.removed), (1 + west, 1, west));
                     assert_eq!(st.weights.len(), 1);
+                    assert_eq!(series(&metrics).len(), 2, "us-east's weights in force");
+                    shares.push(share);
                 }
                 None => {
-                    assert_eq!(t.removed, 1);
+                    assert_eq!((t.computed, t.written, t.removed), (1 + west, 0, 1 + west));
                     break;
                 }
             }

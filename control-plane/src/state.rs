@@ -45,6 +45,15 @@ pub struct State {
     /// The revision at which the catalog or the effective weights last
     /// changed.
     pub catalog_version: i64,
+    /// The revision at which a catalog object (a region, profile, route
+    /// table, quota, tenant or key) last changed, and the one at which
+    /// one changed before that: weights, agents and the catalog guard do
+    /// not move them. A relist that finds the catalog changed sets both to
+    /// the list revision, since it cannot tell which changes it folded
+    /// together. A writer reuses its working copy of the catalog only
+    /// while they are what its own last write left (`catalog_store`).
+    pub catalog_revision: i64,
+    pub catalog_revision_before: i64,
     /// Effective weights by (profile, source region), from the leader.
     pub weights: Arc<BTreeMap<(String, String), WeightsRecord>>,
     /// Agents' latest load reports by store key (these never wake streams).
@@ -170,6 +179,12 @@ async fn list(store: &Store, tx: &watch::Sender<Arc<State>>) -> Result<i64, Stor
         }
     }
     let old = tx.borrow().clone();
+    (fresh.catalog_revision, fresh.catalog_revision_before) =
+        if old.loaded && old.catalog == fresh.catalog {
+            (old.catalog_revision, old.catalog_revision_before)
+        } else {
+            (revision, revision)
+        };
     // Versions move only when content moved, so that a relist of the same
     // data does not push anything to agents.
     fresh.catalog_version =
@@ -210,6 +225,15 @@ async fn watch_from(
         }
     }
     Err(StoreError::Unavailable("the watch ended".into()))
+}
+
+/// Notes that a catalog object changed at `revision` (events of one
+/// transaction share it).
+fn catalog_moved(state: &mut State, revision: i64) {
+    if revision != state.catalog_revision {
+        state.catalog_revision_before = state.catalog_revision;
+        state.catalog_revision = revision;
+    }
 }
 
 /// Applies events; returns whether the catalog, the relay endpoints, a
@@ -253,10 +277,13 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                 Ok(object) => {
                     keys::insert(Arc::make_mut(&mut state.catalog), object);
                     catalog_changed = true;
+                    catalog_moved(state, kv.mod_revision);
                 }
                 Err(e) => tracing::warn!("{e}; skipped"),
             },
-            WatchEvent::Delete { key, .. } => {
+            WatchEvent::Delete { key, mod_revision } => {
+                // Whether a catalog object went.
+                let mut removed = false;
                 if key.starts_with(keys::AGENTS) {
                     state.agents.remove(key);
                 } else if key.starts_with(keys::HEALTH) {
@@ -275,22 +302,38 @@ fn apply(state: &mut State, revision: i64, events: &[WatchEvent]) -> bool {
                         .remove(&(p.to_string(), s.to_string()))
                         .is_some();
                 } else if let Some(name) = key.strip_prefix(keys::REGIONS) {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog).regions.remove(name).is_some();
+                    removed = Arc::make_mut(&mut state.catalog)
+                        .regions
+                        .remove(name)
+                        .is_some();
                 } else if let Some(id) = key.strip_prefix(keys::QUOTAS) {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog).quotas.remove(id).is_some();
+                    removed = Arc::make_mut(&mut state.catalog)
+                        .quotas
+                        .remove(id)
+                        .is_some();
                 } else if let Some(name) = key.strip_prefix(keys::TENANTS) {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog).tenants.remove(name).is_some();
+                    removed = Arc::make_mut(&mut state.catalog)
+                        .tenants
+                        .remove(name)
+                        .is_some();
                 } else if let Some(id) = key.strip_prefix(keys::KEYS) {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog).keys.remove(id).is_some();
+                    removed = Arc::make_mut(&mut state.catalog).keys.remove(id).is_some();
                 } else if let Some(id) = key.strip_prefix(keys::PROFILES) {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog).profiles.remove(id).is_some();
+                    removed = Arc::make_mut(&mut state.catalog)
+                        .profiles
+                        .remove(id)
+                        .is_some();
                 } else if let Some(rest) = key.strip_prefix(keys::ROUTES)
                     && let Some((p, s)) = rest.rsplit_once('/')
                 {
-                    catalog_changed |= Arc::make_mut(&mut state.catalog)
+                    removed = Arc::make_mut(&mut state.catalog)
                         .routes
                         .remove(&(p.to_string(), s.to_string()))
                         .is_some();
+                }
+                if removed {
+                    catalog_changed = true;
+                    catalog_moved(state, *mod_revision);
                 }
             }
         }

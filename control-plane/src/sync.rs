@@ -22,8 +22,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::keys::{self, AgentRecord};
 use crate::state::State;
-use crate::views::{View, Views};
 use crate::store::{Compare, LeaseId, Op, Store};
+use crate::views::{View, Views};
 use spillway_core::metrics::Metrics;
 use spillway_core::shutdown::Shutdown;
 use spillway_core::tls::Peer;

@@ -656,10 +656,7 @@ mod tests {
                 ("us-west", 0.0, Reason::Spill),
             ],
         );
-        assert_eq!(
-            route_of(&build(&st, "us-east", 1), US),
-            owned(WEST_FIRST)
-        );
+        assert_eq!(route_of(&build(&st, "us-east", 1), US), owned(WEST_FIRST));
         // A region the old weights drained for failing stays out.
         with_weights(
             &mut st,
@@ -682,10 +679,7 @@ mod tests {
                 ("us-west", 0.0, Reason::Drained),
             ],
         );
-        assert_eq!(
-            route_of(&build(&st, "us-east", 1), US),
-            owned(WEST_FIRST)
-        );
+        assert_eq!(route_of(&build(&st, "us-east", 1), US), owned(WEST_FIRST));
     }
 
     #[test]
@@ -750,7 +744,10 @@ mod tests {
     fn a_change_moves_only_the_resources_it_touches_in_the_regions_it_touches() {
         let s0 = state(EAST_FIRST);
         let mut views = [build(&s0, "us-east", 1), build(&s0, "us-west", 1)];
-        assert!(views[0].changed_since(0).is_none(), "a new view has no past");
+        assert!(
+            views[0].changed_since(0).is_none(),
+            "a new view has no past"
+        );
         assert_eq!(views[0].changed_since(1).unwrap().len(), 0);
 
         // A profile's description: its profile resource, in every region;
@@ -793,7 +790,10 @@ mod tests {
         }
         // Its ACK bookkeeping moves nothing.
         let mut s4 = s3.clone();
-        s4.agents.get_mut("agents/us-east/a1").unwrap().acked_version = 9;
+        s4.agents
+            .get_mut("agents/us-east/a1")
+            .unwrap()
+            .acked_version = 9;
         advance(&mut views, &s3, &s4, 5);
         assert_eq!((views[0].seq, views[1].seq), (4, 4));
         for v in &views {
@@ -845,9 +845,11 @@ mod tests {
                 }
                 3 => c.delete_profile(&any(pick), 0),
                 4 => {
-                    let mut p = c.profiles.get(&any(pick)).cloned().unwrap_or_else(|| {
-                        profile(US, &["us-east", "us-west"], None)
-                    });
+                    let mut p = c
+                        .profiles
+                        .get(&any(pick))
+                        .cloned()
+                        .unwrap_or_else(|| profile(US, &["us-east", "us-west"], None));
                     p.description = format!("d{}", next(5));
                     c.profiles.insert(p.id.clone(), p);
                     Ok(())
@@ -885,8 +887,7 @@ mod tests {
                         ],
                     );
                     let rec = wst.weights[&(US.to_string(), "us-east".to_string())].clone();
-                    Arc::make_mut(&mut new.weights)
-                        .insert((any(pick), source.to_string()), rec);
+                    Arc::make_mut(&mut new.weights).insert((any(pick), source.to_string()), rec);
                 }
                 1 => {
                     let k = format!("agents/{}/a{}", regions[next(3)], next(3));
@@ -917,7 +918,11 @@ mod tests {
             st = new;
         }
         // The walk went somewhere: profiles of every kind, weights, agents.
-        assert!(st.catalog.profiles.len() > 10, "{:?}", st.catalog.profiles.keys());
+        assert!(
+            st.catalog.profiles.len() > 10,
+            "{:?}",
+            st.catalog.profiles.keys()
+        );
         assert!(st.catalog.profiles.keys().any(|p| p.starts_with("app-")));
         assert!(!st.weights.is_empty() && !st.agents.is_empty());
     }

@@ -27,17 +27,10 @@ use tonic::transport::Channel;
 
 /// Profile ids name their model (`us.m3` serves `m3`); every agent
 /// serves all the models the tests use, so that no table is refused.
-fn start_agent<'a>(
-    id: &'a str,
-    region: &'a str,
-    planes: &'a [String],
-    dir: &'a Path,
-) -> impl std::future::Future<Output = TestAgent> + 'a {
-    async move {
-        let models: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
-        let models: Vec<&str> = models.iter().map(String::as_str).collect();
-        TestAgent::start(id, region, planes, dir, &models).await
-    }
+async fn start_agent(id: &str, region: &str, planes: &[String], dir: &Path) -> TestAgent {
+    let models: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    let models: Vec<&str> = models.iter().map(String::as_str).collect();
+    TestAgent::start(id, region, planes, dir, &models).await
 }
 const REGIONS: [(&str, &str); 3] = [("us-east", "us"), ("us-west", "us"), ("eu-west", "eu")];
 

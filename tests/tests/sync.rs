@@ -154,7 +154,11 @@ async fn updates_are_acked_and_a_refused_update_keeps_the_last_good_config() {
     let bytes = std::fs::read(dir.path().join("applied-set.pb")).unwrap();
     let set = <pb::AppliedSet as prost::Message>::decode(bytes.as_slice()).unwrap();
     assert_eq!(set.version, status.acked_version);
-    assert!(set.resources.iter().any(|r| r.name == "profile/us.llama-3.1-8b"));
+    assert!(
+        set.resources
+            .iter()
+            .any(|r| r.name == "profile/us.llama-3.1-8b")
+    );
     assert!(!set.resources.iter().any(|r| r.name.ends_with("us.qwen-7b")));
 
     let out = tokio::process::Command::new(spillway_tests::bin("spillctl"))

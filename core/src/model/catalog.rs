@@ -1,11 +1,18 @@
 //! The catalog: the whole configuration at one store revision, and every rule that spans objects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
 /// The whole configuration at one store revision.
-#[derive(Debug, Clone, Default, PartialEq)]
+///
+/// The maps are public for reading, and for building a catalog from the
+/// store. The model's operations change them only through [`Catalog::put`]
+/// and [`Catalog::remove`], which note each object they touch in the
+/// journal while one is kept ([`Catalog::start_journal`]): what a change
+/// touched is then known without comparing catalogs. A change made to the
+/// maps directly is not journaled.
+#[derive(Debug, Clone, Default)]
 pub struct Catalog {
     pub regions: BTreeMap<String, Region>,
     pub profiles: BTreeMap<String, Profile>,
@@ -16,6 +23,84 @@ pub struct Catalog {
     pub tenants: BTreeMap<String, Tenant>,
     /// API keys (hashes only) by id.
     pub keys: BTreeMap<String, ApiKey>,
+    /// The objects touched since the journal was started, when one is kept.
+    journal: Option<Vec<Touched>>,
+}
+
+/// The journal is bookkeeping of how a catalog was reached, not content:
+/// two catalogs with the same objects are equal.
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Catalog) -> bool {
+        let Catalog {
+            regions,
+            profiles,
+            routes,
+            quotas,
+            tenants,
+            keys,
+            journal: _,
+        } = self;
+        *regions == other.regions
+            && *profiles == other.profiles
+            && *routes == other.routes
+            && *quotas == other.quotas
+            && *tenants == other.tenants
+            && *keys == other.keys
+    }
+}
+
+/// One catalog object, by kind and key in its map: what the journal
+/// records.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Touched {
+    Region(String),
+    Profile(String),
+    /// (profile, source region).
+    Route(String, String),
+    /// By its scope's id.
+    Quota(String),
+    Tenant(String),
+    Key(String),
+}
+
+/// A kind of catalog object: which map of the catalog keeps it, and how
+/// the journal names one.
+trait Record: Sized {
+    type Key: Ord + Clone;
+    fn map(catalog: &mut Catalog) -> &mut BTreeMap<Self::Key, Self>;
+    fn touched(key: &Self::Key) -> Touched;
+}
+
+macro_rules! record {
+    ($($kind:ty => $map:ident[$key:ty] as $touched:ident),* $(,)?) => {$(
+        impl Record for $kind {
+            type Key = $key;
+            fn map(catalog: &mut Catalog) -> &mut BTreeMap<$key, $kind> {
+                &mut catalog.$map
+            }
+            fn touched(key: &$key) -> Touched {
+                Touched::$touched(key.clone())
+            }
+        }
+    )*};
+}
+
+record! {
+    Region => regions[String] as Region,
+    Profile => profiles[String] as Profile,
+    Quota => quotas[String] as Quota,
+    Tenant => tenants[String] as Tenant,
+    ApiKey => keys[String] as Key,
+}
+
+impl Record for RouteTable {
+    type Key = (String, String);
+    fn map(catalog: &mut Catalog) -> &mut BTreeMap<(String, String), RouteTable> {
+        &mut catalog.routes
+    }
+    fn touched((profile, source): &(String, String)) -> Touched {
+        Touched::Route(profile.clone(), source.clone())
+    }
 }
 
 /// Checks an update's expected revision against the stored one. Updates must
@@ -49,23 +134,59 @@ fn check_revision(
 }
 
 impl Catalog {
-    /// Puts `value` at `key` of the map `pick` chooses, then checks what
-    /// the change can break (`check`: the object itself and what refers to
-    /// it, not the whole catalog); a refused change is undone, so that the
+    /// Starts a journal of the objects the model's operations touch,
+    /// dropping any earlier one.
+    pub fn start_journal(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Ends the journal: each object put or removed since
+    /// [`Catalog::start_journal`], once, except those of a refused
+    /// operation (which undoes itself). `None` when no journal was kept.
+    pub fn take_journal(&mut self) -> Option<BTreeSet<Touched>> {
+        self.journal.take().map(|j| j.into_iter().collect())
+    }
+
+    /// Puts `value` at `key`, noting it in the journal. With
+    /// [`Catalog::remove`], the only way the operations change a map.
+    fn put<V: Record>(&mut self, key: V::Key, value: V) -> Option<V> {
+        if let Some(j) = &mut self.journal {
+            j.push(V::touched(&key));
+        }
+        V::map(self).insert(key, value)
+    }
+
+    /// Removes what is at `key`, noting it in the journal if it was there.
+    fn remove<V: Record>(&mut self, key: &V::Key) -> Option<V> {
+        let old = V::map(self).remove(key);
+        if old.is_some()
+            && let Some(j) = &mut self.journal
+        {
+            j.push(V::touched(key));
+        }
+        old
+    }
+
+    /// Puts `value` at `key`, then checks what the change can break
+    /// (`check`: the object itself and what refers to it, not the whole
+    /// catalog); a refused change is undone, journal included, so that the
     /// catalog is as it was. A write costs what it touches.
-    fn commit<K: Ord + Clone, V>(
+    fn commit<V: Record>(
         &mut self,
-        pick: fn(&mut Catalog) -> &mut BTreeMap<K, V>,
-        key: K,
+        key: V::Key,
         value: V,
         check: impl FnOnce(&Catalog) -> Result<(), ModelError>,
     ) -> Result<(), ModelError> {
-        let old = pick(self).insert(key.clone(), value);
+        let mark = self.journal.as_ref().map(Vec::len);
+        let old = self.put(key.clone(), value);
         if let Err(e) = check(self) {
             match old {
-                Some(v) => pick(self).insert(key, v),
-                None => pick(self).remove(&key),
+                Some(v) => V::map(self).insert(key, v),
+                None => V::map(self).remove(&key),
             };
+            if let (Some(j), Some(mark)) = (&mut self.journal, mark) {
+                j.truncate(mark);
+            }
             return Err(e);
         }
         Ok(())
@@ -163,7 +284,7 @@ impl Catalog {
             });
         }
         // A new region breaks nothing.
-        self.commit(|c| &mut c.regions, region.name.clone(), region, |_| Ok(()))
+        self.commit(region.name.clone(), region, |_| Ok(()))
     }
 
     pub fn update_region(&mut self, region: Region) -> Result<(), ModelError> {
@@ -179,14 +300,9 @@ impl Catalog {
         // Only a region's geography matters to other objects: when it
         // moves (rare), everything is checked.
         let moved = current.geography != region.geography;
-        self.commit(
-            |c| &mut c.regions,
-            region.name.clone(),
-            region,
-            |c| {
-                if moved { c.validate() } else { Ok(()) }
-            },
-        )
+        self.commit(region.name.clone(), region, |c| {
+            if moved { c.validate() } else { Ok(()) }
+        })
     }
 
     pub fn delete_region(&mut self, name: &str, revision: i64) -> Result<(), ModelError> {
@@ -225,7 +341,7 @@ impl Catalog {
                 t.name
             )));
         }
-        self.regions.remove(name);
+        self.remove::<Region>(&name.to_string());
         Ok(())
     }
 
@@ -239,12 +355,7 @@ impl Catalog {
             });
         }
         let id = profile.id.clone();
-        self.commit(
-            |c| &mut c.profiles,
-            id.clone(),
-            profile,
-            |c| c.validate_around_profile(&id),
-        )
+        self.commit(id.clone(), profile, |c| c.validate_around_profile(&id))
     }
 
     pub fn update_profile(&mut self, mut profile: Profile) -> Result<(), ModelError> {
@@ -259,12 +370,7 @@ impl Catalog {
             true,
         )?;
         let id = profile.id.clone();
-        self.commit(
-            |c| &mut c.profiles,
-            id.clone(),
-            profile,
-            |c| c.validate_around_profile(&id),
-        )
+        self.commit(id.clone(), profile, |c| c.validate_around_profile(&id))
     }
 
     /// Deletes a profile and its route tables; refused while an application
@@ -292,8 +398,16 @@ impl Catalog {
                 q.scope.id()
             )));
         }
-        self.profiles.remove(id);
-        self.routes.retain(|(p, _), _| p != id);
+        self.remove::<Profile>(&id.to_string());
+        let tables: Vec<(String, String)> = self
+            .routes
+            .range((id.to_string(), String::new())..)
+            .take_while(|((p, _), _)| p == id)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &tables {
+            self.remove::<RouteTable>(key);
+        }
         Ok(())
     }
 
@@ -306,12 +420,7 @@ impl Catalog {
             });
         }
         let key = route.key();
-        self.commit(
-            |c| &mut c.routes,
-            key.clone(),
-            route,
-            |c| c.validate_route(&c.routes[&key]),
-        )
+        self.commit(key.clone(), route, |c| c.validate_route(&c.routes[&key]))
     }
 
     pub fn update_route(&mut self, route: RouteTable) -> Result<(), ModelError> {
@@ -320,12 +429,7 @@ impl Catalog {
         let current = self.route(&route.profile, &route.source_region)?;
         check_revision("route_table", &name, route.revision, current.revision, true)?;
         let key = route.key();
-        self.commit(
-            |c| &mut c.routes,
-            key.clone(),
-            route,
-            |c| c.validate_route(&c.routes[&key]),
-        )
+        self.commit(key.clone(), route, |c| c.validate_route(&c.routes[&key]))
     }
 
     pub fn delete_route(
@@ -342,8 +446,7 @@ impl Catalog {
             current.revision,
             false,
         )?;
-        self.routes
-            .remove(&(profile.to_string(), source.to_string()));
+        self.remove::<RouteTable>(&(profile.to_string(), source.to_string()));
         Ok(())
     }
 
@@ -356,15 +459,10 @@ impl Catalog {
                 name: id,
             });
         }
-        self.commit(
-            |c| &mut c.quotas,
-            id.clone(),
-            quota,
-            |c| {
-                c.validate_quota_refs(&c.quotas[&id])
-                    .map_err(|e| in_object(e, "quota", &id))
-            },
-        )
+        self.commit(id.clone(), quota, |c| {
+            c.validate_quota_refs(&c.quotas[&id])
+                .map_err(|e| in_object(e, "quota", &id))
+        })
     }
 
     pub fn update_quota(&mut self, quota: Quota) -> Result<(), ModelError> {
@@ -372,21 +470,16 @@ impl Catalog {
         let id = quota.scope.id();
         let current = self.quota(&id)?;
         check_revision("quota", &id, quota.revision, current.revision, true)?;
-        self.commit(
-            |c| &mut c.quotas,
-            id.clone(),
-            quota,
-            |c| {
-                c.validate_quota_refs(&c.quotas[&id])
-                    .map_err(|e| in_object(e, "quota", &id))
-            },
-        )
+        self.commit(id.clone(), quota, |c| {
+            c.validate_quota_refs(&c.quotas[&id])
+                .map_err(|e| in_object(e, "quota", &id))
+        })
     }
 
     pub fn delete_quota(&mut self, id: &str, revision: i64) -> Result<(), ModelError> {
         let current = self.quota(id)?;
         check_revision("quota", id, revision, current.revision, false)?;
-        self.quotas.remove(id);
+        self.remove::<Quota>(&id.to_string());
         Ok(())
     }
 
@@ -399,12 +492,9 @@ impl Catalog {
             });
         }
         let name = tenant.name.clone();
-        self.commit(
-            |c| &mut c.tenants,
-            name.clone(),
-            tenant,
-            |c| c.validate_tenant_refs(&c.tenants[&name]),
-        )
+        self.commit(name.clone(), tenant, |c| {
+            c.validate_tenant_refs(&c.tenants[&name])
+        })
     }
 
     pub fn update_tenant(&mut self, tenant: Tenant) -> Result<(), ModelError> {
@@ -418,12 +508,9 @@ impl Catalog {
             true,
         )?;
         let name = tenant.name.clone();
-        self.commit(
-            |c| &mut c.tenants,
-            name.clone(),
-            tenant,
-            |c| c.validate_tenant_refs(&c.tenants[&name]),
-        )
+        self.commit(name.clone(), tenant, |c| {
+            c.validate_tenant_refs(&c.tenants[&name])
+        })
     }
 
     /// Deletes a tenant and its keys; refused while a quota names it.
@@ -441,8 +528,16 @@ impl Catalog {
                 q.scope.id()
             )));
         }
-        self.tenants.remove(name);
-        self.keys.retain(|_, k| k.tenant != name);
+        self.remove::<Tenant>(&name.to_string());
+        let keys: Vec<String> = self
+            .keys
+            .iter()
+            .filter(|(_, k)| k.tenant == name)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &keys {
+            self.remove::<ApiKey>(id);
+        }
         Ok(())
     }
 
@@ -462,21 +557,17 @@ impl Catalog {
             });
         }
         let id = key.id.clone();
-        self.commit(
-            |c| &mut c.keys,
-            id.clone(),
-            key,
-            |c| c.validate_key_refs(&c.keys[&id]),
-        )
+        self.commit(id.clone(), key, |c| c.validate_key_refs(&c.keys[&id]))
     }
 
     /// Revokes a key: it is gone from the store and, with the next push,
     /// from every agent.
     pub fn delete_key(&mut self, id: &str) -> Result<ApiKey, ModelError> {
-        self.keys.remove(id).ok_or_else(|| ModelError::NotFound {
-            kind: "key",
-            name: id.to_string(),
-        })
+        self.remove::<ApiKey>(&id.to_string())
+            .ok_or_else(|| ModelError::NotFound {
+                kind: "key",
+                name: id.to_string(),
+            })
     }
 
     pub fn quota(&self, id: &str) -> Result<&Quota, ModelError> {

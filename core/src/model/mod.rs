@@ -3,10 +3,12 @@
 //! applies to every snapshot it receives.
 //!
 //! A [`Catalog`] is the whole configuration at one store revision. Every
-//! change is applied to a copy and the copy is checked as a whole, so an
-//! object can never be written that leaves another one dangling (a route
-//! table naming a deleted region, an application profile copying a deleted
-//! profile).
+//! change is checked against what it can break, and a refused change is
+//! undone, so an object can never be written that leaves another one
+//! dangling (a route table naming a deleted region, an application profile
+//! copying a deleted profile). A catalog can keep a journal of the objects
+//! its operations touch, so that a writer learns what to store without
+//! comparing catalogs.
 
 mod catalog;
 mod profile;
@@ -17,7 +19,7 @@ mod route;
 mod tests;
 
 pub use crate::tenant::{ApiKey, RegionPolicy, Tenant};
-pub use catalog::Catalog;
+pub use catalog::{Catalog, Touched};
 pub use profile::{Profile, ProfileKind, ResolvedProfile};
 pub use quota::{Quota, QuotaScope};
 pub use region::Region;

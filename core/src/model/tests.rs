@@ -1,6 +1,6 @@
 //! Unit tests of the domain rules.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 
@@ -337,6 +337,7 @@ fn random_changes_keep_the_catalog_valid() {
         for _ in 0..200 {
             stamp(&mut c);
             let before = c.clone();
+            c.start_journal();
             let pick =
                 |rng: &mut fastrand::Rng, from: &[&str]| from[rng.usize(..from.len())].to_string();
             let result = match rng.u8(..5) {
@@ -403,6 +404,14 @@ fn random_changes_keep_the_catalog_valid() {
                     }
                 }
             };
+            // The journal names every object that changed (and perhaps
+            // one put back as it was), nothing of a refused change.
+            let touched = c.take_journal().unwrap();
+            let changed = differing(&before, &c);
+            assert!(
+                changed.is_subset(&touched),
+                "seed {seed}: changed {changed:?}, journaled {touched:?}"
+            );
             match result {
                 Ok(()) => {
                     accepted += 1;
@@ -410,7 +419,10 @@ fn random_changes_keep_the_catalog_valid() {
                         panic!("seed {seed}: accepted into an invalid catalog: {e}")
                     })
                 }
-                Err(_) => assert_eq!(c, before, "seed {seed}: a refused change left traces"),
+                Err(_) => {
+                    assert_eq!(c, before, "seed {seed}: a refused change left traces");
+                    assert!(touched.is_empty(), "seed {seed}: journaled {touched:?}");
+                }
             }
         }
     }
@@ -436,4 +448,364 @@ fn stamp(c: &mut Catalog) {
     for q in c.quotas.values_mut() {
         q.revision = q.revision.max(1);
     }
+    for t in c.tenants.values_mut() {
+        t.revision = t.revision.max(1);
+    }
+    for k in c.keys.values_mut() {
+        k.revision = k.revision.max(1);
+    }
+}
+
+fn tenant(name: &str) -> Tenant {
+    Tenant {
+        name: name.into(),
+        description: String::new(),
+        profiles: vec!["*".into()],
+        policy: RegionPolicy::default(),
+        revision: 0,
+    }
+}
+
+fn api_key(id: &str, tenant: &str) -> ApiKey {
+    ApiKey {
+        id: id.into(),
+        tenant: tenant.into(),
+        hash: "0".repeat(64),
+        description: String::new(),
+        created_at_unix: 0,
+        revision: 0,
+    }
+}
+
+fn quota_on(profile: &str, source: &str) -> Quota {
+    Quota {
+        scope: QuotaScope::ProfileInRegion {
+            profile: profile.into(),
+            source_region: source.into(),
+        },
+        requests_per_minute: Some(5),
+        tokens_per_minute: None,
+        tokens_per_day: None,
+        output_burndown: 1.0,
+        revision: 0,
+    }
+}
+
+/// The objects that differ between two catalogs, found by comparing them
+/// whole: what a journal must name.
+fn differing(before: &Catalog, after: &Catalog) -> BTreeSet<Touched> {
+    fn kind<K: Ord + Clone, V: PartialEq>(
+        before: &BTreeMap<K, V>,
+        after: &BTreeMap<K, V>,
+        name: impl Fn(&K) -> Touched,
+        out: &mut BTreeSet<Touched>,
+    ) {
+        for k in before.keys().chain(after.keys()) {
+            if before.get(k) != after.get(k) {
+                out.insert(name(k));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    kind(
+        &before.regions,
+        &after.regions,
+        |k| Touched::Region(k.clone()),
+        &mut out,
+    );
+    kind(
+        &before.profiles,
+        &after.profiles,
+        |k| Touched::Profile(k.clone()),
+        &mut out,
+    );
+    kind(
+        &before.routes,
+        &after.routes,
+        |(p, s)| Touched::Route(p.clone(), s.clone()),
+        &mut out,
+    );
+    kind(
+        &before.quotas,
+        &after.quotas,
+        |k| Touched::Quota(k.clone()),
+        &mut out,
+    );
+    kind(
+        &before.tenants,
+        &after.tenants,
+        |k| Touched::Tenant(k.clone()),
+        &mut out,
+    );
+    kind(
+        &before.keys,
+        &after.keys,
+        |k| Touched::Key(k.clone()),
+        &mut out,
+    );
+    out
+}
+
+/// Runs `op` with a journal; returns its result and what was journaled.
+fn journaled<R>(
+    c: &mut Catalog,
+    op: impl FnOnce(&mut Catalog) -> Result<R, ModelError>,
+) -> (Result<R, ModelError>, BTreeSet<Touched>) {
+    c.start_journal();
+    let result = op(c);
+    let touched = c.take_journal().expect("a journal was kept");
+    (result, touched)
+}
+
+/// Each operation journals exactly the objects it put or removed, the
+/// ones it removes along with another (a profile's route tables, a
+/// tenant's keys) included; a catalog compared whole agrees.
+#[test]
+fn every_operation_journals_exactly_what_it_touched() {
+    use Touched as T;
+    fn s(v: &str) -> String {
+        v.to_string()
+    }
+    let mut c = catalog();
+    assert_eq!(c.take_journal(), None, "no journal unless started");
+    type Op = Box<dyn FnOnce(&mut Catalog) -> Result<(), ModelError>>;
+    let us = "us.llama-3.1-8b";
+    let steps: Vec<(&str, Op, Vec<Touched>)> = vec![
+        (
+            "create a region",
+            Box::new(|c| c.create_region(region("eu-north", "eu"))),
+            vec![T::Region(s("eu-north"))],
+        ),
+        (
+            "update a region",
+            Box::new(|c| {
+                let rev = c.regions["eu-north"].revision;
+                c.update_region(Region {
+                    description: s("changed"),
+                    revision: rev,
+                    ..region("eu-north", "eu")
+                })
+            }),
+            vec![T::Region(s("eu-north"))],
+        ),
+        (
+            "delete a region",
+            Box::new(|c| c.delete_region("eu-north", 0)),
+            vec![T::Region(s("eu-north"))],
+        ),
+        (
+            "create a profile",
+            Box::new(|c| c.create_profile(profile("us.m2", &["us-east"]))),
+            vec![T::Profile(s("us.m2"))],
+        ),
+        (
+            "update a profile",
+            Box::new(|c| {
+                let rev = c.profiles["us.m2"].revision;
+                c.update_profile(Profile {
+                    revision: rev,
+                    ..profile("us.m2", &["us-east", "us-west"])
+                })
+            }),
+            vec![T::Profile(s("us.m2"))],
+        ),
+        (
+            "create an application profile",
+            Box::new(move |c| c.create_profile(app("team-a", us))),
+            vec![T::Profile(s("team-a"))],
+        ),
+        (
+            "create a route table",
+            Box::new(|c| c.create_route(route("us.m2", "us-east", &[("us-west", 1.0)]))),
+            vec![T::Route(s("us.m2"), s("us-east"))],
+        ),
+        (
+            "create another",
+            Box::new(|c| c.create_route(route("us.m2", "us-west", &[("us-west", 1.0)]))),
+            vec![T::Route(s("us.m2"), s("us-west"))],
+        ),
+        (
+            "create one of another profile",
+            Box::new(move |c| c.create_route(route(us, "us-east", &[("us-east", 1.0)]))),
+            vec![T::Route(s(us), s("us-east"))],
+        ),
+        (
+            "update a route table",
+            Box::new(|c| {
+                let rev = c.routes[&(s("us.m2"), s("us-east"))].revision;
+                c.update_route(RouteTable {
+                    revision: rev,
+                    ..route("us.m2", "us-east", &[("us-east", 1.0), ("us-west", 1.0)])
+                })
+            }),
+            vec![T::Route(s("us.m2"), s("us-east"))],
+        ),
+        (
+            "delete a route table",
+            Box::new(|c| c.delete_route("us.m2", "us-west", 0)),
+            vec![T::Route(s("us.m2"), s("us-west"))],
+        ),
+        (
+            "create a quota",
+            Box::new(|c| c.create_quota(quota_on("us.m2", "us-east"))),
+            vec![T::Quota(s("profile/us.m2@us-east"))],
+        ),
+        (
+            "update a quota",
+            Box::new(|c| {
+                let rev = c.quotas["profile/us.m2@us-east"].revision;
+                c.update_quota(Quota {
+                    requests_per_minute: Some(7),
+                    revision: rev,
+                    ..quota_on("us.m2", "us-east")
+                })
+            }),
+            vec![T::Quota(s("profile/us.m2@us-east"))],
+        ),
+        (
+            "delete a quota",
+            Box::new(|c| c.delete_quota("profile/us.m2@us-east", 0)),
+            vec![T::Quota(s("profile/us.m2@us-east"))],
+        ),
+        (
+            "delete a profile with its route tables",
+            Box::new(|c| c.delete_profile("us.m2", 0)),
+            vec![T::Profile(s("us.m2")), T::Route(s("us.m2"), s("us-east"))],
+        ),
+        (
+            "create a tenant",
+            Box::new(|c| c.create_tenant(tenant("acme"))),
+            vec![T::Tenant(s("acme"))],
+        ),
+        (
+            "update a tenant",
+            Box::new(|c| {
+                let rev = c.tenants["acme"].revision;
+                c.update_tenant(Tenant {
+                    description: s("changed"),
+                    revision: rev,
+                    ..tenant("acme")
+                })
+            }),
+            vec![T::Tenant(s("acme"))],
+        ),
+        (
+            "create a key",
+            Box::new(|c| c.create_key(api_key("k1", "acme"))),
+            vec![T::Key(s("k1"))],
+        ),
+        (
+            "create another",
+            Box::new(|c| c.create_key(api_key("k2", "acme"))),
+            vec![T::Key(s("k2"))],
+        ),
+        (
+            "delete a key",
+            Box::new(|c| c.delete_key("k1").map(drop)),
+            vec![T::Key(s("k1"))],
+        ),
+        (
+            "delete a tenant with its keys",
+            Box::new(|c| c.delete_tenant("acme", 0)),
+            vec![T::Tenant(s("acme")), T::Key(s("k2"))],
+        ),
+    ];
+    for (what, op, want) in steps {
+        let before = c.clone();
+        let (result, touched) = journaled(&mut c, op);
+        result.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let want: BTreeSet<Touched> = want.into_iter().collect();
+        assert_eq!(touched, want, "{what}");
+        assert_eq!(differing(&before, &c), want, "{what}: compared whole");
+        stamp(&mut c);
+    }
+}
+
+/// A refused operation journals nothing (what it put is undone, journal
+/// included), and does not drop what earlier operations journaled.
+#[test]
+fn a_refused_operation_journals_nothing() {
+    let mut c = catalog();
+    c.create_route(route("us.llama-3.1-8b", "us-east", &[("us-west", 1.0)]))
+        .unwrap();
+    c.create_profile(app("team-a", "us.llama-3.1-8b")).unwrap();
+    c.create_tenant(tenant("acme")).unwrap();
+    stamp(&mut c);
+    let rev = c.profiles["us.llama-3.1-8b"].revision;
+    type Op = Box<dyn FnOnce(&mut Catalog) -> Result<(), ModelError>>;
+    let refused: Vec<(&str, Op)> = vec![
+        // Refused before anything is put.
+        (
+            "an invalid region",
+            Box::new(|c| c.create_region(region("US", "us"))),
+        ),
+        (
+            "a duplicate",
+            Box::new(|c| c.create_region(region("us-east", "us"))),
+        ),
+        (
+            "a stale revision",
+            Box::new(move |c| {
+                c.update_profile(Profile {
+                    revision: rev + 1,
+                    ..profile("us.llama-3.1-8b", &["us-east"])
+                })
+            }),
+        ),
+        (
+            "a region in use",
+            Box::new(|c| c.delete_region("us-west", 0)),
+        ),
+        (
+            "a base profile in use",
+            Box::new(|c| c.delete_profile("us.llama-3.1-8b", 0)),
+        ),
+        (
+            "an unknown key",
+            Box::new(|c| c.delete_key("nope").map(drop)),
+        ),
+        // Put, checked against what refers to it, refused and undone.
+        (
+            "a destination a route table uses",
+            Box::new(move |c| {
+                c.update_profile(Profile {
+                    revision: rev,
+                    ..profile("us.llama-3.1-8b", &["us-east"])
+                })
+            }),
+        ),
+        (
+            "a route table outside the profile",
+            Box::new(|c| c.create_route(route("us.llama-3.1-8b", "us-west", &[("eu-west", 1.0)]))),
+        ),
+        (
+            "a key of an unknown tenant",
+            Box::new(|c| c.create_key(api_key("k1", "nobody"))),
+        ),
+        (
+            "a geography move",
+            Box::new(|c| {
+                let rev = c.regions["us-west"].revision;
+                c.update_region(Region {
+                    revision: rev,
+                    ..region("us-west", "eu")
+                })
+            }),
+        ),
+    ];
+    for (what, op) in refused {
+        let before = c.clone();
+        let (result, touched) = journaled(&mut c, op);
+        assert!(result.is_err(), "{what}: accepted");
+        assert_eq!(touched, BTreeSet::new(), "{what}");
+        assert_eq!(c, before, "{what}");
+    }
+    // Within one journal, a refusal keeps what came before it.
+    c.start_journal();
+    c.create_profile(profile("us.m2", &["us-east"])).unwrap();
+    c.create_key(api_key("k1", "nobody")).unwrap_err();
+    assert_eq!(
+        c.take_journal(),
+        Some(BTreeSet::from([Touched::Profile("us.m2".into())]))
+    );
 }
