@@ -44,6 +44,20 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// this, one config change would cost one write per agent per ACK.
 pub const RECORD_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many streams of a replica may have a whole set (a first update to
+/// an agent that holds little, or a `replace`) on its way at once. A whole
+/// set at 10,000 profiles is about 1.5 MB encoded, plus as much again
+/// while it is built: a thousand agents connecting at once would otherwise
+/// hold gigabytes, all to be sent over the same cores anyway.
+pub const WHOLE_SETS_AT_ONCE: usize = 8;
+
+/// How long a whole set counts against `WHOLE_SETS_AT_ONCE` when its agent
+/// does not answer it: by then it has long been encoded and sent.
+const WHOLE_SET_HOLD: Duration = Duration::from_secs(5);
+
+/// An update with fewer resources than this is not a whole set.
+const WHOLE_SET_MIN: usize = 256;
+
 /// What every stream of one replica shares.
 pub struct Replica {
     pub id: String,
@@ -58,6 +72,8 @@ pub struct Replica {
     nonce: AtomicU64,
     /// Every region's resources, shared by the region's streams.
     pub views: Arc<Views>,
+    /// Whole sets on their way (`WHOLE_SETS_AT_ONCE`).
+    whole_sets: Arc<tokio::sync::Semaphore>,
 }
 
 impl Replica {
@@ -80,6 +96,7 @@ impl Replica {
             shutdown,
             metrics,
             nonce: AtomicU64::new(0),
+            whole_sets: Arc::new(tokio::sync::Semaphore::new(WHOLE_SETS_AT_ONCE)),
         }
     }
 
@@ -221,6 +238,9 @@ struct Session {
     /// The view `seq` of the last update the agent refused: the same
     /// changes are not offered again until the view moves past it.
     refused_at: Option<u64>,
+    /// A whole set's place among those on their way, held until the agent
+    /// answers it or until the instant given.
+    whole_set: Option<(tokio::sync::OwnedSemaphorePermit, Instant)>,
     /// The highest version the agent has had (from its hello, then from
     /// what this stream sent).
     version_floor: u64,
@@ -292,6 +312,7 @@ impl Session {
             holds,
             in_flight: None,
             refused_at: None,
+            whole_set: None,
             version_floor,
             lease: lease_rx,
             last_lease: None,
@@ -324,7 +345,12 @@ impl Session {
                 break reason;
             }
             let due = self.writes.due();
+            let whole_set_until = self.whole_set.as_ref().map(|(_, until)| *until);
             tokio::select! {
+                // A whole set its agent has not answered no longer counts.
+                _ = tokio::time::sleep_until(whole_set_until.unwrap_or_else(Instant::now)), if whole_set_until.is_some() => {
+                    self.whole_set = None;
+                }
                 _ = shutdown.wait() => break "control plane shutting down".to_string(),
                 // A coalesced write of the record is due. It is written here,
                 // by the stream's own task, never beside it: once the stream
@@ -421,8 +447,7 @@ impl Session {
         state: &mut watch::Receiver<Arc<State>>,
         view: &mut watch::Receiver<Arc<View>>,
     ) -> Result<(), String> {
-        let v = view.borrow_and_update().clone();
-        self.push_config(&v).await?;
+        self.push_config(view).await?;
         let st = state.borrow_and_update().clone();
         self.push_leases(&st).await
     }
@@ -477,10 +502,36 @@ impl Session {
 
     /// Sends the agent what it lacks of `view`, unless an update is in
     /// flight, the agent has it all, or it refused exactly these changes.
-    async fn push_config(&mut self, view: &View) -> Result<(), String> {
-        if self.in_flight.is_some() || self.refused_at.is_some_and(|r| view.seq <= r) {
-            return Ok(());
+    ///
+    /// The view is read, never held, across a wait: a stream holding an
+    /// older view would make the views task copy the whole view on its
+    /// next change, and a thousand streams waiting would hold a thousand.
+    async fn push_config(&mut self, views: &mut watch::Receiver<Arc<View>>) -> Result<(), String> {
+        let whole = {
+            let view = views.borrow();
+            if self.in_flight.is_some() || self.refused_at.is_some_and(|r| view.seq <= r) {
+                return Ok(());
+            }
+            // A first update to an agent that holds little, or a replace,
+            // may be the region's whole set: it waits for a place among
+            // those on their way.
+            match &self.holds {
+                Holds::Seq(seq) if view.seq <= *seq => return Ok(()),
+                Holds::Named(named) => named.len() < view.resources.len() / 2,
+                Holds::Seq(seq) => view.changed_since(*seq).is_none(),
+            }
+        };
+        if whole && self.whole_set.is_none() {
+            let mut shutdown = self.replica.shutdown.clone();
+            let permit = tokio::select! {
+                p = self.replica.whole_sets.clone().acquire_owned() => {
+                    p.map_err(|_| "control plane shutting down".to_string())?
+                }
+                _ = shutdown.wait() => return Err("control plane shutting down".to_string()),
+            };
+            self.whole_set = Some((permit, Instant::now() + WHOLE_SET_HOLD));
         }
+        let view = views.borrow_and_update().clone();
         let (resources, removed, replace) = match &self.holds {
             Holds::Seq(seq) if view.seq <= *seq => return Ok(()),
             Holds::Seq(seq) => match view.changed_since(*seq) {
@@ -536,31 +587,43 @@ impl Session {
                 removed.len() as u64,
             );
         }
-        let update = pb::ConfigUpdate {
-            version,
-            nonce: nonce.clone(),
-            control_plane: self.replica.id.clone(),
-            resources,
-            removed,
-            replace,
-        };
         tracing::debug!(
             agent = %self.key,
             version,
-            resources = update.resources.len(),
-            removed = update.removed.len(),
+            resources = resources.len(),
+            removed = removed.len(),
             replace,
             "sending config update"
         );
-        metrics.add(
-            "spillway_cp_update_bytes_total",
-            &[],
-            update.encoded_len() as u64,
+        let whole_set = resources.len() >= WHOLE_SET_MIN;
+        let parts = parts(
+            pb::ConfigUpdate {
+                version,
+                nonce: nonce.clone(),
+                control_plane: self.replica.id.clone(),
+                resources: Vec::new(),
+                removed: Vec::new(),
+                replace,
+                more: false,
+            },
+            resources,
+            removed,
         );
         self.record.sent_version = version;
+        if !whole_set {
+            self.whole_set = None;
+        }
         self.in_flight = Some((nonce, view.seq));
-        self.send(pb::control_message::Message::Update(update))
-            .await?;
+        drop(view);
+        for part in parts {
+            metrics.add(
+                "spillway_cp_update_bytes_total",
+                &[],
+                part.encoded_len() as u64,
+            );
+            self.send(pb::control_message::Message::Update(part))
+                .await?;
+        }
         metrics.add("spillway_cp_updates_sent_total", &[], 1);
         self.record_changed().await
     }
@@ -570,6 +633,7 @@ impl Session {
             pb::agent_message::Message::Ack(ack) => {
                 tracing::debug!(agent = %self.key, version = ack.version, "agent acked");
                 if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce) {
+                    self.whole_set = None;
                     self.holds = Holds::Seq(seq);
                     self.refused_at = None;
                 }
@@ -586,6 +650,7 @@ impl Session {
                 // The agent keeps what it held: the next update is worked
                 // out from that again, once the view has moved on.
                 if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) {
+                    self.whole_set = None;
                     self.refused_at = Some(seq);
                 }
                 self.record.nacked_version = nack.version;
@@ -717,6 +782,50 @@ impl Session {
             }
         }
     }
+}
+
+/// About how many encoded bytes of resources one message of an update
+/// carries (see `ConfigUpdate.more`).
+pub const PART_BYTES: usize = 32 * 1024;
+
+/// Splits an update into parts of about `PART_BYTES` (one part when it is
+/// small), each a copy of `head` with its share of the resources and
+/// removals, `more` on all but the last.
+fn parts(
+    head: pb::ConfigUpdate,
+    resources: Vec<pb::Resource>,
+    removed: Vec<String>,
+) -> Vec<pb::ConfigUpdate> {
+    let mut parts = vec![head.clone()];
+    let mut size = 0;
+    let mut room = |parts: &mut Vec<pb::ConfigUpdate>, len: usize| {
+        if size > 0 && size + len > PART_BYTES {
+            parts.push(head.clone());
+            size = 0;
+        }
+        size += len;
+    };
+    for r in resources {
+        room(&mut parts, r.encoded_len() + 4);
+        parts
+            .last_mut()
+            .expect("one part at least")
+            .resources
+            .push(r);
+    }
+    for name in removed {
+        room(&mut parts, name.len() + 4);
+        parts
+            .last_mut()
+            .expect("one part at least")
+            .removed
+            .push(name);
+    }
+    let last = parts.len() - 1;
+    for p in &mut parts[..last] {
+        p.more = true;
+    }
+    parts
 }
 
 /// What a stream knows its agent holds.
@@ -1038,6 +1147,38 @@ mod tests {
         assert!(s.writes.changed(&s.record, t0));
         s.write();
         assert!(!s.ack(t0, 6), "written again, the record is up to date");
+    }
+
+    #[test]
+    fn a_large_update_goes_in_parts_that_add_up_to_it() {
+        let resource = |i: usize| pb::Resource {
+            name: format!("profile/p{i}"),
+            version: i as u64,
+            body: vec![7u8; 300].into(),
+        };
+        let head = pb::ConfigUpdate {
+            version: 9,
+            nonce: "n".into(),
+            replace: true,
+            ..Default::default()
+        };
+        // Small: one part, nothing more to come.
+        let one = parts(head.clone(), vec![resource(0)], vec!["key/k".into()]);
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].more);
+        // 1,000 resources of about 330 bytes: parts of about 32 KiB.
+        let all: Vec<pb::Resource> = (0..1000).map(resource).collect();
+        let removed: Vec<String> = (0..50).map(|i| format!("route/r{i}")).collect();
+        let split = parts(head.clone(), all.clone(), removed.clone());
+        assert!(split.len() >= 10, "{} parts", split.len());
+        for (i, p) in split.iter().enumerate() {
+            assert_eq!(p.more, i + 1 < split.len());
+            assert_eq!((p.version, p.nonce.as_str(), p.replace), (9, "n", true));
+            assert!(p.encoded_len() <= PART_BYTES + 1024, "{}", p.encoded_len());
+        }
+        let back: Vec<pb::Resource> = split.iter().flat_map(|p| p.resources.clone()).collect();
+        let gone: Vec<String> = split.iter().flat_map(|p| p.removed.clone()).collect();
+        assert_eq!((back, gone), (all, removed));
     }
 
     #[test]

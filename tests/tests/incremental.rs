@@ -14,6 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
+use spillway_agent::control::snapshot::gather;
 use spillway_control_plane::keys::{self, LeaseRecord, QuotaGrant, WeightsRecord};
 use spillway_control_plane::store::DEFAULT_PREFIX;
 use spillway_control_plane::weights::{Reason, Weight};
@@ -117,13 +118,16 @@ async fn view(cp: &ControlPlane, region: &str, probe: u32) -> Versions {
         .await
         .unwrap()
         .into_inner();
+    let mut partial = None;
     let update = loop {
         let msg = tokio::time::timeout(Duration::from_secs(15), inbound.message())
             .await
             .expect("a first update within 15 s")
             .expect("a healthy stream")
             .expect("an open stream");
-        if let Some(pb::control_message::Message::Update(u)) = msg.message {
+        if let Some(pb::control_message::Message::Update(part)) = msg.message
+            && let Some(u) = gather(&mut partial, part)
+        {
             break u;
         }
     };

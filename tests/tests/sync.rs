@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use spillway_agent::control::snapshot::{ResourceSet, apply_delta};
+use spillway_agent::control::snapshot::{ResourceSet, apply_delta, gather};
 use spillway_control_plane::store::DEFAULT_PREFIX;
 use spillway_control_plane::{keys, sync::RECORD_INTERVAL};
 use spillway_proto::pb::{
@@ -328,6 +328,8 @@ struct RawAgent {
     held: ResourceSet,
     /// The set before the last update, for a NACK of it.
     previous: ResourceSet,
+    /// The parts of an update so far.
+    partial: Option<pb::ConfigUpdate>,
 }
 
 impl RawAgent {
@@ -360,6 +362,7 @@ impl RawAgent {
             inbound,
             held: ResourceSet::new(),
             previous: ResourceSet::new(),
+            partial: None,
         }
     }
 
@@ -371,7 +374,10 @@ impl RawAgent {
                 .expect("a config update within 15 s")
                 .expect("the sync stream is healthy")
                 .expect("the sync stream is open");
-            if let Some(pb::control_message::Message::Update(u)) = msg.message {
+            if let Some(pb::control_message::Message::Update(part)) = msg.message {
+                let Some(u) = gather(&mut self.partial, part) else {
+                    continue;
+                };
                 let next = apply_delta(&self.held, &u);
                 self.previous = std::mem::replace(&mut self.held, next);
                 return u;

@@ -14,6 +14,38 @@ use spillway_proto::pb;
 /// as the control plane sent it: body and version.
 pub type ResourceSet = BTreeMap<String, pb::Resource>;
 
+/// Gathers the parts of an update (`ConfigUpdate.more`): returns the whole
+/// update once its last part is in, and keeps the parts so far in
+/// `partial` until then. A part of another update (another nonce) drops
+/// the unfinished one: the control plane moved on, and sends it again.
+pub fn gather(
+    partial: &mut Option<pb::ConfigUpdate>,
+    part: pb::ConfigUpdate,
+) -> Option<pb::ConfigUpdate> {
+    let update = match partial.take() {
+        Some(mut so_far) if so_far.nonce == part.nonce => {
+            so_far.resources.extend(part.resources);
+            so_far.removed.extend(part.removed);
+            so_far.more = part.more;
+            so_far
+        }
+        Some(dropped) => {
+            tracing::warn!(
+                version = dropped.version,
+                "an update ended before its last part; dropped"
+            );
+            part
+        }
+        None => part,
+    };
+    if update.more {
+        *partial = Some(update);
+        None
+    } else {
+        Some(update)
+    }
+}
+
 /// The set that results from applying `update` to `held`: exactly the
 /// update's resources when it replaces the set; else `held` without the
 /// removed names (a name it does not hold is ignored) and with the update's
@@ -494,6 +526,34 @@ pub(crate) mod tests {
             .iter()
             .map(|d| (d.region.clone(), d.weight))
             .collect()
+    }
+
+    #[test]
+    fn parts_of_an_update_are_gathered_and_an_unfinished_one_is_dropped() {
+        let part = |nonce: &str, name: &str, more: bool| pb::ConfigUpdate {
+            version: 3,
+            nonce: nonce.into(),
+            resources: vec![pb::Resource {
+                name: name.into(),
+                ..Default::default()
+            }],
+            removed: vec![format!("gone/{name}")],
+            more,
+            ..Default::default()
+        };
+        let mut partial = None;
+        assert!(gather(&mut partial, part("a", "x", true)).is_none());
+        assert!(gather(&mut partial, part("a", "y", true)).is_none());
+        let whole = gather(&mut partial, part("a", "z", false)).expect("the last part");
+        let names: Vec<&str> = whole.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["x", "y", "z"]);
+        assert_eq!(whole.removed, ["gone/x", "gone/y", "gone/z"]);
+        assert!(!whole.more && partial.is_none());
+        // A part of another update: the unfinished one goes.
+        assert!(gather(&mut partial, part("b", "x", true)).is_none());
+        let other = gather(&mut partial, part("c", "w", false)).expect("a whole update");
+        assert_eq!(other.nonce, "c");
+        assert_eq!(other.resources.len(), 1);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tonic::Streaming;
 use tonic::transport::Endpoint;
 
 use crate::control::persist;
-use crate::control::snapshot::{self, AgentConfig, LocalCapabilities, ResourceSet};
+use crate::control::snapshot::{self, AgentConfig, LocalCapabilities, ResourceSet, gather};
 use crate::net::connect::TlsConnect;
 use crate::quota::Quotas;
 
@@ -182,6 +182,8 @@ async fn stream_once(
     let mut reports = tokio::time::interval(settings.report_interval);
     reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_report = tokio::time::Instant::now();
+    // The parts of an update that came so far (`ConfigUpdate.more`).
+    let mut partial = None;
     loop {
         let next = tokio::select! {
             _ = shutdown.wait() => {
@@ -223,6 +225,9 @@ async fn stream_once(
             None => continue,
         };
         got_any = true;
+        let Some(update) = gather(&mut partial, update) else {
+            continue;
+        };
         let reply = apply(&update, settings, tx, held).await;
         send(&out, reply).await?;
     }

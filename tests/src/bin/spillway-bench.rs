@@ -19,6 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use prost::Message as _;
 use serde::Serialize;
 use serde_json::{Value, json};
+use spillway_agent::control::snapshot::gather;
 use spillway_proto::pb::{
     self, control_service_client::ControlServiceClient,
     inference_service_client::InferenceServiceClient,
@@ -1191,6 +1192,8 @@ async fn sync_client(
             return end;
         }
     };
+    // The parts of an update so far, and their bytes.
+    let (mut partial, mut part_bytes) = (None, 0);
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
@@ -1206,7 +1209,14 @@ async fn sync_client(
         let at = Instant::now();
         let bytes = msg.encoded_len();
         match msg.message {
-            Some(pb::control_message::Message::Update(mut u)) => {
+            Some(pb::control_message::Message::Update(part)) => {
+                // A large update comes in parts: it counts, and is applied
+                // and ACKed, once whole, with the bytes of all its parts.
+                part_bytes += bytes;
+                let Some(mut u) = gather(&mut partial, part) else {
+                    continue;
+                };
+                let bytes = std::mem::take(&mut part_bytes);
                 let held = &mut end.held;
                 let initial = u.replace || (!end.updated && held.resources.is_empty());
                 held.apply(&mut u, probe.as_deref());
