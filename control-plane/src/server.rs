@@ -270,9 +270,15 @@ pub async fn run(
                 move |req| gate.check(req),
             ),
         )
-        .add_service(pb::control_service_server::ControlServiceServer::new(
-            Sync::new(replica, settings.tls.is_some()),
-        ));
+        .add_service(
+            pb::control_service_server::ControlServiceServer::new(Sync::new(
+                replica,
+                settings.tls.is_some(),
+            ))
+            // A hello names every resource the agent holds: about 4 MB at
+            // 70,000 resources, past tonic's default limit.
+            .max_decoding_message_size(crate::sync::MAX_HELLO_BYTES),
+        );
     let stopped = async move { stop.wait().await };
     let serving = async move {
         match tls {

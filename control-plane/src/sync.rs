@@ -55,6 +55,17 @@ pub const WHOLE_SETS_AT_ONCE: usize = 8;
 /// does not answer it: by then it has long been encoded and sent.
 const WHOLE_SET_HOLD: Duration = Duration::from_secs(5);
 
+/// The largest message an agent may send (its hello names every resource
+/// it holds, about 60 bytes each).
+pub const MAX_HELLO_BYTES: usize = 64 * 1024 * 1024;
+
+/// The config protocol this build speaks (`ConfigUpdate.protocol`).
+pub const PROTOCOL: u32 = 2;
+
+/// How long a message may wait for the agent to read the ones before it;
+/// past it the stream ends (the agent reconnects, naming what it holds).
+const SEND_DEADLINE: Duration = Duration::from_secs(15);
+
 /// An update with fewer resources than this is not a whole set.
 const WHOLE_SET_MIN: usize = 256;
 
@@ -403,6 +414,7 @@ impl Session {
         };
         // A pending coalesced write is dropped: the record goes now.
         tracing::info!(agent = %self.key, reason = %end, "agent disconnected");
+        self.whole_set = None;
         self.deregister().await;
     }
 
@@ -492,11 +504,15 @@ impl Session {
 
     async fn send(&self, m: pb::control_message::Message) -> Result<(), String> {
         let msg = pb::ControlMessage { message: Some(m) };
-        // An agent that stops reading must not hold up shutdown.
+        // An agent that stops reading must not hold up shutdown, nor hold a
+        // whole set's place (or its stream) for ever.
         let mut shutdown = self.replica.shutdown.clone();
         tokio::select! {
             sent = self.tx.send(Ok(msg)) => sent.map_err(|_| "agent went away".to_string()),
             _ = shutdown.wait() => Err("control plane shutting down".to_string()),
+            _ = tokio::time::sleep(SEND_DEADLINE) => Err(format!(
+                "the agent read nothing for {SEND_DEADLINE:?}"
+            )),
         }
     }
 
@@ -512,14 +528,21 @@ impl Session {
             if self.in_flight.is_some() || self.refused_at.is_some_and(|r| view.seq <= r) {
                 return Ok(());
             }
-            // A first update to an agent that holds little, or a replace,
-            // may be the region's whole set: it waits for a place among
-            // those on their way.
-            match &self.holds {
+            // A large update (a first one to an agent that holds little,
+            // a replace, many changes at once) waits for a place among
+            // those on their way: counted first, built after.
+            let count = match &self.holds {
                 Holds::Seq(seq) if view.seq <= *seq => return Ok(()),
-                Holds::Named(named) => named.len() < view.resources.len() / 2,
-                Holds::Seq(seq) => view.changed_since(*seq).is_none(),
-            }
+                Holds::Seq(seq) => view
+                    .changed_since(*seq)
+                    .map_or(view.resources.len(), |names| names.len()),
+                Holds::Named(named) => view
+                    .resources
+                    .values()
+                    .filter(|r| named.get(&r.name) != Some(&r.version))
+                    .count(),
+            };
+            count >= WHOLE_SET_MIN
         };
         if whole && self.whole_set.is_none() {
             let mut shutdown = self.replica.shutdown.clone();
@@ -595,7 +618,6 @@ impl Session {
             replace,
             "sending config update"
         );
-        let whole_set = resources.len() >= WHOLE_SET_MIN;
         let parts = parts(
             pb::ConfigUpdate {
                 version,
@@ -605,12 +627,13 @@ impl Session {
                 removed: Vec::new(),
                 replace,
                 more: false,
+                protocol: PROTOCOL,
             },
             resources,
             removed,
         );
         self.record.sent_version = version;
-        if !whole_set {
+        if !whole {
             self.whole_set = None;
         }
         self.in_flight = Some((nonce, view.seq));
@@ -632,11 +655,16 @@ impl Session {
         match m {
             pb::agent_message::Message::Ack(ack) => {
                 tracing::debug!(agent = %self.key, version = ack.version, "agent acked");
-                if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce) {
-                    self.whole_set = None;
-                    self.holds = Holds::Seq(seq);
-                    self.refused_at = None;
-                }
+                // Only the answer to the update in flight counts: a stale or
+                // made-up nonce changes neither what the agent holds nor
+                // its status.
+                let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == ack.nonce) else {
+                    tracing::debug!(agent = %self.key, nonce = %ack.nonce, "an ACK of no update in flight; ignored");
+                    return Ok(());
+                };
+                self.whole_set = None;
+                self.holds = Holds::Seq(seq);
+                self.refused_at = None;
                 self.record.acked_version = ack.version;
                 if ack.version >= self.record.nacked_version {
                     // A newer version applied: the refusal is history.
@@ -645,14 +673,16 @@ impl Session {
                 }
             }
             pb::agent_message::Message::Nack(nack) => {
+                let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) else {
+                    tracing::debug!(agent = %self.key, nonce = %nack.nonce, "a NACK of no update in flight; ignored");
+                    return Ok(());
+                };
                 tracing::warn!(agent = %self.key, version = nack.version, reason = %nack.reason, "agent refused a config update");
                 self.replica.metrics.add("spillway_cp_nacks_total", &[], 1);
                 // The agent keeps what it held: the next update is worked
                 // out from that again, once the view has moved on.
-                if let Some((_, seq)) = self.in_flight.take_if(|(n, _)| *n == nack.nonce) {
-                    self.whole_set = None;
-                    self.refused_at = Some(seq);
-                }
+                self.whole_set = None;
+                self.refused_at = Some(seq);
                 self.record.nacked_version = nack.version;
                 self.record.nack_reason = nack.reason;
             }

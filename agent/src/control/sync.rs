@@ -30,6 +30,13 @@ use crate::quota::Quotas;
 /// limit, so that a broken control plane cannot exhaust the agent).
 const MAX_UPDATE_BYTES: usize = 32 * 1024 * 1024;
 
+/// An update sent in parts larger than this in all is refused (the stream
+/// ends): the same guard for the gathered whole.
+const MAX_SET_BYTES: usize = 256 * 1024 * 1024;
+
+/// The config protocol this agent speaks (`ConfigUpdate.protocol`).
+const PROTOCOL: u32 = 2;
+
 /// How long, after its goodbye, the agent waits for the control plane to
 /// close the stream (which it does once no other agent is sent its relay
 /// address).
@@ -184,6 +191,7 @@ async fn stream_once(
     let mut last_report = tokio::time::Instant::now();
     // The parts of an update that came so far (`ConfigUpdate.more`).
     let mut partial = None;
+    let mut gathered = 0;
     loop {
         let next = tokio::select! {
             _ = shutdown.wait() => {
@@ -216,6 +224,7 @@ async fn stream_once(
             }
             Err(s) => return Err(s.message().to_string()),
         };
+        let msg_bytes = prost::Message::encoded_len(&msg);
         let update = match msg.message {
             Some(pb::control_message::Message::Update(update)) => update,
             Some(pb::control_message::Message::Leases(leases)) => {
@@ -225,9 +234,26 @@ async fn stream_once(
             None => continue,
         };
         got_any = true;
+        // The parts of one update come one after another, and add up to no
+        // more than an agent takes: anything else is a broken stream, and a
+        // new one (whose hello names what the agent holds) starts afresh.
+        if partial
+            .as_ref()
+            .is_some_and(|p: &pb::ConfigUpdate| p.nonce != update.nonce)
+        {
+            return Err("an update ended before its last part".into());
+        }
+        gathered += msg_bytes;
+        if gathered > MAX_SET_BYTES {
+            return Err(format!(
+                "an update in parts grew past {} MiB",
+                MAX_SET_BYTES / (1024 * 1024)
+            ));
+        }
         let Some(update) = gather(&mut partial, update) else {
             continue;
         };
+        gathered = 0;
         let reply = apply(&update, settings, tx, held).await;
         send(&out, reply).await?;
     }
@@ -331,6 +357,18 @@ async fn apply(
     tx: &watch::Sender<Option<Arc<AgentConfig>>>,
     held: &mut ResourceSet,
 ) -> pb::agent_message::Message {
+    if update.protocol != PROTOCOL {
+        let reason = format!(
+            "the update speaks config protocol {} (a control plane of an older build sends full snapshots); this agent speaks {PROTOCOL}: upgrade the control planes first",
+            update.protocol
+        );
+        tracing::warn!(version = update.version, %reason, "config refused");
+        return pb::agent_message::Message::Nack(pb::Nack {
+            version: update.version,
+            nonce: update.nonce.clone(),
+            reason,
+        });
+    }
     let candidate = snapshot::apply_delta(held, update);
     match AgentConfig::from_resources(
         update.version,
@@ -424,6 +462,7 @@ mod tests {
             nonce: format!("n{version}"),
             resources,
             removed: removed.iter().map(|s| s.to_string()).collect(),
+            protocol: PROTOCOL,
             ..Default::default()
         }
     }
@@ -471,6 +510,19 @@ mod tests {
         let cfg = rx.borrow().clone().unwrap();
         assert_eq!(cfg.version, 5);
         assert!(cfg.profiles_elsewhere.contains("eu.other"));
+        assert_eq!(persist::load(dir.path()).await.unwrap().version, 5);
+
+        // An update of a control plane of an older build (a full snapshot,
+        // which reads as no protocol and no change) is refused, not taken
+        // for an empty change.
+        let mut old = update(6, Vec::new(), &[]);
+        old.protocol = 0;
+        let reply = apply(&old, &settings, &tx, &mut held).await;
+        assert!(
+            matches!(&reply, pb::agent_message::Message::Nack(n) if n.reason.contains("upgrade the control planes first")),
+            "{reply:?}"
+        );
+        assert_eq!(rx.borrow().as_ref().unwrap().version, 5);
         assert_eq!(persist::load(dir.path()).await.unwrap().version, 5);
     }
 
