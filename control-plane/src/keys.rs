@@ -221,6 +221,25 @@ pub struct AgentRecord {
     pub apis: Vec<String>,
 }
 
+#[cfg(test)]
+impl AgentRecord {
+    /// Agent `id` of `region`, just connected to replica `cp`, for tests.
+    pub(crate) fn test(region: &str, id: &str) -> Self {
+        AgentRecord {
+            agent_id: id.into(),
+            region: region.into(),
+            relay_address: "127.0.0.1:9".into(),
+            control_plane: "cp".into(),
+            connected_at_unix: 0,
+            sent_version: 0,
+            acked_version: 0,
+            nacked_version: 0,
+            nack_reason: String::new(),
+            apis: Vec::new(),
+        }
+    }
+}
+
 /// What a stored key holds.
 pub enum Object {
     Region(Region),

@@ -1142,18 +1142,7 @@ mod tests {
         for (region, agent) in [("r", "a1"), ("old", "b1")] {
             st.agents.insert(
                 format!("agents/{region}/{agent}"),
-                keys::AgentRecord {
-                    agent_id: agent.into(),
-                    region: region.into(),
-                    relay_address: "127.0.0.1:9".into(),
-                    control_plane: "cp".into(),
-                    connected_at_unix: 0,
-                    sent_version: 0,
-                    acked_version: 0,
-                    nacked_version: 0,
-                    nack_reason: String::new(),
-                    apis: Vec::new(),
-                },
+                keys::AgentRecord::test(region, agent),
             );
         }
         let l = loads(&st);
@@ -1263,18 +1252,7 @@ mod tests {
         );
         st.agents.insert(
             format!("agents/{region}/a"),
-            keys::AgentRecord {
-                agent_id: "a".into(),
-                region: region.into(),
-                relay_address: "127.0.0.1:9".into(),
-                control_plane: "cp".into(),
-                connected_at_unix: 0,
-                sent_version: 0,
-                acked_version: 0,
-                nacked_version: 0,
-                nack_reason: String::new(),
-                apis: Vec::new(),
-            },
+            keys::AgentRecord::test(region, "a"),
         );
     }
 

@@ -993,18 +993,7 @@ mod tests {
     use super::*;
 
     fn record() -> AgentRecord {
-        AgentRecord {
-            agent_id: "a1".into(),
-            region: "us-east".into(),
-            relay_address: "127.0.0.1:9".into(),
-            control_plane: "cp".into(),
-            connected_at_unix: 0,
-            sent_version: 0,
-            acked_version: 0,
-            nacked_version: 0,
-            nack_reason: String::new(),
-            apis: Vec::new(),
-        }
+        AgentRecord::test("us-east", "a1")
     }
 
     /// A stream's record and its write policy, with the writes it makes

@@ -364,19 +364,13 @@ impl Changes {
             });
             moved |= view.set(seq, format!("region/{name}"), r);
         }
-        // Profiles: their own changes, plus those whose table in this
-        // region (or whose base's) changed.
+        // Profiles: their own changes (which include the copies of every
+        // base whose table changed, see `between`), plus those whose table
+        // in this region changed.
         let mut profiles: BTreeSet<&str> = self.profiles.iter().map(String::as_str).collect();
         for (p, r) in &self.tables {
             if r == region {
                 profiles.insert(p);
-                for copy in c
-                    .profiles
-                    .values()
-                    .filter(|x| x.base_profile.as_deref() == Some(p))
-                {
-                    profiles.insert(&copy.id);
-                }
             }
         }
         let source = c.regions.get(region);
@@ -530,7 +524,7 @@ mod tests {
     use spillway_core::model::{Catalog, Profile, ProfileKind, Region, RouteTable};
 
     use super::*;
-    use crate::keys::WeightsRecord;
+    use crate::keys::{AgentRecord, WeightsRecord};
 
     const US: &str = "us.llama-3.1-8b";
 
@@ -725,21 +719,6 @@ mod tests {
             .collect()
     }
 
-    fn agent(region: &str, id: &str) -> crate::keys::AgentRecord {
-        crate::keys::AgentRecord {
-            agent_id: id.into(),
-            region: region.into(),
-            relay_address: "127.0.0.1:9".into(),
-            control_plane: "cp".into(),
-            connected_at_unix: 0,
-            sent_version: 0,
-            acked_version: 0,
-            nacked_version: 0,
-            nack_reason: String::new(),
-            apis: Vec::new(),
-        }
-    }
-
     #[test]
     fn a_change_moves_only_the_resources_it_touches_in_the_regions_it_touches() {
         let s0 = state(EAST_FIRST);
@@ -781,8 +760,10 @@ mod tests {
 
         // An agent joining: one endpoint resource in every view.
         let mut s3 = s2.clone();
-        s3.agents
-            .insert("agents/us-east/a1".into(), agent("us-east", "a1"));
+        s3.agents.insert(
+            "agents/us-east/a1".into(),
+            AgentRecord::test("us-east", "a1"),
+        );
         advance(&mut views, &s2, &s3, 4);
         for v in &views {
             let changed: Vec<&str> = v.changed_since(3).unwrap().into_iter().collect();
@@ -893,7 +874,7 @@ mod tests {
                     let k = format!("agents/{}/a{}", regions[next(3)], next(3));
                     if new.agents.remove(&k).is_none() {
                         let (r, a) = k["agents/".len()..].split_once('/').unwrap();
-                        new.agents.insert(k.clone(), agent(r, a));
+                        new.agents.insert(k.clone(), AgentRecord::test(r, a));
                     }
                 }
                 2 => {
